@@ -1,0 +1,36 @@
+# qacc: `make demo` runs the main job end to end, `make test` runs the tests.
+# Both install everything they need first (Debian packages through apt, a pinned .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SETUP_STAMP := $(VENV)/.setup-done
+JOBS ?= 2
+
+.PHONY: setup apt venv demo test lint fuzz bench clean
+
+setup: apt $(SETUP_STAMP)
+
+apt:
+	@scripts/setup-apt.sh
+
+$(SETUP_STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(SETUP_STAMP)
+
+demo: setup
+	$(BIN)/qacc demo
+
+test: setup lint
+	$(BIN)/pytest -n $(JOBS) -q
+
+lint: $(SETUP_STAMP)
+	$(BIN)/ruff check codegen tests
+	$(BIN)/ruff format --check codegen tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf build out .pytest_cache .mypy_cache .ruff_cache

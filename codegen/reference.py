@@ -1,0 +1,231 @@
+"""The NumPy integer reference: THE semantics of a quantized graph.
+
+One function per kernel, named like the C kernels. Products are summed exactly (float64 BLAS is
+exact for integer sums below 2^53, and int8 operands keep every sum far below that), converted to
+int64, wrapped once to the layer's accumulator width, then requantized with
+`codegen.quant.formats.requantize`. Tensors are int64 arrays in NHWC with a leading batch axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from codegen.ir import Graph, Node, Requant
+from codegen.quant.formats import IntArray, requantize, wrap
+
+# Keep each im2col block (float64) under this many elements.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class OverflowStats:
+    """Accumulator values whose exact sum left the accumulator, and the samples that had any."""
+
+    events: int = 0
+    samples: int = 0
+    max_abs: int = 0
+
+
+@dataclass
+class RunResult:
+    output: IntArray
+    tensors: dict[str, IntArray] = field(default_factory=dict)
+    overflow: dict[str, OverflowStats] = field(default_factory=dict)
+
+
+def _requant(acc: IntArray, rq: Requant | None) -> IntArray:
+    assert rq is not None, "integer node without requantization parameters"
+    return requantize(acc, rq.mult, rq.shift, rq.zero_point, rq.lo, rq.hi)
+
+
+def _wrap_and_count(exact: IntArray, node: Node, stats: OverflowStats | None) -> IntArray:
+    bits = int(node.attrs["acc_bits"])
+    wrapped = wrap(exact, bits)
+    if stats is not None:
+        over = (wrapped != exact).reshape(exact.shape[0], -1)
+        stats.events += int(over.sum())
+        stats.samples += int(over.any(axis=1).sum())
+        if exact.size:
+            stats.max_abs = max(stats.max_abs, int(np.abs(exact).max()))
+    return wrapped
+
+
+def patches(
+    x: npt.NDArray[np.float64],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    pad_value: float,
+) -> npt.NDArray[np.float64]:
+    """Sliding windows of an NHWC batch: (N, OH, OW, kh, kw, C), a strided view (no copy)."""
+    top, bottom, left, right = padding
+    if any(padding):
+        x = np.pad(
+            x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=pad_value
+        )
+    kh, kw = kernel
+    dh, dw = dilation
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    win = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(1, 2))
+    # win: (N, H', W', C, span_h, span_w) -> pick dilated taps, stride, move C last
+    win = win[:, :: stride[0], :: stride[1], :, ::dh, ::dw]
+    return np.moveaxis(win, 3, -1)
+
+
+def _batches(n: int, per_sample: int) -> list[slice]:
+    step = max(1, _BLOCK_ELEMENTS // max(per_sample, 1))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def conv_sum(
+    x: IntArray,
+    weight: IntArray,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    pad_value: int,
+) -> IntArray:
+    """Exact sum_{taps} w * x of a grouped convolution, NHWC in, NHWC out (no bias)."""
+    o, kh, kw, cg = weight.shape
+    g = groups
+    og = o // g
+    w = weight.astype(np.float64)
+    xf = x.astype(np.float64)
+    p = patches(xf, (kh, kw), stride, padding, dilation, float(pad_value))
+    n, oh, ow = p.shape[:3]
+    out = np.empty((n, oh, ow, o), dtype=np.int64)
+    per_sample = oh * ow * kh * kw * x.shape[-1]
+    if g == 1:
+        wm = w.reshape(o, -1).T
+        for sl in _batches(n, per_sample):
+            cols = p[sl].reshape(-1, kh * kw * cg)
+            out[sl] = np.rint(cols @ wm).astype(np.int64).reshape(-1, oh, ow, o)
+    else:
+        wg = w.reshape(g, og, kh, kw, cg)
+        for sl in _batches(n, per_sample):
+            pg = p[sl].reshape(-1, oh, ow, kh, kw, g, cg)
+            acc = np.einsum("nhwijgc,goijc->nhwgo", pg, wg, optimize=True)
+            out[sl] = np.rint(acc).astype(np.int64).reshape(-1, oh, ow, o)
+    return out
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def conv2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    exact = conv_sum(
+        x - in_zp,
+        node.params["weight"],
+        node.attrs["stride"],
+        node.attrs["padding"],
+        node.attrs["dilation"],
+        node.attrs["groups"],
+        0,
+    )
+    exact = exact + node.params["bias"]
+    return _requant(_wrap_and_count(exact, node, stats), node.requant)
+
+
+def dense(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    w = node.params["weight"].astype(np.float64)
+    xf = (x - in_zp).astype(np.float64)
+    exact = np.rint(xf @ w.T).astype(np.int64) + node.params["bias"]
+    return _requant(_wrap_and_count(exact, node, stats), node.requant)
+
+
+def maxpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    rq = node.requant
+    assert rq is not None
+    pad = np.iinfo(np.int64).min // 2
+    p = patches(
+        x.astype(np.float64), node.attrs["kernel"], node.attrs["stride"], node.attrs["padding"],
+        (1, 1), float(pad),
+    )
+    m = p.max(axis=(3, 4)).astype(np.int64)
+    return np.clip(m, rq.lo, rq.hi)
+
+
+def avgpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    p = patches(
+        (x - in_zp).astype(np.float64), node.attrs["kernel"], node.attrs["stride"],
+        node.attrs["padding"], (1, 1), 0.0,
+    )
+    acc = np.rint(p.sum(axis=(3, 4))).astype(np.int64)
+    return _requant(_wrap_and_count(acc, node, stats), node.requant)
+
+
+def global_avgpool(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    acc = (x - in_zp).sum(axis=(1, 2))
+    return _requant(_wrap_and_count(acc, node, stats), node.requant)
+
+
+def add(a: IntArray, b: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    ma, mb = (int(v) for v in node.params["in_mult"])
+    za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
+    acc = (a - za) * ma + (b - zb) * mb
+    return _requant(_wrap_and_count(acc, node, stats), node.requant)
+
+
+def concat(*xs: IntArray, node: Node) -> IntArray:
+    """Each input rescaled to the output format: requant.mult/shift are indexed by input."""
+    rq = node.requant
+    assert rq is not None
+    zps = node.attrs.get("input_zero_points", (0,) * len(xs))
+    parts = [
+        requantize(x - int(zp), rq.mult[i], rq.shift[i], rq.zero_point, rq.lo, rq.hi)
+        for i, (x, zp) in enumerate(zip(xs, zps, strict=True))
+    ]
+    return np.concatenate(parts, axis=-1)
+
+
+def reshape(x: IntArray, node: Node) -> IntArray:
+    return x.reshape((x.shape[0], *node.attrs["shape"]))
+
+
+KERNELS: dict[str, Callable[..., IntArray]] = {
+    "conv2d": conv2d,
+    "dense": dense,
+    "maxpool2d": maxpool2d,
+    "avgpool2d": avgpool2d,
+    "global_avgpool": global_avgpool,
+    "add": add,
+}
+
+
+def run_node(node: Node, inputs: list[IntArray], stats: OverflowStats | None = None) -> IntArray:
+    if node.op == "concat":
+        return concat(*inputs, node=node)
+    if node.op == "reshape":
+        return reshape(inputs[0], node)
+    return KERNELS[node.op](*inputs, node, stats)
+
+
+def run(graph: Graph, x: IntArray, keep: bool = False) -> RunResult:
+    """Execute an integer graph on an NHWC int batch (already in the input format)."""
+    env: dict[str, IntArray] = {graph.input: np.asarray(x, dtype=np.int64)}
+    result = RunResult(output=np.empty(0, dtype=np.int64))
+    remaining = {t: len(graph.consumers(t)) for t in graph.tensors}
+    for node in graph.nodes:
+        stats = OverflowStats()
+        env[node.output] = run_node(node, [env[t] for t in node.inputs], stats)
+        if "acc_bits" in node.attrs:
+            result.overflow[node.name] = stats
+        if not keep:
+            for t in set(node.inputs):
+                remaining[t] -= 1
+                if remaining[t] == 0 and t != graph.output:
+                    del env[t]
+    result.output = env[graph.output]
+    if keep:
+        result.tensors = env
+    return result
