@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -44,24 +45,29 @@ def _requant(acc: IntArray, rq: Requant | None) -> IntArray:
 
 def _wrap_and_count(exact: IntArray, node: Node, stats: OverflowStats | None) -> IntArray:
     bits = int(node.attrs["acc_bits"])
+    if exact.size == 0:
+        return exact
+    lo, hi = int(exact.min()), int(exact.max())
+    if stats is not None:
+        stats.max_abs = max(stats.max_abs, -lo, hi)
+    if -(1 << (bits - 1)) <= lo and hi < (1 << (bits - 1)):
+        return exact  # nothing left the accumulator
     wrapped = wrap(exact, bits)
     if stats is not None:
         over = (wrapped != exact).reshape(exact.shape[0], -1)
         stats.events += int(over.sum())
         stats.samples += int(over.any(axis=1).sum())
-        if exact.size:
-            stats.max_abs = max(stats.max_abs, int(np.abs(exact).max()))
     return wrapped
 
 
 def patches(
-    x: npt.NDArray[np.float64],
+    x: npt.NDArray[Any],
     kernel: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int, int, int],
     dilation: tuple[int, int],
     pad_value: float,
-) -> npt.NDArray[np.float64]:
+) -> npt.NDArray[Any]:
     """Sliding windows of an NHWC batch: (N, OH, OW, kh, kw, C), a strided view (no copy)."""
     top, bottom, left, right = padding
     if any(padding):
@@ -144,13 +150,9 @@ def dense(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArr
 def maxpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
     rq = node.requant
     assert rq is not None
-    pad = np.iinfo(np.int64).min // 2
-    p = patches(
-        x.astype(np.float64), node.attrs["kernel"], node.attrs["stride"], node.attrs["padding"],
-        (1, 1), float(pad),
-    )
-    m = p.max(axis=(3, 4)).astype(np.int64)
-    return np.clip(m, rq.lo, rq.hi)
+    pad = np.iinfo(np.int64).min
+    p = patches(x, node.attrs["kernel"], node.attrs["stride"], node.attrs["padding"], (1, 1), pad)
+    return np.clip(p.max(axis=(3, 4)), rq.lo, rq.hi)
 
 
 def avgpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
@@ -210,22 +212,32 @@ def run_node(node: Node, inputs: list[IntArray], stats: OverflowStats | None = N
     return KERNELS[node.op](*inputs, node, stats)
 
 
-def run(graph: Graph, x: IntArray, keep: bool = False) -> RunResult:
-    """Execute an integer graph on an NHWC int batch (already in the input format)."""
-    env: dict[str, IntArray] = {graph.input: np.asarray(x, dtype=np.int64)}
+def run(graph: Graph, x: IntArray, keep: bool = False, batch: int = 1000) -> RunResult:
+    """Execute an integer graph on an NHWC int batch (already in the input format).
+
+    Samples are processed in chunks of `batch` (results do not depend on it). With `keep`, every
+    intermediate tensor is returned too.
+    """
+    x = np.asarray(x, dtype=np.int64)
     result = RunResult(output=np.empty(0, dtype=np.int64))
-    remaining = {t: len(graph.consumers(t)) for t in graph.tensors}
-    for node in graph.nodes:
-        stats = OverflowStats()
-        env[node.output] = run_node(node, [env[t] for t in node.inputs], stats)
-        if "acc_bits" in node.attrs:
-            result.overflow[node.name] = stats
-        if not keep:
-            for t in set(node.inputs):
-                remaining[t] -= 1
-                if remaining[t] == 0 and t != graph.output:
-                    del env[t]
-    result.output = env[graph.output]
-    if keep:
-        result.tensors = env
+    stats = {n.name: OverflowStats() for n in graph.nodes if "acc_bits" in n.attrs}
+    outs: list[IntArray] = []
+    kept: dict[str, list[IntArray]] = {}
+    remaining0 = {t: len(graph.consumers(t)) for t in graph.tensors}
+    for i in range(0, max(x.shape[0], 1), batch):
+        env: dict[str, IntArray] = {graph.input: x[i : i + batch]}
+        remaining = dict(remaining0)
+        for node in graph.nodes:
+            env[node.output] = run_node(node, [env[t] for t in node.inputs], stats.get(node.name))
+            if not keep:
+                for t in set(node.inputs):
+                    remaining[t] -= 1
+                    if remaining[t] == 0 and t != graph.output:
+                        del env[t]
+        outs.append(env[graph.output])
+        for t, v in env.items() if keep else ():
+            kept.setdefault(t, []).append(v)
+    result.output = np.concatenate(outs, axis=0)
+    result.overflow = stats
+    result.tensors = {t: np.concatenate(v, axis=0) for t, v in kept.items()}
     return result

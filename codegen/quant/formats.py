@@ -48,16 +48,20 @@ def round_shift(x: npt.ArrayLike, shift: npt.ArrayLike) -> IntArray:
     """Divide by 2^shift rounding half up; a shift <= 0 multiplies by 2^-shift exactly.
 
     `shift` may be a scalar or broadcast against `x` (per-channel shifts on the last axis).
+    Computed as ((x << left) + half) >> right, where one of left/right is 0 per channel and
+    half = 2^(right-1) (0 when right is 0); numpy's >> on int64 is an arithmetic (floor) shift.
     """
     a = np.asarray(x, dtype=np.int64)
     s = np.asarray(shift, dtype=np.int64)
-    if np.any(s < -MAX_LEFT_SHIFT) or np.any(s > 62):
+    if s.size and (s.min() < -MAX_LEFT_SHIFT or s.max() > 62):
         raise ValueError(f"shift out of range [-{MAX_LEFT_SHIFT}, 62]")
+    if s.size == 1 or bool(np.all(s == s.flat[0])):
+        s0 = int(s.flat[0])
+        return (a + (1 << (s0 - 1))) >> s0 if s0 > 0 else a << -s0
     right = np.maximum(s, 0)
     left = np.maximum(-s, 0)
-    half = np.where(right > 0, np.int64(1) << np.maximum(right - 1, 0), 0)
-    shifted_right = (a + half) >> right  # numpy >> on int64 is arithmetic (floor)
-    return np.where(s > 0, shifted_right, a << left)
+    half = (np.int64(1) << right) >> 1
+    return ((a << left) + half) >> right
 
 
 def saturate(x: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike) -> IntArray:
@@ -77,9 +81,14 @@ def requantize(
     `acc` is the (already wrapped) accumulator; `mult` and `shift` broadcast against it (per output
     channel on the last axis). Mirrored by `qacc_requantize` in runtime_c/qacc.h.
     """
-    v = np.asarray(acc, dtype=np.int64) * np.asarray(mult, dtype=np.int64)
+    v = np.asarray(acc, dtype=np.int64)
+    m = np.asarray(mult, dtype=np.int64)
+    if not bool(np.all(m == 1)):
+        v = v * m
     v = round_shift(v, shift)
-    return saturate(v + zero_point, lo, hi)
+    if zero_point:
+        v = v + zero_point
+    return saturate(v, lo, hi)
 
 
 def round_half_up(x: npt.ArrayLike) -> IntArray:

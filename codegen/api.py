@@ -1,0 +1,247 @@
+"""The public Python API: `codegen.quantize(...)` and the `QuantizedModel` it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from codegen import reference, simulate
+from codegen.errors import InvalidDataError, InvalidModelError, QaccError
+from codegen.frontend.torch_fx import from_torch
+from codegen.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
+from codegen.quant.accumulator import POLICIES, channel_bounds
+from codegen.quant.formats import IntArray, dequantize, quantize as quantize_values
+from codegen.quant.ptq import PTQResult, fakequant_overrides, search
+
+METHODS = ("ptq",)
+
+
+@dataclass
+class QuantizedModel:
+    """An integer graph plus everything needed to run it as its users see it (NCHW floats)."""
+
+    name: str
+    graph: Graph
+    float_graph: Graph
+    method: str
+    policy: str
+    report: dict[str, Any] = field(default_factory=dict)
+
+    # -- conversions between the user's float NCHW data and the integer graph's NHWC ints
+    def quantize_input(self, x: np.ndarray) -> IntArray:
+        x = _check_images(x, self.float_graph, "inputs")
+        fmt = self.graph.tensors[self.graph.input].fmt
+        assert fmt is not None
+        return quantize_values(simulate.nchw_to_nhwc(x), fmt.frac, fmt.qmin, fmt.qmax, fmt.zero_point)
+
+    def dequantize_output(self, q: np.ndarray) -> np.ndarray:
+        fmt = self.graph.tensors[self.graph.output].fmt
+        assert fmt is not None
+        return simulate.nhwc_to_nchw(dequantize(q, fmt.frac, fmt.zero_point))
+
+    # -- the integer reference
+    def reference_int(self, x: np.ndarray) -> IntArray:
+        """Integer output of the last layer (NHWC order for image outputs, as the C writes it)."""
+        return reference.run(self.graph, self.quantize_input(x)).output
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """The integer reference dequantized to floats (NCHW for images, like torch)."""
+        return self.dequantize_output(self.reference_int(x))
+
+    def run_reference(self, x: np.ndarray) -> reference.RunResult:
+        """The integer reference with per-layer overflow statistics."""
+        return reference.run(self.graph, self.quantize_input(x))
+
+    def simulate(self, x: np.ndarray) -> np.ndarray:
+        """Float64 fake-quant simulation of the same formats (equals `reference` when guaranteed)."""
+        x = _check_images(x, self.float_graph, "inputs")
+        formats = {t: v.fmt for t, v in self.graph.tensors.items() if v.fmt is not None}
+        out = simulate.run(
+            self.graph, simulate.nchw_to_nhwc(x), formats=formats,
+            overrides=fakequant_overrides(self.graph),
+        )
+        return simulate.nhwc_to_nchw(out)
+
+    def float_output(self, x: np.ndarray) -> np.ndarray:
+        x = _check_images(x, self.float_graph, "inputs")
+        return simulate.nhwc_to_nchw(simulate.run(self.float_graph, simulate.nchw_to_nhwc(x)))
+
+    def overflow_report(self, x: np.ndarray) -> dict[str, dict[str, int]]:
+        """Per weighted layer: accumulator values that overflowed and samples with any overflow."""
+        res = self.run_reference(x)
+        return {
+            k: {"events": v.events, "samples": v.samples, "max_abs_acc": v.max_abs}
+            for k, v in res.overflow.items()
+        }
+
+
+def _check_images(x: Any, graph: Graph, what: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise InvalidDataError(f"{what} must be a numpy array, got {type(x).__name__}")
+    if x.dtype.kind != "f":
+        raise InvalidDataError(f"{what} must be float32 (got dtype {x.dtype}); convert with .astype('float32')")
+    shape = graph.tensors[graph.input].shape
+    want = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
+    if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != tuple(want):
+        raise InvalidDataError(
+            f"{what} have shape {tuple(x.shape)}, the model takes N x {' x '.join(map(str, want))}"
+        )
+    if x.shape[0] == 0:
+        raise InvalidDataError(f"{what} are empty; give at least one sample")
+    if not np.isfinite(x).all():
+        raise InvalidDataError(f"{what} contain NaN or Inf; clean the data first")
+    return x
+
+
+def _check_calib(calib: Any) -> np.ndarray:
+    if not isinstance(calib, np.ndarray):
+        raise InvalidDataError(f"calibration data must be a numpy array, got {type(calib).__name__}")
+    if calib.ndim != 4:
+        raise InvalidDataError(
+            f"calibration data must be N x C x H x W, got shape {tuple(calib.shape)}"
+        )
+    if calib.dtype.kind != "f":
+        raise InvalidDataError(
+            f"calibration data must be float32 (got dtype {calib.dtype}); convert with .astype('float32')"
+        )
+    if calib.shape[0] == 0:
+        raise InvalidDataError("calibration data is empty; give at least one sample")
+    if not np.isfinite(calib).all():
+        raise InvalidDataError("calibration data contains NaN or Inf; clean it first")
+    return calib.astype(np.float32, copy=False)
+
+
+def _check_labels(labels: Any, n: int, classes: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or lab.shape[0] != n:
+        raise InvalidDataError(
+            f"labels have shape {tuple(lab.shape)}, expected ({n},): one label per calibration sample"
+        )
+    if lab.dtype.kind not in "iu":
+        raise InvalidDataError(f"labels must be integers (got dtype {lab.dtype})")
+    if lab.size and (lab.min() < 0 or lab.max() >= classes):
+        raise InvalidDataError(f"labels must be class indices in [0, {classes - 1}]")
+    return lab.astype(np.int64)
+
+
+def _acc_map(graph: Graph, acc_bits: int | Mapping[str, int]) -> dict[str, int]:
+    weighted = [n.name for n in graph.nodes if n.op in WEIGHTED_OPS]
+    if isinstance(acc_bits, Mapping):
+        unknown = set(acc_bits) - set(weighted) - {"default"}
+        if unknown:
+            raise QaccError(
+                f"acc_bits names unknown layers {sorted(unknown)}; layers are {weighted}"
+            )
+        default = acc_bits.get("default", 32)
+        out = {n: int(acc_bits.get(n, default)) for n in weighted}
+    else:
+        out = dict.fromkeys(weighted, int(acc_bits))
+    for name, a in out.items():
+        if not 8 <= a <= 32:
+            raise QaccError(f"accumulator width {a} for layer '{name}' is outside 8..32")
+    return out
+
+
+def quantize(
+    model: nn.Module,
+    calib: np.ndarray,
+    acc_bits: int | Mapping[str, int] = 16,
+    overflow: str = "guaranteed",
+    labels: np.ndarray | None = None,
+    method: str = "ptq",
+    margin: float = 2.0,
+    progress: bool = True,
+    name: str | None = None,
+) -> QuantizedModel:
+    """Quantize an eval-mode nn.Module for accumulators of `acc_bits` bits.
+
+    `acc_bits` is one width for every layer or a mapping {layer name: width, "default": width}.
+    `overflow` is "guaranteed" (no input in the input format can overflow) or "profiled"
+    (observed range on `calib` times `margin`). `labels` (optional) rank candidates by accuracy.
+    """
+    if method not in METHODS:
+        raise QaccError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    if overflow not in POLICIES:
+        raise QaccError(f"unknown overflow policy '{overflow}'; choose guaranteed or profiled")
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    calib = _check_calib(calib)
+    fg = from_torch(model, calib, name)
+    _check_images(calib, fg, "calibration data")
+    out_shape = fg.tensors[fg.output].shape
+    lab = _check_labels(labels, calib.shape[0], out_shape[-1])
+    accs = _acc_map(fg, acc_bits)
+    x = simulate.nchw_to_nhwc(calib)
+    res = search(fg, x, lab, accs, overflow, margin, progress)  # type: ignore[arg-type]
+    qm = QuantizedModel(fg.name, res.graph, fg, method, overflow)
+    qm.report = build_report(qm, res, calib)
+    return qm
+
+
+def build_report(qm: QuantizedModel, res: PTQResult, calib: np.ndarray) -> dict[str, Any]:
+    g = qm.graph
+    run = reference.run(g, qm.quantize_input(calib))
+    layers = []
+    total_macs = 0
+    weight_bytes = 0
+    for n in g.nodes:
+        fi, fo = g.tensors[n.inputs[0]].fmt, g.tensors[n.output].fmt
+        assert fi is not None and fo is not None
+        row: dict[str, Any] = {
+            "name": n.name,
+            "op": n.op,
+            "input_format": fi.describe(),
+            "output_format": fo.describe(),
+            "input_bits": fi.bits,
+            "output_bits": fo.bits,
+        }
+        if n.op in WEIGHTED_OPS:
+            a = int(n.attrs["acc_bits"])
+            q = n.params["weight"]
+            lo, hi = channel_bounds(q, n.params["bias"], fi.qmin, fi.qmax)
+            ov = run.overflow[n.name]
+            wf = n.attrs["weight_frac"]
+            row.update(
+                K=terms_per_output(n),
+                acc_bits=a,
+                weight_bits=int(np.abs(q).max(initial=0)).bit_length() + 1,
+                weight_frac=[min(wf), max(wf)],
+                bound=int(max(hi.max(), -lo.min())),
+                acc_limit=2 ** (a - 1),
+                bound_fits=bool(hi.max() <= 2 ** (a - 1) - 1 and lo.min() >= -(2 ** (a - 1))),
+                observed_max_abs_acc=ov.max_abs,
+                overflow_events=ov.events,
+                overflow_samples=ov.samples,
+                macs=macs(g, n),
+            )
+            if n.name in res.choices:
+                row["search"] = res.choices[n.name].candidates
+            total_macs += macs(g, n)
+            weight_bytes += int(q.size) + 4 * int(q.shape[0])
+        layers.append(row)
+    return {
+        "model": qm.name,
+        "method": qm.method,
+        "overflow_policy": qm.policy,
+        "input_format": g.tensors[g.input].fmt.describe(),  # type: ignore[union-attr]
+        "layers": layers,
+        "macs": total_macs,
+        "weight_bytes": weight_bytes,
+        "calibration_samples": int(calib.shape[0]),
+        "calibration_overflow_events": sum(v.events for v in run.overflow.values()),
+    }
+
+
+def describe_bits(qm: QuantizedModel) -> str:
+    """Compact per-layer 'input bits/weight bits' summary, e.g. 'c1 7/8, c2 5/6'."""
+    parts = []
+    for row in qm.report["layers"]:
+        if "weight_bits" in row:
+            parts.append(f"{row['name']} {row['input_bits']}/{row['weight_bits']}")
+    return ", ".join(parts)

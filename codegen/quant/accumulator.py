@@ -1,0 +1,149 @@
+"""Accumulator bounds and the choice of weight formats under an accumulator width (seed 000).
+
+For an output channel with integer weights q_k, integer bias b (in accumulator units) and inputs in
+[xmin, xmax], the exact weight-aware bound of the sum is
+
+    hi = b + sum_k max(q_k * xmin, q_k * xmax)      lo = b + sum_k min(q_k * xmin, q_k * xmax)
+
+(for unsigned inputs: hi = b + xmax * sum_{q>0} q, lo = b - xmax * sum_{q<0} |q|). A layer is
+`guaranteed` overflow-free at width A when -2^(A-1) <= lo and hi <= 2^(A-1) - 1 for every channel.
+`profiled` replaces the bound by the observed maximum |sum| on calibration data times a margin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from codegen.quant.formats import IntArray, round_half_up
+
+Policy = Literal["guaranteed", "profiled"]
+POLICIES: tuple[Policy, ...] = ("guaranteed", "profiled")
+
+WEIGHT_BITS = 8
+"""Weight container: int8, symmetric [-127, 127]."""
+
+MIN_BITS = 2
+"""A configuration is feasible only if inputs and weights keep at least this many bits."""
+
+_FRAC_SEARCH = range(40, -41, -1)
+
+
+def acc_limits(acc_bits: int) -> tuple[int, int]:
+    return -(1 << (acc_bits - 1)), (1 << (acc_bits - 1)) - 1
+
+
+def channel_bounds(
+    q: npt.NDArray[np.int64], bias: IntArray, xmin: int, xmax: int
+) -> tuple[IntArray, IntArray]:
+    """Exact (lo, hi) of every channel's sum over all inputs in [xmin, xmax]; q is (O, K)."""
+    q = q.reshape(q.shape[0], -1).astype(np.int64)
+    a, b = q * xmin, q * xmax
+    return bias + np.minimum(a, b).sum(axis=1), bias + np.maximum(a, b).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """Integer weights of one layer and the formats they were chosen under."""
+
+    q: IntArray  # (O, ...) integers in [-127, 127]
+    frac: IntArray  # (O,) weight fractional lengths
+    bias: IntArray  # (O,) bias in accumulator units, 2^-(input_frac + frac)
+    input_frac: int
+    bound_lo: IntArray  # (O,) the guaranteed bound of each channel's sum
+    bound_hi: IntArray
+
+    @property
+    def bits(self) -> int:
+        """Signed bits that the largest weight needs (the effective weight width)."""
+        return int(np.abs(self.q).max(initial=0)).bit_length() + 1
+
+    def dequantized(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        scale = np.exp2(-self.frac.astype(np.float64))
+        w = self.q * scale.reshape((-1,) + (1,) * (self.q.ndim - 1))
+        b = self.bias * np.exp2(-(self.frac + self.input_frac).astype(np.float64))
+        return w, b
+
+
+def quantize_at(
+    w: npt.NDArray[np.float64], b: npt.NDArray[np.float64], frac: IntArray, input_frac: int
+) -> tuple[IntArray, IntArray]:
+    """Round-to-nearest (half up) weights and bias at per-channel fractional lengths."""
+    shape = (-1,) + (1,) * (w.ndim - 1)
+    q = round_half_up(w * np.exp2(frac.astype(np.float64)).reshape(shape))
+    bq = round_half_up(b * np.exp2((frac + input_frac).astype(np.float64)))
+    return q, bq
+
+
+def choose_weight_fracs(
+    w: npt.NDArray[np.float64],
+    b: npt.NDArray[np.float64],
+    input_frac: int,
+    xmin: int,
+    xmax: int,
+    acc_bits: int,
+    policy: Policy = "guaranteed",
+    observed_max: npt.NDArray[np.float64] | None = None,
+    margin: float = 2.0,
+) -> IntArray:
+    """The largest per-channel weight fractional length that fits both int8 and the accumulator.
+
+    `guaranteed`: the exact bound of the rounded weights and bias fits A bits. `profiled`: the
+    observed max |pre-activation| (real units) times `margin` fits A bits. Channels that fit at no
+    length get the smallest one tried (they will be flagged infeasible by `feasible`).
+    """
+    o = w.shape[0]
+    acc_lo, acc_hi = acc_limits(acc_bits)
+    qmax = (1 << (WEIGHT_BITS - 1)) - 1
+    chosen = np.full(o, _FRAC_SEARCH[-1], dtype=np.int64)
+    done = np.zeros(o, dtype=bool)
+    for f in _FRAC_SEARCH:
+        frac = np.full(o, f, dtype=np.int64)
+        q, bq = quantize_at(w, b, frac, input_frac)
+        ok = np.abs(q.reshape(o, -1)).max(axis=1) <= qmax
+        if policy == "guaranteed":
+            lo, hi = channel_bounds(q, bq, xmin, xmax)
+            ok &= (lo >= acc_lo) & (hi <= acc_hi)
+        else:
+            assert observed_max is not None, "profiled policy needs observed ranges"
+            peak = observed_max * np.exp2(float(f + input_frac)) * margin
+            ok &= (peak <= acc_hi) & (np.abs(bq) <= acc_hi)
+        new = ok & ~done
+        chosen[new] = f
+        done |= ok
+        if done.all():
+            break
+    return chosen
+
+
+def feasible(q: IntArray, w: npt.NDArray[np.float64]) -> bool:
+    """Every channel with a nonzero float weight keeps at least one nonzero integer weight."""
+    o = q.shape[0]
+    live = np.abs(w.reshape(o, -1)).max(axis=1) > 0
+    kept = np.abs(q.reshape(o, -1)).max(axis=1) >= (1 << (MIN_BITS - 2))
+    return bool(np.all(kept | ~live))
+
+
+def quantize_weights(
+    w: npt.NDArray[np.float64],
+    b: npt.NDArray[np.float64],
+    input_frac: int,
+    xmin: int,
+    xmax: int,
+    acc_bits: int,
+    policy: Policy = "guaranteed",
+    observed_max: npt.NDArray[np.float64] | None = None,
+    margin: float = 2.0,
+) -> WeightQuant | None:
+    """Round-to-nearest weights at the largest formats the accumulator allows; None if infeasible."""
+    frac = choose_weight_fracs(
+        w, b, input_frac, xmin, xmax, acc_bits, policy, observed_max, margin
+    )
+    q, bq = quantize_at(w, b, frac, input_frac)
+    if not feasible(q, w):
+        return None
+    lo, hi = channel_bounds(q, bq, xmin, xmax)
+    return WeightQuant(q, frac, bq, input_frac, lo, hi)

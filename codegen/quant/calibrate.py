@@ -1,0 +1,46 @@
+"""Calibration: observe the float graph on sample inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from codegen import simulate
+from codegen.ir import WEIGHTED_OPS, Graph, Node
+
+
+@dataclass
+class Calibration:
+    """Ranges seen on the calibration data, per tensor and per weighted node's output channel."""
+
+    tensor_min: dict[str, float] = field(default_factory=dict)
+    tensor_max: dict[str, float] = field(default_factory=dict)
+    preact_absmax: dict[str, np.ndarray] = field(default_factory=dict)  # per output channel
+    output: np.ndarray = field(default_factory=lambda: np.empty(0))  # float logits
+
+    def absmax(self, tensor: str) -> float:
+        return max(abs(self.tensor_min[tensor]), abs(self.tensor_max[tensor]))
+
+
+def calibrate(graph: Graph, x_nhwc: np.ndarray) -> Calibration:
+    cal = Calibration()
+
+    def seen(name: str, v: torch.Tensor) -> None:
+        lo, hi = float(v.min()), float(v.max())
+        cal.tensor_min[name] = min(cal.tensor_min.get(name, lo), lo)
+        cal.tensor_max[name] = max(cal.tensor_max.get(name, hi), hi)
+
+    def observe(node: Node, xs: list[torch.Tensor], pre: torch.Tensor) -> None:
+        if node is graph.nodes[0]:
+            seen(graph.input, xs[0])
+        lo, hi = node.attrs.get("clamp", (-np.inf, np.inf))
+        seen(node.output, pre.clamp(lo, hi) if (lo, hi) != (-np.inf, np.inf) else pre)
+        if node.op in WEIGHTED_OPS:
+            m = pre.abs().reshape(-1, pre.shape[-1]).amax(dim=0).double().numpy()
+            old = cal.preact_absmax.get(node.name)
+            cal.preact_absmax[node.name] = m if old is None else np.maximum(old, m)
+
+    cal.output = simulate.run(graph, x_nhwc, observe=observe, dtype=torch.float32)
+    return cal

@@ -1,0 +1,353 @@
+"""Post-training quantization as a function of the accumulator width (seed 000).
+
+The search, per weighted layer in topological order (greedy):
+  1. candidates: input widths bx = 2..7 (unsigned) or 2..8 (signed) for the layer's input tensor
+     (fixed if an earlier layer already decided it);
+  2. for each, the weights take the largest per-channel formats the accumulator allows (so the
+     configuration fills the accumulator); a width is kept only if it is feasible and filling
+     (one more input bit would cost some channel a weight bit, or the input is at its maximum);
+  3. candidates are ranked on the calibration data by accuracy (labels given; ties broken by
+     output error) or by output error against float, with earlier layers quantized as chosen and
+     later layers still in float.
+Tensors tied by format-preserving ops (maxpool, reshape, concat) share one format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from codegen import simulate
+from codegen.errors import InfeasibleAccumulatorError
+from codegen.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
+from codegen.quant.accumulator import (
+    MIN_BITS,
+    Policy,
+    WeightQuant,
+    quantize_weights,
+)
+from codegen.quant.calibrate import Calibration, calibrate
+from codegen.quant.formats import frac_for_range, round_half_up
+
+DEFAULT_SIGNED_BITS = 8
+DEFAULT_UNSIGNED_BITS = 7
+RANK_SAMPLES = 2000
+MAX_ACC_BITS = 32
+
+
+# ----------------------------------------------------------------------------- tensor classes
+
+
+class TensorClasses:
+    """Union-find over tensors that must share a format (maxpool, reshape, concat tie them)."""
+
+    def __init__(self, graph: Graph):
+        self.parent = {t: t for t in graph.tensors}
+        for n in graph.nodes:
+            if n.op in ("maxpool2d", "reshape", "concat"):
+                for t in n.inputs:
+                    self._union(t, n.output)
+
+    def find(self, t: str) -> str:
+        while self.parent[t] != t:
+            self.parent[t] = self.parent[self.parent[t]]
+            t = self.parent[t]
+        return t
+
+    def _union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def members(self, cls: str) -> list[str]:
+        return [t for t in self.parent if self.find(t) == cls]
+
+
+@dataclass
+class ClassInfo:
+    signed: bool
+    absmax: float
+
+    def fmt(self, bits: int) -> QFormat:
+        return QFormat(bits, self.signed, frac_for_range(self.absmax, bits, self.signed))
+
+    @property
+    def max_bits(self) -> int:
+        return DEFAULT_SIGNED_BITS if self.signed else DEFAULT_UNSIGNED_BITS
+
+
+def class_infos(graph: Graph, classes: TensorClasses, cal: Calibration) -> dict[str, ClassInfo]:
+    infos: dict[str, ClassInfo] = {}
+    for t in graph.tensors:
+        c = classes.find(t)
+        prod = graph.producer(t)
+        if prod is None:
+            nonneg = cal.tensor_min[t] >= 0
+        elif prod.op in ("maxpool2d", "reshape", "concat"):
+            nonneg = True  # decided by the members that produce values
+        else:
+            nonneg = prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0
+        absmax = cal.absmax(t)
+        clamp_hi = prod.attrs.get("clamp", (0, math.inf))[1] if prod is not None else math.inf
+        absmax = min(absmax, max(abs(clamp_hi), 0.0)) if math.isfinite(clamp_hi) else absmax
+        old = infos.get(c)
+        if old is None:
+            infos[c] = ClassInfo(signed=not nonneg, absmax=absmax)
+        else:
+            infos[c] = ClassInfo(old.signed or not nonneg, max(old.absmax, absmax))
+    return infos
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@dataclass
+class LayerChoice:
+    input_bits: int
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class PTQResult:
+    graph: Graph
+    calibration: Calibration
+    choices: dict[str, LayerChoice]
+
+
+def _score(out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> tuple[float, ...]:
+    mse = float(np.mean((out - ref) ** 2))
+    if labels is None:
+        return (-mse,)
+    acc = float(np.mean(out.reshape(out.shape[0], -1).argmax(axis=1) == labels))
+    return (acc, -mse)
+
+
+def _layer_weights(
+    node: Node,
+    fmt: QFormat,
+    acc_bits: int,
+    policy: Policy,
+    cal: Calibration,
+    margin: float,
+) -> WeightQuant | None:
+    w = node.params["weight"].reshape(node.params["weight"].shape[0], -1)
+    wq = quantize_weights(
+        w,
+        node.params["bias"],
+        fmt.frac,
+        fmt.qmin - fmt.zero_point,
+        fmt.qmax - fmt.zero_point,
+        acc_bits,
+        policy,
+        cal.preact_absmax.get(node.name),
+        margin,
+    )
+    if wq is None:
+        return None
+    shape = node.params["weight"].shape
+    return WeightQuant(
+        wq.q.reshape(shape), wq.frac, wq.bias, wq.input_frac, wq.bound_lo, wq.bound_hi
+    )
+
+
+def smallest_feasible_acc(
+    node: Node, info: ClassInfo, policy: Policy, cal: Calibration, margin: float
+) -> int | None:
+    for a in range(8, 65):
+        for bx in range(MIN_BITS, info.max_bits + 1):
+            if _layer_weights(node, info.fmt(bx), a, policy, cal, margin) is not None:
+                return a
+    return None
+
+
+def _fills(a: WeightQuant, b: WeightQuant | None) -> bool:
+    """A configuration fills the accumulator unless one more input bit costs no weight bit."""
+    return b is None or bool(np.any(b.frac < a.frac))
+
+
+def search(
+    graph: Graph,
+    x_nhwc: np.ndarray,
+    labels: np.ndarray | None,
+    acc_bits: Mapping[str, int],
+    policy: Policy,
+    margin: float = 2.0,
+    progress: bool = True,
+) -> PTQResult:
+    cal = calibrate(graph, x_nhwc)
+    classes = TensorClasses(graph)
+    infos = class_infos(graph, classes, cal)
+    rank_x = x_nhwc[:RANK_SAMPLES]
+    rank_ref = cal.output[:RANK_SAMPLES]
+    rank_labels = labels[:RANK_SAMPLES] if labels is not None else None
+
+    decided: dict[str, int] = {}
+    weights: dict[str, WeightQuant] = {}
+    choices: dict[str, LayerChoice] = {}
+
+    def formats(extra: Mapping[str, int] = {}) -> dict[str, QFormat]:  # noqa: B006
+        bits = {**decided, **extra}
+        return {t: infos[classes.find(t)].fmt(bits[classes.find(t)])
+                for t in graph.tensors if classes.find(t) in bits}
+
+    def overrides(extra: Mapping[str, WeightQuant] = {}) -> dict[str, dict[str, Any]]:  # noqa: B006
+        out = {}
+        for name, wq in {**weights, **extra}.items():
+            w, b = wq.dequantized()
+            out[name] = {"weight": w, "bias": b}
+        return out
+
+    weighted = [n for n in graph.nodes if n.op in WEIGHTED_OPS]
+    bar = tqdm(weighted, desc="bit-width search", unit="layer", disable=not progress, leave=False)
+    for node in bar:
+        cls = classes.find(node.inputs[0])
+        info = infos[cls]
+        a = acc_bits[node.name]
+        widths = [decided[cls]] if cls in decided else list(range(MIN_BITS, info.max_bits + 1))
+        quants = {bx: _layer_weights(node, info.fmt(bx), a, policy, cal, margin) for bx in widths}
+        cands = []
+        for bx in widths:
+            wq = quants[bx]
+            if wq is None:
+                continue
+            nxt = quants.get(bx + 1) if bx + 1 in quants else None
+            if len(widths) > 1 and bx < info.max_bits and not _fills(wq, nxt):
+                continue
+            cands.append(bx)
+        if not cands:
+            need = smallest_feasible_acc(node, info, policy, cal, margin)
+            hint = (
+                f"the smallest width that fits is {need} bits"
+                if need is not None
+                else "no width up to 64 bits fits (check the weights)"
+            )
+            raise InfeasibleAccumulatorError(
+                f"layer '{node.name}' does not fit a {a}-bit accumulator with inputs and weights "
+                f"of at least {MIN_BITS} bits ({policy} policy); {hint}: use --acc-bits {need}"
+                if need is not None
+                else f"layer '{node.name}' cannot be quantized: {hint}"
+            )
+        scored = []
+        for bx in cands:
+            wq = quants[bx]
+            assert wq is not None
+            out = simulate.run(
+                graph, rank_x, formats=formats({cls: bx}), overrides=overrides({node.name: wq}),
+                dtype=torch.float32,
+            )
+            scored.append((_score(out, rank_ref, rank_labels), bx))
+        best = max(scored)[1]
+        decided[cls] = best
+        weights[node.name] = quants[best]  # type: ignore[assignment]
+        choices[node.name] = LayerChoice(
+            best,
+            [{"input_bits": bx, "weight_bits": quants[bx].bits,  # type: ignore[union-attr]
+              "score": list(s)} for s, bx in scored],
+        )
+    bar.close()
+
+    for t in graph.tensors:
+        c = classes.find(t)
+        decided.setdefault(c, infos[c].max_bits)
+    fmts = formats()
+    return PTQResult(build_integer_graph(graph, fmts, weights, acc_bits), cal, choices)
+
+
+# ----------------------------------------------------------------------------- integer graph
+
+
+def clamp_limits(clamp: tuple[float, float], fmt: QFormat) -> tuple[int, int]:
+    """Saturation limits of a fused clamp in the output format (round half up, like the data)."""
+    lo, hi = clamp
+    qlo = fmt.qmin if lo == -math.inf else max(fmt.qmin, int(round_half_up(lo * 2.0**fmt.frac)))
+    qhi = fmt.qmax if hi == math.inf else min(fmt.qmax, int(round_half_up(hi * 2.0**fmt.frac)))
+    return qlo, max(qlo, qhi)
+
+
+def _container_bits(max_abs: int) -> int:
+    need = int(max_abs).bit_length() + 1
+    if need > MAX_ACC_BITS:
+        raise InfeasibleAccumulatorError(f"an internal sum needs {need} bits (more than 32)")
+    return 16 if need <= 16 else 32
+
+
+def _divide_by(n: int, fi: int, fo: int) -> tuple[int, int]:
+    """Multiplier and shift realising x * 2^(fo - fi) / n with a 15-bit multiplier."""
+    if n & (n - 1) == 0:
+        return 1, n.bit_length() - 1 + fi - fo
+    s = 0
+    while round(2.0 ** (s + 1 + fo - fi) / n) < (1 << 15):
+        s += 1
+    return int(round_half_up(2.0 ** (s + fo - fi) / n)), s
+
+
+def build_integer_graph(
+    graph: Graph,
+    fmts: Mapping[str, QFormat],
+    weights: Mapping[str, WeightQuant],
+    acc_bits: Mapping[str, int],
+) -> Graph:
+    tensors = {t: Tensor(t, v.shape, fmts[t]) for t, v in graph.tensors.items()}
+    nodes = []
+    for n in graph.nodes:
+        fo = fmts[n.output]
+        fins = [fmts[t] for t in n.inputs]
+        lo, hi = clamp_limits(n.attrs.get("clamp", (-math.inf, math.inf)), fo)
+        attrs = dict(n.attrs)
+        params: dict[str, np.ndarray] = {}
+        one = np.ones(1, dtype=np.int64)
+        if n.op in WEIGHTED_OPS:
+            wq = weights[n.name]
+            shift = wq.frac + fins[0].frac - fo.frac
+            params = {"weight": wq.q.astype(np.int64), "bias": wq.bias.astype(np.int64)}
+            rq = Requant(np.ones_like(shift), shift, fo.zero_point, lo, hi)
+            attrs["acc_bits"] = acc_bits[n.name]
+            attrs["weight_frac"] = tuple(int(f) for f in wq.frac)
+        elif n.op in ("avgpool2d", "global_avgpool"):
+            count = (
+                n.attrs["kernel"][0] * n.attrs["kernel"][1]
+                if n.op == "avgpool2d"
+                else graph.tensors[n.inputs[0]].shape[0] * graph.tensors[n.inputs[0]].shape[1]
+            )
+            m, s = _divide_by(count, fins[0].frac, fo.frac)
+            rq = Requant(one * m, one * s, fo.zero_point, lo, hi)
+            attrs["acc_bits"] = _container_bits(count * max(-fins[0].qmin, fins[0].qmax))
+        elif n.op == "add":
+            fm = max(f.frac for f in fins)
+            mult = [1 << (fm - f.frac) for f in fins]
+            params = {"in_mult": np.array(mult, dtype=np.int64)}
+            rq = Requant(one, one * (fm - fo.frac), fo.zero_point, lo, hi)
+            peak = sum(m * max(-f.qmin, f.qmax) for m, f in zip(mult, fins, strict=True))
+            attrs["acc_bits"] = _container_bits(peak)
+        elif n.op == "concat":
+            k = len(n.inputs)
+            shifts = np.array([f.frac - fo.frac for f in fins], dtype=np.int64)
+            rq = Requant(np.ones(k, dtype=np.int64), shifts, fo.zero_point, lo, hi)
+        else:  # maxpool2d, reshape: the format is shared with the input
+            rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
+        nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
+    return Graph(graph.name, tuple(nodes), tensors, graph.input, graph.output)
+
+
+def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:
+    """Real-valued parameters of an integer graph, for the float64 simulation (simulate.run)."""
+    out: dict[str, dict[str, Any]] = {}
+    for n in graph.nodes:
+        fi = graph.tensors[n.inputs[0]].fmt
+        fo = graph.tensors[n.output].fmt
+        assert fi is not None and fo is not None and n.requant is not None
+        if n.op in WEIGHTED_OPS:
+            wf = np.asarray(n.attrs["weight_frac"], dtype=np.int64)
+            wq = WeightQuant(n.params["weight"], wf, n.params["bias"], fi.frac, wf, wf)
+            w, b = wq.dequantized()
+            out[n.name] = {"weight": w, "bias": b}
+        elif n.op in ("avgpool2d", "global_avgpool"):
+            m, s = int(n.requant.mult[0]), int(n.requant.shift[0])
+            out[n.name] = {"scale": m * 2.0 ** (fi.frac - fo.frac - s)}
+    return out

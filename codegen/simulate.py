@@ -1,0 +1,122 @@
+"""Float execution of an `ir.Graph` in PyTorch, with optional fake quantization.
+
+Used for three things: running the float graph (calibration, frontend checks), ranking candidate
+formats during the bit-width search (some nodes quantized, the rest float), and the float64
+simulation of a fully quantized graph, which in `guaranteed` mode equals the integer reference
+exactly (every product and partial sum of power-of-two values is exact in float64).
+
+Fake quantization of a tensor with format f: v -> clamp(floor(v * 2^frac + 0.5), qmin, qmax) * 2^-frac,
+the float-side twin of `codegen.quant.formats.requantize` (round half up, saturate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from codegen.ir import Graph, Node, QFormat
+
+Observer = Callable[[Node, list[torch.Tensor], torch.Tensor], None]
+Overrides = Mapping[str, Mapping[str, Any]]
+
+
+def fake_quant(v: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    scale = 2.0**fmt.frac
+    q = torch.floor(v * scale + 0.5).clamp_(fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point)
+    return q / scale
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+def _param(node: Node, over: Mapping[str, Any], key: str, like: torch.Tensor) -> torch.Tensor:
+    v = over.get(key, node.params[key])
+    return torch.as_tensor(np.asarray(v), dtype=like.dtype)
+
+
+def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> torch.Tensor:
+    """The node's output before its clamp (the pre-activation)."""
+    a = node.attrs
+    x = xs[0]
+    if node.op == "conv2d":
+        w = _param(node, over, "weight", x).permute(0, 3, 1, 2)
+        b = _param(node, over, "bias", x)
+        top, bottom, left, right = a["padding"]
+        xp = F.pad(_nchw(x), (left, right, top, bottom)) if any(a["padding"]) else _nchw(x)
+        y = F.conv2d(xp, w, b, stride=a["stride"], dilation=a["dilation"], groups=a["groups"])
+        return _nhwc(y)
+    if node.op == "dense":
+        return x @ _param(node, over, "weight", x).T + _param(node, over, "bias", x)
+    if node.op == "maxpool2d":
+        top, bottom, left, right = a["padding"]
+        y = F.max_pool2d(_nchw(x), a["kernel"], a["stride"], padding=(top, left))
+        return _nhwc(y)
+    if node.op == "avgpool2d":
+        top, bottom, left, right = a["padding"]
+        kh, kw = a["kernel"]
+        s = F.avg_pool2d(_nchw(x), a["kernel"], a["stride"], padding=(top, left), divisor_override=1)
+        return _nhwc(s) * float(over.get("scale", 1.0 / (kh * kw)))
+    if node.op == "global_avgpool":
+        n = x.shape[1] * x.shape[2]
+        return x.sum(dim=(1, 2), keepdim=True) * float(over.get("scale", 1.0 / n))
+    if node.op == "add":
+        return xs[0] + xs[1]
+    if node.op == "concat":
+        return torch.cat(xs, dim=-1)
+    if node.op == "reshape":
+        return x.reshape(x.shape[0], *a["shape"])
+    raise ValueError(f"unknown op {node.op}")
+
+
+def run(
+    graph: Graph,
+    x_nhwc: np.ndarray | torch.Tensor,
+    *,
+    formats: Mapping[str, QFormat] | None = None,
+    overrides: Overrides | None = None,
+    dtype: torch.dtype = torch.float64,
+    observe: Observer | None = None,
+    batch: int = 2048,
+) -> np.ndarray:
+    """Run the graph on a float NHWC batch; returns the output tensor as a float64 array.
+
+    `formats` fake-quantizes the tensors it names when they are produced (the input too);
+    `overrides` replaces node parameters (weight, bias, scale) by their quantized values.
+    """
+    formats = formats or {}
+    overrides = overrides or {}
+    x_all = torch.as_tensor(np.asarray(x_nhwc), dtype=dtype)
+    outs = []
+    with torch.no_grad():
+        for i in range(0, x_all.shape[0], batch):
+            env: dict[str, torch.Tensor] = {graph.input: x_all[i : i + batch]}
+            if graph.input in formats:
+                env[graph.input] = fake_quant(env[graph.input], formats[graph.input])
+            for node in graph.nodes:
+                xs = [env[t] for t in node.inputs]
+                pre = eval_node(node, xs, overrides.get(node.name, {}))
+                if observe is not None:
+                    observe(node, xs, pre)
+                lo, hi = node.attrs.get("clamp", (-np.inf, np.inf))
+                y = pre if (lo, hi) == (-np.inf, np.inf) else pre.clamp(lo, hi)
+                fmt = formats.get(node.output)
+                env[node.output] = fake_quant(y, fmt) if fmt is not None else y
+            outs.append(env[graph.output].double().numpy())
+    return np.concatenate(outs, axis=0)
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x
+
+
+def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x
