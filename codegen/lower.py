@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from codegen import memory
 from codegen.errors import UnsupportedModelError
-from codegen.ir import Graph, Node
+from codegen.ir import Graph, Node, conv_out_size
 
-DIALECTS = ("c",)
+DIALECTS = ("c", "neon", "dsp", "mve")
+"""Kernel dialects; a dialect without its own template of a kernel uses the portable C one."""
 
 ACC_OPS = frozenset({"conv2d", "dense", "avgpool2d", "global_avgpool", "add"})
 """Ops whose accumulator width (attrs["acc_bits"]) is part of the semantics."""
@@ -82,7 +83,7 @@ def _shape(graph: Graph, tensor: str) -> tuple[int, ...]:
 def choose_template(graph: Graph, node: Node) -> str:
     """The kernel template of a node (before the accumulator suffix)."""
     if node.op == "conv2d":
-        o, kh, kw, cin_g = node.params["weight"].shape
+        _, kh, kw, cin_g = node.params["weight"].shape
         cin = _shape(graph, node.inputs[0])[-1]
         groups = int(node.attrs["groups"])
         if groups == 1 and kh == 1 and kw == 1 and not any(node.attrs["padding"]):
@@ -102,7 +103,9 @@ def _check_node(graph: Graph, node: Node) -> None:
     if node.op != "reshape" and node.requant is None:
         raise LoweringError(f"node {node.name!r} has no requantization; quantize the graph first")
     if node.op in ACC_OPS and "acc_bits" not in node.attrs:
-        raise LoweringError(f"node {node.name!r} has no attrs['acc_bits']; quantize the graph first")
+        raise LoweringError(
+            f"node {node.name!r} has no attrs['acc_bits']; quantize the graph first"
+        )
     if node.requant is not None:
         rq = node.requant
         if not (-128 <= rq.lo <= rq.hi <= 127):
@@ -118,9 +121,66 @@ def _check_node(graph: Graph, node: Node) -> None:
             raise LoweringError(f"reshape {node.name!r} changes the number of elements")
 
 
+def _check_shapes(graph: Graph, node: Node) -> None:
+    """The shapes the kernels index with must agree with the attributes (no out-of-bounds C)."""
+    ins = [graph.tensors[t].shape for t in node.inputs]
+    out = graph.tensors[node.output].shape
+    a = node.attrs
+
+    def bad(why: str) -> LoweringError:
+        return LoweringError(f"node {node.name!r} ({node.op}): {why}")
+
+    def spatial(kh: int, kw: int, dilation: tuple[int, int]) -> tuple[int, int]:
+        h, w = ins[0][0], ins[0][1]
+        sh, sw = a.get("stride", (1, 1))
+        t, b, left, r = a.get("padding", (0, 0, 0, 0))
+        if min(sh, sw) < 1 or min(dilation) < 1 or min(t, b, left, r) < 0:
+            raise bad("stride and dilation must be >= 1, padding >= 0")
+        return (
+            conv_out_size(h, kh, sh, t, b, dilation[0]),
+            conv_out_size(w, kw, sw, left, r, dilation[1]),
+        )
+
+    if node.op in ("conv2d", "maxpool2d", "avgpool2d", "global_avgpool") and len(ins[0]) != 3:
+        raise bad(f"input shape {ins[0]} is not (H, W, C)")
+    if node.op == "conv2d":
+        w = node.params["weight"]
+        groups = int(a.get("groups", 1))
+        if w.ndim != 4 or groups < 1 or w.shape[0] % groups or ins[0][2] != w.shape[3] * groups:
+            raise bad(f"weight {w.shape} does not match input {ins[0]} with {groups} groups")
+        oh, ow = spatial(int(w.shape[1]), int(w.shape[2]), tuple(a.get("dilation", (1, 1))))
+        if out != (oh, ow, w.shape[0]):
+            raise bad(f"output shape {out} should be {(oh, ow, w.shape[0])}")
+    elif node.op == "dense":
+        w = node.params["weight"]
+        if w.ndim != 2 or ins[0] != (w.shape[1],) or out != (w.shape[0],):
+            raise bad(f"weight {w.shape} does not match input {ins[0]} and output {out}")
+    elif node.op in ("maxpool2d", "avgpool2d"):
+        kh, kw = a["kernel"]
+        oh, ow = spatial(int(kh), int(kw), (1, 1))
+        if out != (oh, ow, ins[0][2]):
+            raise bad(f"output shape {out} should be {(oh, ow, ins[0][2])}")
+    elif node.op == "global_avgpool":
+        if out != (ins[0][2],):
+            raise bad(f"output shape {out} should be {(ins[0][2],)}")
+    elif node.op == "add":
+        if len(ins) != 2 or ins[0] != ins[1] or out != ins[0]:
+            raise bad(f"operands {ins} and output {out} must have one shape")
+    elif node.op == "concat":
+        if any(len(s) != len(out) or s[:-1] != out[:-1] for s in ins):
+            raise bad(f"inputs {ins} differ from the output {out} outside the channel axis")
+        if sum(s[-1] for s in ins) != out[-1]:
+            raise bad(f"channels of {ins} do not add up to {out[-1]}")
+    if node.op in ("conv2d", "dense") and node.params.get("bias") is not None:
+        bias = node.params["bias"]
+        if bias.shape != (node.params["weight"].shape[0],):
+            raise bad(f"bias shape {bias.shape} is not (O,)")
+
+
 def lower_node(graph: Graph, node: Node) -> KernelCall | None:
     """The kernel call of one node, or None for a reshape (a memory alias)."""
     _check_node(graph, node)
+    _check_shapes(graph, node)
     if node.op == "reshape":
         return None
     template = choose_template(graph, node)
@@ -136,7 +196,9 @@ def lower(graph: Graph, dialect: str = "c", align: int = 1) -> Lowered:
     if dialect not in DIALECTS:
         raise LoweringError(f"dialect {dialect!r} is not implemented (have: {', '.join(DIALECTS)})")
     if not graph.is_quantized:
-        raise LoweringError("the graph is not quantized (a tensor has no format); quantize it first")
+        raise LoweringError(
+            "the graph is not quantized (a tensor has no format); quantize it first"
+        )
     calls = []
     inplace: dict[str, tuple[int, ...]] = {}
     for node in graph.nodes:

@@ -1,0 +1,314 @@
+"""Build a generated model directory with CMake.
+
+`build(out_dir, target)` configures and builds the directory's own CMakeLists.txt into
+`out_dir/build`: the static library lib<name>.a (copied to out_dir), and, when asked, a shared
+library for in-process runs (host only) and the file-based test bench. `build_many` builds several
+generated directories in one CMake project through the root CMakeLists.txt (one configure step,
+one parallel build), which is what the test-suite uses for its sanitizer builds.
+
+A target is a `BuildTarget` (or any object with its fields); `HOST` is the native compiler. The
+rows of codegen.targets.TARGETS are adapted by `from_table`: their toolchain file and QACC_CPU
+configure CMake, their `emulator_argv` runs the test bench, their `check_tools` names the Debian
+package to install when a tool is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from codegen.errors import QaccError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+WARNING_FLAGS: tuple[str, ...] = ("-Wall", "-Wextra", "-pedantic")
+WERROR_FLAG = "-Werror"
+SANITIZE_FLAGS: tuple[str, ...] = (
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+)
+
+
+class BuildError(QaccError):
+    """CMake or the compiler failed on generated code."""
+
+
+class ToolMissingError(QaccError):
+    """A build tool (cmake, a compiler) is not installed."""
+
+
+Launcher = Callable[[str, Sequence[str]], list[str]]
+"""(executable, arguments) -> the command line that runs it on the target."""
+
+
+class Target(Protocol):
+    """What `build` and `Compiled` need to know about a target."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dialect(self) -> str: ...
+    @property
+    def toolchain_file(self) -> Path | None: ...
+    @property
+    def c_flags(self) -> tuple[str, ...]: ...
+    @property
+    def cmake_defines(self) -> Mapping[str, str]: ...
+    @property
+    def shared(self) -> bool: ...
+    @property
+    def align(self) -> int: ...
+    def argv(self, executable: str, args: Sequence[str] = ()) -> list[str]: ...
+    def check(self) -> None: ...
+
+
+def _native(executable: str, args: Sequence[str]) -> list[str]:
+    return [executable, *args]
+
+
+@dataclass(frozen=True)
+class BuildTarget:
+    name: str
+    dialect: str = "c"
+    toolchain_file: Path | None = None
+    """CMake toolchain file (None: the native compiler)."""
+    c_flags: tuple[str, ...] = ("-O2",)
+    cmake_defines: Mapping[str, str] = field(default_factory=dict)
+    shared: bool = False
+    """Whether a shared library built for this target can be loaded into this Python process."""
+    align: int = 1
+    """Arena alignment the target's kernels want."""
+    launcher: Launcher = _native
+    """Runs the target's executables (an emulator command line for cross targets)."""
+    checker: Callable[[], None] | None = None
+    """Raises a one-line error naming the package to install when a tool is missing."""
+
+    def argv(self, executable: str, args: Sequence[str] = ()) -> list[str]:
+        return self.launcher(executable, args)
+
+    def check(self) -> None:
+        if self.checker is not None:
+            self.checker()
+
+
+HOST = BuildTarget("host", shared=True)
+
+
+def from_table(t: Any) -> BuildTarget:
+    """A BuildTarget from a row of codegen.targets.TARGETS (toolchain file + QACC_CPU, emulator)."""
+    if getattr(t, "is_host", False):
+        return HOST
+    cpu = getattr(t, "cpu", None)
+
+    def launch(executable: str, args: Sequence[str]) -> list[str]:
+        argv: list[str] = t.emulator_argv(executable, list(args))
+        return argv
+
+    def check() -> None:
+        from codegen import targets
+
+        try:
+            targets.check_tools(t)
+        except ValueError as e:
+            raise ToolMissingError(str(e)) from None
+
+    return BuildTarget(
+        name=t.name,
+        dialect=t.dialect,
+        toolchain_file=t.toolchain_file,
+        cmake_defines={"QACC_CPU": cpu} if cpu else {},
+        launcher=launch,
+        checker=check,
+    )
+
+
+def resolve_target(target: str | Target) -> Target:
+    """A target from a name ("host" or a row of codegen.targets) or a target object."""
+    if isinstance(target, BuildTarget):
+        return target
+    if not isinstance(target, str):
+        return target if hasattr(target, "argv") else from_table(target)
+    if target == "host":
+        return HOST
+    from codegen import targets
+
+    try:
+        row = targets.get_target(target)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    return from_table(row)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    source_dir: Path
+    build_dir: Path
+    name: str
+    static_lib: Path
+    shared_lib: Path | None
+    testbench: Path | None
+    log: str
+
+
+def _cmake() -> str:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise ToolMissingError("cmake is not installed; install the Debian package 'cmake'")
+    return cmake
+
+
+def _run(cmd: Sequence[str], log: list[str], cwd: Path | None = None) -> None:
+    log.append("$ " + " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    log.append(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-40:])
+        raise BuildError(f"build failed ({' '.join(cmd[:3])} ...):\n{tail}")
+
+
+def configure_args(
+    target: Target,
+    *,
+    shared: bool,
+    testbench: bool,
+    sanitize: bool,
+    werror: bool,
+    extra_defines: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The `-D...` and `-G` arguments of the configure step."""
+    flags = [*target.c_flags, *WARNING_FLAGS]
+    if werror:
+        flags.append(WERROR_FLAG)
+    if sanitize:
+        flags += SANITIZE_FLAGS
+    defines: dict[str, str] = {
+        "CMAKE_BUILD_TYPE": "",
+        "CMAKE_C_FLAGS": " ".join(flags),
+        "QACC_BUILD_SHARED": "ON" if shared else "OFF",
+        "QACC_BUILD_TESTBENCH": "ON" if testbench else "OFF",
+    }
+    if sanitize:
+        link = " ".join(SANITIZE_FLAGS)
+        defines["CMAKE_EXE_LINKER_FLAGS"] = link
+        defines["CMAKE_SHARED_LINKER_FLAGS"] = link
+    if target.toolchain_file is not None:
+        defines["CMAKE_TOOLCHAIN_FILE"] = str(Path(target.toolchain_file).resolve())
+    defines.update(target.cmake_defines)
+    defines.update(extra_defines or {})
+    args = [f"-D{k}={v}" for k, v in defines.items()]
+    if shutil.which("ninja"):
+        args += ["-G", "Ninja"]
+    return args
+
+
+def model_name(source_dir: Path) -> str:
+    """The C name of the model generated in `source_dir` (from its report.json)."""
+    try:
+        name: str = json.loads((source_dir / "report.json").read_text())["name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise BuildError(f"{source_dir} is not a directory generated by qacc ({e})") from e
+    return name
+
+
+def _artifacts(
+    source_dir: Path, bdir: Path, name: str, shared: bool, testbench: bool, log: str
+) -> BuildResult:
+    static = bdir / f"lib{name}.a"
+    so = bdir / f"lib{name}_shared.so" if shared else None
+    tb = bdir / f"{name}_testbench" if testbench else None
+    for p in (static, so, tb):
+        if p is not None and not p.exists():
+            raise BuildError(f"the build did not produce {p}")
+    return BuildResult(source_dir, bdir, name, static, so, tb, log)
+
+
+def _jobs(jobs: int | None) -> int:
+    return jobs or max(1, min(4, os.cpu_count() or 1))
+
+
+def build(
+    source_dir: str | Path,
+    target: str | Target = "host",
+    *,
+    build_dir: str | Path | None = None,
+    shared: bool | None = None,
+    testbench: bool = True,
+    sanitize: bool = False,
+    werror: bool = True,
+    jobs: int | None = None,
+) -> BuildResult:
+    """Configure and build one generated directory; copy lib<name>.a next to its sources.
+
+    `shared` defaults to whether the target can load a shared library in-process (host).
+    """
+    src = Path(source_dir).resolve()
+    tgt = resolve_target(target)
+    tgt.check()
+    name = model_name(src)
+    shared = tgt.shared if shared is None else shared
+    bdir = Path(build_dir).resolve() if build_dir is not None else src / "build"
+    log: list[str] = []
+    cmake = _cmake()
+    args = configure_args(tgt, shared=shared, testbench=testbench, sanitize=sanitize, werror=werror)
+    _run([cmake, "-S", str(src), "-B", str(bdir), *args], log)
+    _run([cmake, "--build", str(bdir), "-j", str(_jobs(jobs))], log)
+    result = _artifacts(src, bdir, name, shared, testbench, "\n".join(log))
+    shutil.copy2(result.static_lib, src / result.static_lib.name)
+    return result
+
+
+def build_many(
+    source_dirs: Sequence[str | Path],
+    build_dir: str | Path,
+    target: str | Target = "host",
+    *,
+    shared: bool = False,
+    testbench: bool = True,
+    sanitize: bool = False,
+    werror: bool = True,
+    jobs: int | None = None,
+    keep_going: bool = True,
+) -> dict[Path, BuildResult | BuildError]:
+    """Build several generated directories in one CMake project (the repository's root
+    CMakeLists.txt): one configure, one parallel build. With `keep_going`, a directory whose code
+    fails to build gets a BuildError in the result instead of stopping the others."""
+    srcs = [Path(s).resolve() for s in source_dirs]
+    bdir = Path(build_dir).resolve()
+    tgt = resolve_target(target)
+    tgt.check()
+    log: list[str] = []
+    cmake = _cmake()
+    args = configure_args(
+        tgt,
+        shared=shared,
+        testbench=testbench,
+        sanitize=sanitize,
+        werror=werror,
+        extra_defines={"QACC_MODEL_DIRS": ";".join(str(s) for s in srcs)},
+    )
+    _run([cmake, "-S", str(ROOT), "-B", str(bdir), *args], log)
+    cmd = [cmake, "--build", str(bdir), "-j", str(_jobs(jobs))]
+    if keep_going:
+        cmd += ["--", "-k", "0"] if "Ninja" in args else ["--", "-k"]
+    failure: BuildError | None = None
+    try:
+        _run(cmd, log)
+    except BuildError as e:
+        if not keep_going:
+            raise
+        failure = e
+    results: dict[Path, BuildResult | BuildError] = {}
+    for i, s in enumerate(srcs):
+        sub = bdir / "models" / f"{i}_{s.name}"
+        try:
+            results[s] = _artifacts(s, sub, model_name(s), shared, testbench, "\n".join(log))
+        except BuildError as e:
+            results[s] = BuildError(f"{e}\n{failure}" if failure else str(e))
+    return results
