@@ -9,10 +9,15 @@ JOBS ?= 2
 
 .PHONY: setup apt venv demo test lint fuzz bench clean
 
-setup: apt $(SETUP_STAMP)
+setup: apt $(SETUP_STAMP) plugin
 
 apt:
 	@scripts/setup-apt.sh
+
+# QEMU instruction-count plugin (header from Debian's qemu source package): build/plugin/.
+.PHONY: plugin
+plugin: apt
+	@scripts/build-plugin.sh
 
 $(SETUP_STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -6,6 +6,7 @@ pkgs=(
   gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf
   gcc-arm-none-eabi libnewlib-arm-none-eabi
   qemu-user qemu-system-arm libglib2.0-dev
+  dpkg-dev xz-utils
   dataset-fashion-mnist
 )
 missing=()
