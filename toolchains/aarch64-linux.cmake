@@ -6,7 +6,6 @@
 # Executables are linked statically, so qemu-aarch64 runs them without a target sysroot; CMake and
 # CTest run them through CMAKE_CROSSCOMPILING_EMULATOR (qemu-aarch64 -cpu <QACC_CPU>).
 # Debian packages: gcc-aarch64-linux-gnu (compiler), qemu-user (emulator).
-cmake_minimum_required(VERSION 3.16)
 
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
@@ -14,7 +13,7 @@ set(CMAKE_SYSTEM_PROCESSOR aarch64)
 set(QACC_CPU "cortex-a53" CACHE STRING "Target core (-mcpu and qemu -cpu)")
 set_property(CACHE QACC_CPU PROPERTY STRINGS cortex-a53 cortex-a72 cortex-a76)
 if(NOT QACC_CPU MATCHES "^(cortex-a53|cortex-a72|cortex-a76)$")
-  message(FATAL_ERROR "qacc: QACC_CPU=${QACC_CPU} is not an AArch64 target; use cortex-a53, cortex-a72 or cortex-a76")
+  message(FATAL_ERROR "qacc: QACC_CPU=${QACC_CPU} is not supported by aarch64-linux.cmake; use cortex-a53, cortex-a72 or cortex-a76")
 endif()
 # try_compile projects re-read this file: hand them the same core.
 list(APPEND CMAKE_TRY_COMPILE_PLATFORM_VARIABLES QACC_CPU)

@@ -8,7 +8,6 @@
 # linked statically, so qemu-arm runs them without a target sysroot; CMake and CTest run them
 # through CMAKE_CROSSCOMPILING_EMULATOR (qemu-arm -cpu <QACC_CPU>).
 # Debian packages: gcc-arm-linux-gnueabihf (compiler), qemu-user (emulator).
-cmake_minimum_required(VERSION 3.16)
 
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR arm)
@@ -16,7 +15,7 @@ set(CMAKE_SYSTEM_PROCESSOR arm)
 set(QACC_CPU "cortex-a7" CACHE STRING "Target core (-mcpu and qemu -cpu)")
 set_property(CACHE QACC_CPU PROPERTY STRINGS cortex-a7)
 if(NOT QACC_CPU MATCHES "^(cortex-a7)$")
-  message(FATAL_ERROR "qacc: QACC_CPU=${QACC_CPU} is not an ARMv7-A Linux target; use cortex-a7")
+  message(FATAL_ERROR "qacc: QACC_CPU=${QACC_CPU} is not supported by armhf-linux.cmake; use cortex-a7")
 endif()
 list(APPEND CMAKE_TRY_COMPILE_PLATFORM_VARIABLES QACC_CPU)
 

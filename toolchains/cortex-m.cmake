@@ -18,7 +18,6 @@
 # follow -kernel: give them with "-semihosting-config ...,arg=prog,arg=..." (codegen/qemu.py does).
 # Debian packages: gcc-arm-none-eabi and libnewlib-arm-none-eabi (compiler, C library),
 # qemu-system-arm (emulator).
-cmake_minimum_required(VERSION 3.16)
 
 set(CMAKE_SYSTEM_NAME Generic)
 set(CMAKE_SYSTEM_PROCESSOR arm)
@@ -36,7 +35,7 @@ elseif(QACC_CPU STREQUAL "cortex-m55")
   # -mcpu=cortex-m55 implies +mve.fp (and the FP extension); -mfpu=auto is GCC's default.
   set(_qacc_fpu "-mfloat-abi=hard")
 else()
-  message(FATAL_ERROR "qacc: QACC_CPU=${QACC_CPU} is not a Cortex-M target; use cortex-m4, cortex-m7 or cortex-m55")
+  message(FATAL_ERROR "qacc: QACC_CPU=${QACC_CPU} is not supported by cortex-m.cmake; use cortex-m4, cortex-m7 or cortex-m55")
 endif()
 list(APPEND CMAKE_TRY_COMPILE_PLATFORM_VARIABLES QACC_CPU)
 set(QACC_BOARD "${_qacc_board}" CACHE INTERNAL "QEMU machine for QACC_CPU")
