@@ -2,6 +2,7 @@
 
 from codegen import datasets
 from codegen.api import QuantizedModel, quantize
+from codegen.compiled import compile as compile
 from codegen.errors import QaccError
 
 __version__ = "0.1.0"
