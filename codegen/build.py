@@ -182,7 +182,11 @@ def configure_args(
     werror: bool,
     extra_defines: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """The `-D...` and `-G` arguments of the configure step."""
+    """The `-D...` and `-G` arguments of the configure step.
+
+    Our flags go to QACC_C_FLAGS / QACC_LINK_FLAGS, which the generated CMakeLists.txt applies to
+    the model's own targets only: CMAKE_C_FLAGS stays the toolchain file's (-mcpu, float ABI...).
+    """
     flags = [*target.c_flags, *WARNING_FLAGS]
     if werror:
         flags.append(WERROR_FLAG)
@@ -190,14 +194,11 @@ def configure_args(
         flags += SANITIZE_FLAGS
     defines: dict[str, str] = {
         "CMAKE_BUILD_TYPE": "",
-        "CMAKE_C_FLAGS": " ".join(flags),
+        "QACC_C_FLAGS": ";".join(flags),
+        "QACC_LINK_FLAGS": ";".join(SANITIZE_FLAGS if sanitize else ()),
         "QACC_BUILD_SHARED": "ON" if shared else "OFF",
         "QACC_BUILD_TESTBENCH": "ON" if testbench else "OFF",
     }
-    if sanitize:
-        link = " ".join(SANITIZE_FLAGS)
-        defines["CMAKE_EXE_LINKER_FLAGS"] = link
-        defines["CMAKE_SHARED_LINKER_FLAGS"] = link
     if target.toolchain_file is not None:
         defines["CMAKE_TOOLCHAIN_FILE"] = str(Path(target.toolchain_file).resolve())
     defines.update(target.cmake_defines)
