@@ -26,16 +26,8 @@ Overrides = Mapping[str, Mapping[str, Any]]
 
 def fake_quant(v: torch.Tensor, fmt: QFormat) -> torch.Tensor:
     scale = 2.0**fmt.frac
-    q = torch.floor(v * scale + 0.5).clamp_(fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point)
-    return q / scale
-
-
-def _nchw(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 3, 1, 2)
-
-
-def _nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.permute(0, 2, 3, 1)
+    lo, hi = fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point
+    return v.mul(scale).add_(0.5).floor_().clamp_(lo, hi).div_(scale)
 
 
 def _param(node: Node, over: Mapping[str, Any], key: str, like: torch.Tensor) -> torch.Tensor:
@@ -44,36 +36,39 @@ def _param(node: Node, over: Mapping[str, Any], key: str, like: torch.Tensor) ->
 
 
 def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> torch.Tensor:
-    """The node's output before its clamp (the pre-activation)."""
+    """The node's output before its clamp (the pre-activation).
+
+    Tensors here are torch-native NCHW (images) or (N, C); the channel axis is always 1. The IR's
+    NHWC order matters only where memory order is visible: weights (OHWI) and flatten.
+    """
     a = node.attrs
     x = xs[0]
     if node.op == "conv2d":
         w = _param(node, over, "weight", x).permute(0, 3, 1, 2)
         b = _param(node, over, "bias", x)
         top, bottom, left, right = a["padding"]
-        xp = F.pad(_nchw(x), (left, right, top, bottom)) if any(a["padding"]) else _nchw(x)
-        y = F.conv2d(xp, w, b, stride=a["stride"], dilation=a["dilation"], groups=a["groups"])
-        return _nhwc(y)
+        xp = F.pad(x, (left, right, top, bottom)) if any(a["padding"]) else x
+        return F.conv2d(xp, w, b, stride=a["stride"], dilation=a["dilation"], groups=a["groups"])
     if node.op == "dense":
-        return x @ _param(node, over, "weight", x).T + _param(node, over, "bias", x)
+        return F.linear(x, _param(node, over, "weight", x), _param(node, over, "bias", x))
     if node.op == "maxpool2d":
         top, bottom, left, right = a["padding"]
-        y = F.max_pool2d(_nchw(x), a["kernel"], a["stride"], padding=(top, left))
-        return _nhwc(y)
+        return F.max_pool2d(x, a["kernel"], a["stride"], padding=(top, left))
     if node.op == "avgpool2d":
         top, bottom, left, right = a["padding"]
         kh, kw = a["kernel"]
-        s = F.avg_pool2d(_nchw(x), a["kernel"], a["stride"], padding=(top, left), divisor_override=1)
-        return _nhwc(s) * float(over.get("scale", 1.0 / (kh * kw)))
+        s = F.avg_pool2d(x, a["kernel"], a["stride"], padding=(top, left), divisor_override=1)
+        return s * float(over.get("scale", 1.0 / (kh * kw)))
     if node.op == "global_avgpool":
-        n = x.shape[1] * x.shape[2]
-        return x.sum(dim=(1, 2), keepdim=True) * float(over.get("scale", 1.0 / n))
+        n = x.shape[2] * x.shape[3]
+        return x.sum(dim=(2, 3), keepdim=True) * float(over.get("scale", 1.0 / n))
     if node.op == "add":
         return xs[0] + xs[1]
     if node.op == "concat":
-        return torch.cat(xs, dim=-1)
-    if node.op == "reshape":
-        return x.reshape(x.shape[0], *a["shape"])
+        return torch.cat(xs, dim=1)
+    if node.op == "reshape":  # flatten in NHWC memory order
+        src = x.permute(0, 2, 3, 1) if x.ndim == 4 else x
+        return src.reshape(x.shape[0], *a["shape"])
     raise ValueError(f"unknown op {node.op}")
 
 
@@ -87,18 +82,21 @@ def run(
     observe: Observer | None = None,
     batch: int = 2048,
 ) -> np.ndarray:
-    """Run the graph on a float NHWC batch; returns the output tensor as a float64 array.
+    """Run the graph on a float NHWC batch; returns the output (NHWC for images) as float64.
 
     `formats` fake-quantizes the tensors it names when they are produced (the input too);
     `overrides` replaces node parameters (weight, bias, scale) by their quantized values.
+    `observe(node, inputs, pre_activation)` sees NCHW / (N, C) tensors (channel axis 1).
     """
     formats = formats or {}
     overrides = overrides or {}
     x_all = torch.as_tensor(np.asarray(x_nhwc), dtype=dtype)
+    if x_all.ndim == 4:
+        x_all = x_all.permute(0, 3, 1, 2)
     outs = []
     with torch.no_grad():
         for i in range(0, x_all.shape[0], batch):
-            env: dict[str, torch.Tensor] = {graph.input: x_all[i : i + batch]}
+            env: dict[str, torch.Tensor] = {graph.input: x_all[i : i + batch].contiguous()}
             if graph.input in formats:
                 env[graph.input] = fake_quant(env[graph.input], formats[graph.input])
             for node in graph.nodes:
@@ -110,7 +108,8 @@ def run(
                 y = pre if (lo, hi) == (-np.inf, np.inf) else pre.clamp(lo, hi)
                 fmt = formats.get(node.output)
                 env[node.output] = fake_quant(y, fmt) if fmt is not None else y
-            outs.append(env[graph.output].double().numpy())
+            out = env[graph.output]
+            outs.append((out.permute(0, 2, 3, 1) if out.ndim == 4 else out).double().numpy())
     return np.concatenate(outs, axis=0)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from codegen.errors import InvalidModelError, UnsupportedModelError
+from codegen.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
 from codegen.ir import Graph, Node, Tensor
 
 INF = math.inf
@@ -209,8 +209,9 @@ class _Converter:
 
     def pool(self, node: torch.fx.Node, kind: str, k: Any, s: Any, p: Any, **kw: Any) -> None:
         x = self.tensor_arg(node, node.args[0])
+        title = {"maxpool2d": "MaxPool2d", "avgpool2d": "AvgPool2d"}[kind]
         if kw.get("ceil_mode"):
-            raise self.fail(node, f"{kind} with ceil_mode=True")
+            raise self.fail(node, f"{title} with ceil_mode=True")
         if kind == "maxpool2d" and _pair(kw.get("dilation", 1)) != (1, 1):
             raise self.fail(node, "MaxPool2d with dilation")
         if kind == "maxpool2d" and kw.get("return_indices"):
@@ -284,8 +285,17 @@ class _Converter:
                 f"torch.fx could not trace the model ({msg}); avoid data-dependent control flow"
             ) from None
         self.modules = dict(gm.named_modules())
-        with torch.no_grad():
-            ShapeProp(gm).propagate(self.example)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(self.example)
+        except Exception as e:  # the model rejected an input of this shape
+            cause = e.__cause__ or e
+            msg = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            raise InvalidDataError(
+                f"the model does not accept inputs of shape N x "
+                f"{' x '.join(map(str, self.example.shape[1:]))} ({msg}); give data of the shape "
+                "it was trained on"
+            ) from None
         for node in gm.graph.nodes:
             self.visit(node)
         return self.freeze()
@@ -379,7 +389,7 @@ class _Converter:
             self.add(node)
         elif t is torch.cat or t is torch.concat:
             self.cat(node)
-        elif t is torch.flatten or method in ("flatten", "view", "reshape"):
+        elif t in (torch.flatten, torch.reshape) or method in ("flatten", "view", "reshape"):
             self.reshape(node)
         elif t is F.max_pool2d:
             self.pool(
@@ -444,7 +454,8 @@ def from_torch(model: nn.Module, example_nchw: np.ndarray, name: str | None = No
         raise InvalidModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = model.eval()
     check_finite(model)
-    example = torch.as_tensor(np.ascontiguousarray(example_nchw[:1]), dtype=torch.float32)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    example = torch.as_tensor(np.ascontiguousarray(example_nchw[:1]), dtype=dtype)
     name = name or type(model).__name__
     return _Converter(model, _c_identifier(name), example).convert()
 

@@ -38,7 +38,7 @@ def calibrate(graph: Graph, x_nhwc: np.ndarray) -> Calibration:
         lo, hi = node.attrs.get("clamp", (-np.inf, np.inf))
         seen(node.output, pre.clamp(lo, hi) if (lo, hi) != (-np.inf, np.inf) else pre)
         if node.op in WEIGHTED_OPS:
-            m = pre.abs().reshape(-1, pre.shape[-1]).amax(dim=0).double().numpy()
+            m = pre.abs().transpose(0, 1).reshape(pre.shape[1], -1).amax(dim=1).double().numpy()
             old = cal.preact_absmax.get(node.name)
             cal.preact_absmax[node.name] = m if old is None else np.maximum(old, m)
 

@@ -1,0 +1,93 @@
+"""Plain float training on the CPU with progress bars, and a checkpoint cache for the demo."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("QACC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qacc"
+    )
+    return Path(base)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 2000) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = model(torch.as_tensor(x[i : i + batch]))
+            correct += int((out.argmax(1).numpy() == y[i : i + batch]).sum())
+    return correct / len(x)
+
+
+def fit(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int = 4,
+    batch: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Adam with a cosine schedule; one progress bar per epoch showing loss and accuracy."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * ((len(x) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    for epoch in range(epochs):
+        model.train()
+        order = torch.as_tensor(rng.permutation(len(x)))
+        bar = tqdm(range(0, len(x), batch), desc=f"train epoch {epoch + 1}/{epochs}",
+                   disable=not progress, leave=False)
+        seen = correct = 0
+        loss_sum = 0.0
+        for i in bar:
+            idx = order[i : i + batch]
+            out = model(xt[idx])
+            loss = nn.functional.cross_entropy(out, yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(idx)
+            correct += int((out.argmax(1) == yt[idx]).sum())
+            loss_sum += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+    return model.eval()
+
+
+def trained(
+    name: str,
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int = 4,
+    progress: bool = True,
+) -> nn.Module:
+    """Train `model`, or load the checkpoint a previous identical training left in the cache."""
+    key = hashlib.sha256(
+        f"{name}|{epochs}|{len(x)}|{torch.__version__}|{sum(p.numel() for p in model.parameters())}".encode()
+    ).hexdigest()[:12]
+    path = cache_dir() / f"{name}-{key}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    fit(model, x, y, epochs=epochs, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model.eval()
