@@ -13,13 +13,16 @@ Terms
   is the largest sum of the sizes of arena buffers live at one step (the largest sum of
   simultaneously live tensors, in-place pairs counted once). No plan can be smaller.
 
-The planner tries a few placement strategies (two-sided ping-pong at the lower bound, greedy by
-size, greedy by start) and keeps the smallest arena; on chains the ping-pong placement always
-reaches the lower bound. Every plan is checked: conflicting buffers never overlap.
+The planner tries a few placement strategies (two-sided ping-pong at the lower bound, greedy
+first-fit/best-fit in several orders) and keeps the smallest arena; on chains the ping-pong
+placement always reaches the lower bound. When no strategy reaches it, a seeded local search over
+first-fit orders (bounded work, deterministic) tries to close the gap. The remaining gap is
+reported. Every plan is checked: conflicting buffers never overlap.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,6 +234,10 @@ def plan(
         if best is None or total < best[0]:
             best = (total, method, offsets)
     assert best is not None
+    if best[0] > bound:
+        searched = _search(arena, sizes, bound, align, best[2])
+        if searched[0] < best[0]:
+            best = (searched[0], f"{best[1]}+search", searched[1])
     total, method, offsets = best
     buffers = tuple(
         Buffer(b.name, b.tensors, b.size, b.start, b.end, b.location, offsets.get(b.name, 0))
@@ -276,7 +283,22 @@ def _highest(size: int, limit: int, taken: list[tuple[int, int]], align: int) ->
     return None
 
 
-def _greedy(key: Callable[[Buffer], Any]) -> Strategy:
+def _best(size: int, taken: list[tuple[int, int]], align: int) -> int:
+    """The offset of the smallest free gap that holds `size` (the top if none does)."""
+    best: tuple[int, int] | None = None
+    ends = sorted({0, *(_round_up(b, align) for _, b in taken)})
+    for o in ends:
+        if not _fits(o, size, taken):
+            continue
+        above = [a for a, _ in taken if a >= o + size]
+        room = min(above) - o if above else 1 << 62
+        if best is None or room < best[0]:
+            best = (room, o)
+    assert best is not None
+    return best[1]
+
+
+def _greedy(key: Callable[[Buffer], Any], fit: Callable[..., int] = _lowest) -> Strategy:
     def place(
         arena: list[Buffer], sizes: Mapping[str, int], bound: int, align: int
     ) -> Offsets | None:
@@ -286,7 +308,7 @@ def _greedy(key: Callable[[Buffer], Any]) -> Strategy:
             taken = [
                 (offsets[p.name], offsets[p.name] + sizes[p.name]) for p in placed if p.conflicts(b)
             ]
-            offsets[b.name] = _lowest(sizes[b.name], taken, align)
+            offsets[b.name] = fit(sizes[b.name], taken, align)
             placed.append(b)
         return offsets
 
@@ -325,10 +347,54 @@ def _two_sided(
     return offsets
 
 
+SEARCH_BUDGET = 300_000
+"""Conflict checks the local search may spend (deterministic; ~0.1-0.5 s of Python at most)."""
+
+
+def _first_fit(
+    order: list[int], conflicts: list[list[int]], sizes: list[int], align: int
+) -> tuple[int, list[int]]:
+    offsets = [-1] * len(order)
+    total = 0
+    for i in order:
+        taken = [(offsets[j], offsets[j] + sizes[j]) for j in conflicts[i] if offsets[j] >= 0]
+        o = _lowest(sizes[i], taken, align)
+        offsets[i] = o
+        total = max(total, o + sizes[i])
+    return total, offsets
+
+
+def _search(
+    arena: list[Buffer], sizes: Mapping[str, int], bound: int, align: int, start: Offsets
+) -> tuple[int, Offsets]:
+    """Local search over first-fit orders, from the order of `start`'s offsets (first-fit in
+    increasing offset order of any valid plan gives a plan at least as small, so this never
+    loses). Moves one buffer to another position; keeps moves that are not worse. Seeded, so
+    deterministic; stops at the lower bound or when the budget is spent."""
+    n = len(arena)
+    size = [sizes[b.name] for b in arena]
+    conflicts = [[j for j in range(n) if j != i and arena[i].conflicts(arena[j])] for i in range(n)]
+    order = sorted(range(n), key=lambda i: (start[arena[i].name], i))
+    total, offsets = _first_fit(order, conflicts, size, align)
+    rng = random.Random(0x9ACC)
+    for _ in range(SEARCH_BUDGET // max(1, n * n)):
+        if total <= bound or n < 2:
+            break
+        cand = order.copy()
+        cand.insert(rng.randrange(n), cand.pop(rng.randrange(n)))
+        t, offs = _first_fit(cand, conflicts, size, align)
+        if t <= total:
+            order, total, offsets = cand, t, offs
+    return total, {b.name: offsets[i] for i, b in enumerate(arena)}
+
+
 _STRATEGIES: tuple[tuple[str, Strategy], ...] = (
     ("two-sided", _two_sided),
     ("greedy-by-size", _greedy(lambda b: (-b.size, b.start, b.name))),
     ("greedy-by-start", _greedy(lambda b: (b.start, -b.size, b.name))),
+    ("best-fit-by-size", _greedy(lambda b: (-b.size, b.start, b.name), _best)),
+    ("greedy-by-area", _greedy(lambda b: (-b.size * (b.end - b.start + 1), b.start, b.name))),
+    ("greedy-by-lifetime", _greedy(lambda b: (-(b.end - b.start), -b.size, b.name))),
 )
 
 

@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from graphs import GraphBuilder, overflowed
 
 from codegen import memory, reference
 from codegen.build import BuildResult, BuildTarget, build, build_many
 from codegen.compiled import OutputDirError, compile, run_testbench
 from codegen.emit import RUNTIME, c_identifier, emit, write_files
-from codegen.ir import Graph
+from codegen.ir import Graph, Node, Tensor
 from codegen.lower import LoweringError, lower
 from codegen.quant.formats import requantize, wrap
+from tests.graphs import GraphBuilder, overflowed
 
 # ----------------------------------------------------------------------------- the case table
 
@@ -614,6 +614,48 @@ def test_arena_reaches_lower_bound_on_chains(seed: int) -> None:
     assert plan.arena_bytes == plan.lower_bound, plan.method
     assert plan.lower_bound == _independent_bound(g, plan)
     _check_no_overlap(plan)
+
+
+def _random_dag(seed: int) -> tuple[Graph, dict[str, tuple[int, ...]]]:
+    """A random branchy graph for the planner alone (ops are placeholders): fan-in up to 3,
+    reshape aliases, and nodes whose kernel may write in place over their first input."""
+    rng = np.random.default_rng(seed)
+    tensors = {"x": Tensor("x", (int(rng.integers(1, 100)),))}
+    names, nodes, inplace = ["x"], [], {}
+    for i in range(int(rng.integers(2, 14))):
+        picks = rng.integers(max(0, len(names) - 4), len(names), int(rng.integers(1, 4)))
+        ins = tuple(dict.fromkeys(names[int(j)] for j in picks))
+        op = "reshape" if len(ins) == 1 and rng.random() < 0.15 else "op"
+        size = tensors[ins[0]].size if op == "reshape" else int(rng.integers(1, 100))
+        if op == "op" and rng.random() < 0.3:
+            size, inplace[f"n{i}"] = tensors[ins[0]].size, (0,)
+        t = f"t{i}"
+        tensors[t] = Tensor(t, (size,))
+        names.append(t)
+        nodes.append(Node(f"n{i}", op, ins, t))
+    return Graph(f"dag{seed}", tuple(nodes), tensors, "x", names[-1]), inplace
+
+
+def test_random_branchy_plans_are_valid_and_near_the_bound() -> None:
+    gaps = []
+    for seed in range(400):
+        g, inplace = _random_dag(seed)
+        plan = memory.plan(g, inplace=inplace)
+        _check_no_overlap(plan)
+        assert plan.lower_bound == _independent_bound(g, plan)
+        assert plan.gap == plan.arena_bytes - plan.lower_bound >= 0
+        gaps.append(plan.gap / plan.lower_bound if plan.lower_bound else 0.0)
+    assert sum(v > 0 for v in gaps) <= 4 and max(gaps) <= 0.05, gaps
+
+
+def test_plan_states_its_gap_on_a_branchy_graph() -> None:
+    """A graph where the heuristics stay above the bound (4 bytes at the time of writing)."""
+    g, inplace = _random_dag(1872)
+    plan = memory.plan(g, inplace=inplace)
+    summary = plan.summary()
+    assert summary["arena_gap_bytes"] == plan.arena_bytes - plan.lower_bound
+    assert 0 <= summary["arena_gap_bytes"] <= 0.05 * plan.lower_bound
+    assert summary["arena_lower_bound"] == _independent_bound(g, plan)
 
 
 def test_branchy_plan_reports_gap(graphs: dict[str, Any], tmp_path: Path) -> None:
