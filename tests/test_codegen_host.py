@@ -812,3 +812,26 @@ def test_errors_are_reported_before_writing(graphs: dict[str, Any], tmp_path: Pa
     with pytest.raises(OutputDirError):
         compile(g, out_dir=busy)
     assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_quantized_torch_model_end_to_end(tmp_path: Path) -> None:
+    """codegen.quantize(torch) -> codegen.compile -> run_int == qm.reference_int, exactly."""
+    import torch
+    from torch import nn
+
+    import codegen
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(6, 3),
+    ).eval()  # fmt: skip
+    x = np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)
+    qm = codegen.quantize(model, x, acc_bits=14, progress=False, name="tiny cnn")
+    c = codegen.compile(qm, target="host", out_dir=tmp_path / "tiny")
+    assert np.array_equal(c.run_int(x), qm.reference_int(x))
+    assert np.array_equal(c.run(x), qm.reference(x))
+    assert {"tiny_cnn.h", "libtiny_cnn.a", "report.json", "CMakeLists.txt"} <= {
+        p.name for p in (tmp_path / "tiny").iterdir()
+    }
