@@ -19,7 +19,7 @@ from codegen.ir import Graph, Node, Requant
 from codegen.quant.formats import IntArray, requantize, wrap
 
 # Keep each im2col block (float64) under this many elements.
-_BLOCK_ELEMENTS = 1 << 24
+_BLOCK_ELEMENTS = 1 << 23
 
 
 @dataclass
@@ -88,6 +88,38 @@ def _batches(n: int, per_sample: int) -> list[slice]:
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
+def exact_dtype(weight: IntArray, x_absmax: int) -> type[np.floating[Any]]:
+    """float32 when no partial sum can reach 2^24 (then every float32 sum is exact), else float64."""
+    l1 = int(np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1).max(initial=0))
+    return np.float32 if l1 * x_absmax < (1 << 24) else np.float64
+
+
+def im2col(
+    x: IntArray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    dtype: type[np.floating[Any]],
+) -> npt.NDArray[Any]:
+    """(N, OH, OW, kh, kw, C) patches of an NHWC batch, zero padded, as a contiguous array."""
+    n, h, w, c = x.shape
+    top, bottom, left, right = padding
+    kh, kw = kernel
+    (sh, sw), (dh, dw) = stride, dilation
+    xp = np.zeros((n, h + top + bottom, w + left + right, c), dtype=dtype)
+    xp[:, top : top + h, left : left + w, :] = x
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, oh, ow, kh, kw, c), dtype=dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, :, i, j, :] = xp[
+                :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw
+            ]
+    return cols
+
+
 def conv_sum(
     x: IntArray,
     weight: IntArray,
@@ -95,30 +127,20 @@ def conv_sum(
     padding: tuple[int, int, int, int],
     dilation: tuple[int, int],
     groups: int,
-    pad_value: int,
 ) -> IntArray:
-    """Exact sum_{taps} w * x of a grouped convolution, NHWC in, NHWC out (no bias)."""
+    """Exact sum_{taps} w * x of a grouped convolution with zero padding, NHWC in and out."""
     o, kh, kw, cg = weight.shape
-    g = groups
-    og = o // g
-    w = weight.astype(np.float64)
-    xf = x.astype(np.float64)
-    p = patches(xf, (kh, kw), stride, padding, dilation, float(pad_value))
-    n, oh, ow = p.shape[:3]
-    out = np.empty((n, oh, ow, o), dtype=np.int64)
-    per_sample = oh * ow * kh * kw * x.shape[-1]
-    if g == 1:
-        wm = w.reshape(o, -1).T
-        for sl in _batches(n, per_sample):
-            cols = p[sl].reshape(-1, kh * kw * cg)
-            out[sl] = np.rint(cols @ wm).astype(np.int64).reshape(-1, oh, ow, o)
+    og = o // groups
+    dt = exact_dtype(weight, int(np.abs(x).max(initial=0)))
+    cols = im2col(x, (kh, kw), stride, padding, dilation, dt)
+    n, oh, ow = cols.shape[:3]
+    w = weight.astype(dt)
+    if groups == 1:
+        acc = cols.reshape(-1, kh * kw * cg) @ w.reshape(o, -1).T
     else:
-        wg = w.reshape(g, og, kh, kw, cg)
-        for sl in _batches(n, per_sample):
-            pg = p[sl].reshape(-1, oh, ow, kh, kw, g, cg)
-            acc = np.einsum("nhwijgc,goijc->nhwgo", pg, wg, optimize=True)
-            out[sl] = np.rint(acc).astype(np.int64).reshape(-1, oh, ow, o)
-    return out
+        pg = cols.reshape(n, oh, ow, kh, kw, groups, cg)
+        acc = np.einsum("nhwijgc,goijc->nhwgo", pg, w.reshape(groups, og, kh, kw, cg), optimize=True)
+    return acc.astype(np.int64).reshape(n, oh, ow, o)  # exact integers: the cast is lossless
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -126,24 +148,26 @@ def conv_sum(
 
 def conv2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
     in_zp = int(node.attrs.get("input_zero_point", 0))
-    exact = conv_sum(
-        x - in_zp,
-        node.params["weight"],
-        node.attrs["stride"],
-        node.attrs["padding"],
-        node.attrs["dilation"],
-        node.attrs["groups"],
-        0,
-    )
-    exact = exact + node.params["bias"]
-    return _requant(_wrap_and_count(exact, node, stats), node.requant)
+    w = node.params["weight"]
+    a = node.attrs
+    o, kh, kw, cg = w.shape
+    sh, sw = a["stride"]
+    per_sample = (x.shape[1] // sh + 1) * (x.shape[2] // sw + 1) * (kh * kw * cg * a["groups"] + o)
+    parts = []
+    for sl in _batches(x.shape[0], per_sample):
+        xb = x[sl] - in_zp if in_zp else x[sl]
+        exact = conv_sum(xb, w, a["stride"], a["padding"], a["dilation"], a["groups"])
+        exact += node.params["bias"]
+        parts.append(_requant(_wrap_and_count(exact, node, stats), node.requant))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
 def dense(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
     in_zp = int(node.attrs.get("input_zero_point", 0))
-    w = node.params["weight"].astype(np.float64)
-    xf = (x - in_zp).astype(np.float64)
-    exact = np.rint(xf @ w.T).astype(np.int64) + node.params["bias"]
+    w = node.params["weight"]
+    xs = x - in_zp
+    dt = exact_dtype(w, int(np.abs(xs).max(initial=0)))
+    exact = (xs.astype(dt) @ w.astype(dt).T).astype(np.int64) + node.params["bias"]
     return _requant(_wrap_and_count(exact, node, stats), node.requant)
 
 
@@ -167,7 +191,7 @@ def avgpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> In
 
 def global_avgpool(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
     in_zp = int(node.attrs.get("input_zero_point", 0))
-    acc = (x - in_zp).sum(axis=(1, 2))
+    acc = (x - in_zp).sum(axis=(1, 2), keepdims=True)  # (N, 1, 1, C), as the IR shape says
     return _requant(_wrap_and_count(acc, node, stats), node.requant)
 
 

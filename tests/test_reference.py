@@ -102,7 +102,7 @@ def test_pools_add_concat_reshape() -> None:
     gp = Node("g", "global_avgpool", ("x",), "y", {"acc_bits": 16}, {},
               Requant(one * 9, one * 8, 0, -128, 127))
     assert np.array_equal(reference.global_avgpool(x, gp),
-                          requantize(x.sum(axis=(1, 2)), 9, 8, 0, -128, 127))
+                          requantize(x.sum(axis=(1, 2), keepdims=True), 9, 8, 0, -128, 127))
     ad = Node("s", "add", ("a", "b"), "y", {"acc_bits": 16}, {"in_mult": np.array([1, 4])},
               Requant(one, one * 2, 0, -128, 127))
     y = rng.integers(-128, 128, size=x.shape)
