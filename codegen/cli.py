@@ -3,18 +3,117 @@
 from __future__ import annotations
 
 import argparse
+import json
+import pickle
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from codegen.errors import QaccError
 
 EXIT_USER_ERROR = 2
+MODEL_FILE = "model.qacc"
 
 
 def _demo(args: argparse.Namespace) -> int:
     from codegen import demo
 
     return demo.main(args.model, args.epochs)
+
+
+def _load_array(path: str, what: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise QaccError(f"{what} file '{path}' does not exist")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise QaccError(f"{what} file '{path}' is not a .npy array ({e}); save it with numpy.save") from None
+    if not isinstance(arr, np.ndarray):
+        raise QaccError(f"{what} file '{path}' holds several arrays; save one array with numpy.save")
+    return arr
+
+
+def _acc_bits(args: argparse.Namespace) -> int | dict[str, int]:
+    if not args.layer_acc_bits:
+        return int(args.acc_bits)
+    out: dict[str, int] = {"default": int(args.acc_bits)}
+    for item in args.layer_acc_bits:
+        name, _, bits = item.partition("=")
+        if not name or not bits.isdigit():
+            raise QaccError(f"--layer-acc-bits takes NAME=BITS, got '{item}'")
+        out[name] = int(bits)
+    return out
+
+
+def _compile(args: argparse.Namespace) -> int:
+    import codegen
+    from codegen.modelfile import load_model
+    from codegen.outdir import staged_output
+
+    from codegen.build import resolve_target
+
+    resolve_target(args.target).check()  # an unknown target or a missing tool fails first
+    model = load_model(args.model)
+    calib = _load_array(args.calib, "calibration")
+    labels = _load_array(args.labels, "labels") if args.labels else None
+    with staged_output(Path(args.out), force=args.force) as tmp:
+        qm = codegen.quantize(
+            model, calib, acc_bits=_acc_bits(args), overflow=args.overflow, labels=labels,
+            margin=args.margin, name=args.name,
+        )
+        compiled = codegen.compile(qm, target=args.target, out_dir=tmp)
+        save_model(qm, args.target, tmp)
+        mem = compiled.report["memory"]
+    print(
+        f"qacc: wrote {args.out}: lib{compiled.name}.a + {compiled.name}.h for {args.target}; "
+        f"{qm.report['macs']} MACs, arena {mem['arena_bytes']} B (lower bound "
+        f"{mem['arena_lower_bound']} B), weights {mem['flash_weight_bytes']} B"
+    )
+    return 0
+
+
+def save_model(qm: Any, target: str, out: Path) -> None:
+    """Keep what `qacc verify` needs next to the sources: the quantized model and the target."""
+    with open(out / MODEL_FILE, "wb") as f:
+        pickle.dump({"qm": qm, "target": target}, f)
+    report = json.loads((out / "report.json").read_text())
+    report["quantization"] = qm.report
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from codegen.build import resolve_target
+    from codegen.compiled import run_testbench
+
+    out = Path(args.dir)
+    saved = out / MODEL_FILE
+    if not saved.is_file():
+        raise QaccError(f"{out} is not an output directory of qacc compile (no {MODEL_FILE})")
+    with open(saved, "rb") as f:
+        data = pickle.load(f)
+    qm, target = data["qm"], resolve_target(data["target"])
+    x = _load_array(args.inputs, "inputs")
+    report = json.loads((out / "report.json").read_text())
+    bench = out / "build" / f"{report['name']}_testbench"
+    if not bench.is_file():
+        raise QaccError(f"{bench} is missing; run qacc compile again")
+    xq = qm.quantize_input(x)
+    got = run_testbench(
+        bench, xq, qm.graph.tensors[qm.graph.input].shape,
+        qm.graph.tensors[qm.graph.output].shape, target.launcher,
+    )
+    want = qm.reference_int(x)
+    bad = np.any((got != want).reshape(len(x), -1), axis=1)
+    print(
+        f"qacc verify: {len(x)} inputs on {data['target']}: {len(x) - int(bad.sum())} bit-exact, "
+        f"{int(bad.sum())} differ"
+        + (f" (max |difference| {int(np.abs(got - want).max())})" if bad.any() else "")
+    )
+    return 1 if bad.any() else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +136,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="demo network")
     d.add_argument("--epochs", type=int, default=4, help="training epochs (cached)")
     d.set_defaults(func=_demo)
+
+    c = sub.add_parser(
+        "compile",
+        help="quantize a model and generate + build its C library",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("model", metavar="MODEL",
+                   help="path/to/file.py:callable returning the nn.Module with weights loaded")
+    c.add_argument("--calib", required=True, help="calibration inputs, N x C x H x W float32 .npy")
+    c.add_argument("--labels", default=None, help="labels of the calibration inputs (.npy, int)")
+    c.add_argument("--acc-bits", type=int, default=16, help="accumulator width, 8..32")
+    c.add_argument("--layer-acc-bits", action="append", default=[], metavar="NAME=BITS",
+                   help="per-layer accumulator width (repeatable)")
+    c.add_argument("--overflow", choices=("guaranteed", "profiled"), default="guaranteed",
+                   help="overflow policy")
+    c.add_argument("--margin", type=float, default=2.0, help="profiled policy: range margin")
+    c.add_argument("--target", default="host", help="host or an ARM core (see DESIGN.md)")
+    c.add_argument("--name", default=None, help="C name of the model (default: the class name)")
+    c.add_argument("--out", required=True, help="output directory (must not exist)")
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.set_defaults(func=_compile)
+
+    v = sub.add_parser(
+        "verify",
+        help="run the built code and the reference; exit 0 only if bit-exact",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    v.add_argument("dir", metavar="DIR", help="output directory of qacc compile")
+    v.add_argument("--inputs", required=True, help="inputs, N x C x H x W float32 .npy")
+    v.set_defaults(func=_verify)
     return p
 
 
