@@ -212,6 +212,54 @@ class Compiled:
         out: npt.NDArray[np.float64] = self._model("dequantize_output")(self.run_int(x))
         return out
 
+    # -- instruction counts
+
+    def count_instructions(self, x: npt.ArrayLike, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Dynamic instructions of one inference under QEMU, in total and per layer.
+
+        `x`: quantized NHWC ints (one sample or a batch), or float NCHW inputs when this was
+        compiled from a quantized model; the first sample is counted. The test bench runs it with
+        the QEMU instruction-count plugin; the model in the test bench calls qacc_mark() before
+        the first layer and after each layer (QACC_LAYER_MARKS), so "layers" holds the counts
+        between consecutive marks, keyed by node name in execution order, and "total" the count
+        from the first mark to the last (everything qacc_<name>_run executes between its NULL
+        check and its return, including the few instructions of each marker call).
+        Returns {"total": int, "layers": {layer name: int}}. Host builds cannot be counted.
+        """
+        from codegen import qemu, targets
+
+        a = np.asarray(x)
+        if a.dtype.kind == "f" and self.qm is not None:
+            a = np.asarray(self._model("quantize_input")(a))
+        x8, _ = _check_int8(a, self.input_shape, "input")
+        if x8.shape[0] == 0:
+            raise ValueError("count_instructions needs at least one sample")
+        if self.build.testbench is None:
+            raise QaccError("count_instructions needs the test bench; compile with testbench=True")
+        row = targets.get_target(self.target.name)
+        names = [str(layer["name"]) for layer in self.report["layers"]]
+        with tempfile.TemporaryDirectory(prefix="qacc-count-") as tmp:
+            fin, fout = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
+            fin.write_bytes(x8[:1].tobytes())
+            res = qemu.run_under_emulator(
+                row, self.build.testbench, [str(fin), str(fout)], timeout_s, count_insns=True
+            )
+        if res.returncode != 0 or res.counts is None:
+            raise RuntimeError(
+                f"test bench {self.build.testbench} failed with exit code {res.returncode}:\n"
+                + res.stderr[-4000:]
+            )
+        marks = res.counts.marks
+        if len(marks) != len(names) + 1:
+            raise RuntimeError(
+                f"expected {len(names) + 1} layer marks from the test bench, got {len(marks)}"
+            )
+        phases = res.counts.phases()
+        return {
+            "total": marks[-1] - marks[0],
+            "layers": dict(zip(names, phases, strict=True)),
+        }
+
 
 def _prepare_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():

@@ -30,7 +30,7 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from codegen import memory
+from codegen import layouts, memory
 from codegen.ir import Graph, Node, QFormat, Tensor, macs
 from codegen.lower import KernelCall, Lowered, LoweringError, lower
 from codegen.quant.formats import wrap
@@ -296,8 +296,11 @@ class _Emitter:
             parts.append(f"in place over {self.plan.inplace[node.name]}")
         return comment_text(", ".join(parts))
 
-    def kernel_context(self, call: KernelCall) -> dict[str, Any]:
-        """Every value any kernel template may need, computed from the node generically."""
+    def kernel_context(self, call: KernelCall, own_params: bool = True) -> dict[str, Any]:
+        """Every value any kernel template may need, computed from the node generically.
+
+        own_params=False: the weight, bias and per-channel requantization arrays are not stored
+        (a dialect kernel stores its own packed versions instead; see codegen.layouts)."""
         node, g = call.node, self.graph
         a, p = node.attrs, node.params
         ins = [g.tensors[t] for t in node.inputs]
@@ -343,7 +346,7 @@ class _Emitter:
         if "weight" in p:
             w = np.asarray(p["weight"])
             per_out = math.prod(w.shape[1:])
-            k["weight"] = self.add_array(
+            k["weight"] = None if not own_params else self.add_array(
                 node,
                 "weight",
                 "int8_t",
@@ -360,7 +363,7 @@ class _Emitter:
             bias = _ints(p["bias"]) if "bias" in p else (0,) * int(w.shape[0])
             assert call.acc_bits is not None and call.container_bits is not None
             wrapped = [int(v) for v in wrap(np.asarray(bias, dtype=np.int64), call.acc_bits)]
-            k["bias"] = self.add_array(
+            k["bias"] = None if not own_params else self.add_array(
                 node,
                 "bias",
                 f"int{call.container_bits}_t",
@@ -397,12 +400,25 @@ class _Emitter:
                 )
                 offset += c
             k.update(inputs=xs, zp=rq.zero_point, lo=rq.lo, hi=rq.hi)
-        elif node.requant is not None:
+        elif node.requant is not None and own_params:
             k.update(self.requant_context(node, oc))
+        elif node.requant is not None:
+            k.update(zp=node.requant.zero_point, lo=node.requant.lo, hi=node.requant.hi)
         return k
 
     def kernel_code(self, call: KernelCall) -> str:
-        ctx = self.kernel_context(call)
+        neon = None
+        if self.lowered.dialect == "neon":
+            neon = layouts.neon_context(
+                self.graph,
+                call,
+                self.target,
+                lambda what, ctype, vals, comment: self.add_array(
+                    call.node, what, ctype, vals, comment
+                ),
+            )
+        ctx = self.kernel_context(call, own_params=neon is None)
+        ctx["neon"] = neon
         return render(kernel_template(self.lowered.dialect, call.template), k=ctx).strip("\n")
 
     # -- files
@@ -542,6 +558,7 @@ class _Emitter:
                     "function": f"layer_{self.layer_ids[n.name]}",
                     "acc_bits": c.acc_bits,
                     "container_bits": c.container_bits,
+                    "path": layouts.path(c, self.lowered.dialect, self.target),
                     "macs": macs(g, n),
                     "weight_bytes": self.layer_weight_bytes.get(n.name, 0),
                     "inputs": list(n.inputs),

@@ -1,0 +1,259 @@
+"""Data layouts of the NEON kernels: packed weights, padded per-channel constants, blocking.
+
+The NEON kernels (templates/kernels/neon/) read their constants in the order their inner loops
+consume them. This module decides, per kernel call, whether a NEON kernel applies and with which
+register blocking, and computes the packed arrays; `codegen.emit` stores them in weights.c.
+
+Accumulation paths (report.json "path" of each layer):
+
+* ``acc16``: acc_bits <= 16. Inputs are widened to int16 with the input zero point subtracted
+  (x - zp fits int16 for any int8 x and zp), weights are stored as int16, and MLA (by element)
+  multiplies 8 int16 lanes and adds into 8 int16 accumulator lanes per instruction. int16 lanes
+  wrap modulo 2^16 and wrapping addition is associative, so the lanes hold the exact sum modulo
+  2^16 whatever the intermediate overflow; shifting left then arithmetically right by 16 - A
+  sign-extends from A bits, which is formats.wrap. No int8 x int8 pair is ever summed in 16 bits,
+  so the -128 * -128 pair overflow of vmull_s8 + vmlal_s8 kernels cannot occur.
+* ``acc32``: 16 < acc_bits <= 32 without dotprod. The same int16 operands, SMLAL/SMLAL2 (by
+  element) into int32 lanes: every product (|x - zp| <= 255, |w| <= 128) is exact in int32 and
+  the lanes wrap modulo 2^32; the final wrap to A bits is again a shift pair.
+* ``acc32-sdot``: 16 < acc_bits <= 32 on a core with dotprod (cortex-a76): SDOT (by element)
+  adds four int8 x int8 products into each int32 lane. The operands must stay int8, so the input
+  zero point is folded into the bias: sum w (x - zp) = sum w x - zp * sum w (mod 2^A), and padding
+  taps hold the raw value zp (they contribute w * zp, cancelled by the same correction).
+
+Requantization stays `qacc_requantize`'s function; the kernels evaluate it on 8 lanes at once when
+every multiplier fits int32 (see `qacc_neon_requant8` in the templates, tested against
+formats.requantize), and call qacc_requantize per lane otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from codegen.ir import Graph
+from codegen.lower import KernelCall
+from codegen.quant.formats import wrap
+
+GEMM_TEMPLATES = frozenset({"conv2d", "conv2d_pointwise", "dense"})
+"""Templates that the NEON convolution/GEMM kernel implements (groups == 1)."""
+
+AddArray = Callable[[str, str, Sequence[int], str], str]
+"""(what, ctype, values, comment) -> the C symbol of a new const array."""
+
+
+@dataclass(frozen=True)
+class NeonTarget:
+    aarch64: bool
+    dotprod: bool
+
+    @property
+    def vector_regs(self) -> int:
+        return 32 if self.aarch64 else 16
+
+
+def neon_target(target: str) -> NeonTarget:
+    """The NEON features of a target name (unknown names: A64 without dotprod)."""
+    from codegen import targets
+
+    try:
+        row = targets.get_target(target)
+    except ValueError:
+        return NeonTarget(aarch64=True, dotprod=False)
+    return NeonTarget(aarch64=row.family == "aarch64-linux", dotprod=row.has_dotprod)
+
+
+def _zp_fits_int8(call: KernelCall) -> bool:
+    zp = int(call.node.attrs.get("input_zero_point", 0))
+    return -128 <= zp <= 127
+
+
+def path(call: KernelCall, dialect: str, target: str) -> str | None:
+    """The accumulation path of a layer: acc16, acc32 or acc32-sdot (None: no accumulator)."""
+    if call.container_bits is None:
+        return None
+    if call.container_bits == 16:
+        return "acc16"
+    if (
+        dialect == "neon"
+        and call.template in GEMM_TEMPLATES
+        and neon_target(target).dotprod
+        and gemm_supported(call)
+        and _zp_fits_int8(call)
+    ):
+        return "acc32-sdot"
+    return "acc32"
+
+
+def gemm_supported(call: KernelCall) -> bool:
+    if call.template not in GEMM_TEMPLATES or call.container_bits is None:
+        return False
+    return int(call.node.attrs.get("groups", 1)) == 1
+
+
+def depthwise_supported(graph: Graph, call: KernelCall) -> bool:
+    if call.template != "conv2d_depthwise" or call.container_bits is None:
+        return False
+    w = call.node.params["weight"]
+    cin = graph.tensors[call.node.inputs[0]].shape[-1]
+    return int(w.shape[0]) == int(cin)  # depth multiplier 1
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _requant_arrays(call: KernelCall, n: int, add: AddArray) -> dict[str, Any]:
+    """Per-channel mult and negated shift, padded to n lanes (padding lanes: mult 0, shift 0)."""
+    rq = call.node.requant
+    assert rq is not None
+    real = np.asarray(rq.mult, dtype=np.int64).reshape(-1)
+    shift = np.asarray(rq.shift, dtype=np.int64).reshape(-1)
+    channels = int(call.node.params["weight"].shape[0])
+    n = _ceil_to(n, 8)  # the kernels requantize 8 lanes at a time
+    mult = np.zeros(n, dtype=np.int64)
+    mult[:channels] = np.broadcast_to(real, (channels,))
+    rshift = np.zeros(n, dtype=np.int64)
+    rshift[:channels] = -np.broadcast_to(shift, (channels,))
+    vec = bool(np.all(np.abs(mult) < (1 << 31)))
+    name = call.node.name
+    return {
+        "vec_rq": vec,
+        "rq_mult": add(
+            "nmult", "int32_t" if vec else "int64_t", [int(v) for v in mult],
+            f"{name}: requantization multiplier per output channel, padded to {n} lanes",
+        ),
+        "rq_rshift": add(
+            "nrshift", "int64_t", [int(v) for v in rshift],
+            f"{name}: minus the requantization shift per output channel (a SRSHL amount),"
+            f" padded to {n} lanes",
+        ),
+    }  # fmt: skip
+
+
+def gemm_context(
+    graph: Graph, call: KernelCall, target: str, add: AddArray
+) -> dict[str, Any] | None:
+    """Blocking and packed constants of the NEON conv2d/pointwise/dense kernel (None: use the
+    portable C kernel)."""
+    if not gemm_supported(call):
+        return None
+    nt = neon_target(target)
+    node = call.node
+    assert call.acc_bits is not None and call.container_bits is not None
+    w = np.asarray(node.params["weight"], dtype=np.int64)
+    oc = int(w.shape[0])
+    w2 = w.reshape(oc, -1)
+    k = int(w2.shape[1])
+    out_shape = graph.tensors[node.output].shape
+    pixels = int(np.prod(out_shape[:-1], dtype=np.int64)) if len(out_shape) == 3 else 1
+    bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
+    sdot = path(call, "neon", target) == "acc32-sdot"
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    # Register blocking: P pixels x O vectors of output channels (8 lanes each, 4 for SDOT).
+    lanes = 4 if sdot else 8
+    ovecs = -(-oc // lanes)
+    if call.container_bits == 16:
+        o_max, p_max = (4, 4) if nt.aarch64 else (4, 2)
+    elif sdot:
+        o_max, p_max = 4, 4
+    else:
+        o_max, p_max = (2, 4) if nt.aarch64 else (2, 2)
+    o_n = min(o_max, ovecs)
+    p_n = min(p_max, pixels)
+    block = lanes * o_n
+    ocp = _ceil_to(oc, block)
+    kstep = 16 if sdot else 8
+    kp = _ceil_to(k, kstep)
+    wp = np.zeros((ocp, kp), dtype=np.int64)
+    wp[:oc, :k] = w2
+    name = node.name
+    if sdot:
+        # [oc block][k / 4][vector o][lane (4 channels)][4 consecutive k]
+        packed = wp.reshape(ocp // block, o_n, 4, kp // 4, 4).transpose(0, 3, 1, 2, 4)
+        wctype = "int8_t"
+        # fold the input zero point into the bias (modulo 2^A): sum w (x - zp) = sum w x - zp sum w
+        bias = bias - in_zp * w2.sum(axis=1)
+        desc = "int8, [oc block][k/4][8-channel... 4-channel vector][channel][4 k]"
+    else:
+        # [oc block][k][channel within the block]
+        packed = wp.reshape(ocp // block, block, kp).transpose(0, 2, 1)
+        wctype = "int16_t"
+        desc = "int16, [oc block][k][channel within the block]"
+    bp = np.zeros(ocp, dtype=np.int64)
+    bp[:oc] = wrap(bias, call.acc_bits)
+    ctx: dict[str, Any] = {
+        "neon": True,
+        "sdot": sdot,
+        "P": p_n,
+        "O": o_n,
+        "plist": list(range(p_n)),
+        "olist": list(range(o_n)),
+        "lanes": list(range(lanes)),
+        "block": block,
+        "K": k,
+        "KP": kp,
+        "KSTEP": kstep,
+        "OCP": ocp,
+        "wrap_shift": call.container_bits - call.acc_bits,
+        "packed": add(
+            "wpacked", wctype, [int(v) for v in packed.reshape(-1)],
+            f"{name}: weights for the NEON kernel, {desc}, {ocp} channels x {kp} terms (padded)",
+        ),
+        "nbias": add(
+            "nbias", f"int{call.container_bits}_t", [int(v) for v in bp],
+            f"{name}: bias in accumulator units (wrapped to {call.acc_bits} bits)"
+            + (", input zero point folded in" if sdot else "") + f", padded to {ocp} lanes",
+        ),
+    }  # fmt: skip
+    ctx.update(_requant_arrays(call, ocp, add))
+    return ctx
+
+
+def depthwise_context(
+    graph: Graph, call: KernelCall, target: str, add: AddArray
+) -> dict[str, Any] | None:
+    """Packed constants of the NEON depthwise kernel (None: use the portable C kernel)."""
+    if not depthwise_supported(graph, call):
+        return None
+    node = call.node
+    assert call.acc_bits is not None and call.container_bits is not None
+    w = np.asarray(node.params["weight"], dtype=np.int64)  # (C, kh, kw, 1)
+    c = int(w.shape[0])
+    taps = int(w.shape[1] * w.shape[2])
+    cp = _ceil_to(c, 8)
+    wp = np.zeros((taps, cp), dtype=np.int64)
+    wp[:, :c] = w.reshape(c, taps).T
+    bias = np.asarray(node.params.get("bias", np.zeros(c, np.int64)), dtype=np.int64)
+    bp = np.zeros(cp, dtype=np.int64)
+    bp[:c] = wrap(bias, call.acc_bits)
+    name = node.name
+    ctx: dict[str, Any] = {
+        "neon": True,
+        "CP": cp,
+        "wrap_shift": call.container_bits - call.acc_bits,
+        "packed": add(
+            "wpacked", "int16_t", [int(v) for v in wp.reshape(-1)],
+            f"{name}: depthwise weights for the NEON kernel, int16, [tap][channel], {cp} channels",
+        ),
+        "nbias": add(
+            "nbias", f"int{call.container_bits}_t", [int(v) for v in bp],
+            f"{name}: bias in accumulator units (wrapped to {call.acc_bits} bits), padded to {cp}",
+        ),
+    }  # fmt: skip
+    ctx.update(_requant_arrays(call, cp, add))
+    return ctx
+
+
+def neon_context(
+    graph: Graph, call: KernelCall, target: str, add: AddArray
+) -> dict[str, Any] | None:
+    """The NEON kernel context of a call, or None when the portable C kernel is used."""
+    if call.template in GEMM_TEMPLATES:
+        return gemm_context(graph, call, target, add)
+    if call.template == "conv2d_depthwise":
+        return depthwise_context(graph, call, target, add)
+    return None
