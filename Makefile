@@ -9,7 +9,7 @@ JOBS ?= 2
 
 .PHONY: setup apt venv demo test lint fuzz bench clean
 
-setup: apt $(SETUP_STAMP) plugin
+setup: apt $(SETUP_STAMP) plugin xnnpack
 
 apt:
 	@scripts/setup-apt.sh
@@ -18,6 +18,11 @@ apt:
 .PHONY: plugin
 plugin: apt
 	@scripts/build-plugin.sh
+
+# XNNPACK for arm64 (libxnnpack-dev:arm64, the benchmark peer; tests/test_bench.py runs it).
+.PHONY: xnnpack
+xnnpack: apt
+	@scripts/setup-xnnpack.sh
 
 $(SETUP_STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +36,10 @@ demo: setup
 
 test: setup lint
 	$(BIN)/pytest -n $(JOBS) -q
+
+# Instruction counts per target and accumulator width, with the XNNPACK peer: build/bench.json.
+bench: setup xnnpack
+	$(BIN)/qacc bench --json build/bench.json
 
 lint: $(SETUP_STAMP)
 	$(BIN)/ruff check codegen tests

@@ -24,6 +24,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(args.model, args.epochs)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from codegen import bench
+
+    return bench.main_cli(args.targets, args.widths, args.networks, args.json, not args.no_peer)
+
+
 def _load_array(path: str, what: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
@@ -166,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir", metavar="DIR", help="output directory of qacc compile")
     v.add_argument("--inputs", required=True, help="inputs, N x C x H x W float32 .npy")
     v.set_defaults(func=_verify)
+
+    b = sub.add_parser(
+        "bench",
+        help="instructions per inference under QEMU per target and accumulator width, with XNNPACK",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--targets", default="cortex-a53,cortex-a76",
+                   help="ARM targets separated by commas, or 'all'")
+    b.add_argument("--widths", default="16,32", help="accumulator widths separated by commas")
+    b.add_argument("--networks", default="all",
+                   help="conv3x3,demo,resnet8,ds_cnn,mobilenet_v1,allcnn_c (commas) or 'all'")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--no-peer", action="store_true", help="skip the XNNPACK peer rows")
+    b.set_defaults(func=_bench)
     return p
 
 
