@@ -16,7 +16,8 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 import pytest
 
 from codegen import reference
-from codegen.build import BuildResult, ToolMissingError, build_many, resolve_target
+from codegen.build import ToolMissingError, resolve_target
 from codegen.compiled import run_testbench
 from codegen.emit import c_identifier, emit, write_files
 from codegen.ir import Graph
@@ -52,25 +53,123 @@ def _shared_dir(factory: pytest.TempPathFactory) -> Path:
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
-def build_cases(target: str, root: Path) -> dict[str, str]:
-    """Emit every case for `target` into one CMake project and build it once.
+RUNNER_C = """\
+/* All kernel cases of one target in one executable: argv[1] names the case, argv[2] and argv[3]
+   are the input and output files (samples of int8 values, as the generated test benches). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
-    case id -> test bench path, or "ERROR <log>" for a case whose build failed."""
+%(includes)s
+
+struct qacc_case {
+    const char *name;
+    int (*run)(const int8_t *, int8_t *);
+    size_t in_size, out_size;
+};
+
+static const struct qacc_case cases[] = {
+%(rows)s
+};
+
+int main(int argc, char **argv)
+{
+    const struct qacc_case *c = NULL;
+    size_t i;
+    FILE *fin;
+    FILE *fout;
+    int8_t *in;
+    int8_t *out;
+    int status = 0;
+
+    for (i = 0; argc == 4 && i < sizeof cases / sizeof cases[0]; ++i) {
+        if (strcmp(cases[i].name, argv[1]) == 0) {
+            c = &cases[i];
+        }
+    }
+    if (c == NULL) {
+        fprintf(stderr, "usage: %%s CASE INPUT.bin OUTPUT.bin (unknown case)\\n", argv[0]);
+        return 2;
+    }
+    fin = fopen(argv[2], "rb");
+    fout = fopen(argv[3], "wb");
+    in = (int8_t *)malloc(c->in_size);
+    out = (int8_t *)malloc(c->out_size);
+    if (fin == NULL || fout == NULL || in == NULL || out == NULL) {
+        fprintf(stderr, "cannot open files or allocate buffers\\n");
+        return 2;
+    }
+    while (fread(in, 1, c->in_size, fin) == c->in_size) {
+        if (c->run(in, out) != 0 || fwrite(out, 1, c->out_size, fout) != c->out_size) {
+            status = 1;
+            break;
+        }
+    }
+    free(in);
+    free(out);
+    fclose(fin);
+    if (fclose(fout) != 0) {
+        status = 1;
+    }
+    return status;
+}
+"""
+
+
+def build_cases(target: str, root: Path) -> dict[str, str]:
+    """Emit every case for `target` and link all of them into one runner executable (one CMake
+    project, one link: a Cortex-M link step compiles the start-up code, so 50 test benches would
+    cost 50 of those). Model symbols are prefixed with the model name, so they coexist.
+
+    case id -> runner path, or "ERROR <log>" for a case whose graph or build failed."""
     t = resolve_target(target)
-    dirs: dict[str, Path] = {}
     summary: dict[str, str] = {}
+    names: dict[str, str] = {}
     for c in CASES:
         try:
             g, _ = c.build()
         except Exception as e:  # a broken case fails its own test, not the others
             summary[c.id] = f"ERROR building the graph: {e!r}"
             continue
-        d = root / "models" / c_identifier(c.id)
-        write_files(emit(g, c.id, dialect=t.dialect, align=t.align, target=t.name), d)
-        dirs[c.id] = d
-    results = build_many(list(dirs.values()), root / "build", t, testbench=True)
-    for cid, r in zip(dirs, results.values(), strict=True):
-        summary[cid] = str(r.testbench) if isinstance(r, BuildResult) else f"ERROR {r}"
+        name = c_identifier(c.id).lower()
+        write_files(emit(g, c.id, dialect=t.dialect, align=t.align, target=t.name), root / name)
+        names[c.id] = name
+    includes = "\n".join(f'#include "{n}.h"' for n in names.values())
+    rows = "\n".join(
+        f'    {{"{n}", qacc_{n}_run, QACC_{n.upper()}_INPUT_SIZE, QACC_{n.upper()}_OUTPUT_SIZE}},'
+        for n in names.values()
+    )
+    (root / "runner.c").write_text(RUNNER_C % {"includes": includes, "rows": rows})
+    sources = " ".join(f"{n}/{n}.c {n}/{n}_weights.c" for n in names.values())
+    dirs = " ".join(names.values())
+    (root / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.13)\nproject(qacc_cortexm_cases C)\n"
+        f"add_executable(runner runner.c {sources})\n"
+        f"target_include_directories(runner PRIVATE {dirs})\n"
+        "set_target_properties(runner PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON"
+        " C_EXTENSIONS OFF)\n"
+        "target_compile_options(runner PRIVATE -O2 -Wall -Wextra -Werror -pedantic)\n"
+    )
+    t.check()
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise ToolMissingError("cmake is not installed; install the Debian package 'cmake'")
+    defines = [f"-D{k}={v}" for k, v in t.cmake_defines.items()]
+    if t.toolchain_file is not None:
+        defines.append(f"-DCMAKE_TOOLCHAIN_FILE={Path(t.toolchain_file).resolve()}")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    bdir = root / "build"
+    for cmd in (
+        [cmake, "-S", str(root), "-B", str(bdir), *gen, *defines],
+        [cmake, "--build", str(bdir), "-j", "2"],
+    ):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            log = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-60:])
+            return {cid: f"ERROR {' '.join(cmd[:3])} failed:\n{log}" for cid in CASE_IDS}
+    runner = str(bdir / "runner")
+    for cid in names:
+        summary[cid] = f"{runner} {names[cid]}"
     return summary
 
 
@@ -124,7 +223,12 @@ def test_cortexm_equals_reference(
         pytest.fail(f"{target} build failed: {tb}")
     g, x, want = graphs[case.id]
     t = resolve_target(target)
-    got = run_testbench(tb, x, g.tensors[g.input].shape, g.tensors[g.output].shape, t.argv)
+    runner, name = tb.split(" ")
+
+    def launch(exe: str, args: Sequence[str]) -> list[str]:
+        return t.argv(exe, [name, *args])
+
+    got = run_testbench(runner, x, g.tensors[g.input].shape, g.tensors[g.output].shape, launch)
     assert np.array_equal(got, want)
 
 
