@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from torch import nn
@@ -13,9 +13,11 @@ from codegen import reference, simulate
 from codegen.errors import InvalidDataError, InvalidModelError, QaccError
 from codegen.frontend.torch_fx import from_torch
 from codegen.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
-from codegen.quant.accumulator import POLICIES, channel_bounds
-from codegen.quant.formats import IntArray, dequantize, quantize as quantize_values
+from codegen.quant.accumulator import POLICIES, Policy, channel_bounds
+from codegen.quant.formats import IntArray, dequantize
+from codegen.quant.formats import quantize as quantize_values
 from codegen.quant.ptq import PTQResult, fakequant_overrides, search
+from codegen.reference import RunResult
 
 METHODS = ("ptq",)
 
@@ -36,7 +38,9 @@ class QuantizedModel:
         x = _check_images(x, self.float_graph, "inputs")
         fmt = self.graph.tensors[self.graph.input].fmt
         assert fmt is not None
-        return quantize_values(simulate.nchw_to_nhwc(x), fmt.frac, fmt.qmin, fmt.qmax, fmt.zero_point)
+        return quantize_values(
+            simulate.nchw_to_nhwc(x), fmt.frac, fmt.qmin, fmt.qmax, fmt.zero_point
+        )
 
     def dequantize_output(self, q: np.ndarray) -> np.ndarray:
         fmt = self.graph.tensors[self.graph.output].fmt
@@ -52,16 +56,18 @@ class QuantizedModel:
         """The integer reference dequantized to floats (NCHW for images, like torch)."""
         return self.dequantize_output(self.reference_int(x))
 
-    def run_reference(self, x: np.ndarray) -> reference.RunResult:
+    def run_reference(self, x: np.ndarray) -> RunResult:
         """The integer reference with per-layer overflow statistics."""
         return reference.run(self.graph, self.quantize_input(x))
 
     def simulate(self, x: np.ndarray) -> np.ndarray:
-        """Float64 fake-quant simulation of the same formats (equals `reference` when guaranteed)."""
+        """Float64 fake-quant simulation of the same formats (== `reference` when guaranteed)."""
         x = _check_images(x, self.float_graph, "inputs")
         formats = {t: v.fmt for t, v in self.graph.tensors.items() if v.fmt is not None}
         out = simulate.run(
-            self.graph, simulate.nchw_to_nhwc(x), formats=formats,
+            self.graph,
+            simulate.nchw_to_nhwc(x),
+            formats=formats,
             overrides=fakequant_overrides(self.graph),
         )
         return simulate.nhwc_to_nchw(out)
@@ -83,7 +89,9 @@ def _check_images(x: Any, graph: Graph, what: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise InvalidDataError(f"{what} must be a numpy array, got {type(x).__name__}")
     if x.dtype.kind != "f":
-        raise InvalidDataError(f"{what} must be float32 (got dtype {x.dtype}); convert with .astype('float32')")
+        raise InvalidDataError(
+            f"{what} must be float32 (got dtype {x.dtype}); convert with .astype('float32')"
+        )
     shape = graph.tensors[graph.input].shape
     want = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
     if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != tuple(want):
@@ -99,14 +107,17 @@ def _check_images(x: Any, graph: Graph, what: str) -> np.ndarray:
 
 def _check_calib(calib: Any) -> np.ndarray:
     if not isinstance(calib, np.ndarray):
-        raise InvalidDataError(f"calibration data must be a numpy array, got {type(calib).__name__}")
+        raise InvalidDataError(
+            f"calibration data must be a numpy array, got {type(calib).__name__}"
+        )
     if calib.ndim != 4:
         raise InvalidDataError(
             f"calibration data must be N x C x H x W, got shape {tuple(calib.shape)}"
         )
     if calib.dtype.kind != "f":
         raise InvalidDataError(
-            f"calibration data must be float32 (got dtype {calib.dtype}); convert with .astype('float32')"
+            f"calibration data must be float32 (got dtype {calib.dtype}); "
+            "convert with .astype('float32')"
         )
     if calib.shape[0] == 0:
         raise InvalidDataError("calibration data is empty; give at least one sample")
@@ -121,7 +132,8 @@ def _check_labels(labels: Any, n: int, classes: int) -> np.ndarray | None:
     lab = np.asarray(labels)
     if lab.ndim != 1 or lab.shape[0] != n:
         raise InvalidDataError(
-            f"labels have shape {tuple(lab.shape)}, expected ({n},): one label per calibration sample"
+            f"labels have shape {tuple(lab.shape)}, expected ({n},): "
+            "one label per calibration sample"
         )
     if lab.dtype.kind not in "iu":
         raise InvalidDataError(f"labels must be integers (got dtype {lab.dtype})")
@@ -178,7 +190,7 @@ def quantize(
     lab = _check_labels(labels, calib.shape[0], out_shape[-1])
     accs = _acc_map(fg, acc_bits)
     x = simulate.nchw_to_nhwc(calib)
-    res = search(fg, x, lab, accs, overflow, margin, progress)  # type: ignore[arg-type]
+    res = search(fg, x, lab, accs, cast(Policy, overflow), margin, progress)
     qm = QuantizedModel(fg.name, res.graph, fg, method, overflow)
     qm.report = build_report(qm, res, calib)
     return qm

@@ -37,9 +37,13 @@ def _load_array(path: str, what: str) -> np.ndarray:
     try:
         arr = np.load(p, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise QaccError(f"{what} file '{path}' is not a .npy array ({e}); save it with numpy.save") from None
+        raise QaccError(
+            f"{what} file '{path}' is not a .npy array ({e}); save it with numpy.save"
+        ) from None
     if not isinstance(arr, np.ndarray):
-        raise QaccError(f"{what} file '{path}' holds several arrays; save one array with numpy.save")
+        raise QaccError(
+            f"{what} file '{path}' holds several arrays; save one array with numpy.save"
+        )
     return arr
 
 
@@ -57,10 +61,9 @@ def _acc_bits(args: argparse.Namespace) -> int | dict[str, int]:
 
 def _compile(args: argparse.Namespace) -> int:
     import codegen
+    from codegen.build import resolve_target
     from codegen.modelfile import load_model
     from codegen.outdir import staged_output
-
-    from codegen.build import resolve_target
 
     resolve_target(args.target).check()  # an unknown target or a missing tool fails first
     model = load_model(args.model)
@@ -68,8 +71,13 @@ def _compile(args: argparse.Namespace) -> int:
     labels = _load_array(args.labels, "labels") if args.labels else None
     with staged_output(Path(args.out), force=args.force) as tmp:
         qm = codegen.quantize(
-            model, calib, acc_bits=_acc_bits(args), overflow=args.overflow, labels=labels,
-            margin=args.margin, name=args.name,
+            model,
+            calib,
+            acc_bits=_acc_bits(args),
+            overflow=args.overflow,
+            labels=labels,
+            margin=args.margin,
+            name=args.name,
         )
         compiled = codegen.compile(qm, target=args.target, out_dir=tmp)
         save_model(qm, args.target, tmp)
@@ -109,8 +117,11 @@ def _verify(args: argparse.Namespace) -> int:
         raise QaccError(f"{bench} is missing; run qacc compile again")
     xq = qm.quantize_input(x)
     got = run_testbench(
-        bench, xq, qm.graph.tensors[qm.graph.input].shape,
-        qm.graph.tensors[qm.graph.output].shape, target.launcher,
+        bench,
+        xq,
+        qm.graph.tensors[qm.graph.input].shape,
+        qm.graph.tensors[qm.graph.output].shape,
+        getattr(target, "launcher", None),
     )
     want = qm.reference_int(x)
     bad = np.any((got != want).reshape(len(x), -1), axis=1)
@@ -138,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Fashion-MNIST end to end: train, quantize per accumulator width, generate C",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    d.add_argument("--model", choices=sorted(models.ZOO), default="fashion_cnn",
-                   help="demo network")
+    d.add_argument(
+        "--model", choices=sorted(models.ZOO), default="fashion_cnn", help="demo network"
+    )
     d.add_argument("--epochs", type=int, default=4, help="training epochs (cached)")
     d.set_defaults(func=_demo)
 
@@ -148,15 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize a model and generate + build its C library",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument("model", metavar="MODEL",
-                   help="path/to/file.py:callable returning the nn.Module with weights loaded")
+    c.add_argument(
+        "model",
+        metavar="MODEL",
+        help="path/to/file.py:callable returning the nn.Module with weights loaded",
+    )
     c.add_argument("--calib", required=True, help="calibration inputs, N x C x H x W float32 .npy")
     c.add_argument("--labels", default=None, help="labels of the calibration inputs (.npy, int)")
     c.add_argument("--acc-bits", type=int, default=16, help="accumulator width, 8..32")
-    c.add_argument("--layer-acc-bits", action="append", default=[], metavar="NAME=BITS",
-                   help="per-layer accumulator width (repeatable)")
-    c.add_argument("--overflow", choices=("guaranteed", "profiled"), default="guaranteed",
-                   help="overflow policy")
+    c.add_argument(
+        "--layer-acc-bits",
+        action="append",
+        default=[],
+        metavar="NAME=BITS",
+        help="per-layer accumulator width (repeatable)",
+    )
+    c.add_argument(
+        "--overflow",
+        choices=("guaranteed", "profiled"),
+        default="guaranteed",
+        help="overflow policy",
+    )
     c.add_argument("--margin", type=float, default=2.0, help="profiled policy: range margin")
     c.add_argument("--target", default="host", help="host or an ARM core (see DESIGN.md)")
     c.add_argument("--name", default=None, help="C name of the model (default: the class name)")
@@ -178,11 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="instructions per inference under QEMU per target and accumulator width, with XNNPACK",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    b.add_argument("--targets", default="cortex-a53,cortex-a76",
-                   help="ARM targets separated by commas, or 'all'")
+    b.add_argument(
+        "--targets",
+        default="cortex-a53,cortex-a76",
+        help="ARM targets separated by commas, or 'all'",
+    )
     b.add_argument("--widths", default="16,32", help="accumulator widths separated by commas")
-    b.add_argument("--networks", default="all",
-                   help="conv3x3,demo,resnet8,ds_cnn,mobilenet_v1,allcnn_c (commas) or 'all'")
+    b.add_argument(
+        "--networks",
+        default="all",
+        help="conv3x3,demo,resnet8,ds_cnn,mobilenet_v1,allcnn_c (commas) or 'all'",
+    )
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     b.add_argument("--no-peer", action="store_true", help="skip the XNNPACK peer rows")
     b.set_defaults(func=_bench)

@@ -57,6 +57,6 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
     x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = d.target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(len(y) * test_fraction))
+    n_test = round(len(y) * test_fraction)
     te, tr = order[:n_test], order[n_test:]
     return x[tr], y[tr], x[te], y[te]

@@ -35,7 +35,9 @@ def load_model(spec: str) -> nn.Module:
     try:
         model = fn()
     except Exception as e:
-        raise InvalidModelError(f"calling {func}() in '{path}' failed: {type(e).__name__}: {e}") from None
+        raise InvalidModelError(
+            f"calling {func}() in '{path}' failed: {type(e).__name__}: {e}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise InvalidModelError(
             f"{func}() in '{path}' returned {type(model).__name__}, not a torch.nn.Module"

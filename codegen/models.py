@@ -21,11 +21,15 @@ class FashionCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            *_conv_bn(1, w), nn.MaxPool2d(2),
-            *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
+            *_conv_bn(1, w),
+            nn.MaxPool2d(2),
+            *_conv_bn(w, 2 * w),
+            nn.MaxPool2d(2),
             *_conv_bn(2 * w, 4 * w),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * w * 49, classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * w * 49, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

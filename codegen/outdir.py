@@ -1,4 +1,4 @@
-"""All-or-nothing output directories: write into a sibling temporary directory, rename at the end."""
+"""All-or-nothing output directories: write to a sibling temporary directory, rename at the end."""
 
 from __future__ import annotations
 

@@ -71,9 +71,7 @@ def patches(
     """Sliding windows of an NHWC batch: (N, OH, OW, kh, kw, C), a strided view (no copy)."""
     top, bottom, left, right = padding
     if any(padding):
-        x = np.pad(
-            x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=pad_value
-        )
+        x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=pad_value)
     kh, kw = kernel
     dh, dw = dilation
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
@@ -89,7 +87,7 @@ def _batches(n: int, per_sample: int) -> list[slice]:
 
 
 def exact_dtype(weight: IntArray, x_absmax: int) -> type[np.floating[Any]]:
-    """float32 when no partial sum can reach 2^24 (then every float32 sum is exact), else float64."""
+    """float32 when no partial sum can reach 2^24 (all float32 sums exact), else float64."""
     l1 = int(np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1).max(initial=0))
     return np.float32 if l1 * x_absmax < (1 << 24) else np.float64
 
@@ -115,7 +113,9 @@ def im2col(
     for i in range(kh):
         for j in range(kw):
             cols[:, :, :, i, j, :] = xp[
-                :, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw
+                :,
+                i * dh : i * dh + (oh - 1) * sh + 1 : sh,
+                j * dw : j * dw + (ow - 1) * sw + 1 : sw,
             ]
     return cols
 
@@ -139,7 +139,9 @@ def conv_sum(
         acc = cols.reshape(-1, kh * kw * cg) @ w.reshape(o, -1).T
     else:
         pg = cols.reshape(n, oh, ow, kh, kw, groups, cg)
-        acc = np.einsum("nhwijgc,goijc->nhwgo", pg, w.reshape(groups, og, kh, kw, cg), optimize=True)
+        acc = np.einsum(
+            "nhwijgc,goijc->nhwgo", pg, w.reshape(groups, og, kh, kw, cg), optimize=True
+        )
     return acc.astype(np.int64).reshape(n, oh, ow, o)  # exact integers: the cast is lossless
 
 
@@ -182,8 +184,12 @@ def maxpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> In
 def avgpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
     in_zp = int(node.attrs.get("input_zero_point", 0))
     p = patches(
-        (x - in_zp).astype(np.float64), node.attrs["kernel"], node.attrs["stride"],
-        node.attrs["padding"], (1, 1), 0.0,
+        (x - in_zp).astype(np.float64),
+        node.attrs["kernel"],
+        node.attrs["stride"],
+        node.attrs["padding"],
+        (1, 1),
+        0.0,
     )
     acc = np.rint(p.sum(axis=(3, 4))).astype(np.int64)
     return _requant(_wrap_and_count(acc, node, stats), node.requant)

@@ -5,7 +5,8 @@ formats during the bit-width search (some nodes quantized, the rest float), and 
 simulation of a fully quantized graph, which in `guaranteed` mode equals the integer reference
 exactly (every product and partial sum of power-of-two values is exact in float64).
 
-Fake quantization of a tensor with format f: v -> clamp(floor(v * 2^frac + 0.5), qmin, qmax) * 2^-frac,
+Fake quantization of a tensor with format f:
+v -> clamp(floor(v * 2^frac + 0.5), qmin, qmax) * 2^-frac,
 the float-side twin of `codegen.quant.formats.requantize` (round half up, saturate).
 """
 
@@ -81,13 +82,18 @@ def run(
     dtype: torch.dtype = torch.float64,
     observe: Observer | None = None,
     batch: int = 2048,
+    state: Mapping[str, torch.Tensor] | None = None,
+    start: int = 0,
 ) -> np.ndarray:
     """Run the graph on a float NHWC batch; returns the output (NHWC for images) as float64.
 
     `formats` fake-quantizes the tensors it names when they are produced (the input too);
     `overrides` replaces node parameters (weight, bias, scale) by their quantized values.
     `observe(node, inputs, pre_activation)` sees NCHW / (N, C) tensors (channel axis 1).
+    `state` (from `prefix`) holds the tensors of nodes before index `start`, for a whole batch.
     """
+    if state is not None:
+        return _finish(graph, dict(state), start, formats or {}, overrides or {}, observe)
     formats = formats or {}
     overrides = overrides or {}
     x_all = torch.as_tensor(np.asarray(x_nhwc), dtype=dtype)
@@ -99,18 +105,59 @@ def run(
             env: dict[str, torch.Tensor] = {graph.input: x_all[i : i + batch].contiguous()}
             if graph.input in formats:
                 env[graph.input] = fake_quant(env[graph.input], formats[graph.input])
-            for node in graph.nodes:
-                xs = [env[t] for t in node.inputs]
-                pre = eval_node(node, xs, overrides.get(node.name, {}))
-                if observe is not None:
-                    observe(node, xs, pre)
-                lo, hi = node.attrs.get("clamp", (-np.inf, np.inf))
-                y = pre if (lo, hi) == (-np.inf, np.inf) else pre.clamp(lo, hi)
-                fmt = formats.get(node.output)
-                env[node.output] = fake_quant(y, fmt) if fmt is not None else y
-            out = env[graph.output]
-            outs.append((out.permute(0, 2, 3, 1) if out.ndim == 4 else out).double().numpy())
+            outs.append(_finish(graph, env, 0, formats, overrides, observe))
     return np.concatenate(outs, axis=0)
+
+
+def _finish(
+    graph: Graph,
+    env: dict[str, torch.Tensor],
+    start: int,
+    formats: Mapping[str, QFormat],
+    overrides: Overrides,
+    observe: Observer | None,
+    stop: int | None = None,
+) -> np.ndarray:
+    """Evaluate nodes start..stop-1 over `env` (updated in place); the graph output as NHWC."""
+    with torch.no_grad():
+        for node in graph.nodes[start:stop]:
+            xs = [env[t] for t in node.inputs]
+            pre = eval_node(node, xs, overrides.get(node.name, {}))
+            if observe is not None:
+                observe(node, xs, pre)
+            lo, hi = node.attrs.get("clamp", (-np.inf, np.inf))
+            y = pre if (lo, hi) == (-np.inf, np.inf) else pre.clamp(lo, hi)
+            fmt = formats.get(node.output)
+            env[node.output] = fake_quant(y, fmt) if fmt is not None else y
+    if stop is not None:
+        return np.empty(0)
+    out = env[graph.output]
+    return (out.permute(0, 2, 3, 1) if out.ndim == 4 else out).double().numpy()
+
+
+def prefix(
+    graph: Graph,
+    x_nhwc: np.ndarray,
+    stop: int,
+    *,
+    formats: Mapping[str, QFormat] | None = None,
+    overrides: Overrides | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Tensors produced before node `stop` that later nodes read (one batch), for `run(state=)`.
+
+    Tensors without a format in `formats` are kept in float: fake-quantizing them later with a
+    format chosen then is the same as having quantized them when produced (fake quantization
+    commutes with maxpool, concat and reshape, and is idempotent).
+    """
+    formats = formats or {}
+    x = torch.as_tensor(np.asarray(x_nhwc), dtype=dtype)
+    env = {graph.input: (x.permute(0, 3, 1, 2) if x.ndim == 4 else x).contiguous()}
+    if graph.input in formats:
+        env[graph.input] = fake_quant(env[graph.input], formats[graph.input])
+    _finish(graph, env, 0, formats, overrides or {}, None, stop)
+    needed = {t for n in graph.nodes[stop:] for t in n.inputs} | {graph.output}
+    return {t: v for t, v in env.items() if t in needed}
 
 
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:

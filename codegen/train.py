@@ -49,8 +49,12 @@ def fit(
     for epoch in range(epochs):
         model.train()
         order = torch.as_tensor(rng.permutation(len(x)))
-        bar = tqdm(range(0, len(x), batch), desc=f"train epoch {epoch + 1}/{epochs}",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            range(0, len(x), batch),
+            desc=f"train epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            leave=False,
+        )
         seen = correct = 0
         loss_sum = 0.0
         for i in bar:
@@ -78,8 +82,9 @@ def trained(
     progress: bool = True,
 ) -> nn.Module:
     """Train `model`, or load the checkpoint a previous identical training left in the cache."""
+    n_params = sum(p.numel() for p in model.parameters())
     key = hashlib.sha256(
-        f"{name}|{epochs}|{len(x)}|{torch.__version__}|{sum(p.numel() for p in model.parameters())}".encode()
+        f"{name}|{epochs}|{len(x)}|{torch.__version__}|{n_params}".encode()
     ).hexdigest()[:12]
     path = cache_dir() / f"{name}-{key}.pt"
     if path.exists():

@@ -34,9 +34,13 @@ class Plain(nn.Module):
     def __init__(self, cin: int = 1, classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(cin, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(16 * 16, classes),
+            nn.Conv2d(cin, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(16 * 16, classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

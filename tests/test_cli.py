@@ -32,8 +32,13 @@ def broken():
 def qacc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "codegen.cli", *args], cwd=cwd, capture_output=True, text=True,
-        env=env, timeout=600, check=False,
+        [sys.executable, "-m", "codegen.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
     )
 
 
@@ -49,8 +54,19 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_compile_then_verify(work: Path) -> None:
-    r = qacc("compile", "net.py:make", "--calib", "calib.npy", "--labels", "labels.npy",
-             "--acc-bits", "14", "--out", "out", cwd=work)
+    r = qacc(
+        "compile",
+        "net.py:make",
+        "--calib",
+        "calib.npy",
+        "--labels",
+        "labels.npy",
+        "--acc-bits",
+        "14",
+        "--out",
+        "out",
+        cwd=work,
+    )
     assert r.returncode == 0, r.stderr
     out = work / "out"
     assert (out / "libsequential.a").is_file() and (out / "sequential.h").is_file()
@@ -60,8 +76,18 @@ def test_compile_then_verify(work: Path) -> None:
     assert "20 bit-exact, 0 differ" in v.stdout
     again = qacc("compile", "net.py:make", "--calib", "calib.npy", "--out", "out", cwd=work)
     assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr
-    forced = qacc("compile", "net.py:make", "--calib", "calib.npy", "--out", "out", "--force",
-                  "--overflow", "profiled", cwd=work)
+    forced = qacc(
+        "compile",
+        "net.py:make",
+        "--calib",
+        "calib.npy",
+        "--out",
+        "out",
+        "--force",
+        "--overflow",
+        "profiled",
+        cwd=work,
+    )
     assert forced.returncode == 0, forced.stderr
 
 
@@ -71,7 +97,10 @@ def test_compile_then_verify(work: Path) -> None:
         (["missing.py:make"], "model file 'missing.py' does not exist"),
         (["net.py:nope"], "'net.py' has no callable 'nope'"),
         (["net.py:not_a_module"], "returned int, not a torch.nn.Module"),
-        (["net.py:broken"], "calling broken() in 'net.py' failed: RuntimeError: checkpoint missing"),
+        (
+            ["net.py:broken"],
+            "calling broken() in 'net.py' failed: RuntimeError: checkpoint missing",
+        ),
         (["net.py"], "MODEL must be path/to/file.py:callable"),
         (["net.py:make", "--target", "pdp11"], "pdp11"),
         (["net.py:make", "--acc-bits", "40"], "outside 8..32"),
@@ -90,7 +119,11 @@ def test_compile_errors_are_one_line(work: Path, args: list[str], message: str) 
 def test_bad_calibration_file(work: Path) -> None:
     np.save(work / "ints.npy", np.zeros((4, 1, 8, 8), dtype=np.int32))
     (work / "text.npy").write_text("not numpy")
-    for f, msg in (("ints.npy", "float32"), ("text.npy", "not a .npy"), ("none.npy", "does not exist")):
+    for f, msg in (
+        ("ints.npy", "float32"),
+        ("text.npy", "not a .npy"),
+        ("none.npy", "does not exist"),
+    ):
         r = qacc("compile", "net.py:make", "--calib", f, "--out", "bad", cwd=work)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
         assert "Traceback" not in r.stderr

@@ -49,32 +49,47 @@ CASES = {
     "conv_depthwise_multiplier": lambda: seq(nn.Conv2d(C, 2 * C, 3, groups=C)),
     "conv_pointwise": lambda: seq(nn.Conv2d(C, 7, 1)),
     "zeropad_asymmetric": lambda: seq(nn.ZeroPad2d((1, 0, 2, 1)), nn.Conv2d(C, 3, 3)),
-    "f_pad_asymmetric": lambda: Lambda(lambda s, x: s.c(F.pad(x, (0, 1, 0, 1))),
-                                       c=nn.Conv2d(C, 3, 2, stride=2)),
+    "f_pad_asymmetric": lambda: Lambda(
+        lambda s, x: s.c(F.pad(x, (0, 1, 0, 1))), c=nn.Conv2d(C, 3, 2, stride=2)
+    ),
     "bn2d_folded": lambda: seq(nn.Conv2d(C, 5, 3), _bn(5), nn.ReLU()),
     "bn1d_folded": lambda: seq(nn.Flatten(), nn.Linear(C * 64, 9), _bn(9, 1), nn.ReLU()),
     "relu6": lambda: seq(nn.Conv2d(C, 5, 3), nn.ReLU6()),
     "hardtanh": lambda: seq(nn.Conv2d(C, 5, 3), nn.Hardtanh(-0.5, 0.3)),
     "torch_clamp": lambda: Lambda(lambda s, x: torch.clamp(s.c(x), min=-0.2), c=nn.Conv2d(C, 3, 1)),
-    "method_clamp_relu": lambda: Lambda(lambda s, x: s.c(x).clamp(0.0, 0.5).relu(),
-                                        c=nn.Conv2d(C, 3, 1)),
+    "method_clamp_relu": lambda: Lambda(
+        lambda s, x: s.c(x).clamp(0.0, 0.5).relu(), c=nn.Conv2d(C, 3, 1)
+    ),
     "f_relu_relu6": lambda: Lambda(lambda s, x: F.relu6(F.relu(s.c(x))), c=nn.Conv2d(C, 3, 1)),
     "maxpool": lambda: seq(nn.Conv2d(C, 3, 1), nn.MaxPool2d(3, stride=2, padding=1)),
-    "f_maxpool": lambda: Lambda(lambda s, x: F.max_pool2d(x, 2), ),
+    "f_maxpool": lambda: Lambda(
+        lambda s, x: F.max_pool2d(x, 2),
+    ),
     "avgpool_pad": lambda: seq(nn.AvgPool2d(3, stride=1, padding=1)),
     "avgpool": lambda: seq(nn.Conv2d(C, 3, 1), nn.AvgPool2d(2)),
     "adaptive_avgpool": lambda: seq(nn.Conv2d(C, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
     "f_adaptive_avgpool": lambda: Lambda(lambda s, x: F.adaptive_avg_pool2d(x, (1, 1))),
     "flatten_linear": lambda: seq(nn.Conv2d(C, 3, 3), nn.Flatten(), nn.Linear(3 * 36, 5)),
-    "view_linear": lambda: Lambda(lambda s, x: s.fc(s.c(x).view(x.size(0), -1)),
-                                  c=nn.Conv2d(C, 2, 3, stride=2), fc=nn.Linear(2 * 9, 4)),
-    "reshape_linear": lambda: Lambda(lambda s, x: s.fc(torch.reshape(x, (x.shape[0], -1))),
-                                     fc=nn.Linear(C * 64, 4)),
-    "torch_flatten": lambda: Lambda(lambda s, x: s.fc(torch.flatten(x, 1)), fc=nn.Linear(C * 64, 3)),
+    "view_linear": lambda: Lambda(
+        lambda s, x: s.fc(s.c(x).view(x.size(0), -1)),
+        c=nn.Conv2d(C, 2, 3, stride=2),
+        fc=nn.Linear(2 * 9, 4),
+    ),
+    "reshape_linear": lambda: Lambda(
+        lambda s, x: s.fc(torch.reshape(x, (x.shape[0], -1))), fc=nn.Linear(C * 64, 4)
+    ),
+    "torch_flatten": lambda: Lambda(
+        lambda s, x: s.fc(torch.flatten(x, 1)), fc=nn.Linear(C * 64, 3)
+    ),
     "dropout_identity": lambda: seq(nn.Conv2d(C, 3, 1), nn.Dropout(0.5), nn.Identity(), nn.ReLU()),
-    "residual_add": lambda: Lambda(lambda s, x: torch.relu(x + s.c(x)), c=nn.Conv2d(C, C, 3, padding=1)),
-    "torch_add": lambda: Lambda(lambda s, x: torch.add(s.a(x), s.b(x)),
-                                a=nn.Conv2d(C, 3, 1), b=nn.Conv2d(C, 3, 3, padding=1)),
+    "residual_add": lambda: Lambda(
+        lambda s, x: torch.relu(x + s.c(x)), c=nn.Conv2d(C, C, 3, padding=1)
+    ),
+    "torch_add": lambda: Lambda(
+        lambda s, x: torch.add(s.a(x), s.b(x)),
+        a=nn.Conv2d(C, 3, 1),
+        b=nn.Conv2d(C, 3, 3, padding=1),
+    ),
     "cat_dim1": lambda: Lambda(lambda s, x: torch.cat([s.a(x), x], dim=1), a=nn.Conv2d(C, 3, 1)),
     "cat_dim_neg3": lambda: Lambda(lambda s, x: torch.cat((x, s.a(x)), -3), a=nn.Conv2d(C, 2, 1)),
 }
@@ -104,7 +119,10 @@ def test_graph_is_nhwc_with_fusions() -> None:
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (Lambda(lambda s, x: torch.topk(x.flatten(1), 3).values), "unsupported op torch.topk at node 'topk'"),
+        (
+            Lambda(lambda s, x: torch.topk(x.flatten(1), 3).values),
+            "unsupported op torch.topk at node 'topk'",
+        ),
         (seq(nn.Conv2d(C, 3, 1), nn.Sigmoid()), "unsupported op Sigmoid (module '1') at node '_1'"),
         (Lambda(lambda s, x: x * 2), "at node 'mul'"),
         (seq(nn.Conv2d(C, 3, 1), nn.MaxPool2d(2, ceil_mode=True)), "MaxPool2d with ceil_mode=True"),
@@ -114,7 +132,9 @@ def test_graph_is_nhwc_with_fusions() -> None:
     ],
 )
 def test_unsupported_ops_are_named(model: nn.Module, message: str) -> None:
-    with pytest.raises(UnsupportedModelError, match="^.*" + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        UnsupportedModelError, match="^.*" + message.replace("(", r"\(").replace(")", r"\)")
+    ):
         from_torch(model, np.zeros((1, C, 8, 8), np.float32))
 
 
@@ -129,10 +149,10 @@ def test_nonfinite_weights_name_the_tensor(bad: float) -> None:
     m = seq(nn.Conv2d(C, 3, 1), nn.ReLU(), nn.Conv2d(3, 2, 1))
     with torch.no_grad():
         m[2].weight[0, 0, 0, 0] = bad
-    with pytest.raises(InvalidModelError, match="tensor '2.weight' holds NaN or Inf"):
+    with pytest.raises(InvalidModelError, match=r"tensor '2\.weight' holds NaN or Inf"):
         from_torch(m, np.zeros((1, C, 8, 8), np.float32))
 
 
 def test_not_a_module() -> None:
-    with pytest.raises(InvalidModelError, match="expected a torch.nn.Module"):
+    with pytest.raises(InvalidModelError, match=r"expected a torch\.nn\.Module"):
         from_torch(lambda x: x, np.zeros((1, C, 8, 8), np.float32))  # type: ignore[arg-type]

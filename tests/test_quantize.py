@@ -25,7 +25,9 @@ def images(n: int, c: int, h: int, seed: int = 0, signed: bool = False) -> np.nd
 
 @pytest.mark.parametrize("acc_bits", [12, 16, 20, 32])
 @pytest.mark.parametrize("signed", [False, True])
-def test_guaranteed_integer_reference_equals_float64_simulation(acc_bits: int, signed: bool) -> None:
+def test_guaranteed_integer_reference_equals_float64_simulation(
+    acc_bits: int, signed: bool
+) -> None:
     model = randomized(Branchy(), seed=acc_bits)
     x = images(64, 3, 12, seed=1, signed=signed)
     qm = codegen.quantize(model, x, acc_bits=acc_bits, progress=False)
@@ -121,7 +123,7 @@ def test_per_layer_accumulator_override() -> None:
     assert widths == {"net_0": 32, "net_3": 12, "net_6": 32}
     with pytest.raises(QaccError, match="unknown layers"):
         codegen.quantize(model, images(8, 1, 8), acc_bits={"nope": 16}, progress=False)
-    with pytest.raises(QaccError, match="outside 8..32"):
+    with pytest.raises(QaccError, match=r"outside 8\.\.32"):
         codegen.quantize(model, images(8, 1, 8), acc_bits=40, progress=False)
 
 
@@ -138,7 +140,9 @@ def test_profiled_counts_overflow_and_margin_controls_it() -> None:
 
 
 def test_report_contents() -> None:
-    qm = codegen.quantize(randomized(Plain(), seed=4), images(16, 1, 8), acc_bits=16, progress=False)
+    qm = codegen.quantize(
+        randomized(Plain(), seed=4), images(16, 1, 8), acc_bits=16, progress=False
+    )
     rows = [r for r in qm.report["layers"] if "acc_bits" in r]
     assert len(rows) == 3
     for r in rows:
@@ -183,9 +187,15 @@ def test_digits_end_to_end() -> None:
     xtr, ytr, xte, yte = datasets.digits()
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 16, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
     )
     train.fit(model, xtr, ytr, epochs=8, batch=64, lr=5e-3, progress=False)
     float_acc = train.accuracy(model, xte, yte)
@@ -196,3 +206,25 @@ def test_digits_end_to_end() -> None:
         acc = float(np.mean(res.output.argmax(axis=1) == yte))
         assert acc >= float_acc - loss, (policy, acc, float_acc)
         assert sum(v.events for v in res.overflow.values()) == 0
+
+
+def test_search_cache_equals_full_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates are ranked from a cached prefix; that must equal running the whole graph."""
+    from codegen import simulate
+
+    real_run = simulate.run
+    checked = []
+
+    def run(graph, x, **kw):  # type: ignore[no-untyped-def]
+        out = real_run(graph, x, **kw)
+        if kw.get("state") is not None:
+            full = real_run(
+                graph, x, **{k: v for k, v in kw.items() if k not in ("state", "start")}
+            )
+            assert np.array_equal(out, full)
+            checked.append(1)
+        return out
+
+    monkeypatch.setattr(simulate, "run", run)
+    codegen.quantize(randomized(Branchy(), seed=5), images(32, 3, 12), acc_bits=14, progress=False)
+    assert len(checked) > 5

@@ -13,7 +13,7 @@ from codegen.quant.formats import requantize, wrap
 
 
 def brute_conv(x, w, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
-    n, h, wd, c = x.shape
+    n, h, wd, _ = x.shape
     o, kh, kw, cg = w.shape
     top, bottom, left, right = padding
     oh = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -52,9 +52,17 @@ def test_conv2d_matches_brute_force(case: str, acc_bits: int) -> None:
     bias = rng.integers(-3000, 3000, size=p["cout"])
     shift = rng.integers(-2, 9, size=p["cout"])
     node = Node(
-        "c", "conv2d", ("x",), "y",
-        {"stride": p["stride"], "padding": p["pad"], "dilation": p["dil"], "groups": p["g"],
-         "acc_bits": acc_bits},
+        "c",
+        "conv2d",
+        ("x",),
+        "y",
+        {
+            "stride": p["stride"],
+            "padding": p["pad"],
+            "dilation": p["dil"],
+            "groups": p["g"],
+            "acc_bits": acc_bits,
+        },
         {"weight": w, "bias": bias},
         Requant(np.ones(p["cout"], dtype=np.int64), shift, 0, -100, 120),
     )
@@ -74,8 +82,15 @@ def test_dense_wraps_and_counts_overflow_samples() -> None:
     x = rng.integers(0, 128, size=(20, 40))
     w = rng.integers(-127, 128, size=(6, 40))
     bias = rng.integers(-50, 50, size=6)
-    node = Node("d", "dense", ("x",), "y", {"acc_bits": 14}, {"weight": w, "bias": bias},
-                Requant(np.ones(6, dtype=np.int64), np.full(6, 7), 0, -128, 127))
+    node = Node(
+        "d",
+        "dense",
+        ("x",),
+        "y",
+        {"acc_bits": 14},
+        {"weight": w, "bias": bias},
+        Requant(np.ones(6, dtype=np.int64), np.full(6, 7), 0, -128, 127),
+    )
     stats = reference.OverflowStats()
     got = reference.dense(x, node, stats)
     exact = x @ w.T + bias
@@ -88,29 +103,67 @@ def test_pools_add_concat_reshape() -> None:
     rng = np.random.default_rng(2)
     x = rng.integers(0, 128, size=(2, 5, 7, 3))
     one = np.ones(1, dtype=np.int64)
-    mp = Node("m", "maxpool2d", ("x",), "y", {"kernel": (3, 3), "stride": (2, 2),
-              "padding": (1, 1, 1, 1)}, {}, Requant(one, 0 * one, 0, 0, 100))
+    mp = Node(
+        "m",
+        "maxpool2d",
+        ("x",),
+        "y",
+        {"kernel": (3, 3), "stride": (2, 2), "padding": (1, 1, 1, 1)},
+        {},
+        Requant(one, 0 * one, 0, 0, 100),
+    )
     got = reference.maxpool2d(x, mp)
     for b, i, j, c in itertools.product(range(2), range(3), range(4), range(3)):
         win = x[b, max(0, 2 * i - 1) : 2 * i + 2, max(0, 2 * j - 1) : 2 * j + 2, c]
         assert got[b, i, j, c] == min(100, win.max())
-    ap = Node("a", "avgpool2d", ("x",), "y", {"kernel": (2, 2), "stride": (1, 1),
-              "padding": (0, 0, 0, 0), "acc_bits": 16}, {}, Requant(one * 3, one * 4, 0, 0, 127))
+    ap = Node(
+        "a",
+        "avgpool2d",
+        ("x",),
+        "y",
+        {"kernel": (2, 2), "stride": (1, 1), "padding": (0, 0, 0, 0), "acc_bits": 16},
+        {},
+        Requant(one * 3, one * 4, 0, 0, 127),
+    )
     got = reference.avgpool2d(x, ap)
     s = x[:, :-1, :-1] + x[:, 1:, :-1] + x[:, :-1, 1:] + x[:, 1:, 1:]
     assert np.array_equal(got, requantize(s, 3, 4, 0, 0, 127))
-    gp = Node("g", "global_avgpool", ("x",), "y", {"acc_bits": 16}, {},
-              Requant(one * 9, one * 8, 0, -128, 127))
-    assert np.array_equal(reference.global_avgpool(x, gp),
-                          requantize(x.sum(axis=(1, 2), keepdims=True), 9, 8, 0, -128, 127))
-    ad = Node("s", "add", ("a", "b"), "y", {"acc_bits": 16}, {"in_mult": np.array([1, 4])},
-              Requant(one, one * 2, 0, -128, 127))
+    gp = Node(
+        "g",
+        "global_avgpool",
+        ("x",),
+        "y",
+        {"acc_bits": 16},
+        {},
+        Requant(one * 9, one * 8, 0, -128, 127),
+    )
+    assert np.array_equal(
+        reference.global_avgpool(x, gp),
+        requantize(x.sum(axis=(1, 2), keepdims=True), 9, 8, 0, -128, 127),
+    )
+    ad = Node(
+        "s",
+        "add",
+        ("a", "b"),
+        "y",
+        {"acc_bits": 16},
+        {"in_mult": np.array([1, 4])},
+        Requant(one, one * 2, 0, -128, 127),
+    )
     y = rng.integers(-128, 128, size=x.shape)
     assert np.array_equal(reference.add(x, y, ad), requantize(x + 4 * y, 1, 2, 0, -128, 127))
-    cc = Node("c", "concat", ("a", "b"), "y", {}, {},
-              Requant(np.array([1, 1]), np.array([0, -1]), 0, -128, 127))
-    assert np.array_equal(reference.concat(x, y, node=cc),
-                          np.concatenate([x, np.clip(2 * y, -128, 127)], axis=-1))
+    cc = Node(
+        "c",
+        "concat",
+        ("a", "b"),
+        "y",
+        {},
+        {},
+        Requant(np.array([1, 1]), np.array([0, -1]), 0, -128, 127),
+    )
+    assert np.array_equal(
+        reference.concat(x, y, node=cc), np.concatenate([x, np.clip(2 * y, -128, 127)], axis=-1)
+    )
     rs = Node("r", "reshape", ("x",), "y", {"shape": (105,)})
     assert np.array_equal(reference.reshape(x, rs), x.reshape(2, 105))
 
@@ -121,10 +174,21 @@ def test_batching_does_not_change_results() -> None:
 
     rng = np.random.default_rng(3)
     w = rng.integers(-127, 128, size=(4, 3, 3, 2))
-    node = Node("c", "conv2d", ("x",), "y", {"stride": (1, 1), "padding": (1, 1, 1, 1),
-                "dilation": (1, 1), "groups": 1, "acc_bits": 10},
-                {"weight": w, "bias": np.zeros(4, dtype=np.int64)},
-                Requant(np.ones(4, dtype=np.int64), np.full(4, 3), 0, -128, 127))
+    node = Node(
+        "c",
+        "conv2d",
+        ("x",),
+        "y",
+        {
+            "stride": (1, 1),
+            "padding": (1, 1, 1, 1),
+            "dilation": (1, 1),
+            "groups": 1,
+            "acc_bits": 10,
+        },
+        {"weight": w, "bias": np.zeros(4, dtype=np.int64)},
+        Requant(np.ones(4, dtype=np.int64), np.full(4, 3), 0, -128, 127),
+    )
     g = Graph("t", (node,), {"x": Tensor("x", (5, 5, 2)), "y": Tensor("y", (5, 5, 4))}, "x", "y")
     x = rng.integers(-128, 128, size=(37, 5, 5, 2))
     a, b = reference.run(g, x, batch=1000), reference.run(g, x, batch=4)

@@ -86,7 +86,9 @@ class _Converter:
 
     def tensor_arg(self, node: torch.fx.Node, arg: Any) -> str:
         if not isinstance(arg, torch.fx.Node) or arg.name not in self.alias:
-            raise self.fail(node, f"non-tensor operand {arg!r} of {_describe_target(node, self.modules)}")
+            raise self.fail(
+                node, f"non-tensor operand {arg!r} of {_describe_target(node, self.modules)}"
+            )
         src = self.alias[arg.name]
         if src in self.pending_pad:
             raise self.fail(node, "zero padding not followed by a convolution")
@@ -96,8 +98,7 @@ class _Converter:
         r = _Raw(node.name, op, inputs, attrs)
         self.raw.append(r)
         self.alias[node.name] = node.name
-        meta = node.meta.get("tensor_meta")
-        tshape = tuple(int(s) for s in meta.shape[1:])
+        tshape = _shape(node)[1:]
         self.torch_shapes[node.name] = tshape
         self.shapes[node.name] = _to_nhwc(tshape)
         return r
@@ -125,7 +126,7 @@ class _Converter:
         else:
             ph, pw = _pair(m.padding)
             pad = (ph, ph, pw, pw)
-        pad = tuple(a + b for a, b in zip(pad, extra, strict=True))
+        pad = (pad[0] + extra[0], pad[1] + extra[1], pad[2] + extra[2], pad[3] + extra[3])
         w = m.weight.detach().double().numpy().transpose(0, 2, 3, 1).copy()
         b = (
             m.bias.detach().double().numpy().copy()
@@ -133,7 +134,12 @@ class _Converter:
             else np.zeros(w.shape[0], dtype=np.float64)
         )
         r = self.emit(
-            node, "conv2d", [x], stride=_pair(m.stride), padding=pad, dilation=(dh, dw),
+            node,
+            "conv2d",
+            [x],
+            stride=_pair(m.stride),
+            padding=pad,
+            dilation=(dh, dw),
             groups=int(m.groups),
         )
         r.params = {"weight": w, "bias": b}
@@ -161,7 +167,7 @@ class _Converter:
             if r.name == tensor and r.op == "reshape":
                 src_shape = self.torch_shapes[r.inputs[0]]
                 if len(src_shape) == 3 and src_shape[1] * src_shape[2] > 1:
-                    return src_shape  # type: ignore[return-value]
+                    return (src_shape[0], src_shape[1], src_shape[2])
         return None
 
     def batchnorm(self, node: torch.fx.Node, m: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
@@ -188,9 +194,7 @@ class _Converter:
         prod = self._producer(x)
         fusable = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d")
         if prod is None or prod.op not in fusable or self._shared(node, x):
-            raise self.fail(
-                node, "activation that does not directly follow a conv/linear/add/pool"
-            )
+            raise self.fail(node, "activation that does not directly follow a conv/linear/add/pool")
         old_lo, old_hi = prod.attrs.get("clamp", (-INF, INF))
         prod.attrs["clamp"] = (max(old_lo, float(lo)), min(old_hi, float(hi)))
         self.alias[node.name] = x
@@ -222,9 +226,7 @@ class _Converter:
         if kind == "avgpool2d" and kw.get("divisor_override") is not None:
             raise self.fail(node, "AvgPool2d with divisor_override")
         kk = _pair(k)
-        self.emit(
-            node, kind, [x], kernel=kk, stride=_pair(s if s else k), padding=(ph, ph, pw, pw)
-        )
+        self.emit(node, kind, [x], kernel=kk, stride=_pair(s if s else k), padding=(ph, ph, pw, pw))
 
     def adaptive_avg(self, node: torch.fx.Node, size: Any) -> None:
         x = self.tensor_arg(node, node.args[0])
@@ -238,8 +240,7 @@ class _Converter:
 
     def reshape(self, node: torch.fx.Node) -> None:
         x = self.tensor_arg(node, node.args[0])
-        meta = node.meta.get("tensor_meta")
-        out = tuple(int(s) for s in meta.shape)
+        out = _shape(node)
         if len(out) != 2 or out[0] != self.example.shape[0]:
             raise self.fail(node, f"reshape to {out} (only flatten to (N, features) is supported)")
         if tuple(self.torch_shapes[x]) == out[1:]:
@@ -259,9 +260,8 @@ class _Converter:
     def cat(self, node: torch.fx.Node) -> None:
         seq = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        meta = node.meta.get("tensor_meta")
-        rank = len(meta.shape)
-        if not isinstance(seq, (list, tuple)) or int(dim) % rank != 1:
+        rank = len(_shape(node))
+        if not isinstance(seq, (list, tuple)) or not isinstance(dim, int) or dim % rank != 1:
             raise self.fail(node, "torch.cat other than on the channel dimension (dim=1)")
         xs = [self.tensor_arg(node, t) for t in seq]
         self.emit(node, "concat", xs)
@@ -347,13 +347,25 @@ class _Converter:
             self.clamp(node, m.min_val, m.max_val)
         elif isinstance(m, nn.MaxPool2d):
             self.pool(
-                node, "maxpool2d", m.kernel_size, m.stride, m.padding, dilation=m.dilation,
-                ceil_mode=m.ceil_mode, return_indices=m.return_indices,
+                node,
+                "maxpool2d",
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                dilation=m.dilation,
+                ceil_mode=m.ceil_mode,
+                return_indices=m.return_indices,
             )
         elif isinstance(m, nn.AvgPool2d):
             self.pool(
-                node, "avgpool2d", m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode,
-                count_include_pad=m.count_include_pad, divisor_override=m.divisor_override,
+                node,
+                "avgpool2d",
+                m.kernel_size,
+                m.stride,
+                m.padding,
+                ceil_mode=m.ceil_mode,
+                count_include_pad=m.count_include_pad,
+                divisor_override=m.divisor_override,
             )
         elif isinstance(m, nn.AdaptiveAvgPool2d):
             self.adaptive_avg(node, m.output_size)
@@ -393,14 +405,23 @@ class _Converter:
             self.reshape(node)
         elif t is F.max_pool2d:
             self.pool(
-                node, "maxpool2d", arg(1, "kernel_size", None), arg(2, "stride", None),
-                arg(3, "padding", 0), dilation=arg(4, "dilation", 1),
-                ceil_mode=arg(5, "ceil_mode", False), return_indices=arg(6, "return_indices", False),
+                node,
+                "maxpool2d",
+                arg(1, "kernel_size", None),
+                arg(2, "stride", None),
+                arg(3, "padding", 0),
+                dilation=arg(4, "dilation", 1),
+                ceil_mode=arg(5, "ceil_mode", False),
+                return_indices=arg(6, "return_indices", False),
             )
         elif t is F.avg_pool2d:
             self.pool(
-                node, "avgpool2d", arg(1, "kernel_size", None), arg(2, "stride", None),
-                arg(3, "padding", 0), ceil_mode=arg(4, "ceil_mode", False),
+                node,
+                "avgpool2d",
+                arg(1, "kernel_size", None),
+                arg(2, "stride", None),
+                arg(3, "padding", 0),
+                ceil_mode=arg(4, "ceil_mode", False),
                 count_include_pad=arg(5, "count_include_pad", True),
                 divisor_override=arg(6, "divisor_override", None),
             )
@@ -431,6 +452,13 @@ class _Converter:
         if self.output_name == self.input_name or not nodes:
             raise InvalidModelError("the model computes nothing from its input")
         return Graph(self.name, tuple(nodes), tensors, self.input_name, self.output_name)
+
+
+def _shape(node: torch.fx.Node) -> tuple[int, ...]:
+    """The full torch shape (with batch) that ShapeProp recorded for a tensor-valued node."""
+    meta = node.meta.get("tensor_meta")
+    assert meta is not None, f"no shape recorded for node '{node.name}'"
+    return tuple(int(s) for s in meta.shape)
 
 
 def _to_nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:

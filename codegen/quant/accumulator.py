@@ -63,8 +63,10 @@ class WeightQuant:
 
     def dequantized(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         scale = np.exp2(-self.frac.astype(np.float64))
-        w = self.q * scale.reshape((-1,) + (1,) * (self.q.ndim - 1))
-        b = self.bias * np.exp2(-(self.frac + self.input_frac).astype(np.float64))
+        w = self.q.astype(np.float64) * scale.reshape((-1,) + (1,) * (self.q.ndim - 1))
+        b = self.bias.astype(np.float64) * np.exp2(
+            -(self.frac + self.input_frac).astype(np.float64)
+        )
         return w, b
 
 
@@ -138,10 +140,8 @@ def quantize_weights(
     observed_max: npt.NDArray[np.float64] | None = None,
     margin: float = 2.0,
 ) -> WeightQuant | None:
-    """Round-to-nearest weights at the largest formats the accumulator allows; None if infeasible."""
-    frac = choose_weight_fracs(
-        w, b, input_frac, xmin, xmax, acc_bits, policy, observed_max, margin
-    )
+    """Round-to-nearest weights at the largest formats the accumulator allows, or None."""
+    frac = choose_weight_fracs(w, b, input_frac, xmin, xmax, acc_bits, policy, observed_max, margin)
     q, bq = quantize_at(w, b, frac, input_frac)
     if not feasible(q, w):
         return None

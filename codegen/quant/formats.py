@@ -57,10 +57,12 @@ def round_shift(x: npt.ArrayLike, shift: npt.ArrayLike) -> IntArray:
         raise ValueError(f"shift out of range [-{MAX_LEFT_SHIFT}, 62]")
     if s.size == 1 or bool(np.all(s == s.flat[0])):
         s0 = int(s.flat[0])
-        return (a + (1 << (s0 - 1))) >> s0 if s0 > 0 else a << -s0
+        if s0 > 0:
+            return (a + (1 << (s0 - 1))) >> s0
+        return a * (1 << -s0)  # exact left shift (numpy int64 arithmetic)
     right = np.maximum(s, 0)
     left = np.maximum(-s, 0)
-    half = (np.int64(1) << right) >> 1
+    half = np.left_shift(np.ones_like(right), right) >> 1
     return ((a << left) + half) >> right
 
 
@@ -102,7 +104,9 @@ def quantize(x: npt.ArrayLike, frac: int, lo: int, hi: int, zero_point: int = 0)
     return saturate(round_half_up(scaled) + zero_point, lo, hi)
 
 
-def dequantize(q: npt.ArrayLike, frac: npt.ArrayLike, zero_point: int = 0) -> npt.NDArray[np.float64]:
+def dequantize(
+    q: npt.ArrayLike, frac: npt.ArrayLike, zero_point: int = 0
+) -> npt.NDArray[np.float64]:
     f = np.asarray(frac, dtype=np.float64)
     return (np.asarray(q, dtype=np.float64) - zero_point) * np.exp2(-f)
 
@@ -133,4 +137,3 @@ def bits_for_values(q: npt.ArrayLike) -> int:
     """Signed bits needed to hold the integers `q` in a symmetric format (at least 1)."""
     m = int(np.max(np.abs(np.asarray(q, dtype=np.int64)), initial=0))
     return m.bit_length() + 1
-

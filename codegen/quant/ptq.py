@@ -191,12 +191,15 @@ def search(
     weights: dict[str, WeightQuant] = {}
     choices: dict[str, LayerChoice] = {}
 
-    def formats(extra: Mapping[str, int] = {}) -> dict[str, QFormat]:  # noqa: B006
+    def formats(extra: Mapping[str, int] = {}) -> dict[str, QFormat]:
         bits = {**decided, **extra}
-        return {t: infos[classes.find(t)].fmt(bits[classes.find(t)])
-                for t in graph.tensors if classes.find(t) in bits}
+        return {
+            t: infos[classes.find(t)].fmt(bits[classes.find(t)])
+            for t in graph.tensors
+            if classes.find(t) in bits
+        }
 
-    def overrides(extra: Mapping[str, WeightQuant] = {}) -> dict[str, dict[str, Any]]:  # noqa: B006
+    def overrides(extra: Mapping[str, WeightQuant] = {}) -> dict[str, dict[str, Any]]:
         out = {}
         for name, wq in {**weights, **extra}.items():
             w, b = wq.dequantized()
@@ -234,12 +237,27 @@ def search(
                 else f"layer '{node.name}' cannot be quantized: {hint}"
             )
         scored = []
+        index = graph.nodes.index(node)
+        state = simulate.prefix(
+            graph, rank_x, index, formats=formats(), overrides=overrides(), dtype=torch.float32
+        )
         for bx in cands:
             wq = quants[bx]
             assert wq is not None
+            fmts = formats({cls: bx})
+            # the class being decided was kept in float by `prefix`: quantize it now
+            st = {
+                t: simulate.fake_quant(v, fmts[t]) if classes.find(t) == cls else v
+                for t, v in state.items()
+            }
             out = simulate.run(
-                graph, rank_x, formats=formats({cls: bx}), overrides=overrides({node.name: wq}),
+                graph,
+                rank_x,
+                formats=fmts,
+                overrides=overrides({node.name: wq}),
                 dtype=torch.float32,
+                state=st,
+                start=index,
             )
             scored.append((_score(out, rank_ref, rank_labels), bx))
         best = max(scored)[1]
@@ -247,8 +265,14 @@ def search(
         weights[node.name] = quants[best]  # type: ignore[assignment]
         choices[node.name] = LayerChoice(
             best,
-            [{"input_bits": bx, "weight_bits": quants[bx].bits,  # type: ignore[union-attr]
-              "score": list(s)} for s, bx in scored],
+            [
+                {
+                    "input_bits": bx,
+                    "weight_bits": quants[bx].bits,  # type: ignore[union-attr]
+                    "score": list(s),
+                }
+                for s, bx in scored
+            ],
         )
     bar.close()
 
