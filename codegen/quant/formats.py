@@ -20,7 +20,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Final
+from typing import Final, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -63,7 +63,7 @@ def round_shift(x: npt.ArrayLike, shift: npt.ArrayLike) -> IntArray:
     right = np.maximum(s, 0)
     left = np.maximum(-s, 0)
     half = np.left_shift(np.ones_like(right), right) >> 1
-    return ((a << left) + half) >> right
+    return cast(IntArray, ((a << left) + half) >> right)  # numpy's stubs lose the dtype
 
 
 def saturate(x: npt.ArrayLike, lo: npt.ArrayLike, hi: npt.ArrayLike) -> IntArray:
