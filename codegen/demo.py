@@ -98,7 +98,9 @@ def main(model_name: str = "fashion_cnn", epochs: int = 4, out_dir: Path | None 
     qm = codegen.quantize(net, calib, acc_bits=16, overflow="guaranteed", labels=calib_labels)
     with tempfile.TemporaryDirectory(prefix="qacc-demo-") as tmp:
         out = out_dir or Path(tmp) / model_name
+        t_compile = time.time()
         compiled = codegen.compile(qm, target="host", out_dir=out)
+        t_compile = time.time() - t_compile
         c_out = compiled.run_int(x_test)
         ref_out = qm.reference_int(x_test)
         same = bool(np.array_equal(c_out, ref_out))
@@ -106,9 +108,11 @@ def main(model_name: str = "fashion_cnn", epochs: int = 4, out_dir: Path | None 
         print(f"  C accuracy        {100 * _accuracy(c_out, y_test):.2f}%")
         print(f"  reference         {100 * _accuracy(ref_out, y_test):.2f}%")
         print(f"  bit-exact         {'yes' if same else 'NO'} (10 000 images)")
-        mem = rep.get("memory", rep)
-        for key in ("arena_bytes", "arena_lower_bound", "weight_bytes"):
-            if key in mem:
-                print(f"  {key:<17} {mem[key]}")
+        mem = rep["memory"]
+        print(
+            f"  arena             {mem['arena_bytes']} B (lower bound {mem['arena_lower_bound']} B)"
+        )
+        print(f"  weights (flash)   {mem['flash_weight_bytes']} B")
+        print(f"  generate + build  {t_compile:.1f} s")
     print(f"\ndone in {time.time() - t0:.0f} s")
     return 0 if same else 1
