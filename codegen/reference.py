@@ -242,7 +242,7 @@ def run_node(node: Node, inputs: list[IntArray], stats: OverflowStats | None = N
     return KERNELS[node.op](*inputs, node, stats)
 
 
-def run(graph: Graph, x: IntArray, keep: bool = False, batch: int = 1000) -> RunResult:
+def run(graph: Graph, x: IntArray, keep: bool = False, batch: int = 128) -> RunResult:
     """Execute an integer graph on an NHWC int batch (already in the input format).
 
     Samples are processed in chunks of `batch` (results do not depend on it). With `keep`, every
@@ -258,7 +258,9 @@ def run(graph: Graph, x: IntArray, keep: bool = False, batch: int = 1000) -> Run
         env: dict[str, IntArray] = {graph.input: x[i : i + batch]}
         remaining = dict(remaining0)
         for node in graph.nodes:
-            env[node.output] = run_node(node, [env[t] for t in node.inputs], stats.get(node.name))
+            out = run_node(node, [env[t] for t in node.inputs], stats.get(node.name))
+            # the IR's declared shape is authoritative ((1, 1, C) and (C,) are the same bytes)
+            env[node.output] = out.reshape((out.shape[0], *graph.tensors[node.output].shape))
             if not keep:
                 for t in set(node.inputs):
                     remaining[t] -= 1
