@@ -178,6 +178,15 @@ def conv_shapes(graph: Any) -> dict[str, Any]:
     return out
 
 
+def _one_line(e: BaseException) -> str:
+    """The first line of an error, plus the first compiler 'error:' line of a build log."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    detail = next((ln for ln in lines[1:] if "error:" in ln), None)
+    return f"{lines[0]} {detail}" if detail else lines[0]
+
+
 def _per_mac(insns: int | None, macs: int) -> float | None:
     return round(insns / macs, 4) if insns is not None and macs else None
 
@@ -202,8 +211,7 @@ def _measure(
         counts = c.count_instructions(xq)
         rep = c.report
     except (QaccError, RuntimeError, OSError, subprocess.SubprocessError) as e:
-        msg = str(e).strip().splitlines()
-        row["error"] = msg[0] if msg else type(e).__name__
+        row["error"] = _one_line(e)
         _log(f"  {q.name} {target} acc{q.width}: FAILED: {row['error']}", log)
         return row
     total = int(counts["total"])
@@ -253,8 +261,7 @@ def _peer(
     try:
         counts = peers.xnnpack_conv_many(list(shapes.values()), target)
     except (QaccError, RuntimeError, OSError, subprocess.SubprocessError) as e:
-        msg = str(e).strip().splitlines()
-        row["error"] = msg[0] if msg else type(e).__name__
+        row["error"] = _one_line(e)
         _log(f"  {name} {target} xnnpack: FAILED: {row['error']}", log)
         return row
     layers = {
