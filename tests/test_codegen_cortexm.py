@@ -2,8 +2,9 @@
 
 Every case of the host kernel table (tests/test_codegen_host.py) is emitted in the target's
 dialect — DSP (SMLAD) kernels on cortex-m4/m7, Helium (MVE) kernels on cortex-m55, the portable C
-for kernels without a dialect version — into one CMake project per target, built once, and each
-test bench runs under qemu-system-arm through files. A small network quantized with
+for kernels without a dialect version — and all cases of a target are linked into one runner
+executable (one CMake project, built once per session); each case runs under qemu-system-arm
+through files. A small network quantized with
 codegen.quantize at 16- and 32-bit accumulators is compiled for each target and compared with the
 model's integer reference. No tolerances anywhere; a missing toolchain or emulator fails (naming
 the Debian package), it never skips.
