@@ -92,11 +92,9 @@ def _compile(args: argparse.Namespace) -> int:
 
 def save_model(qm: Any, target: str, out: Path) -> None:
     """Keep what `qacc verify` needs next to the sources: the quantized model and the target."""
+    # report.json already holds the quantizer's report (codegen.compile merges it)
     with open(out / MODEL_FILE, "wb") as f:
         pickle.dump({"qm": qm, "target": target}, f)
-    report = json.loads((out / "report.json").read_text())
-    report["quantization"] = qm.report
-    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def _verify(args: argparse.Namespace) -> int:

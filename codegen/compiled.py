@@ -298,6 +298,10 @@ def compile(
     model = graph.name if isinstance(qm, Graph) else (qm.name or graph.name)
     tgt = resolve_target(target)
     files = emit(graph, model, dialect=tgt.dialect, align=tgt.align, target=tgt.name)
+    quant_report = getattr(qm, "report", None)
+    if quant_report:  # the quantizer's per-layer formats, bounds and overflow counts
+        merged = {**json.loads(files["report.json"]), "quantization": quant_report}
+        files["report.json"] = json.dumps(merged, indent=2, sort_keys=True) + "\n"
     if out_dir is None:
         out = Path(tempfile.mkdtemp(prefix=f"qacc-{model_c_name(graph, model)}-"))
     else:
