@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from codegen import simulate
 from codegen.ir import WEIGHTED_OPS, Graph, Node
@@ -24,7 +25,7 @@ class Calibration:
         return max(abs(self.tensor_min[tensor]), abs(self.tensor_max[tensor]))
 
 
-def calibrate(graph: Graph, x_nhwc: np.ndarray) -> Calibration:
+def calibrate(graph: Graph, x_nhwc: np.ndarray, progress: bool = True) -> Calibration:
     cal = Calibration()
 
     def seen(name: str, v: torch.Tensor) -> None:
@@ -42,5 +43,13 @@ def calibrate(graph: Graph, x_nhwc: np.ndarray) -> Calibration:
             old = cal.preact_absmax.get(node.name)
             cal.preact_absmax[node.name] = m if old is None else np.maximum(old, m)
 
-    cal.output = simulate.run(graph, x_nhwc, observe=observe, dtype=torch.float32)
+    chunk = 512
+    outs = [
+        simulate.run(graph, x_nhwc[i : i + chunk], observe=observe, dtype=torch.float32)
+        for i in tqdm(
+            range(0, len(x_nhwc), chunk), desc="calibration", unit="batch", leave=False,
+            disable=not progress,
+        )
+    ]  # fmt: skip
+    cal.output = np.concatenate(outs, axis=0)
     return cal

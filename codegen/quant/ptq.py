@@ -180,7 +180,7 @@ def search(
     margin: float = 2.0,
     progress: bool = True,
 ) -> PTQResult:
-    cal = calibrate(graph, x_nhwc)
+    cal = calibrate(graph, x_nhwc, progress)
     classes = TensorClasses(graph)
     infos = class_infos(graph, classes, cal)
     rank_x = x_nhwc[:RANK_SAMPLES]
