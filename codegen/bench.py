@@ -419,6 +419,11 @@ def run_bench(
 # ----------------------------------------------------------------------------- tables
 
 
+def _tail(err: str, n: int = 100) -> str:
+    """The end of an error (a compiler's 'error:' line comes last): what the table shows."""
+    return err if len(err) <= n else "..." + err[-n:]
+
+
 def _fmt_int(v: int | None) -> str:
     return f"{v:,}" if v is not None else "-"
 
@@ -469,7 +474,7 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
                     "-",
                     "-",
                     "-",
-                    "FAILED: " + r["error"][:60],
+                    "FAILED: " + _tail(r["error"]),
                 ]
             )
             continue
@@ -504,7 +509,7 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
                         "",
                         "",
                         "",
-                        "FAILED: " + p["error"][:60],
+                        "FAILED: " + _tail(p["error"]),
                     ]
                 )
             else:
