@@ -108,6 +108,7 @@ def _verify(args: argparse.Namespace) -> int:
     with open(saved, "rb") as f:
         data = pickle.load(f)
     qm, target = data["qm"], resolve_target(data["target"])
+    target.check()  # a missing emulator fails here, naming the package to install
     x = _load_array(args.inputs, "inputs")
     report = json.loads((out / "report.json").read_text())
     bench = out / "build" / f"{report['name']}_testbench"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -45,6 +46,30 @@ class OutputDirError(QaccError):
     """The output directory cannot be used."""
 
 
+class RunTimeoutError(QaccError):
+    """A test bench (under its emulator) did not finish within the time limit; it was killed."""
+
+
+TIMEOUT_ENV = "QACC_EMULATOR_TIMEOUT"
+"""Environment variable: the time limit in seconds of one test bench run (default 600)."""
+
+
+def run_timeout() -> float:
+    """The time limit of a test bench run: $QACC_EMULATOR_TIMEOUT seconds, else 600."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return 600.0
+    try:
+        t = float(value)
+    except ValueError:
+        t = -1.0
+    if not t > 0:
+        raise QaccError(
+            f"{TIMEOUT_ENV}={value!r} is not a positive number of seconds; fix or unset it"
+        )
+    return t
+
+
 def _check_int8(xq: npt.ArrayLike, shape: tuple[int, ...], what: str) -> tuple[np.ndarray, bool]:
     """(batch as contiguous int8 (N, size), whether a batch axis was given)."""
     a = np.asarray(xq)
@@ -68,11 +93,14 @@ def run_testbench(
     input_shape: tuple[int, ...],
     output_shape: tuple[int, ...],
     launcher: Launcher | None = None,
-    timeout: float = 600.0,
+    timeout: float | None = None,
 ) -> IntArray:
     """Run a generated test bench on int inputs through files; returns int64 outputs.
 
-    `launcher(executable, args)` gives the command line (an emulator for cross targets)."""
+    `launcher(executable, args)` gives the command line (an emulator for cross targets).
+    `timeout` (default: `run_timeout()`, $QACC_EMULATOR_TIMEOUT or 600 s): a run that takes longer
+    is killed and reported as RunTimeoutError."""
+    limit = run_timeout() if timeout is None else timeout
     x8, batched = _check_int8(xq, input_shape, "input")
     out_size = int(np.prod(output_shape, dtype=np.int64))
     with tempfile.TemporaryDirectory(prefix="qacc-tb-") as tmp:
@@ -80,13 +108,20 @@ def run_testbench(
         fin.write_bytes(x8.tobytes())
         args = [str(fin), str(fout)]
         argv = launcher(str(executable), args) if launcher else [str(executable), *args]
-        proc = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        try:
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=limit,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise RunTimeoutError(
+                f"{Path(argv[0]).name} did not finish running {Path(executable).name} within "
+                f"{limit:g} s and was killed; check that the emulator works, or raise the limit "
+                f"with {TIMEOUT_ENV}=SECONDS"
+            ) from None
         if proc.returncode != 0:
             raise RuntimeError(
                 f"test bench {executable} failed with exit code {proc.returncode}:\n"

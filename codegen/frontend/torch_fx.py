@@ -8,6 +8,8 @@ following Linear's columns permuted from CHW to HWC order.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -286,7 +288,8 @@ class _Converter:
             ) from None
         self.modules = dict(gm.named_modules())
         try:
-            with torch.no_grad():
+            # ShapeProp prints a traceback of the failing node itself: keep it from the user
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 ShapeProp(gm).propagate(self.example)
         except Exception as e:  # the model rejected an input of this shape
             cause = e.__cause__ or e
