@@ -197,6 +197,8 @@ class _Emitter:
         self.arrays: list[ConstArray] = []
         self.layer_weight_bytes: dict[str, int] = {}
         self.layer_ids: dict[str, str] = {}
+        self.scratch_elems = 0
+        """int16 elements of the static scratch buffer shared by the kernels (max over layers)."""
         used: set[str] = set()
         for node in self.graph.nodes:
             base = c_identifier(node.name, "layer")
@@ -419,6 +421,8 @@ class _Emitter:
             )
         ctx = self.kernel_context(call, own_params=neon is None)
         ctx["neon"] = neon
+        if neon is not None:
+            self.scratch_elems = max(self.scratch_elems, int(neon.get("scratch_elems", 0)))
         return render(kernel_template(self.lowered.dialect, call.template), k=ctx).strip("\n")
 
     # -- files
@@ -493,8 +497,9 @@ class _Emitter:
             "dialect": self.lowered.dialect,
             "arena_bytes": plan.arena_bytes,
             "lower_bound": plan.lower_bound,
-            "scratch_bytes": 0,
-            "ram_bytes": plan.arena_bytes,
+            "scratch_bytes": 2 * self.scratch_elems,
+            "scratch_elems": self.scratch_elems,
+            "ram_bytes": plan.arena_bytes + 2 * self.scratch_elems,
             "weight_bytes": weight_bytes,
         }
         io_in = self.io_context("input", g.input)
@@ -578,9 +583,9 @@ class _Emitter:
             "input": io(io_in),
             "output": io(io_out),
             "memory": {
-                "ram_bytes": plan.arena_bytes,
+                "ram_bytes": plan.arena_bytes + 2 * self.scratch_elems,
                 "arena_bytes": plan.arena_bytes,
-                "scratch_bytes": 0,
+                "scratch_bytes": 2 * self.scratch_elems,
                 "arena_lower_bound": bound,
                 "arena_gap_bytes": plan.gap,
                 "arena_gap_percent": round(100.0 * plan.gap / bound, 2) if bound else 0.0,

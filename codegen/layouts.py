@@ -120,7 +120,24 @@ def _requant_arrays(call: KernelCall, n: int, add: AddArray) -> dict[str, Any]:
     rshift[:channels] = -np.broadcast_to(shift, (channels,))
     vec = bool(np.all(np.abs(mult) < (1 << 31)))
     name = call.node.name
-    return {
+    left = np.maximum(-shift, 0)
+    rq16 = (
+        call.container_bits == 16
+        and bool(np.all(np.abs(real) <= (1 << 15) - 1))
+        and bool(np.all(shift <= 31))
+        and bool(np.all((np.abs(np.broadcast_to(real, left.shape)) << left) < (1 << 16)))
+    )
+    extra: dict[str, Any] = {"rq16": rq16}
+    if rq16:
+        extra["rq_mult16"] = add(
+            "nmult16", "int16_t", [int(v) for v in mult],
+            f"{name}: requantization multiplier per output channel (int16), padded to {n} lanes",
+        )  # fmt: skip
+        extra["rq_rshift32"] = add(
+            "nrshift32", "int32_t", [int(v) for v in rshift],
+            f"{name}: minus the requantization shift per output channel (int32), padded to {n}",
+        )  # fmt: skip
+    return extra | {
         "vec_rq": vec,
         "rq_mult": add(
             "nmult", "int32_t" if vec else "int64_t", [int(v) for v in mult],
@@ -185,20 +202,56 @@ def gemm_context(
         desc = "int16, [oc block][k][channel within the block]"
     bp = np.zeros(ocp, dtype=np.int64)
     bp[:oc] = wrap(bias, call.acc_bits)
+    geo = _geometry(graph, call, direct=not sdot and k == kp and _ic(graph, call) % kstep == 0)
+    if geo["direct"]:
+        scratch = int(geo["IHP"] * geo["IWP"] * geo["IC"])  # the widened, padded input (int16)
+    elif sdot:
+        scratch = -(-(p_n * kp) // 2)  # im2col rows of P pixels, int8
+    else:
+        scratch = p_n * kp  # im2col rows of P pixels, int16
     ctx: dict[str, Any] = {
         "neon": True,
         "sdot": sdot,
         "P": p_n,
         "O": o_n,
-        "plist": list(range(p_n)),
-        "olist": list(range(o_n)),
+        "pix": [{"i": p, "col": p * kp} for p in range(p_n)],
+        "ovec": [
+            {
+                "i": o,
+                "ch": lanes * o,
+                "ch_hi": lanes * o + 4,
+                "w": (16 if sdot else 8) * o,
+                "pair": (o + 1) < o_n,
+                "next": o + 1,
+            }
+            for o in range(o_n)
+        ],
+        "wstep": 16 * o_n if sdot else block,
+        "wx": nt.aarch64 and not sdot and o_n in (2, 4),
+        "wlanes": [
+            {
+                "l": lane,
+                "loads": [
+                    {
+                        "pair": o + 1 < o_n,
+                        "a": o,
+                        "b": o + 1,
+                    }
+                    for o in range(0, o_n, 2)
+                ],
+            }
+            for lane in range(lanes)
+        ],
         "lanes": list(range(lanes)),
         "block": block,
         "K": k,
         "KP": kp,
         "KSTEP": kstep,
         "OCP": ocp,
+        "scratch_elems": scratch,
+        "scratch_bytes": 2 * scratch,
         "wrap_shift": call.container_bits - call.acc_bits,
+        **geo,
         "packed": add(
             "wpacked", wctype, [int(v) for v in packed.reshape(-1)],
             f"{name}: weights for the NEON kernel, {desc}, {ocp} channels x {kp} terms (padded)",
@@ -211,6 +264,50 @@ def gemm_context(
     }  # fmt: skip
     ctx.update(_requant_arrays(call, ocp, add))
     return ctx
+
+
+def _ic(graph: Graph, call: KernelCall) -> int:
+    shape = graph.tensors[call.node.inputs[0]].shape
+    return int(shape[-1])
+
+
+def _geometry(graph: Graph, call: KernelCall, direct: bool) -> dict[str, Any]:
+    """How the GEMM kernel walks its input rows.
+
+    direct: the whole input is widened once to int16 (x - zero point) into the scratch buffer,
+    zero padded to (IHP, IWP); every tap of every output pixel is then IC contiguous int16 values
+    at row + tap offset, so no im2col gather is needed. Otherwise an im2col row of KP values per
+    pixel is gathered (one "tap" of KP values)."""
+    node = call.node
+    a = node.attrs
+    shape = graph.tensors[node.inputs[0]].shape
+    hwc = (
+        (int(shape[0]), int(shape[1]), int(shape[2])) if len(shape) == 3 else (1, 1, int(shape[0]))
+    )
+    ih, iw, ic = hwc
+    w = node.params["weight"]
+    kh, kw = (int(w.shape[1]), int(w.shape[2])) if w.ndim == 4 else (1, 1)
+    sh, sw = (int(v) for v in a.get("stride", (1, 1)))
+    dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
+    pt, pb, pl, pr = (int(v) for v in a.get("padding", (0, 0, 0, 0)))
+    ihp, iwp = ih + pt + pb, iw + pl + pr
+    if not direct:
+        kp = -(-int(np.prod(w.shape[1:])) // 8) * 8
+        return {"direct": False, "IHP": ihp, "IWP": iwp, "IC": ic, "TKH": 1, "TKW": 1,
+                "TROW": 0, "TCOL": 0, "TC": kp, "ROWSTEP": 0, "COLSTEP": 0}  # fmt: skip
+    return {
+        "direct": True,
+        "IHP": ihp,
+        "IWP": iwp,
+        "IC": ic,
+        "TKH": kh,
+        "TKW": kw,
+        "TROW": dh * iwp * ic,
+        "TCOL": dw * ic,
+        "TC": ic,
+        "ROWSTEP": sh * iwp * ic,
+        "COLSTEP": sw * ic,
+    }
 
 
 def depthwise_context(
