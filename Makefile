@@ -37,6 +37,11 @@ demo: setup
 test: setup lint
 	$(BIN)/pytest -n $(JOBS) -q
 
+# Differential fuzzing: N random graphs and quantized models, generated C == reference exactly.
+N ?= 10000
+fuzz: setup
+	$(BIN)/python scripts/fuzz.py -n $(N)
+
 # Instruction counts per target and accumulator width, with the XNNPACK peer: build/bench.json.
 bench: setup xnnpack
 	$(BIN)/qacc bench --json build/bench.json
