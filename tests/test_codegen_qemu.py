@@ -1,7 +1,7 @@
 """Generated NEON code under QEMU == the NumPy integer reference, exactly, on A-profile targets.
 
-* The kernel case table of tests/test_codegen_host.py, per target: all cases emitted into one CMake
-  project (one configure, one parallel build), each test bench run once under QEMU.
+* The kernel case table of tests/test_codegen_host.py, per target: all cases linked into one
+  runner executable (one CMake project, one link), each case run once under QEMU.
 * A quantized torch network (tests/nets.py) through codegen.quantize + codegen.compile.
 * The 8-lane NEON requantization against formats.requantize on extreme multipliers and shifts.
 * Instruction counts (deterministic, QEMU plugin): acc16 executes fewer instructions than acc32
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,13 @@ import numpy as np
 import pytest
 
 from codegen import reference
-from codegen.build import BuildResult, build_many, resolve_target
+from codegen.build import resolve_target
 from codegen.compiled import compile, run_testbench
-from codegen.emit import c_identifier, emit, write_files
+from codegen.emit import emit
 from codegen.ir import Requant
 from codegen.targets import TargetError, check_tools, get_target
 from tests.graphs import GraphBuilder
+from tests.test_codegen_cortexm import build_cases
 from tests.test_codegen_host import CASE_IDS, CASES, _locked
 
 pytestmark = pytest.mark.qemu
@@ -45,51 +47,58 @@ def _require(target: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def case_builds(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """target -> {case id: test bench path or "ERROR ..."}; one CMake project per target, shared
-    by the pytest-xdist workers through a lock file."""
+def case_builds(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, str]]:
+    """target -> {case id: "runner case" or "ERROR ..."}: every case of a target is linked into
+    ONE runner executable (one CMake project, one link; see tests/test_codegen_cortexm.py), built
+    once per session and shared by the pytest-xdist workers through a lock file."""
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent
+    cache: dict[str, dict[str, str]] = {}
 
     def get(target: str) -> dict[str, str]:
         _require(target)
-        root = base / f"qacc-neon-{target}"
-        done = root / "results.json"
-        with _locked(base / f"qacc-neon-{target}.lock"):
-            if not done.exists():
-                shutil.rmtree(root, ignore_errors=True)
-                dirs: dict[str, Path] = {}
-                summary: dict[str, str] = {}
-                for c in CASES:
-                    try:
-                        g, _ = c.build()
-                        d = root / "models" / c_identifier(c.id)
-                        write_files(emit(g, c.id, dialect="neon", target=target), d)
-                        dirs[c.id] = d
-                    except Exception as e:  # reported by the case's own test
-                        summary[c.id] = f"ERROR building the case: {e!r}"
-                results = build_many(list(dirs.values()), root / "build", resolve_target(target))
-                for cid, r in zip(dirs, results.values(), strict=True):
-                    summary[cid] = str(r.testbench) if isinstance(r, BuildResult) else f"ERROR {r}"
-                done.write_text(json.dumps(summary))
-        result: dict[str, str] = json.loads(done.read_text())
-        return result
+        if target not in cache:
+            root = base / f"qacc-neon-{target}"
+            done = root / "results.json"
+            with _locked(base / f"qacc-neon-{target}.lock"):
+                if not done.exists():
+                    shutil.rmtree(root, ignore_errors=True)
+                    summary = build_cases(target, root)
+                    root.mkdir(parents=True, exist_ok=True)
+                    done.write_text(json.dumps(summary))
+            cache[target] = json.loads(done.read_text())
+        return cache[target]
 
     return get
 
 
+@pytest.fixture(scope="module")
+def case_graphs() -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
+    """case id -> (graph, inputs, reference outputs), computed once for all targets."""
+    out = {}
+    for c in CASES:
+        g, x = c.build()
+        out[c.id] = (g, x, reference.run(g, x).output)
+    return out
+
+
 @pytest.mark.parametrize("target", NEON_TARGETS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_neon_case_equals_reference(case: Any, target: str, case_builds: Any) -> None:
+def test_neon_case_equals_reference(
+    case: Any, target: str, case_builds: Any, case_graphs: dict[str, Any]
+) -> None:
     tb = case_builds(target)[case.id]
     if tb.startswith("ERROR"):
         pytest.fail(tb)
-    g, x = case.build()
-    want = reference.run(g, x).output
-    got = run_testbench(
-        tb, x, g.tensors[g.input].shape, g.tensors[g.output].shape, resolve_target(target).argv
-    )
+    g, x, want = case_graphs[case.id]
+    t = resolve_target(target)
+    runner, name = tb.split(" ")
+
+    def launch(exe: str, args: Sequence[str]) -> list[str]:
+        return t.argv(exe, [name, *args])
+
+    got = run_testbench(runner, x, g.tensors[g.input].shape, g.tensors[g.output].shape, launch)
     assert np.array_equal(got, want)
 
 
@@ -104,7 +113,7 @@ def test_neon_kernels_are_chosen(tmp_path: Path) -> None:
     for target, sdot in (("cortex-a53", False), ("cortex-a76", True), ("cortex-a7", False)):
         files = emit(g, "choice", dialect="neon", target=target)
         src = files["choice.c"]
-        assert "vmlaq_laneq_s16" in src or "QACC_MLA16(" in src
+        assert "QACC_MLA16(" in src
         assert ("vdotq_laneq_s32" in src) == sdot
         assert "vmlaq_s16(a, xv, wv)" not in src  # the depthwise layer is acc32 (20 bits)
         assert "vmlal_s16(al, vget_low_s16(xv)" in src
