@@ -164,6 +164,23 @@ def test_quantized_network_on_every_neon_target(tmp_path: Path) -> None:
         assert "acc16" in paths.values()
 
 
+@pytest.mark.parametrize("target", ["cortex-a53", "cortex-a7"])
+def test_neon_maxpool_vector_channels(target: str, tmp_path: Path) -> None:
+    """The NEON maxpool2d on 16-, 8- and 1-channel steps (27 = 16 + 8 + 3 channels): windows
+    inside the image, clipped by padding, entirely in the padding; clamps inside int8."""
+    _require(target)
+    b = GraphBuilder("mp", seed=11, batch=3)
+    x = b.input((10, 11, 27))
+    t = b.maxpool2d(x, (2, 2), (2, 2))
+    t = b.maxpool2d(t, (3, 3), (2, 2), (1, 1, 1, 1), lo=-20, hi=90)
+    t = b.maxpool2d(t, (3, 2), (1, 1), (1, 1, 0, 1))
+    b.maxpool2d(t, (2, 2), (2, 2), (0, 2, 1, 0), lo=-100)
+    g, xs = b.result()
+    c = compile(g, target=target, out_dir=tmp_path / "mp")
+    assert "vmaxq_s8(" in (tmp_path / "mp" / "mp.c").read_text()
+    assert np.array_equal(c.run_int_q(xs), reference.run(g, xs).output)
+
+
 def _conv_graph(acc_bits: int) -> Any:
     b = GraphBuilder(f"conv_acc{acc_bits}", seed=3, batch=1)
     x = b.input((12, 12, 16), lo=-8, hi=8)
