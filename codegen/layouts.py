@@ -185,8 +185,25 @@ def gemm_context(
     ocp = _ceil_to(oc, block)
     kstep = 16 if sdot else 8
     kp = _ceil_to(k, kstep)
+    ic = _ic(graph, call)
+    mode = "im2col"
+    if not sdot and k == kp and ic % kstep == 0:
+        mode = "direct"
+    elif not sdot:
+        kh, _kw, row = _kernel_rows(node.params["weight"], ic)
+        dw = int(node.attrs.get("dilation", (1, 1))[1])
+        if dw == 1 and kh * _ceil_to(row, 8) <= 2 * kp:
+            mode = "rows"
+            kp = kh * _ceil_to(row, 8)
     wp = np.zeros((ocp, kp), dtype=np.int64)
-    wp[:oc, :k] = w2
+    if mode == "rows":
+        # each kernel row (KW * IC contiguous inputs) padded with zero weights to a multiple of 8
+        tc = kp // kh
+        wr = np.zeros((ocp, kh, tc), dtype=np.int64)
+        wr[:oc, :, :row] = w2.reshape(oc, kh, row)
+        wp = wr.reshape(ocp, kp)
+    else:
+        wp[:oc, :k] = w2
     name = node.name
     if sdot:
         # [oc block][k / 4][vector o][lane (4 channels)][4 consecutive k]
@@ -202,9 +219,10 @@ def gemm_context(
         desc = "int16, [oc block][k][channel within the block]"
     bp = np.zeros(ocp, dtype=np.int64)
     bp[:oc] = wrap(bias, call.acc_bits)
-    geo = _geometry(graph, call, direct=not sdot and k == kp and _ic(graph, call) % kstep == 0)
+    geo = _geometry(graph, call, mode)
     if geo["direct"]:
-        scratch = int(geo["IHP"] * geo["IWP"] * geo["IC"])  # the widened, padded input (int16)
+        # the widened, padded input (int16) and the zeros read past its end by the last row
+        scratch = int(geo["IHP"] * geo["IWP"] * geo["IC"] + geo["SLACK"])
     elif sdot:
         scratch = -(-(p_n * kp) // 2)  # im2col rows of P pixels, int8
     else:
@@ -271,13 +289,24 @@ def _ic(graph: Graph, call: KernelCall) -> int:
     return int(shape[-1])
 
 
-def _geometry(graph: Graph, call: KernelCall, direct: bool) -> dict[str, Any]:
+def _kernel_rows(weight: Any, ic: int) -> tuple[int, int, int]:
+    """(kernel rows, kernel columns, inputs per kernel row = columns x IC) of a conv or dense."""
+    w = np.asarray(weight)
+    kh, kw = (int(w.shape[1]), int(w.shape[2])) if w.ndim == 4 else (1, 1)
+    return kh, kw, kw * ic
+
+
+def _geometry(graph: Graph, call: KernelCall, mode: str) -> dict[str, Any]:
     """How the GEMM kernel walks its input rows.
 
     direct: the whole input is widened once to int16 (x - zero point) into the scratch buffer,
     zero padded to (IHP, IWP); every tap of every output pixel is then IC contiguous int16 values
-    at row + tap offset, so no im2col gather is needed. Otherwise an im2col row of KP values per
-    pixel is gathered (one "tap" of KP values)."""
+    at row + tap offset, so no im2col gather is needed.
+    rows (IC % 8 != 0, dilation 1 along W): the same widened input; the KW taps of a kernel row are
+    KW * IC contiguous values, read as one "tap" of TC = KW * IC rounded up to 8 values whose
+    extra values (the next columns, or up to SLACK zeros past the end) meet zero weights.
+    im2col: an im2col row of KP values per pixel is gathered (one "tap" of KP values)."""
+    direct = mode != "im2col"
     node = call.node
     a = node.attrs
     shape = graph.tensors[node.inputs[0]].shape
@@ -294,8 +323,16 @@ def _geometry(graph: Graph, call: KernelCall, direct: bool) -> dict[str, Any]:
     if not direct:
         kp = -(-int(np.prod(w.shape[1:])) // 8) * 8
         return {"direct": False, "IHP": ihp, "IWP": iwp, "IC": ic, "TKH": 1, "TKW": 1,
-                "TROW": 0, "TCOL": 0, "TC": kp, "ROWSTEP": 0, "COLSTEP": 0}  # fmt: skip
+                "TROW": 0, "TCOL": 0, "TC": kp, "ROWSTEP": 0, "COLSTEP": 0,
+                "SLACK": 0, "rows": False}  # fmt: skip
+    if mode == "rows":
+        tc = _ceil_to(kw * ic, 8)
+        return {"direct": True, "IHP": ihp, "IWP": iwp, "IC": ic, "TKH": kh, "TKW": 1,
+                "TROW": dh * iwp * ic, "TCOL": 0, "TC": tc, "ROWSTEP": sh * iwp * ic,
+                "COLSTEP": sw * ic, "SLACK": tc - kw * ic, "rows": True}  # fmt: skip
     return {
+        "SLACK": 0,
+        "rows": False,
         "direct": True,
         "IHP": ihp,
         "IWP": iwp,
