@@ -174,7 +174,7 @@ def gemm_context(
     lanes = 4 if sdot else 8
     ovecs = -(-oc // lanes)
     if call.container_bits == 16:
-        o_max, p_max = (4, 4) if nt.aarch64 else (4, 2)
+        o_max, p_max = (4, 5) if nt.aarch64 else (4, 2)
     elif sdot:
         o_max, p_max = 4, 4
     else:
