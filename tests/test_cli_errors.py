@@ -268,3 +268,25 @@ def test_compile_is_byte_identical_across_processes(work: Path, tmp_path: Path) 
         assert a[name] == b[name], f"{name} differs between runs"
         for d in (tmp_path, work):
             assert str(d).encode() not in a[name], f"{name} holds an absolute path"
+
+
+def test_api_run_timeout_is_a_typed_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_testbench kills a run past $QACC_EMULATOR_TIMEOUT and raises RunTimeoutError."""
+    from codegen.compiled import RunTimeoutError, run_testbench, run_timeout
+    from codegen.errors import QaccError
+
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nexec sleep 600\n")
+    hang.chmod(0o755)
+    monkeypatch.setenv("QACC_EMULATOR_TIMEOUT", "0.5")
+    assert run_timeout() == 0.5
+    t0 = time.monotonic()
+    with pytest.raises(RunTimeoutError, match=r"within 0\.5 s .*QACC_EMULATOR_TIMEOUT"):
+        run_testbench(hang, np.zeros((1, 4), dtype=np.int64), (4,), (4,))
+    assert time.monotonic() - t0 < 30
+    assert issubclass(RunTimeoutError, QaccError)
+    monkeypatch.setenv("QACC_EMULATOR_TIMEOUT", "-3")
+    with pytest.raises(QaccError, match="positive number of seconds"):
+        run_timeout()
+    monkeypatch.delenv("QACC_EMULATOR_TIMEOUT")
+    assert run_timeout() == 600.0
