@@ -16,10 +16,14 @@ Accumulation paths (report.json "path" of each layer):
 * ``acc32``: 16 < acc_bits <= 32 without dotprod. The same int16 operands, SMLAL/SMLAL2 (by
   element) into int32 lanes: every product (|x - zp| <= 255, |w| <= 128) is exact in int32 and
   the lanes wrap modulo 2^32; the final wrap to A bits is again a shift pair.
-* ``acc32-sdot``: 16 < acc_bits <= 32 on a core with dotprod (cortex-a76): SDOT (by element)
-  adds four int8 x int8 products into each int32 lane. The operands must stay int8, so the input
-  zero point is folded into the bias: sum w (x - zp) = sum w x - zp * sum w (mod 2^A), and padding
-  taps hold the raw value zp (they contribute w * zp, cancelled by the same correction).
+* ``acc32-sdot`` / ``acc16-sdot``: any acc_bits on a core with dotprod (cortex-a76): SDOT (by
+  element) adds four int8 x int8 products into each int32 lane. The operands must stay int8, so
+  the input zero point is folded into the bias: sum w (x - zp) = sum w x - zp * sum w (mod 2^A),
+  and padding taps hold the raw value zp (they contribute w * zp, cancelled by the same
+  correction).
+  acc16-sdot is the same kernel for acc_bits <= 16: the int32 lanes hold the sum modulo 2^32, and
+  the shift pair by 32 - A wraps it to A bits, which equals wrapping modulo 2^A at every step
+  (wrapping addition is associative); it is faster than the int16 MLA path on these cores.
 
 Requantization stays `qacc_requantize`'s function; the kernels evaluate it on 8 lanes at once when
 every multiplier fits int32 (see `qacc_neon_requant8` in the templates, tested against
@@ -72,11 +76,11 @@ def _zp_fits_int8(call: KernelCall) -> bool:
 
 
 def path(call: KernelCall, dialect: str, target: str) -> str | None:
-    """The accumulation path of a layer: acc16, acc32 or acc32-sdot (None: no accumulator)."""
+    """The accumulation path of a layer: acc16, acc16-sdot, acc32 or acc32-sdot (None: no
+    accumulator)."""
     if call.container_bits is None:
         return None
-    if call.container_bits == 16:
-        return "acc16"
+    name = f"acc{call.container_bits}"
     if (
         dialect == "neon"
         and call.template in GEMM_TEMPLATES
@@ -84,8 +88,8 @@ def path(call: KernelCall, dialect: str, target: str) -> str | None:
         and gemm_supported(call)
         and _zp_fits_int8(call)
     ):
-        return "acc32-sdot"
-    return "acc32"
+        return f"{name}-sdot"
+    return name
 
 
 def gemm_supported(call: KernelCall) -> bool:
@@ -106,8 +110,9 @@ def _ceil_to(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _requant_arrays(call: KernelCall, n: int, add: AddArray) -> dict[str, Any]:
-    """Per-channel mult and negated shift, padded to n lanes (padding lanes: mult 0, shift 0)."""
+def _requant_arrays(call: KernelCall, n: int, add: AddArray, lane_bits: int) -> dict[str, Any]:
+    """Per-channel mult and negated shift, padded to n lanes (padding lanes: mult 0, shift 0);
+    lane_bits: the accumulator lanes of the kernel (16: the int16 requantization may apply)."""
     rq = call.node.requant
     assert rq is not None
     real = np.asarray(rq.mult, dtype=np.int64).reshape(-1)
@@ -122,7 +127,7 @@ def _requant_arrays(call: KernelCall, n: int, add: AddArray) -> dict[str, Any]:
     name = call.node.name
     left = np.maximum(-shift, 0)
     rq16 = (
-        call.container_bits == 16
+        lane_bits == 16
         and bool(np.all(np.abs(real) <= (1 << 15) - 1))
         and bool(np.all(shift <= 31))
         and bool(np.all((np.abs(np.broadcast_to(real, left.shape)) << left) < (1 << 16)))
@@ -168,15 +173,18 @@ def gemm_context(
     out_shape = graph.tensors[node.output].shape
     pixels = int(np.prod(out_shape[:-1], dtype=np.int64)) if len(out_shape) == 3 else 1
     bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
-    sdot = path(call, "neon", target) == "acc32-sdot"
+    sdot = (path(call, "neon", target) or "").endswith("-sdot")
+    # SDOT sums in int32 lanes for every width: wrapping is associative, so the lanes hold the
+    # sum modulo 2^32 and the final shift pair wraps it to A bits exactly as formats.wrap does
+    lane_bits = 32 if sdot else call.container_bits
     in_zp = int(node.attrs.get("input_zero_point", 0))
     # Register blocking: P pixels x O vectors of output channels (8 lanes each, 4 for SDOT).
     lanes = 4 if sdot else 8
     ovecs = -(-oc // lanes)
-    if call.container_bits == 16:
-        o_max, p_max = (4, 5) if nt.aarch64 else (4, 2)
-    elif sdot:
+    if sdot:
         o_max, p_max = 4, 4
+    elif call.container_bits == 16:
+        o_max, p_max = (4, 5) if nt.aarch64 else (4, 2)
     else:
         o_max, p_max = (2, 4) if nt.aarch64 else (2, 2)
     o_n = min(o_max, ovecs)
@@ -268,19 +276,19 @@ def gemm_context(
         "OCP": ocp,
         "scratch_elems": scratch,
         "scratch_bytes": 2 * scratch,
-        "wrap_shift": call.container_bits - call.acc_bits,
+        "wrap_shift": lane_bits - call.acc_bits,
         **geo,
         "packed": add(
             "wpacked", wctype, [int(v) for v in packed.reshape(-1)],
             f"{name}: weights for the NEON kernel, {desc}, {ocp} channels x {kp} terms (padded)",
         ),
         "nbias": add(
-            "nbias", f"int{call.container_bits}_t", [int(v) for v in bp],
+            "nbias", f"int{lane_bits}_t", [int(v) for v in bp],
             f"{name}: bias in accumulator units (wrapped to {call.acc_bits} bits)"
             + (", input zero point folded in" if sdot else "") + f", padded to {ocp} lanes",
         ),
     }  # fmt: skip
-    ctx.update(_requant_arrays(call, ocp, add))
+    ctx.update(_requant_arrays(call, ocp, add, lane_bits))
     return ctx
 
 
@@ -378,7 +386,7 @@ def depthwise_context(
             f"{name}: bias in accumulator units (wrapped to {call.acc_bits} bits), padded to {cp}",
         ),
     }  # fmt: skip
-    ctx.update(_requant_arrays(call, cp, add))
+    ctx.update(_requant_arrays(call, cp, add, call.container_bits))
     return ctx
 
 
