@@ -87,9 +87,18 @@ def path(call: KernelCall, dialect: str, target: str) -> str | None:
         and neon_target(target).dotprod
         and gemm_supported(call)
         and _zp_fits_int8(call)
+        and _sdot_pays(call)
     ):
         return f"{name}-sdot"
     return name
+
+
+def _sdot_pays(call: KernelCall) -> bool:
+    """SDOT gathers im2col rows; a conv with fewer than 8 input channels gathers them element by
+    element, slower than the widened-input MLA/SMLAL "rows" path (FashionCNN's 1-channel stem
+    on cortex-a76: 195K vs 73K instructions)."""
+    w = call.node.params["weight"]
+    return w.ndim != 4 or int(w.shape[3]) >= 8
 
 
 def gemm_supported(call: KernelCall) -> bool:
