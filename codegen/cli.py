@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import sys
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 from codegen.errors import QaccError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
 MODEL_FILE = "model.qacc"
 
 
@@ -230,6 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qacc: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug in qacc, not in the user's input: still one line by default
+        if os.environ.get("QACC_DEBUG"):
+            raise
+        print(
+            f"qacc: internal error: {type(e).__name__}: {e}; this is a bug in qacc, please report "
+            "it (QACC_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -137,3 +137,22 @@ def test_help_and_version(work: Path) -> None:
     for opt in ("--calib", "--labels", "--acc-bits", "--overflow", "--target", "--out", "--force"):
         assert opt in h.stdout
     assert "(default: 16)" in h.stdout and "(default: guaranteed)" in h.stdout
+
+
+def test_internal_errors_are_one_line_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug in qacc itself: one line, exit 1; QACC_DEBUG=1 shows the traceback."""
+    from codegen import cli, demo
+
+    def boom(*args: object) -> int:
+        raise KeyError("scratch_elems")
+
+    monkeypatch.setattr(demo, "main", boom)
+    monkeypatch.delenv("QACC_DEBUG", raising=False)
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qacc: internal error: KeyError")
+    monkeypatch.setenv("QACC_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["demo"])
