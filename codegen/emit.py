@@ -348,14 +348,18 @@ class _Emitter:
         if "weight" in p:
             w = np.asarray(p["weight"])
             per_out = math.prod(w.shape[1:])
-            k["weight"] = None if not own_params else self.add_array(
-                node,
-                "weight",
-                "int8_t",
-                _ints(w),
-                f"{node.name}: weights, shape {tuple(int(d) for d in w.shape)}"
-                f" ({'O, kh, kw, I/groups' if w.ndim == 4 else 'O, I'})",
-                per_out,
+            k["weight"] = (
+                None
+                if not own_params
+                else self.add_array(
+                    node,
+                    "weight",
+                    "int8_t",
+                    _ints(w),
+                    f"{node.name}: weights, shape {tuple(int(d) for d in w.shape)}"
+                    f" ({'O, kh, kw, I/groups' if w.ndim == 4 else 'O, I'})",
+                    per_out,
+                )
             )
             k["w_stride"] = per_out
             k["icg"] = int(w.shape[-1])
@@ -365,12 +369,16 @@ class _Emitter:
             bias = _ints(p["bias"]) if "bias" in p else (0,) * int(w.shape[0])
             assert call.acc_bits is not None and call.container_bits is not None
             wrapped = [int(v) for v in wrap(np.asarray(bias, dtype=np.int64), call.acc_bits)]
-            k["bias"] = None if not own_params else self.add_array(
-                node,
-                "bias",
-                f"int{call.container_bits}_t",
-                wrapped,
-                f"{node.name}: bias in accumulator units (wrapped to {call.acc_bits} bits)",
+            k["bias"] = (
+                None
+                if not own_params
+                else self.add_array(
+                    node,
+                    "bias",
+                    f"int{call.container_bits}_t",
+                    wrapped,
+                    f"{node.name}: bias in accumulator units (wrapped to {call.acc_bits} bits)",
+                )
             )
         if node.op == "add":
             assert call.container_bits is not None
