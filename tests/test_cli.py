@@ -29,14 +29,17 @@ def broken():
 """
 
 
-def qacc(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def qacc(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a user does: a fresh interpreter, in `cwd`, with extra environment."""
+    full = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "codegen.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        env=env,
+        env=full,
         timeout=600,
         check=False,
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from codegen.targets import get_target
+from tests.test_cli import qacc
 
 MODEL_PY = """
 import torch
@@ -51,21 +51,6 @@ def wide():
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(2048, 4)).eval()
 """
-
-
-def qacc(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "codegen.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=full,
-        timeout=600,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")
