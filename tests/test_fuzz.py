@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import codegen
@@ -110,6 +112,17 @@ def test_fuzz_host_asan_ubsan(tmp_path: Path) -> None:
     stats = fuzz.run_cases(_seeds(500, 16), tgt, tmp_path, sanitize=True)
     _assert_clean(stats, "host, ASan + UBSan")
     assert stats.cases + stats.infeasible == 16
+
+
+@settings(max_examples=3, deadline=None, database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+@given(seeds=st.lists(st.integers(0, 2**40), min_size=6, max_size=6, unique=True))
+def test_property_generated_c_equals_reference(seeds: list[int]) -> None:
+    """Hypothesis draws the cases: random layer configurations, graphs and quantized models, a
+    new sample in every CI run, each batch built in one CMake project and compared with the
+    reference bit for bit. A failure prints the seeds; `fuzz.run_cases([seed])` replays one."""
+    stats = fuzz.run_cases(seeds, BuildTarget("host", c_flags=("-O2",)))
+    _assert_clean(stats, f"hypothesis seeds {seeds}")
 
 
 # ----------------------------------------------------------------------------- QEMU
