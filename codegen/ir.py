@@ -25,7 +25,7 @@ fold the clamp into `requant.lo`/`requant.hi` and carry `acc_bits` in attrs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -134,6 +134,34 @@ class Graph:
 
     def with_nodes(self, nodes: tuple[Node, ...], tensors: Mapping[str, Tensor]) -> Graph:
         return replace(self, nodes=nodes, tensors=dict(tensors))
+
+
+class TensorUnion:
+    """Union-find over tensor names. The representative of a set is its first tensor in `order`
+    (e.g. the earliest produced); tensors not in `order` rank last."""
+
+    def __init__(self, tensors: Iterable[str], order: Mapping[str, int] | None = None):
+        self.parent: dict[str, str] = {t: t for t in tensors}
+        self.order = order or {}
+
+    def find(self, t: str) -> str:
+        while self.parent[t] != t:
+            self.parent[t] = self.parent[self.parent[t]]
+            t = self.parent[t]
+        return t
+
+    def union(self, a: str, b: str) -> str:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        last = len(self.order)
+        first = self.order.get(ra, last) <= self.order.get(rb, last)
+        keep, drop = (ra, rb) if first else (rb, ra)
+        self.parent[drop] = keep
+        return keep
+
+    def members(self, rep: str) -> list[str]:
+        return [t for t in self.parent if self.find(t) == rep]
 
 
 def conv_out_size(size: int, k: int, stride: int, pad0: int, pad1: int, dilation: int = 1) -> int:

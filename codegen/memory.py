@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from codegen.errors import UnsupportedModelError
-from codegen.ir import Graph
+from codegen.ir import Graph, TensorUnion
 
 ARENA, INPUT, OUTPUT = "arena", "input", "output"
 
@@ -108,28 +108,6 @@ class MemoryPlan:
 # ----------------------------------------------------------------------------- liveness
 
 
-class _Classes:
-    """Union-find over tensor names; the representative is the earliest-produced tensor."""
-
-    def __init__(self, order: Mapping[str, int]):
-        self.parent: dict[str, str] = {t: t for t in order}
-        self.order = order
-
-    def find(self, t: str) -> str:
-        while self.parent[t] != t:
-            self.parent[t] = self.parent[self.parent[t]]
-            t = self.parent[t]
-        return t
-
-    def union(self, a: str, b: str) -> str:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return ra
-        keep, drop = (ra, rb) if self.order[ra] <= self.order[rb] else (rb, ra)
-        self.parent[drop] = keep
-        return keep
-
-
 def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
@@ -168,7 +146,7 @@ def plan(
         raise MemoryPlanError(f"graph output {graph.output!r} is never produced")
     last_use[graph.output] = n
 
-    classes = _Classes(produced)
+    classes = TensorUnion(produced, produced)
     for node in graph.nodes:
         if node.op == "reshape":
             classes.union(node.inputs[0], node.output)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from codegen import simulate
 from codegen.errors import InfeasibleAccumulatorError
-from codegen.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
+from codegen.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor, TensorUnion
 from codegen.quant.accumulator import (
     MIN_BITS,
     Policy,
@@ -44,29 +44,14 @@ MAX_ACC_BITS = 32
 # ----------------------------------------------------------------------------- tensor classes
 
 
-class TensorClasses:
-    """Union-find over tensors that must share a format (maxpool, reshape, concat tie them)."""
-
-    def __init__(self, graph: Graph):
-        self.parent = {t: t for t in graph.tensors}
-        for n in graph.nodes:
-            if n.op in ("maxpool2d", "reshape", "concat"):
-                for t in n.inputs:
-                    self._union(t, n.output)
-
-    def find(self, t: str) -> str:
-        while self.parent[t] != t:
-            self.parent[t] = self.parent[self.parent[t]]
-            t = self.parent[t]
-        return t
-
-    def _union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-    def members(self, cls: str) -> list[str]:
-        return [t for t in self.parent if self.find(t) == cls]
+def tensor_classes(graph: Graph) -> TensorUnion:
+    """Tensors that must share a format: maxpool, reshape and concat tie inputs to output."""
+    classes = TensorUnion(graph.tensors)
+    for n in graph.nodes:
+        if n.op in ("maxpool2d", "reshape", "concat"):
+            for t in n.inputs:
+                classes.union(t, n.output)
+    return classes
 
 
 @dataclass
@@ -82,7 +67,7 @@ class ClassInfo:
         return DEFAULT_SIGNED_BITS if self.signed else DEFAULT_UNSIGNED_BITS
 
 
-def class_infos(graph: Graph, classes: TensorClasses, cal: Calibration) -> dict[str, ClassInfo]:
+def class_infos(graph: Graph, classes: TensorUnion, cal: Calibration) -> dict[str, ClassInfo]:
     infos: dict[str, ClassInfo] = {}
     for t in graph.tensors:
         c = classes.find(t)
@@ -181,7 +166,7 @@ def search(
     progress: bool = True,
 ) -> PTQResult:
     cal = calibrate(graph, x_nhwc, progress)
-    classes = TensorClasses(graph)
+    classes = tensor_classes(graph)
     infos = class_infos(graph, classes, cal)
     rank_x = x_nhwc[:RANK_SAMPLES]
     rank_ref = cal.output[:RANK_SAMPLES]
