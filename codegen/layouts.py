@@ -396,6 +396,58 @@ def depthwise_context(
         ),
     }  # fmt: skip
     ctx.update(_requant_arrays(call, cp, add, call.container_bits))
+    ctx.update(_depthwise_interior(graph, call, w, bias, add))
+    return ctx
+
+
+def _depthwise_interior(
+    graph: Graph, call: KernelCall, w: Any, bias: Any, add: AddArray
+) -> dict[str, Any]:
+    """The interior of a depthwise conv: the output pixels whose taps all lie inside the input.
+
+    There the kernel needs no bounds checks and no zero-point subtraction per tap: the input zero
+    point is folded into the bias, ibias = wrap(bias - IZP * sum(w), A), which is exact modulo 2^A.
+    acc16 multiplies int8 inputs by int8 weights (SMLAL.8H, products exact in int16) when every
+    weight fits int8."""
+    node = call.node
+    assert call.acc_bits is not None
+    a = node.attrs
+    ih, iw, c = (int(v) for v in graph.tensors[node.inputs[0]].shape[-3:])
+    oh, ow = (int(v) for v in graph.tensors[node.output].shape[-3:-1])
+    kh, kw = int(w.shape[1]), int(w.shape[2])
+    sh, sw = (int(v) for v in a.get("stride", (1, 1)))
+    pt, _, pl, _ = (int(v) for v in a.get("padding", (0, 0, 0, 0)))
+    dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
+    in_zp = int(a.get("input_zero_point", 0))
+
+    def span(n_out: int, n_in: int, s: int, p: int, k: int, d: int) -> tuple[int, int]:
+        lo = min(-(-p // s), n_out)
+        hi = max(min((n_in - 1 + p - (k - 1) * d) // s + 1, n_out), lo)
+        return lo, hi
+
+    oy0, oy1 = span(oh, ih, sh, pt, kh, dh)
+    ox0, ox1 = span(ow, iw, sw, pl, kw, dw)
+    cp = _ceil_to(c, 8)
+    taps = [(ky * dh * iw + kx * dw) * c for ky in range(kh) for kx in range(kw)]
+    ib = np.zeros(cp, dtype=np.int64)
+    ib[:c] = wrap(bias - in_zp * w.reshape(c, -1).sum(axis=1), call.acc_bits)
+    s8 = call.container_bits == 16 and bool(np.all(np.abs(w) <= 127))
+    name = node.name
+    ctx: dict[str, Any] = {
+        "OY0": oy0, "OY1": oy1, "OX0": ox0, "OX1": ox1, "C8": c // 8 * 8,
+        "taps": taps, "s8": s8,
+        "ibias": add(
+            "ibias", f"int{call.container_bits}_t", [int(v) for v in ib],
+            f"{name}: bias minus input zero point times the weight sum (interior pixels)",
+        ),
+    }  # fmt: skip
+    if s8:
+        wp = np.zeros((len(taps), cp), dtype=np.int64)
+        wp[:, :c] = w.reshape(c, -1).T
+        ctx["packed8"] = add(
+            "wpacked8", "int8_t", [int(v) for v in wp.reshape(-1)],
+            f"{name}: depthwise weights, int8, [tap][channel], {cp} channels",
+        )  # fmt: skip
     return ctx
 
 

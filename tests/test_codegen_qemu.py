@@ -184,6 +184,27 @@ def test_neon_maxpool_vector_channels(target: str, tmp_path: Path) -> None:
     assert np.array_equal(c.run_int_q(xs), reference.run(g, xs).output)
 
 
+@pytest.mark.parametrize("target", NEON_TARGETS)
+def test_neon_depthwise_interior_and_border(target: str, tmp_path: Path) -> None:
+    """The NEON depthwise kernel: interior pixels (no bounds checks, the input zero point folded
+    into the bias, int8 x int8 SMLAL into int16 lanes for acc16), border pixels and the last
+    C % 8 channels (27 = 3 x 8 + 3), strides, dilation, asymmetric padding, wrapping widths and
+    9-bit weights (acc16 with int16 weights)."""
+    _require(target)
+    b = GraphBuilder("dw", seed=13, batch=2)
+    x = b.input((11, 10, 27), lo=0, hi=127)
+    t = b.conv2d(x, 27, padding=(1, 1, 1, 1), groups=27, input_zero_point=50, acc_bits=16)
+    t = b.conv2d(t, 27, (3, 3), (2, 2), (1, 2, 0, 2), (2, 2), groups=27, zero_point=-3)
+    t = b.conv2d(t, 27, padding=(1, 1, 1, 1), groups=27, acc_bits=11, w_dist="positive")
+    t = b.conv2d(t, 27, (3, 3), (1, 2), (2, 1, 1, 1), groups=27, acc_bits=16, w_bits=9)
+    b.conv2d(t, 27, (2, 3), padding=(1, 0, 1, 1), groups=27, input_zero_point=-7, acc_bits=20)
+    g, xs = b.result()
+    c = compile(g, target=target, out_dir=tmp_path / "dw")
+    src = (tmp_path / "dw" / "dw.c").read_text()
+    assert "vmlal_s8(" in src and "ibias" in src
+    assert np.array_equal(c.run_int_q(xs), reference.run(g, xs).output)
+
+
 def _conv_graph(acc_bits: int) -> Any:
     b = GraphBuilder(f"conv_acc{acc_bits}", seed=3, batch=1)
     x = b.input((12, 12, 16), lo=-8, hi=8)
