@@ -367,87 +367,66 @@ def _geometry(graph: Graph, call: KernelCall, mode: str) -> dict[str, Any]:
 def depthwise_context(
     graph: Graph, call: KernelCall, target: str, add: AddArray
 ) -> dict[str, Any] | None:
-    """Packed constants of the NEON depthwise kernel (None: use the portable C kernel)."""
+    """Packed constants of the NEON depthwise kernel (None: use the portable C kernel).
+
+    The kernel copies the input once into the scratch buffer as int8, padded with the input zero
+    point (rows x cols pixels, CP channels per pixel), so that every output pixel reads its taps
+    at constant offsets without bounds checks. The input zero point is folded into the bias,
+    ibias = wrap(bias - IZP * sum(w), A), exact modulo 2^A: a padding tap holds IZP and adds
+    w * IZP, which the folded bias cancels, as the reference's x - IZP = 0. acc16 multiplies int8
+    inputs by int8 weights (SMLAL.8H, products exact in int16) when every weight fits int8."""
     if not depthwise_supported(graph, call):
         return None
     node = call.node
     assert call.acc_bits is not None and call.container_bits is not None
     w = np.asarray(node.params["weight"], dtype=np.int64)  # (C, kh, kw, 1)
     c = int(w.shape[0])
-    taps = int(w.shape[1] * w.shape[2])
-    cp = _ceil_to(c, 8)
-    wp = np.zeros((taps, cp), dtype=np.int64)
-    wp[:, :c] = w.reshape(c, taps).T
-    bias = np.asarray(node.params.get("bias", np.zeros(c, np.int64)), dtype=np.int64)
-    bp = np.zeros(cp, dtype=np.int64)
-    bp[:c] = wrap(bias, call.acc_bits)
-    name = node.name
-    ctx: dict[str, Any] = {
-        "neon": True,
-        "CP": cp,
-        "wrap_shift": call.container_bits - call.acc_bits,
-        "packed": add(
-            "wpacked", "int16_t", [int(v) for v in wp.reshape(-1)],
-            f"{name}: depthwise weights for the NEON kernel, int16, [tap][channel], {cp} channels",
-        ),
-        "nbias": add(
-            "nbias", f"int{call.container_bits}_t", [int(v) for v in bp],
-            f"{name}: bias in accumulator units (wrapped to {call.acc_bits} bits), padded to {cp}",
-        ),
-    }  # fmt: skip
-    ctx.update(_requant_arrays(call, cp, add, call.container_bits))
-    ctx.update(_depthwise_interior(graph, call, w, bias, add))
-    return ctx
-
-
-def _depthwise_interior(
-    graph: Graph, call: KernelCall, w: Any, bias: Any, add: AddArray
-) -> dict[str, Any]:
-    """The interior of a depthwise conv: the output pixels whose taps all lie inside the input.
-
-    There the kernel needs no bounds checks and no zero-point subtraction per tap: the input zero
-    point is folded into the bias, ibias = wrap(bias - IZP * sum(w), A), which is exact modulo 2^A.
-    acc16 multiplies int8 inputs by int8 weights (SMLAL.8H, products exact in int16) when every
-    weight fits int8."""
-    node = call.node
-    assert call.acc_bits is not None
-    a = node.attrs
-    ih, iw, c = (int(v) for v in graph.tensors[node.inputs[0]].shape[-3:])
-    oh, ow = (int(v) for v in graph.tensors[node.output].shape[-3:-1])
     kh, kw = int(w.shape[1]), int(w.shape[2])
+    cp = _ceil_to(c, 8)
+    wp = np.zeros((kh * kw, cp), dtype=np.int64)
+    wp[:, :c] = w.reshape(c, kh * kw).T
+    bias = np.asarray(node.params.get("bias", np.zeros(c, np.int64)), dtype=np.int64)
+    a = node.attrs
+    iw = int(graph.tensors[node.inputs[0]].shape[-2])
+    oh, ow = (int(v) for v in graph.tensors[node.output].shape[-3:-1])
     sh, sw = (int(v) for v in a.get("stride", (1, 1)))
-    pt, _, pl, _ = (int(v) for v in a.get("padding", (0, 0, 0, 0)))
+    pl = int(a.get("padding", (0, 0, 0, 0))[2])
     dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
     in_zp = int(a.get("input_zero_point", 0))
-
-    def span(n_out: int, n_in: int, s: int, p: int, k: int, d: int) -> tuple[int, int]:
-        lo = min(-(-p // s), n_out)
-        hi = max(min((n_in - 1 + p - (k - 1) * d) // s + 1, n_out), lo)
-        return lo, hi
-
-    oy0, oy1 = span(oh, ih, sh, pt, kh, dh)
-    ox0, ox1 = span(ow, iw, sw, pl, kw, dw)
-    cp = _ceil_to(c, 8)
-    taps = [(ky * dh * iw + kx * dw) * c for ky in range(kh) for kx in range(kw)]
+    if not -128 <= in_zp <= 127:
+        return None  # the padding (IZP) must fit the int8 scratch
+    rows = (oh - 1) * sh + (kh - 1) * dh + 1  # padded rows and columns that the taps read
+    cols = (ow - 1) * sw + (kw - 1) * dw + 1
+    lf = min(pl, cols)  # padding columns on the left, then input columns
+    mid = max(0, min(iw, cols - lf))
     ib = np.zeros(cp, dtype=np.int64)
     ib[:c] = wrap(bias - in_zp * w.reshape(c, -1).sum(axis=1), call.acc_bits)
     s8 = call.container_bits == 16 and bool(np.all(np.abs(w) <= 127))
     name = node.name
     ctx: dict[str, Any] = {
-        "OY0": oy0, "OY1": oy1, "OX0": ox0, "OX1": ox1, "C8": c // 8 * 8,
-        "taps": taps, "s8": s8,
+        "neon": True,
+        "CP": cp, "ROWS": rows, "COLS": cols, "LF": lf, "MID": mid,
+        "taps": [(ky * dh * cols + kx * dw) * cp for ky in range(kh) for kx in range(kw)],
+        "s8": s8,
+        "scratch_elems": -(-(rows * cols * cp) // 2),  # int8 bytes in the int16 scratch
+        "wrap_shift": call.container_bits - call.acc_bits,
         "ibias": add(
             "ibias", f"int{call.container_bits}_t", [int(v) for v in ib],
-            f"{name}: bias minus input zero point times the weight sum (interior pixels)",
+            f"{name}: bias minus input zero point times the weight sum (wrapped to"
+            f" {call.acc_bits} bits), padded to {cp}",
         ),
     }  # fmt: skip
     if s8:
-        wp = np.zeros((len(taps), cp), dtype=np.int64)
-        wp[:, :c] = w.reshape(c, -1).T
         ctx["packed8"] = add(
             "wpacked8", "int8_t", [int(v) for v in wp.reshape(-1)],
-            f"{name}: depthwise weights, int8, [tap][channel], {cp} channels",
+            f"{name}: depthwise weights for the NEON kernel, int8, [tap][channel], {cp} channels",
         )  # fmt: skip
+    else:
+        ctx["packed"] = add(
+            "wpacked", "int16_t", [int(v) for v in wp.reshape(-1)],
+            f"{name}: depthwise weights for the NEON kernel, int16, [tap][channel], {cp} channels",
+        )  # fmt: skip
+    ctx.update(_requant_arrays(call, cp, add, call.container_bits))
     return ctx
 
 

@@ -186,10 +186,10 @@ def test_neon_maxpool_vector_channels(target: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", NEON_TARGETS)
 def test_neon_depthwise_interior_and_border(target: str, tmp_path: Path) -> None:
-    """The NEON depthwise kernel: interior pixels (no bounds checks, the input zero point folded
-    into the bias, int8 x int8 SMLAL into int16 lanes for acc16), border pixels and the last
-    C % 8 channels (27 = 3 x 8 + 3), strides, dilation, asymmetric padding, wrapping widths and
-    9-bit weights (acc16 with int16 weights)."""
+    """The NEON depthwise kernel (input copied once, padded with the input zero point, which is
+    folded into the bias; int8 x int8 SMLAL into int16 lanes for acc16): border pixels, the last
+    C % 8 channels (27 = 3 x 8 + 3), strides, dilation, asymmetric padding, input zero points,
+    wrapping widths and 9-bit weights (acc16 with int16 weights)."""
     _require(target)
     b = GraphBuilder("dw", seed=13, batch=2)
     x = b.input((11, 10, 27), lo=0, hi=127)
