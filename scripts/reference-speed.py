@@ -27,8 +27,9 @@ xq = qm.quantize_input(x_test)
 t0, c0 = time.time(), os.times()
 out = codegen.reference.run(qm.graph, xq).output
 t1, c1 = time.time(), os.times()
+mmacs = qm.report["macs"] / 1e6
 print(
-    f"reference: {len(x_test)} images x {qm.report['macs'] / 1e6:.1f} M MACs in {t1 - t0:.1f} s wall "
+    f"reference: {len(x_test)} images x {mmacs:.1f} M MACs in {t1 - t0:.1f} s wall "
     f"({c1.user - c0.user:.1f} s user, {c1.system - c0.system:.1f} s sys; load average "
     f"{os.getloadavg()[0]:.1f}); output {out.shape}, checksum {int(np.abs(out).sum())}"
 )
