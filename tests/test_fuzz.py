@@ -38,9 +38,10 @@ from codegen.quant.formats import requantize
 from codegen.targets import TargetError, check_tools, get_target
 
 SEED = int(os.environ.get("QACC_FUZZ_SEED", "0"))
-QEMU_TARGETS = ["cortex-a53", "cortex-a76", "cortex-a7", "cortex-m4", "cortex-m55"]
-"""One per kernel dialect path: NEON A64, NEON + SDOT, NEON A32, DSP, MVE (the long campaign
-takes --target for the others)."""
+QEMU_TARGETS = [
+    "cortex-a53", "cortex-a72", "cortex-a76", "cortex-a7", "cortex-m4", "cortex-m7", "cortex-m55",
+]  # fmt: skip
+"""Every ARM target, a few cases each (the long campaign takes --target)."""
 QEMU_CASES = 5
 
 
