@@ -13,12 +13,9 @@ the Debian package), it never skips.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
-import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from codegen.build import ToolMissingError, resolve_target
 from codegen.compiled import run_testbench
 from codegen.emit import c_identifier, emit, write_files
 from codegen.ir import Graph
+from tests.shared_build import build_once, shared_dir
 from tests.test_codegen_host import CASE_IDS, CASES
 
 CORTEX_M = ("cortex-m4", "cortex-m7", "cortex-m55")
@@ -37,21 +35,6 @@ DIALECT_MARKERS = {"dsp": "__smlad(", "mve": "vmladavaq_s8("}
 """A call that only the dialect's own kernels contain (proof that they were used)."""
 
 pytestmark = pytest.mark.qemu
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _shared_dir(factory: pytest.TempPathFactory) -> Path:
-    base = factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 RUNNER_C = """\
@@ -179,23 +162,20 @@ def cortexm_builds(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
     """target -> (case id -> test bench): each target is built once per session, on first use,
     and shared by the pytest-xdist workers through a lock file (workers build targets in
     parallel when their first tests are on different targets)."""
-    base = _shared_dir(tmp_path_factory)
+    base = shared_dir(tmp_path_factory)
     cache: dict[str, dict[str, str]] = {}
+
+    def build(target: str, root: Path) -> dict[str, str]:
+        try:
+            return build_cases(target, root)
+        except ToolMissingError as e:
+            return {cid: f"ERROR {e}" for cid in CASE_IDS}
 
     def get(target: str) -> dict[str, str]:
         if target not in cache:
-            root = base / f"qacc-cortexm-{target}"
-            done = root / "results.json"
-            with _locked(base / f"qacc-cortexm-{target}.lock"):
-                if not done.exists():
-                    shutil.rmtree(root, ignore_errors=True)
-                    try:
-                        summary = build_cases(target, root)
-                    except ToolMissingError as e:
-                        summary = {cid: f"ERROR {e}" for cid in CASE_IDS}
-                    root.mkdir(parents=True, exist_ok=True)
-                    done.write_text(json.dumps(summary))
-            cache[target] = json.loads(done.read_text())
+            cache[target] = build_once(
+                base, f"qacc-cortexm-{target}", lambda root: build(target, root)
+            )
         return cache[target]
 
     return get

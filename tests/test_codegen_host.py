@@ -11,14 +11,10 @@ accumulator; the test checks that the reference saw the wrap-around. No toleranc
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import re
-import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,7 @@ from codegen.ir import Graph, Node, Tensor
 from codegen.lower import LoweringError, lower
 from codegen.quant.formats import requantize, wrap
 from tests.graphs import GraphBuilder, overflowed
+from tests.shared_build import build_once, shared_dir
 
 # ----------------------------------------------------------------------------- the case table
 
@@ -390,44 +387,27 @@ def test_every_acc_width_wraps(graphs: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- sanitizers
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="session")
 def sanitized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Every case emitted into one CMake project and built once with ASan + UBSan; shared by the
     pytest-xdist workers through a lock file. case id -> test bench path, or "ERROR <log>"."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    root = base / "qacc-sanitized"
-    done = root / "results.json"
-    with _locked(base / "qacc-sanitized.lock"):
-        if not done.exists():
-            shutil.rmtree(root, ignore_errors=True)
-            dirs = []
-            for c in CASES:
-                g, _ = c.build()
-                d = root / "models" / c_identifier(c.id)
-                write_files(emit(g, c.id), d)
-                dirs.append(d)
-            # -O1: a third faster to build than -O2 (which the in-process builds use)
-            host_o1 = BuildTarget("host", c_flags=("-O1",))
-            results = build_many(dirs, root / "build", host_o1, sanitize=True, testbench=True)
-            summary = {
-                cid: (str(r.testbench) if isinstance(r, BuildResult) else f"ERROR {r}")
-                for cid, r in zip(CASE_IDS, results.values(), strict=True)
-            }
-            done.write_text(json.dumps(summary))
-    result: dict[str, str] = json.loads(done.read_text())
-    return result
+
+    def build(root: Path) -> dict[str, str]:
+        dirs = []
+        for c in CASES:
+            g, _ = c.build()
+            d = root / "models" / c_identifier(c.id)
+            write_files(emit(g, c.id), d)
+            dirs.append(d)
+        # -O1: a third faster to build than -O2 (which the in-process builds use)
+        host_o1 = BuildTarget("host", c_flags=("-O1",))
+        results = build_many(dirs, root / "build", host_o1, sanitize=True, testbench=True)
+        return {
+            cid: (str(r.testbench) if isinstance(r, BuildResult) else f"ERROR {r}")
+            for cid, r in zip(CASE_IDS, results.values(), strict=True)
+        }
+
+    return build_once(shared_dir(tmp_path_factory), "qacc-sanitized", build)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

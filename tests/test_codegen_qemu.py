@@ -12,7 +12,6 @@ A missing cross compiler or QEMU fails, naming the Debian package (CI installs e
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -29,8 +28,9 @@ from codegen.emit import emit
 from codegen.ir import Requant
 from codegen.targets import TargetError, check_tools, get_target
 from tests.graphs import GraphBuilder
+from tests.shared_build import build_once, shared_dir
 from tests.test_codegen_cortexm import build_cases
-from tests.test_codegen_host import CASE_IDS, CASES, _locked
+from tests.test_codegen_host import CASE_IDS, CASES
 
 pytestmark = pytest.mark.qemu
 
@@ -51,23 +51,15 @@ def case_builds(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dic
     """target -> {case id: "runner case" or "ERROR ..."}: every case of a target is linked into
     ONE runner executable (one CMake project, one link; see tests/test_codegen_cortexm.py), built
     once per session and shared by the pytest-xdist workers through a lock file."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
+    base = shared_dir(tmp_path_factory)
     cache: dict[str, dict[str, str]] = {}
 
     def get(target: str) -> dict[str, str]:
         _require(target)
         if target not in cache:
-            root = base / f"qacc-neon-{target}"
-            done = root / "results.json"
-            with _locked(base / f"qacc-neon-{target}.lock"):
-                if not done.exists():
-                    shutil.rmtree(root, ignore_errors=True)
-                    summary = build_cases(target, root)
-                    root.mkdir(parents=True, exist_ok=True)
-                    done.write_text(json.dumps(summary))
-            cache[target] = json.loads(done.read_text())
+            cache[target] = build_once(
+                base, f"qacc-neon-{target}", lambda root: build_cases(target, root)
+            )
         return cache[target]
 
     return get
