@@ -19,7 +19,7 @@ from codegen.quant.formats import quantize as quantize_values
 from codegen.quant.ptq import PTQResult, fakequant_overrides, search
 from codegen.reference import RunResult
 
-METHODS = ("ptq",)
+METHODS = ("ptq", "adaptive", "transform")
 
 
 @dataclass
@@ -39,13 +39,13 @@ class QuantizedModel:
         fmt = self.graph.tensors[self.graph.input].fmt
         assert fmt is not None
         return quantize_values(
-            simulate.nchw_to_nhwc(x), fmt.frac, fmt.qmin, fmt.qmax, fmt.zero_point
+            simulate.nchw_to_nhwc(x) / fmt.scale, 0, fmt.qmin, fmt.qmax, fmt.zero_point
         )
 
     def dequantize_output(self, q: np.ndarray) -> np.ndarray:
         fmt = self.graph.tensors[self.graph.output].fmt
         assert fmt is not None
-        return simulate.nhwc_to_nchw(dequantize(q, fmt.frac, fmt.zero_point))
+        return simulate.nhwc_to_nchw(dequantize(q, 0, fmt.zero_point) * fmt.scale)
 
     # -- the integer reference
     def reference_int(self, x: np.ndarray) -> IntArray:
@@ -161,34 +161,92 @@ def _acc_map(graph: Graph, acc_bits: int | Mapping[str, int]) -> dict[str, int]:
 
 
 def quantize(
-    model: nn.Module,
+    model: nn.Module | str,
     calib: np.ndarray,
-    acc_bits: int | Mapping[str, int] = 16,
+    acc_bits: int | Mapping[str, int] | None = None,
     overflow: str = "guaranteed",
     labels: np.ndarray | None = None,
     method: str = "ptq",
     margin: float = 2.0,
     progress: bool = True,
     name: str | None = None,
+    *,
+    w_bits: int | Mapping[str, int] = 4,
+    a_bits: int | Mapping[str, int] = 4,
+    scale: str = "dyadic",
+    bits_per_weight: float = 2.0,
+    transform: str = "klt",
+    train: tuple[np.ndarray, np.ndarray] | None = None,
+    epochs: int = 2,
+    seed: int = 0,
 ) -> QuantizedModel:
     """Quantize an eval-mode nn.Module for accumulators of `acc_bits` bits.
 
-    `acc_bits` is one width for every layer or a mapping {layer name: width, "default": width}.
-    `overflow` is "guaranteed" (no input in the input format can overflow) or "profiled"
-    (observed range on `calib` times `margin`). `labels` (optional) rank candidates by accuracy.
+    `acc_bits` is one width for every layer or a mapping {layer name: width, "default": width}
+    (default: 16 for "ptq" and "adaptive", 32 for "transform"). `overflow` is "guaranteed" (no
+    input in the input format can overflow) or "profiled" (observed range on `calib` times
+    `margin`). `labels` (optional) rank candidates by accuracy.
+
+    method="ptq": post-training, power-of-two formats filling the accumulator (de Bruin et al.).
+    method="adaptive": quantization-aware training on `train` for `epochs` with learned step
+    sizes and offsets (LSQ+), `w_bits`/`a_bits` (2..8, per network or {layer: bits}), `scale`
+    "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`.
+    method="transform": decorrelating transform (`transform` "klt" or "elt") and reverse
+    water-filling bit allocation at `bits_per_weight`, optionally retrained on `train`.
     """
     if method not in METHODS:
         raise QaccError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if overflow not in POLICIES:
         raise QaccError(f"unknown overflow policy '{overflow}'; choose guaranteed or profiled")
-    if not isinstance(model, nn.Module):
-        raise InvalidModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     calib = _check_calib(calib)
-    fg = from_torch(model, calib, name)
+    fg = float_graph(model, calib, name)
     _check_images(calib, fg, "calibration data")
     out_shape = fg.tensors[fg.output].shape
     lab = _check_labels(labels, calib.shape[0], out_shape[-1])
+    if acc_bits is None:
+        acc_bits = 32 if method == "transform" else 16
     accs = _acc_map(fg, acc_bits)
+    if method == "adaptive":
+        from codegen.quant.adaptive import quantize_adaptive
+
+        if overflow != "guaranteed":
+            raise QaccError("method 'adaptive' trains for overflow='guaranteed' only")
+        tr = _check_train(train, fg, "adaptive")
+        graph, extra = quantize_adaptive(
+            fg,
+            calib,
+            tr,
+            accs,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            scale=scale,
+            epochs=epochs,
+            seed=seed,
+            progress=progress,
+        )
+        qm = QuantizedModel(fg.name, graph, fg, method, overflow)
+        qm.report = build_report(qm, None, calib) | extra
+        return qm
+    if method == "transform":
+        from codegen.quant.transform import quantize_transform
+
+        trn = None if train is None else _check_train(train, fg, "transform")
+        graph, extra = quantize_transform(
+            fg,
+            calib,
+            trn,
+            accs,
+            policy=cast(Policy, overflow),
+            bits_per_weight=bits_per_weight,
+            transform=transform,
+            epochs=epochs,
+            seed=seed,
+            progress=progress,
+            labels=lab,
+        )
+        qm = QuantizedModel(fg.name, graph, fg, method, overflow)
+        qm.report = build_report(qm, None, calib) | extra
+        return qm
     x = simulate.nchw_to_nhwc(calib)
     res = search(fg, x, lab, accs, cast(Policy, overflow), margin, progress)
     qm = QuantizedModel(fg.name, res.graph, fg, method, overflow)
@@ -196,7 +254,30 @@ def quantize(
     return qm
 
 
-def build_report(qm: QuantizedModel, res: PTQResult, calib: np.ndarray) -> dict[str, Any]:
+def float_graph(model: nn.Module | str, calib: np.ndarray, name: str | None) -> Graph:
+    """The float IR of a model: an eval-mode nn.Module (torch.fx) or a path to an ONNX file."""
+    if isinstance(model, str):
+        raise InvalidModelError(
+            f"model '{model}' is a path; ONNX input is not supported yet, pass an nn.Module"
+        )
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return from_torch(model, calib, name)
+
+
+def _check_train(train: Any, fg: Graph, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (inputs, labels) training pair of the methods that (re)train."""
+    if not (isinstance(train, tuple) and len(train) == 2):
+        raise InvalidDataError(
+            f"method '{method}' needs train=(x_train, y_train): inputs N x C x H x W and labels"
+        )
+    x = _check_images(train[0], fg, "training inputs").astype(np.float32, copy=False)
+    y = _check_labels(train[1], x.shape[0], fg.tensors[fg.output].shape[-1])
+    assert y is not None
+    return x, y
+
+
+def build_report(qm: QuantizedModel, res: PTQResult | None, calib: np.ndarray) -> dict[str, Any]:
     g = qm.graph
     run = reference.run(g, qm.quantize_input(calib))
     layers = []
@@ -218,12 +299,10 @@ def build_report(qm: QuantizedModel, res: PTQResult, calib: np.ndarray) -> dict[
             q = n.params["weight"]
             lo, hi = channel_bounds(q, n.params["bias"], fi.qmin, fi.qmax)
             ov = run.overflow[n.name]
-            wf = n.attrs["weight_frac"]
             row.update(
                 K=terms_per_output(n),
                 acc_bits=a,
                 weight_bits=int(np.abs(q).max(initial=0)).bit_length() + 1,
-                weight_frac=[min(wf), max(wf)],
                 bound=int(max(hi.max(), -lo.min())),
                 acc_limit=2 ** (a - 1),
                 bound_fits=bool(hi.max() <= 2 ** (a - 1) - 1 and lo.min() >= -(2 ** (a - 1))),
@@ -232,10 +311,14 @@ def build_report(qm: QuantizedModel, res: PTQResult, calib: np.ndarray) -> dict[
                 overflow_samples=ov.samples,
                 macs=macs(g, n),
             )
-            if n.name in res.choices:
+            if "weight_frac" in n.attrs:
+                wf = n.attrs["weight_frac"]
+                row["weight_frac"] = [min(wf), max(wf)]
+            if res is not None and n.name in res.choices:
                 row["search"] = res.choices[n.name].candidates
             total_macs += macs(g, n)
-            weight_bytes += int(q.size) + 4 * int(q.shape[0])
+            stored_bits = int(n.attrs.get("weight_bits", 8))
+            weight_bytes += -(-int(q.size) * stored_bits // 8) + 4 * int(q.shape[0])
         layers.append(row)
     return {
         "model": qm.name,

@@ -42,12 +42,16 @@ OPS = frozenset(
 
 @dataclass(frozen=True)
 class QFormat:
-    """An integer format: real = (q - zero_point) * 2^-frac, q in [qmin, qmax]."""
+    """An integer format: real = (q - zero_point) * scale, q in [qmin, qmax].
+
+    The scale is 2^-frac (power of two) unless `step` is given (a dyadic format: any positive
+    real step; `frac` then only names the nearest power of two, for display)."""
 
     bits: int
     signed: bool
     frac: int
     zero_point: int = 0
+    step: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 8 or (not self.signed and self.bits > 7):
@@ -63,10 +67,16 @@ class QFormat:
 
     @property
     def scale(self) -> float:
-        return math.ldexp(1.0, -self.frac)
+        return self.step if self.step is not None else math.ldexp(1.0, -self.frac)
+
+    @property
+    def is_pow2(self) -> bool:
+        return self.step is None
 
     def describe(self) -> str:
         kind = "s" if self.signed else "u"
+        if self.step is not None:
+            return f"{kind}{self.bits}*{self.step:.4g}"
         return f"{kind}{self.bits}.{self.frac}"
 
 
