@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from codegen.errors import QaccError
+from codegen.resources import data_path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = data_path()  # the top-level CMakeLists.txt
 
 WARNING_FLAGS: tuple[str, ...] = ("-Wall", "-Wextra", "-pedantic")
 WERROR_FLAG = "-Werror"

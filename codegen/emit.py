@@ -34,10 +34,10 @@ from codegen import layouts, memory
 from codegen.ir import Graph, Node, QFormat, Tensor, macs
 from codegen.lower import KernelCall, Lowered, LoweringError, lower
 from codegen.quant.formats import wrap
+from codegen.resources import data_path
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = ROOT / "templates"
-RUNTIME = ROOT / "runtime_c"
+TEMPLATES = data_path("templates")
+RUNTIME = data_path("runtime_c")
 
 _CTYPES: dict[str, tuple[int, int, int]] = {
     # name: (bytes, min, max)

@@ -21,10 +21,11 @@ from pathlib import Path
 
 from codegen.errors import QaccError
 from codegen.qemu import run_under_emulator
-from codegen.targets import REPO_ROOT, get_target
+from codegen.resources import data_path
+from codegen.targets import get_target
 
-HARNESS_SRC = REPO_ROOT / "runtime_c" / "peers" / "xnnpack_conv.c"
-BUILD_DIR = REPO_ROOT / "build" / "peers"
+HARNESS_SRC = data_path("runtime_c", "peers", "xnnpack_conv.c")
+BUILD_DIR = data_path("build", "peers")
 MULTIARCH_LIB = Path("/usr/lib/aarch64-linux-gnu")
 XNNPACK_HEADER = Path("/usr/include/xnnpack.h")
 XNNPACK_LIB = MULTIARCH_LIB / "libXNNPACK.so"

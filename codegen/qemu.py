@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from codegen.targets import REPO_ROOT, Target, TargetError, check_tools, get_target
+from codegen.resources import data_path
+from codegen.targets import Target, TargetError, check_tools, get_target
 
 PLUGIN_ENV = "QACC_QEMU_PLUGIN"
-DEFAULT_PLUGIN = REPO_ROOT / "build" / "plugin" / "libinsn_count.so"
+DEFAULT_PLUGIN = data_path("build", "plugin", "libinsn_count.so")  # scripts/build-plugin.sh
 
 
 class EmulatorError(RuntimeError):
@@ -60,8 +61,8 @@ def plugin_path() -> Path:
     path = Path(os.environ.get(PLUGIN_ENV) or DEFAULT_PLUGIN)
     if not path.is_file():
         raise EmulatorError(
-            f"QEMU instruction-count plugin not found at {path}: run `make plugin` "
-            f"(or set {PLUGIN_ENV})"
+            f"QEMU instruction-count plugin not found at {path}: run `make plugin` in a checkout, "
+            f"or `bash {data_path('scripts', 'build-plugin.sh')}` (or set {PLUGIN_ENV})"
         )
     return path
 

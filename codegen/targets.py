@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOOLCHAIN_DIR = REPO_ROOT / "toolchains"
+from codegen.resources import data_path
+
+TOOLCHAIN_DIR = data_path("toolchains")
 
 Family = Literal["host", "aarch64-linux", "armhf-linux", "cortex-m"]
 Dialect = Literal["c", "neon", "dsp", "mve"]
