@@ -41,6 +41,7 @@ RUNTIME = data_path("runtime_c")
 
 _CTYPES: dict[str, tuple[int, int, int]] = {
     # name: (bytes, min, max)
+    "uint8_t": (1, 0, (1 << 8) - 1),
     "int8_t": (1, -(1 << 7), (1 << 7) - 1),
     "int16_t": (2, -(1 << 15), (1 << 15) - 1),
     "int32_t": (4, -(1 << 31), (1 << 31) - 1),
@@ -146,8 +147,8 @@ class ConstArray:
 
     @property
     def body(self) -> str:
-        per_line = 16 if self.ctype == "int8_t" else 8
-        lit = c_int if self.ctype == "int64_t" else str
+        per_line = 16 if self.ctype in ("int8_t", "uint8_t") else 8
+        lit = {"int64_t": c_int, "uint8_t": lambda v: f"0x{v:02x}"}.get(self.ctype, str)
         group = self.group if 0 < self.group < len(self.values) else len(self.values)
         lines: list[str] = []
         for g0 in range(0, len(self.values), group):
@@ -211,13 +212,30 @@ class _Emitter:
     # -- const data
 
     def add_array(
-        self, node: Node, what: str, ctype: str, values: Sequence[int], comment: str, group: int = 0
+        self,
+        node: Node,
+        what: str,
+        ctype: str,
+        values: Sequence[int],
+        comment: str,
+        group: int = 0,
+        bits: int = 0,
     ) -> str:
+        """A const array of `values` as `ctype`; bits 4 or 2: stored packed instead
+        (layouts.pack_bits, a uint8_t array of ceil(n * bits / 8) bytes; the kernels unpack it
+        to `ctype` with qacc_unpack_s<bits>)."""
         lid = self.layer_ids[node.name]
         sym = f"qacc_{self.name}_{lid}_{what}"
         _, lo, hi = _CTYPES[ctype]
         if any(v < lo or v > hi for v in values):
             raise LoweringError(f"{node.name}: {what} values do not fit {ctype}")
+        if bits:
+            packed = layouts.pack_bits(values, bits)
+            comment = (
+                f"{comment}; packed: {len(values)} {bits}-bit two's complement values"
+                f" ({8 // bits} per byte, lowest bits first) in {len(packed)} bytes"
+            )
+            ctype, values, group = "uint8_t", packed, 0
         arr = ConstArray(sym, ctype, tuple(values), comment_text(comment), group)
         self.arrays.append(arr)
         self.layer_weight_bytes[node.name] = self.layer_weight_bytes.get(node.name, 0) + arr.nbytes
@@ -348,6 +366,8 @@ class _Emitter:
         if "weight" in p:
             w = np.asarray(p["weight"])
             per_out = math.prod(w.shape[1:])
+            wbits = layouts.weight_storage_bits(node)
+            k["wbits"] = wbits
             k["weight"] = (
                 None
                 if not own_params
@@ -359,6 +379,7 @@ class _Emitter:
                     f"{node.name}: weights, shape {tuple(int(d) for d in w.shape)}"
                     f" ({'O, kh, kw, I/groups' if w.ndim == 4 else 'O, I'})",
                     per_out,
+                    bits=wbits,
                 )
             )
             k["w_stride"] = per_out
@@ -423,14 +444,19 @@ class _Emitter:
                 self.graph,
                 call,
                 self.target,
-                lambda what, ctype, vals, comment: self.add_array(
-                    call.node, what, ctype, vals, comment
+                lambda what, ctype, vals, comment, bits=0: self.add_array(
+                    call.node, what, ctype, vals, comment, bits=bits
                 ),
             )
         ctx = self.kernel_context(call, own_params=neon is None)
         ctx["neon"] = neon
         if neon is not None:
             self.scratch_elems = max(self.scratch_elems, int(neon.get("scratch_elems", 0)))
+        elif ctx.get("wbits"):
+            # the block of unpacked int8 weights of the portable / DSP / MVE kernels
+            ctx["wblock"] = layouts.unpack_block(call, self.lowered.dialect)
+            need = ctx["wblock"] * int(ctx["w_stride"])
+            self.scratch_elems = max(self.scratch_elems, -(-need // 2))
         return render(kernel_template(self.lowered.dialect, call.template), k=ctx).strip("\n")
 
     # -- files
@@ -495,6 +521,7 @@ class _Emitter:
                 )
             )
         weight_bytes = sum(a.nbytes for a in self.arrays)
+        packed = [a for a in self.arrays if a.ctype == "uint8_t"]
         common = {
             "stamp": f"/* {self.stamp_text} */",
             "stamp_cmake": f"# {self.stamp_text}",
@@ -509,6 +536,8 @@ class _Emitter:
             "scratch_elems": self.scratch_elems,
             "ram_bytes": plan.arena_bytes + 2 * self.scratch_elems,
             "weight_bytes": weight_bytes,
+            "packed_arrays": len(packed),
+            "packed_bytes": sum(a.nbytes for a in packed),
         }
         io_in = self.io_context("input", g.input)
         io_out = self.io_context("output", g.output)

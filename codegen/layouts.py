@@ -32,21 +32,99 @@ formats.requantize), and call qacc_requantize per lane otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from codegen.ir import Graph
+from codegen.ir import Graph, Node
 from codegen.lower import KernelCall
 from codegen.quant.formats import wrap
 
 GEMM_TEMPLATES = frozenset({"conv2d", "conv2d_pointwise", "dense"})
 """Templates that the NEON convolution/GEMM kernel implements (groups == 1)."""
 
-AddArray = Callable[[str, str, Sequence[int], str], str]
-"""(what, ctype, values, comment) -> the C symbol of a new const array."""
+
+class AddArray(Protocol):
+    def __call__(
+        self, what: str, ctype: str, values: Sequence[int], comment: str, bits: int = 0
+    ) -> str:
+        """(what, ctype, values, comment[, bits: store packed]) -> the C symbol of a new const
+        array."""
+        ...
+
+
+# ----------------------------------------------------------------------------- packed weights
+#
+# A weighted node (conv2d, dense) may declare attrs["weight_bits"] = b (2..8): every weight lies in
+# [-2^(b-1), 2^(b-1) - 1]. With b <= 4 its weights are stored packed in flash, in the order the
+# kernel consumes them (after the layout transform): two 4-bit two's-complement values per byte
+# (element 2i in the low nibble, 2i+1 in the high nibble), or with b <= 2 four 2-bit values per
+# byte (element 4i+j in bits 2j..2j+1). The kernels unpack one block (an output channel, or a
+# block of output channels) into the scratch buffer and run their inner loops on it; the loops are
+# ordered so that a block is unpacked once per inference (output channels outer, pixels inner).
+
+
+def weight_storage_bits(node: Node) -> int:
+    """Bits per stored weight of a node: 4 or 2 (packed), 0 for unpacked int8/int16 storage.
+
+    Raises ValueError when the weights do not fit the declared attrs["weight_bits"] (the graph is
+    inconsistent: whoever set the attribute must have produced weights in range)."""
+    if "weight_bits" not in node.attrs or "weight" not in node.params:
+        return 0
+    b = int(node.attrs["weight_bits"])
+    if not 2 <= b <= 8:
+        raise ValueError(f"node {node.name!r}: attrs['weight_bits'] = {b} is outside 2..8")
+    w = np.asarray(node.params["weight"], dtype=np.int64)
+    lo, hi = -(1 << (b - 1)), (1 << (b - 1)) - 1
+    if w.size and (int(w.min()) < lo or int(w.max()) > hi):
+        raise ValueError(
+            f"node {node.name!r}: weights in [{int(w.min())}, {int(w.max())}] do not fit the"
+            f" declared weight_bits = {b} ([{lo}, {hi}]); the integer graph is inconsistent"
+        )
+    return 2 if b <= 2 else 4 if b <= 4 else 0
+
+
+def pack_bits(values: Sequence[int], bits: int) -> tuple[int, ...]:
+    """`values` (each in [-2^(bits-1), 2^(bits-1) - 1]) packed 8 / bits per byte, lowest bits
+    first, two's complement; the last byte is padded with zero fields. ceil(n * bits / 8) bytes."""
+    if bits not in (2, 4):
+        raise ValueError(f"cannot pack {bits}-bit values (2 or 4)")
+    v = np.asarray(values, dtype=np.int64).reshape(-1)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if v.size and (int(v.min()) < lo or int(v.max()) > hi):
+        raise ValueError(f"values in [{int(v.min())}, {int(v.max())}] do not fit {bits} bits")
+    per = 8 // bits
+    fields = np.zeros(-(-v.size // per) * per, dtype=np.int64)
+    fields[: v.size] = v & ((1 << bits) - 1)
+    fields = fields.reshape(-1, per) << (bits * np.arange(per, dtype=np.int64))
+    return tuple(int(b) for b in fields.sum(axis=1))
+
+
+def unpack_bits(packed: Sequence[int], bits: int, n: int) -> np.ndarray:
+    """The inverse of pack_bits: the first n values (int64)."""
+    per = 8 // bits
+    b = np.asarray(packed, dtype=np.int64).reshape(-1, 1)
+    f = (b >> (bits * np.arange(per, dtype=np.int64))) & ((1 << bits) - 1)
+    half = 1 << (bits - 1)
+    return ((f ^ half) - half).reshape(-1)[:n]
+
+
+DSP_MVE_BLOCK = 4
+"""Output channels the DSP and MVE conv/pointwise/dense kernels sum per input load."""
+
+
+def unpack_block(call: KernelCall, dialect: str) -> int:
+    """Output channels whose packed weights the portable / DSP / MVE kernel of `call` unpacks at
+    once (its scratch holds this many rows of int8 weights)."""
+    if dialect not in ("dsp", "mve") or call.template not in GEMM_TEMPLATES:
+        return 1
+    w = call.node.params["weight"]
+    oc = int(w.shape[0])
+    groups = int(call.node.attrs.get("groups", 1))
+    blocked = groups == 1 or (oc // groups) % DSP_MVE_BLOCK == 0
+    return DSP_MVE_BLOCK if blocked and oc >= DSP_MVE_BLOCK else 1
 
 
 @dataclass(frozen=True)

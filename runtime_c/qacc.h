@@ -111,4 +111,130 @@ static inline uint32_t qacc_mul_u32(uint32_t a, uint32_t b)
     return (uint32_t)(a * b);
 }
 
+/* ------------------------------------------------------------------ packed sub-byte weights */
+
+/*
+ * Weights of at most 4 (2) bits are stored packed in flash (codegen/layouts.py pack_bits):
+ *   s4: two's complement nibbles, element 2i in bits 0..3 of byte i, element 2i+1 in bits 4..7;
+ *   s2: two's complement bit pairs, element 4i+j in bits 2j..2j+1 of byte i.
+ * Sign extension is (v ^ 2^(b-1)) - 2^(b-1) on the unsigned field v: no shift of a negative value.
+ * On NEON and Helium (MVE) cores, whole bytes are unpacked 16 at a time: shift the field to the
+ * top of each int8 lane, arithmetic shift right (a lane operation, defined for negative lanes),
+ * and store the fields interleaved (VST2 / VST4) - the same values as the scalar code.
+ */
+#if defined(__ARM_FEATURE_MVE) && (__ARM_FEATURE_MVE & 1)
+#include <arm_mve.h>
+#define QACC_VECTOR_UNPACK 1
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#define QACC_VECTOR_UNPACK 1
+#endif
+
+/* Element i of an s4 array. */
+static inline int8_t qacc_s4_at(const uint8_t *src, int32_t i)
+{
+    const unsigned v = ((unsigned)src[i >> 1] >> (4u * ((unsigned)i & 1u))) & 0xFu;
+    return (int8_t)((int)(v ^ 0x8u) - 8);
+}
+
+/* Element i of an s2 array. */
+static inline int8_t qacc_s2_at(const uint8_t *src, int32_t i)
+{
+    const unsigned v = ((unsigned)src[i >> 2] >> (2u * ((unsigned)i & 3u))) & 0x3u;
+    return (int8_t)((int)(v ^ 0x2u) - 2);
+}
+
+/* dst[0..n) = elements first..first+n-1 of the s4 array src, as int8 (first, n >= 0). */
+static inline void qacc_unpack_s4(int8_t *dst, const uint8_t *src, int32_t first, int32_t n)
+{
+    int32_t i = 0;
+    if (n > 0 && (first & 1)) { /* an odd start: the high nibble of the first byte */
+        dst[i++] = qacc_s4_at(src, first);
+    }
+#ifdef QACC_VECTOR_UNPACK
+    for (; i + 32 <= n; i += 32) { /* 16 bytes: the low nibbles, the high nibbles, interleaved */
+        const int8x16_t b = vreinterpretq_s8_u8(vld1q_u8(src + ((first + i) >> 1)));
+        int8x16x2_t v;
+        v.val[0] = vshrq_n_s8(vshlq_n_s8(b, 4), 4);
+        v.val[1] = vshrq_n_s8(b, 4);
+        vst2q_s8(dst + i, v);
+    }
+#endif
+    for (; i + 2 <= n; i += 2) { /* whole bytes: low nibble, then high nibble */
+        const unsigned b = src[(first + i) >> 1];
+        dst[i] = (int8_t)((int)((b & 0xFu) ^ 0x8u) - 8);
+        dst[i + 1] = (int8_t)((int)((b >> 4) ^ 0x8u) - 8);
+    }
+    if (i < n) {
+        dst[i] = qacc_s4_at(src, first + i);
+    }
+}
+
+/* dst[0..n) = elements first..first+n-1 of the s2 array src, as int8 (first, n >= 0). */
+static inline void qacc_unpack_s2(int8_t *dst, const uint8_t *src, int32_t first, int32_t n)
+{
+    /* up to 3 fields before the first whole byte, up to 3 after the last (no loops: GCC's
+       -Waggressive-loop-optimizations misjudges a tail loop's trip count once inlined) */
+    const int32_t head = (int32_t)((4u - ((unsigned)first & 3u)) & 3u);
+    const int32_t h = head < n ? head : n;
+    int32_t i;
+    if (h > 0) {
+        dst[0] = qacc_s2_at(src, first);
+    }
+    if (h > 1) {
+        dst[1] = qacc_s2_at(src, first + 1);
+    }
+    if (h > 2) {
+        dst[2] = qacc_s2_at(src, first + 2);
+    }
+    i = h;
+#ifdef QACC_VECTOR_UNPACK
+    for (; i + 64 <= n; i += 64) { /* 16 bytes: fields 0, 1, 2, 3 of each, interleaved */
+        const int8x16_t b = vreinterpretq_s8_u8(vld1q_u8(src + ((first + i) >> 2)));
+        int8x16x4_t v;
+        v.val[0] = vshrq_n_s8(vshlq_n_s8(b, 6), 6);
+        v.val[1] = vshrq_n_s8(vshlq_n_s8(b, 4), 6);
+        v.val[2] = vshrq_n_s8(vshlq_n_s8(b, 2), 6);
+        v.val[3] = vshrq_n_s8(b, 6);
+        vst4q_s8(dst + i, v);
+    }
+#endif
+    for (; i + 4 <= n; i += 4) { /* whole bytes: four fields, lowest first */
+        const unsigned b = src[(first + i) >> 2];
+        dst[i] = (int8_t)((int)((b & 0x3u) ^ 0x2u) - 2);
+        dst[i + 1] = (int8_t)((int)(((b >> 2) & 0x3u) ^ 0x2u) - 2);
+        dst[i + 2] = (int8_t)((int)(((b >> 4) & 0x3u) ^ 0x2u) - 2);
+        dst[i + 3] = (int8_t)((int)((b >> 6) ^ 0x2u) - 2);
+    }
+    if (i < n) {
+        dst[i] = qacc_s2_at(src, first + i);
+    }
+    if (i + 1 < n) {
+        dst[i + 1] = qacc_s2_at(src, first + i + 1);
+    }
+    if (i + 2 < n) {
+        dst[i + 2] = qacc_s2_at(src, first + i + 2);
+    }
+}
+
+/* The same for `bits` = 4 or 2, into int16 (the NEON GEMM's weight type), through int8 chunks
+   of 64 on the stack. */
+static inline void qacc_unpack_s16(int16_t *dst, const uint8_t *src, int32_t first, int32_t n,
+                                   int bits)
+{
+    int8_t t[64];
+    int32_t i, j;
+    for (i = 0; i < n; i += 64) {
+        const int32_t m = n - i < 64 ? n - i : 64;
+        if (bits == 2) {
+            qacc_unpack_s2(t, src, first + i, m);
+        } else {
+            qacc_unpack_s4(t, src, first + i, m);
+        }
+        for (j = 0; j < m; ++j) {
+            dst[i + j] = t[j];
+        }
+    }
+}
+
 #endif /* QACC_H */

@@ -147,6 +147,7 @@ class GraphBuilder:
         acc_bits: int = 32,
         w_dist: str = "uniform",
         w_bits: int = 8,
+        declare_bits: bool = False,
         bias: tuple[int, int] | None = None,
         input_zero_point: int = 0,
         lo: int = -128,
@@ -169,6 +170,8 @@ class GraphBuilder:
             "groups": groups,
             "acc_bits": acc_bits,
         }
+        if declare_bits:  # attrs["weight_bits"]: the weights are stored packed when <= 4
+            attrs["weight_bits"] = w_bits
         if input_zero_point:
             attrs["input_zero_point"] = input_zero_point
         b = self._bias(cout, acc_bits, bias)
@@ -191,6 +194,8 @@ class GraphBuilder:
         *,
         acc_bits: int = 32,
         w_dist: str = "uniform",
+        w_bits: int = 8,
+        declare_bits: bool = False,
         bias: tuple[int, int] | None = None,
         input_zero_point: int = 0,
         lo: int = -128,
@@ -200,9 +205,12 @@ class GraphBuilder:
         name: str | None = None,
     ) -> str:
         (cin,) = self.tensors[x].shape
-        wlo = 0 if w_dist == "positive" else -127
-        weight = self._ints(wlo, 127, (cout, cin), w_dist)
+        wmax = (1 << (w_bits - 1)) - 1
+        wlo = 0 if w_dist == "positive" else -wmax
+        weight = self._ints(wlo, wmax, (cout, cin), w_dist)
         attrs: dict[str, Any] = {"acc_bits": acc_bits}
+        if declare_bits:  # attrs["weight_bits"]: the weights are stored packed when <= 4
+            attrs["weight_bits"] = w_bits
         if input_zero_point:
             attrs["input_zero_point"] = input_zero_point
         b = self._bias(cout, acc_bits, bias)
