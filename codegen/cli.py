@@ -134,13 +134,26 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad.any() else 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with "(required)" or "(default: ...)"; an option whose default is
+    not a plain value (None: computed, or off) says what it means in its own help text instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and action.required and action.option_strings:
+            return f"{action.help} (required)"
+        if action.help and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from codegen import __version__, models
+    from codegen.targets import TARGETS
 
     p = argparse.ArgumentParser(
         prog="qacc",
         description="Quantize PyTorch CNNs for narrow accumulators and generate bit-exact C.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"qacc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -148,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo",
         help="Fashion-MNIST end to end: train, quantize per accumulator width, generate C",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     d.add_argument(
         "--model", choices=sorted(models.ZOO), default="fashion_cnn", help="demo network"
@@ -159,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compile",
         help="quantize a model and generate + build its C library",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     c.add_argument(
         "model",
@@ -167,14 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="path/to/file.py:callable returning the nn.Module with weights loaded",
     )
     c.add_argument("--calib", required=True, help="calibration inputs, N x C x H x W float32 .npy")
-    c.add_argument("--labels", default=None, help="labels of the calibration inputs (.npy, int)")
+    c.add_argument(
+        "--labels",
+        default=None,
+        help="labels of the calibration inputs (.npy, int) (default: none; bit widths are "
+        "then ranked by output error against float)",
+    )
     c.add_argument("--acc-bits", type=int, default=16, help="accumulator width, 8..32")
     c.add_argument(
         "--layer-acc-bits",
         action="append",
         default=[],
         metavar="NAME=BITS",
-        help="per-layer accumulator width (repeatable)",
+        help="per-layer accumulator width (repeatable) (default: --acc-bits for every layer)",
     )
     c.add_argument(
         "--overflow",
@@ -183,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="overflow policy",
     )
     c.add_argument("--margin", type=float, default=2.0, help="profiled policy: range margin")
-    c.add_argument("--target", default="host", help="host or an ARM core (see DESIGN.md)")
+    c.add_argument("--target", default="host", help=f"one of: {', '.join(TARGETS)}")
     c.add_argument("--name", default=None, help="C name of the model (default: the class name)")
     c.add_argument("--out", required=True, help="output directory (must not exist)")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -192,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "verify",
         help="run the built code and the reference; exit 0 only if bit-exact",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     v.add_argument("dir", metavar="DIR", help="output directory of qacc compile")
     v.add_argument("--inputs", required=True, help="inputs, N x C x H x W float32 .npy")
@@ -201,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="instructions per inference under QEMU per target and accumulator width, with XNNPACK",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     b.add_argument(
         "--targets",
@@ -214,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="conv3x3,demo,resnet8,ds_cnn,mobilenet_v1,allcnn_c (commas) or 'all'",
     )
-    b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    b.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the results as JSON (default: no JSON file)",
+    )
     b.add_argument("--no-peer", action="store_true", help="skip the XNNPACK peer rows")
     b.set_defaults(func=_bench)
     return p
