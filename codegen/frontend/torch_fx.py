@@ -1,18 +1,18 @@
 """PyTorch frontend: an eval-mode nn.Module, traced with torch.fx, to a float `ir.Graph` (NHWC).
 
-Normalisation done here: BatchNorm folded into the preceding conv/linear, ReLU/ReLU6/Hardtanh/clamp
-fused into the producer as a `clamp` attribute, Dropout/Identity removed, zero padding (ZeroPad2d,
-F.pad) folded into the following conv, flatten/view/reshape to 2-D kept as a `reshape` with the
-following Linear's columns permuted from CHW to HWC order.
+This module reads torch: modules and functions, their arguments, the shapes ShapeProp records. The
+normalisation (BatchNorm folded into the preceding conv/linear, ReLU/ReLU6/Hardtanh/clamp fused
+into the producer as a `clamp` attribute, Dropout/Identity removed, zero padding (ZeroPad2d, F.pad)
+folded into the following conv, flatten/view/reshape to 2-D kept as a `reshape` with the following
+Linear's columns permuted from CHW to HWC order) is `builder.IRBuilder`'s, shared with the ONNX
+frontend.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import math
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,20 +23,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from codegen.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
-from codegen.ir import Graph, Node, Tensor
-
-INF = math.inf
-
-
-@dataclass
-class _Raw:
-    """A node under construction (mutable until the graph is frozen)."""
-
-    name: str
-    op: str
-    inputs: list[str]
-    attrs: dict[str, Any] = field(default_factory=dict)
-    params: dict[str, np.ndarray] = field(default_factory=dict)
+from codegen.frontend.builder import INF, IRBuilder, Reject, c_identifier
+from codegen.ir import Graph
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -68,15 +56,8 @@ def _describe_target(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
 class _Converter:
     def __init__(self, model: nn.Module, name: str, example: torch.Tensor):
         self.model = model
-        self.name = name
         self.example = example
-        self.raw: list[_Raw] = []
-        self.shapes: dict[str, tuple[int, ...]] = {}  # IR (NHWC) shapes, without batch
-        self.torch_shapes: dict[str, tuple[int, ...]] = {}  # torch (NCHW) shapes, without batch
-        self.alias: dict[str, str] = {}  # fx node name -> IR tensor name
-        self.pending_pad: dict[str, tuple[str, tuple[int, int, int, int]]] = {}
-        self.input_name = ""
-        self.output_name = ""
+        self.b = IRBuilder(name, batch=int(example.shape[0]))
 
     # ------------------------------------------------------------------ helpers
     def fail(self, node: torch.fx.Node, what: str | None = None) -> UnsupportedModelError:
@@ -86,37 +67,25 @@ class _Converter:
             "Hardtanh/clamp, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), flatten, add, cat(dim=1)"
         )
 
-    def tensor_arg(self, node: torch.fx.Node, arg: Any) -> str:
-        if not isinstance(arg, torch.fx.Node) or arg.name not in self.alias:
+    def value(self, node: torch.fx.Node, arg: Any) -> str:
+        """The builder's name of a tensor operand (the fx node's name)."""
+        if not isinstance(arg, torch.fx.Node) or not self.b.knows(arg.name):
             raise self.fail(
                 node, f"non-tensor operand {arg!r} of {_describe_target(node, self.modules)}"
             )
-        src = self.alias[arg.name]
-        if src in self.pending_pad:
-            raise self.fail(node, "zero padding not followed by a convolution")
-        return src
+        return arg.name
 
-    def emit(self, node: torch.fx.Node, op: str, inputs: list[str], **attrs: Any) -> _Raw:
-        r = _Raw(node.name, op, inputs, attrs)
-        self.raw.append(r)
-        self.alias[node.name] = node.name
-        tshape = _shape(node)[1:]
-        self.torch_shapes[node.name] = tshape
-        self.shapes[node.name] = _to_nhwc(tshape)
-        return r
+    @staticmethod
+    def shared(node: torch.fx.Node) -> bool:
+        """Whether the operand `node` would fuse into is also read by another node."""
+        src = node.args[0]
+        assert isinstance(src, torch.fx.Node)
+        return len(src.users) > 1
 
     # ------------------------------------------------------------------ ops
     def conv(self, node: torch.fx.Node, m: nn.Conv2d) -> None:
         if m.padding_mode != "zeros":
             raise self.fail(node, f"Conv2d padding_mode='{m.padding_mode}'")
-        src = node.args[0]
-        assert isinstance(src, torch.fx.Node)
-        extra = (0, 0, 0, 0)
-        x = self.alias.get(src.name, "")
-        if x in self.pending_pad:
-            x, extra = self.pending_pad[x]
-        else:
-            x = self.tensor_arg(node, src)
         kh, kw = _pair(m.kernel_size)
         dh, dw = _pair(m.dilation)
         if isinstance(m.padding, str):
@@ -128,93 +97,54 @@ class _Converter:
         else:
             ph, pw = _pair(m.padding)
             pad = (ph, ph, pw, pw)
-        pad = (pad[0] + extra[0], pad[1] + extra[1], pad[2] + extra[2], pad[3] + extra[3])
-        w = m.weight.detach().double().numpy().transpose(0, 2, 3, 1).copy()
-        b = (
-            m.bias.detach().double().numpy().copy()
-            if m.bias is not None
-            else np.zeros(w.shape[0], dtype=np.float64)
-        )
-        r = self.emit(
-            node,
-            "conv2d",
-            [x],
+        self.b.conv(
+            node.name,
+            node.name,
+            self.value(node, node.args[0]),
+            m.weight.detach().double().numpy(),
+            m.bias.detach().double().numpy() if m.bias is not None else None,
             stride=_pair(m.stride),
             padding=pad,
             dilation=(dh, dw),
             groups=int(m.groups),
+            nchw=_shape(node)[1:],
         )
-        r.params = {"weight": w, "bias": b}
 
     def linear(self, node: torch.fx.Node, m: nn.Linear) -> None:
-        x = self.tensor_arg(node, node.args[0])
-        if len(self.shapes[x]) != 1:
-            raise self.fail(node, "Linear on a tensor that is not 2-D (flatten first)")
-        w = m.weight.detach().double().numpy().copy()
-        # Columns follow torch's flatten order (C, H, W); the IR flattens NHWC memory (H, W, C).
-        chw = self._flattened_from(x)
-        if chw is not None:
-            c, h, wd = chw
-            w = w.reshape(w.shape[0], c, h, wd).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
-        b = (
-            m.bias.detach().double().numpy().copy()
-            if m.bias is not None
-            else np.zeros(w.shape[0], dtype=np.float64)
+        self.b.dense(
+            node.name,
+            node.name,
+            self.value(node, node.args[0]),
+            m.weight.detach().double().numpy(),
+            m.bias.detach().double().numpy() if m.bias is not None else None,
+            _shape(node)[1:],
+            "Linear",
         )
-        r = self.emit(node, "dense", [x])
-        r.params = {"weight": np.ascontiguousarray(w), "bias": b}
-
-    def _flattened_from(self, tensor: str) -> tuple[int, int, int] | None:
-        for r in self.raw:
-            if r.name == tensor and r.op == "reshape":
-                src_shape = self.torch_shapes[r.inputs[0]]
-                if len(src_shape) == 3 and src_shape[1] * src_shape[2] > 1:
-                    return (src_shape[0], src_shape[1], src_shape[2])
-        return None
 
     def batchnorm(self, node: torch.fx.Node, m: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
-        x = self.tensor_arg(node, node.args[0])
-        prod = self._producer(x)
-        if prod is None or prod.op not in ("conv2d", "dense") or self._shared(node, x):
-            raise self.fail(
-                node, f"{type(m).__name__} that does not directly follow a Conv2d/Linear"
-            )
         if m.running_mean is None or m.running_var is None:
             raise self.fail(node, f"{type(m).__name__} without running statistics")
         var = m.running_var.detach().double().numpy()
         mean = m.running_mean.detach().double().numpy()
         gamma = m.weight.detach().double().numpy() if m.weight is not None else np.ones_like(var)
         beta = m.bias.detach().double().numpy() if m.bias is not None else np.zeros_like(var)
-        k = gamma / np.sqrt(var + m.eps)
-        w = prod.params["weight"]
-        prod.params["weight"] = w * k.reshape((-1,) + (1,) * (w.ndim - 1))
-        prod.params["bias"] = (prod.params["bias"] - mean) * k + beta
-        self.alias[node.name] = x
+        self.b.batchnorm(
+            node.name,
+            self.value(node, node.args[0]),
+            mean=mean,
+            var=var,
+            gamma=gamma,
+            beta=beta,
+            eps=m.eps,
+            shared=self.shared(node),
+            title=type(m).__name__,
+        )
 
     def clamp(self, node: torch.fx.Node, lo: float, hi: float) -> None:
-        x = self.tensor_arg(node, node.args[0])
-        prod = self._producer(x)
-        fusable = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d")
-        if prod is None or prod.op not in fusable or self._shared(node, x):
-            raise self.fail(node, "activation that does not directly follow a conv/linear/add/pool")
-        old_lo, old_hi = prod.attrs.get("clamp", (-INF, INF))
-        prod.attrs["clamp"] = (max(old_lo, float(lo)), min(old_hi, float(hi)))
-        self.alias[node.name] = x
-
-    def _shared(self, node: torch.fx.Node, tensor: str) -> bool:
-        """Whether the value `node` would fuse into is also read by another node."""
-        src = node.args[0]
-        assert isinstance(src, torch.fx.Node)
-        return len(src.users) > 1 or any(tensor in r.inputs for r in self.raw)
-
-    def _producer(self, tensor: str) -> _Raw | None:
-        for r in self.raw:
-            if r.name == tensor:
-                return r
-        return None
+        self.b.clamp(node.name, self.value(node, node.args[0]), lo, hi, self.shared(node))
 
     def pool(self, node: torch.fx.Node, kind: str, k: Any, s: Any, p: Any, **kw: Any) -> None:
-        x = self.tensor_arg(node, node.args[0])
+        x = self.value(node, node.args[0])
         title = {"maxpool2d": "MaxPool2d", "avgpool2d": "AvgPool2d"}[kind]
         if kw.get("ceil_mode"):
             raise self.fail(node, f"{title} with ceil_mode=True")
@@ -227,37 +157,35 @@ class _Converter:
             raise self.fail(node, "AvgPool2d with padding and count_include_pad=False")
         if kind == "avgpool2d" and kw.get("divisor_override") is not None:
             raise self.fail(node, "AvgPool2d with divisor_override")
-        kk = _pair(k)
-        self.emit(node, kind, [x], kernel=kk, stride=_pair(s if s else k), padding=(ph, ph, pw, pw))
+        self.b.pool(
+            node.name,
+            node.name,
+            kind,
+            x,
+            kernel=_pair(k),
+            stride=_pair(s if s else k),
+            padding=(ph, ph, pw, pw),
+            nchw=_shape(node)[1:],
+        )
 
     def adaptive_avg(self, node: torch.fx.Node, size: Any) -> None:
-        x = self.tensor_arg(node, node.args[0])
+        x = self.value(node, node.args[0])
         if _pair(size) != (1, 1):
-            in_shape = self.torch_shapes[x]
+            in_shape = self.b.src_shapes[self.b.tensor(x)]
             if len(in_shape) == 3 and tuple(in_shape[1:]) == _pair(size):
-                self.alias[node.name] = x
+                self.b.same(node.name, x)
                 return
             raise self.fail(node, f"AdaptiveAvgPool2d to {size} (only to 1x1)")
-        self.emit(node, "global_avgpool", [x])
+        self.b.global_avgpool(node.name, node.name, x, _shape(node)[1:])
 
     def reshape(self, node: torch.fx.Node) -> None:
-        x = self.tensor_arg(node, node.args[0])
-        out = _shape(node)
-        if len(out) != 2 or out[0] != self.example.shape[0]:
-            raise self.fail(node, f"reshape to {out} (only flatten to (N, features) is supported)")
-        if tuple(self.torch_shapes[x]) == out[1:]:
-            self.alias[node.name] = x
-            return
-        self.emit(node, "reshape", [x], shape=(out[1],))
+        self.b.reshape(node.name, node.name, self.value(node, node.args[0]), _shape(node))
 
     def add(self, node: torch.fx.Node) -> None:
-        a, b = node.args[0], node.args[1]
         if node.kwargs.get("alpha", 1) != 1:
             raise self.fail(node, "add with alpha != 1")
-        xa, xb = self.tensor_arg(node, a), self.tensor_arg(node, b)
-        if self.shapes[xa] != self.shapes[xb]:
-            raise self.fail(node, "add with broadcasting")
-        self.emit(node, "add", [xa, xb])
+        a, b = (self.value(node, t) for t in node.args[:2])
+        self.b.add(node.name, node.name, a, b, _shape(node)[1:])
 
     def cat(self, node: torch.fx.Node) -> None:
         seq = node.args[0]
@@ -265,17 +193,16 @@ class _Converter:
         rank = len(_shape(node))
         if not isinstance(seq, (list, tuple)) or not isinstance(dim, int) or dim % rank != 1:
             raise self.fail(node, "torch.cat other than on the channel dimension (dim=1)")
-        xs = [self.tensor_arg(node, t) for t in seq]
-        self.emit(node, "concat", xs)
+        xs = [self.value(node, t) for t in seq]
+        self.b.concat(node.name, node.name, xs, _shape(node)[1:])
 
     def zero_pad(self, node: torch.fx.Node, pad: Any, value: float = 0.0) -> None:
-        x = self.tensor_arg(node, node.args[0])
+        x = self.value(node, node.args[0])
         pad = _pair(pad) * 2 if isinstance(pad, int) else tuple(int(p) for p in pad)
-        if len(pad) != 4 or value != 0 or any(p < 0 for p in pad):
+        if len(pad) != 4 or value != 0:
             raise self.fail(node, "padding other than non-negative zero padding of H and W")
         left, right, top, bottom = pad
-        self.pending_pad[node.name] = (x, (top, bottom, left, right))
-        self.alias[node.name] = node.name
+        self.b.zero_pad(node.name, x, (top, bottom, left, right))
 
     # ------------------------------------------------------------------ driver
     def convert(self) -> Graph:
@@ -300,24 +227,21 @@ class _Converter:
                 "it was trained on"
             ) from None
         for node in gm.graph.nodes:
-            self.visit(node)
-        return self.freeze()
+            try:
+                self.visit(node)
+            except Reject as e:
+                raise self.fail(node, str(e)) from None
+        return self.b.freeze()
 
     def visit(self, node: torch.fx.Node) -> None:
         if node.op == "placeholder":
-            if self.input_name:
-                raise self.fail(node, "a second model input")
-            self.input_name = node.name
-            self.alias[node.name] = node.name
-            tshape = tuple(int(s) for s in node.meta["tensor_meta"].shape[1:])
-            self.torch_shapes[node.name] = tshape
-            self.shapes[node.name] = _to_nhwc(tshape)
+            self.b.set_input(node.name, tuple(int(s) for s in node.meta["tensor_meta"].shape[1:]))
             return
         if node.op == "output":
             out = node.args[0]
             if not isinstance(out, torch.fx.Node):
                 raise self.fail(node, "a model output that is not a single tensor")
-            self.output_name = self.tensor_arg(node, out)
+            self.b.set_output(self.value(node, out))
             return
         if node.op == "get_attr":
             raise self.fail(node, f"use of parameter '{node.target}' outside a layer")
@@ -375,7 +299,7 @@ class _Converter:
         elif isinstance(m, nn.Flatten):
             self.reshape(node)
         elif isinstance(m, (nn.Dropout, nn.Dropout2d, nn.Identity)):
-            self.alias[node.name] = self.tensor_arg(node, node.args[0])
+            self.b.same(node.name, self.value(node, node.args[0]))
         elif isinstance(m, nn.ZeroPad2d):
             self.zero_pad(node, m.padding)
         else:
@@ -431,7 +355,7 @@ class _Converter:
         elif t is F.adaptive_avg_pool2d:
             self.adaptive_avg(node, arg(1, "output_size", None))
         elif t in (F.dropout, F.dropout2d):
-            self.alias[node.name] = self.tensor_arg(node, args[0])
+            self.b.same(node.name, self.value(node, args[0]))
         elif t is F.pad:
             mode = arg(2, "mode", "constant")
             if mode != "constant":
@@ -440,35 +364,12 @@ class _Converter:
         else:
             raise self.fail(node)
 
-    def freeze(self) -> Graph:
-        used = {t for r in self.raw for t in r.inputs} | {self.output_name}
-        nodes = []
-        for r in self.raw:
-            if r.name not in used:
-                continue  # e.g. a branch whose value is never used
-            attrs = dict(r.attrs)
-            if r.op in ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d"):
-                attrs.setdefault("clamp", (-INF, INF))
-            nodes.append(Node(r.name, r.op, tuple(r.inputs), r.name, attrs, dict(r.params)))
-        live = {self.input_name} | {n.output for n in nodes}
-        tensors = {t: Tensor(t, self.shapes[t]) for t in self.shapes if t in live}
-        if self.output_name == self.input_name or not nodes:
-            raise InvalidModelError("the model computes nothing from its input")
-        return Graph(self.name, tuple(nodes), tensors, self.input_name, self.output_name)
-
 
 def _shape(node: torch.fx.Node) -> tuple[int, ...]:
     """The full torch shape (with batch) that ShapeProp recorded for a tensor-valued node."""
     meta = node.meta.get("tensor_meta")
     assert meta is not None, f"no shape recorded for node '{node.name}'"
     return tuple(int(s) for s in meta.shape)
-
-
-def _to_nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
-    if len(shape) == 3:
-        c, h, w = shape
-        return (h, w, c)
-    return shape
 
 
 def check_finite(model: nn.Module) -> None:
@@ -488,9 +389,4 @@ def from_torch(model: nn.Module, example_nchw: np.ndarray, name: str | None = No
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     example = torch.as_tensor(np.ascontiguousarray(example_nchw[:1]), dtype=dtype)
     name = name or type(model).__name__
-    return _Converter(model, _c_identifier(name), example).convert()
-
-
-def _c_identifier(name: str) -> str:
-    out = "".join(ch.lower() if ch.isalnum() else "_" for ch in name)
-    return out if out and not out[0].isdigit() else f"m_{out}"
+    return _Converter(model, c_identifier(name), example).convert()

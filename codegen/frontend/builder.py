@@ -1,0 +1,353 @@
+"""The normalisation shared by the frontends (PyTorch, ONNX): framework ops to a float `ir.Graph`.
+
+A frontend walks its graph in topological order and calls one `IRBuilder` method per op, with
+plain values: float64 NumPy parameters in the framework's own layout (OIHW conv weights, (O, I)
+dense weights), the output shape the framework computed (NCHW, without batch) and the name the
+IR node gets. The builder does everything else the same way for every frontend, so a network
+gives the same float graph whichever way it arrives:
+
+- NCHW -> NHWC shapes and OHWI conv weights, zero biases for bias-less layers;
+- BatchNorm folded into the directly preceding conv/dense in float64;
+- ReLU/ReLU6/Hardtanh/clamp fused as a `clamp` attribute into the producer;
+- zero padding folded into the following conv (asymmetric padding kept);
+- flatten to (N, features) kept as a `reshape`, the following dense layer's columns permuted from
+  (C, H, W) to the IR's (H, W, C) memory order;
+- identities (Dropout, Identity, a folded BatchNorm, a fused activation) as aliases.
+
+`Reject` is raised for a configuration that cannot be lowered; the frontend adds the node's name
+and its own vocabulary of supported ops to the user's one-line error.
+"""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from codegen.errors import InvalidModelError
+from codegen.ir import Graph, Node, Tensor
+
+INF = math.inf
+Pad4 = tuple[int, int, int, int]
+"""(top, bottom, left, right)"""
+
+CLAMP_OPS = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d")
+"""Ops an activation fuses into (and that carry a `clamp` attribute in the float graph)."""
+
+
+class Reject(Exception):
+    """A configuration the builder cannot lower; the message says what (without the node)."""
+
+
+@dataclass
+class RawNode:
+    """A node under construction (mutable until the graph is frozen)."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def to_nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) == 3:
+        c, h, w = shape
+        return (h, w, c)
+    return shape
+
+
+def c_identifier(name: str) -> str:
+    out = "".join(ch.lower() if ch.isalnum() else "_" for ch in name)
+    return out if out and not out[0].isdigit() else f"m_{out}"
+
+
+class IRBuilder:
+    """Builds one float graph. `value` arguments are the frontend's names for tensors; the
+    builder maps them to IR tensors (an identity op maps its value to its input's tensor)."""
+
+    def __init__(self, name: str, batch: int = 1):
+        self.name = name
+        self.batch = batch
+        self.raw: list[RawNode] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}  # IR tensor -> IR (NHWC) shape, no batch
+        self.src_shapes: dict[str, tuple[int, ...]] = {}  # IR tensor -> NCHW shape, no batch
+        self.alias: dict[str, str] = {}  # frontend value -> IR tensor
+        self.pending_pad: dict[str, tuple[str, Pad4]] = {}  # zero padding awaiting its conv
+        self.input_name = ""
+        self.output_name = ""
+
+    # ------------------------------------------------------------------ tensors
+    def knows(self, value: str) -> bool:
+        return value in self.alias
+
+    def tensor(self, value: str) -> str:
+        """The IR tensor of a frontend value (which the frontend checked `knows`)."""
+        src = self.alias[value]
+        if src in self.pending_pad:
+            raise Reject("zero padding not followed by a convolution")
+        return src
+
+    def same(self, value: str, src_value: str) -> None:
+        """`value` is `src_value` (Dropout, Identity, a no-op reshape...)."""
+        self.alias[value] = self.tensor(src_value)
+
+    def _record(self, tensor: str, nchw: tuple[int, ...]) -> None:
+        self.src_shapes[tensor] = tuple(int(d) for d in nchw)
+        self.shapes[tensor] = to_nhwc(self.src_shapes[tensor])
+
+    def set_input(self, value: str, nchw: tuple[int, ...]) -> None:
+        if self.input_name:
+            raise Reject("a second model input")
+        self.input_name = value
+        self.alias[value] = value
+        self._record(value, nchw)
+
+    def set_output(self, value: str) -> None:
+        self.output_name = self.tensor(value)
+
+    def emit(
+        self, name: str, value: str, op: str, inputs: list[str], nchw: tuple[int, ...], **attrs: Any
+    ) -> RawNode:
+        r = RawNode(name, op, inputs, attrs)
+        self.raw.append(r)
+        self.alias[value] = name
+        self._record(name, nchw)
+        return r
+
+    def producer(self, tensor: str) -> RawNode | None:
+        for r in self.raw:
+            if r.name == tensor:
+                return r
+        return None
+
+    def _fusable(self, tensor: str, shared: bool, ops: tuple[str, ...]) -> RawNode | None:
+        """The producer of `tensor` if something can be fused into it: one of `ops`, and neither
+        the frontend (`shared`) nor an IR node already reads the value."""
+        prod = self.producer(tensor)
+        if prod is None or prod.op not in ops or shared:
+            return None
+        if any(tensor in r.inputs for r in self.raw):
+            return None
+        return prod
+
+    # ------------------------------------------------------------------ weighted ops
+    def conv(
+        self,
+        name: str,
+        value: str,
+        x_value: str,
+        weight_oihw: np.ndarray,
+        bias: np.ndarray | None,
+        *,
+        stride: tuple[int, int],
+        padding: Pad4,
+        dilation: tuple[int, int],
+        groups: int,
+        nchw: tuple[int, ...],
+    ) -> None:
+        extra: Pad4 = (0, 0, 0, 0)
+        x = self.alias[x_value]
+        if x in self.pending_pad:
+            x, extra = self.pending_pad[x]
+        pad = (
+            padding[0] + extra[0],
+            padding[1] + extra[1],
+            padding[2] + extra[2],
+            padding[3] + extra[3],
+        )
+        w = weight_oihw.transpose(0, 2, 3, 1).copy()
+        b = bias.copy() if bias is not None else np.zeros(w.shape[0], dtype=np.float64)
+        r = self.emit(
+            name,
+            value,
+            "conv2d",
+            [x],
+            nchw,
+            stride=stride,
+            padding=pad,
+            dilation=dilation,
+            groups=int(groups),
+        )
+        r.params = {"weight": w, "bias": b}
+
+    def dense(
+        self,
+        name: str,
+        value: str,
+        x_value: str,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        nchw: tuple[int, ...],
+        title: str,
+    ) -> None:
+        x = self.tensor(x_value)
+        if len(self.shapes[x]) != 1:
+            raise Reject(f"{title} on a tensor that is not 2-D (flatten first)")
+        w = weight.copy()
+        # Columns follow the framework's flatten order (C, H, W); the IR flattens NHWC (H, W, C).
+        chw = self._flattened_from(x)
+        if chw is not None:
+            c, h, wd = chw
+            w = w.reshape(w.shape[0], c, h, wd).transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+        b = bias.copy() if bias is not None else np.zeros(w.shape[0], dtype=np.float64)
+        r = self.emit(name, value, "dense", [x], nchw)
+        r.params = {"weight": np.ascontiguousarray(w), "bias": b}
+
+    def _flattened_from(self, tensor: str) -> tuple[int, int, int] | None:
+        r = self.producer(tensor)
+        if r is not None and r.op == "reshape":
+            src_shape = self.src_shapes[r.inputs[0]]
+            if len(src_shape) == 3 and src_shape[1] * src_shape[2] > 1:
+                return (src_shape[0], src_shape[1], src_shape[2])
+        return None
+
+    def batchnorm(
+        self,
+        value: str,
+        x_value: str,
+        *,
+        mean: np.ndarray,
+        var: np.ndarray,
+        gamma: np.ndarray,
+        beta: np.ndarray,
+        eps: float,
+        shared: bool,
+        title: str,
+    ) -> None:
+        """Fold an inference BatchNorm into the conv/dense that directly precedes it."""
+        x = self.tensor(x_value)
+        prod = self._fusable(x, shared, ("conv2d", "dense"))
+        if prod is None or "clamp" in prod.attrs:
+            raise Reject(f"{title} that does not directly follow a Conv2d/Linear")
+        k = gamma / np.sqrt(var + eps)
+        w = prod.params["weight"]
+        prod.params["weight"] = w * k.reshape((-1,) + (1,) * (w.ndim - 1))
+        prod.params["bias"] = (prod.params["bias"] - mean) * k + beta
+        self.alias[value] = x
+
+    def bias_add(self, value: str, x_value: str, bias: np.ndarray, shared: bool) -> None:
+        """Fold the addition of a per-channel constant into the preceding conv/dense's bias."""
+        x = self.tensor(x_value)
+        prod = self._fusable(x, shared, ("conv2d", "dense"))
+        if prod is None or "clamp" in prod.attrs:
+            raise Reject("addition of a constant that does not directly follow a conv/linear")
+        prod.params["bias"] = prod.params["bias"] + bias
+        self.alias[value] = x
+
+    def clamp(self, value: str, x_value: str, lo: float, hi: float, shared: bool) -> None:
+        x = self.tensor(x_value)
+        prod = self._fusable(x, shared, CLAMP_OPS)
+        if prod is None:
+            raise Reject("activation that does not directly follow a conv/linear/add/pool")
+        old_lo, old_hi = prod.attrs.get("clamp", (-INF, INF))
+        prod.attrs["clamp"] = (max(old_lo, float(lo)), min(old_hi, float(hi)))
+        self.alias[value] = x
+
+    # ------------------------------------------------------------------ other ops
+    def pool(
+        self,
+        name: str,
+        value: str,
+        kind: str,
+        x_value: str,
+        *,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: Pad4,
+        nchw: tuple[int, ...],
+    ) -> None:
+        x = self.tensor(x_value)
+        self.emit(name, value, kind, [x], nchw, kernel=kernel, stride=stride, padding=padding)
+
+    def global_avgpool(self, name: str, value: str, x_value: str, nchw: tuple[int, ...]) -> None:
+        self.emit(name, value, "global_avgpool", [self.tensor(x_value)], nchw)
+
+    def reshape(self, name: str, value: str, x_value: str, out: tuple[int, ...]) -> None:
+        """A reshape to `out` (the full shape, with batch): only a flatten to (N, features)."""
+        x = self.tensor(x_value)
+        if len(out) != 2 or out[0] != self.batch:
+            raise Reject(f"reshape to {out} (only flatten to (N, features) is supported)")
+        if self.src_shapes[x] == tuple(out[1:]):
+            self.alias[value] = x
+            return
+        self.emit(name, value, "reshape", [x], out[1:], shape=(out[1],))
+
+    def add(self, name: str, value: str, a_value: str, b_value: str, nchw: tuple[int, ...]) -> None:
+        xa, xb = self.tensor(a_value), self.tensor(b_value)
+        if self.shapes[xa] != self.shapes[xb]:
+            raise Reject("add with broadcasting")
+        self.emit(name, value, "add", [xa, xb], nchw)
+
+    def concat(self, name: str, value: str, x_values: list[str], nchw: tuple[int, ...]) -> None:
+        self.emit(name, value, "concat", [self.tensor(v) for v in x_values], nchw)
+
+    def zero_pad(self, value: str, x_value: str, pad: Pad4) -> None:
+        """Zero padding (top, bottom, left, right), folded into the convolution that reads it."""
+        if any(p < 0 for p in pad):
+            raise Reject("padding other than non-negative zero padding of H and W")
+        key = f"pad:{value}"  # never an IR tensor name: those are identifiers
+        self.pending_pad[key] = (self.tensor(x_value), pad)
+        self.alias[value] = key
+
+    # ------------------------------------------------------------------ result
+    def freeze(self) -> Graph:
+        used = {t for r in self.raw for t in r.inputs} | {self.output_name}
+        nodes = []
+        for r in self.raw:
+            if r.name not in used:
+                continue  # e.g. a branch whose value is never used
+            attrs = dict(r.attrs)
+            if r.op in CLAMP_OPS:
+                attrs.setdefault("clamp", (-INF, INF))
+            nodes.append(Node(r.name, r.op, tuple(r.inputs), r.name, attrs, dict(r.params)))
+        live = {self.input_name} | {n.output for n in nodes}
+        tensors = {t: Tensor(t, self.shapes[t]) for t in self.shapes if t in live}
+        if self.output_name == self.input_name or not nodes:
+            raise InvalidModelError("the model computes nothing from its input")
+        return Graph(self.name, tuple(nodes), tensors, self.input_name, self.output_name)
+
+
+class Namespace:
+    """Unique Python-identifier node names, made the way torch.fx names its nodes (so the ONNX
+    export of a module gets the names its torch.fx trace gets)."""
+
+    _name = re.compile(r"^([a-zA-Z_][0-9a-zA-Z_]*?)(?:_(\d+))?$")
+    _illegal_chars = re.compile(r"[^0-9a-zA-Z_]+")
+    _camel = re.compile(r"(?<=[a-z])([A-Z])")
+    _illegal_names = frozenset(
+        [*keyword.kwlist, *dir(builtins), "inf", "nan", "NoneType", "torch", "device"]
+    )
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+        self.count: dict[str, int] = {}
+
+    def create(self, candidate: str) -> str:
+        candidate = self._camel.sub(r"_\1", candidate).lower()
+        match = self._name.match(candidate)
+        if match is None:
+            candidate = self._illegal_chars.sub("_", candidate) or "_unnamed"
+            if candidate[0].isdigit():
+                candidate = f"_{candidate}"
+            match = self._name.match(candidate)
+            assert match is not None
+        base, suffix = match.group(1, 2)
+        if suffix is None or candidate in self.used:
+            num = self.count.get(base, 0)
+            if candidate in self._illegal_names:
+                num += 1
+                candidate = f"{base}_{num}"
+        else:
+            num = int(suffix)
+        while candidate in self.used:
+            num += 1
+            candidate = f"{base}_{num}"
+        self.used.add(candidate)
+        self.count[base] = num
+        return candidate
