@@ -322,6 +322,10 @@ def gemm_context(
         scratch = -(-(p_n * kp) // 2)  # im2col rows of P pixels, int8
     else:
         scratch = p_n * kp  # im2col rows of P pixels, int16
+    wbits = weight_storage_bits(node)
+    woff = scratch
+    if wbits:  # then one block of unpacked weights (int8 for SDOT, else int16)
+        scratch += -(-(block * kp) // 2) if sdot else block * kp
     ctx: dict[str, Any] = {
         "neon": True,
         "sdot": sdot,
@@ -363,11 +367,14 @@ def gemm_context(
         "OCP": ocp,
         "scratch_elems": scratch,
         "scratch_bytes": 2 * scratch,
+        "wbits": wbits,
+        "WOFF": woff,
         "wrap_shift": lane_bits - call.acc_bits,
         **geo,
         "packed": add(
             "wpacked", wctype, [int(v) for v in packed.reshape(-1)],
             f"{name}: weights for the NEON kernel, {desc}, {ocp} channels x {kp} terms (padded)",
+            bits=wbits,
         ),
         "nbias": add(
             "nbias", f"int{lane_bits}_t", [int(v) for v in bp],
@@ -481,12 +488,17 @@ def depthwise_context(
     ib[:c] = wrap(bias - in_zp * w.reshape(c, -1).sum(axis=1), call.acc_bits)
     s8 = call.container_bits == 16 and bool(np.all(np.abs(w) <= 127))
     name = node.name
+    wbits = weight_storage_bits(node)
+    scratch = -(-(rows * cols * cp) // 2)  # int8 bytes in the int16 scratch
     ctx: dict[str, Any] = {
         "neon": True,
         "CP": cp, "ROWS": rows, "COLS": cols, "LF": lf, "MID": mid,
         "taps": [(ky * dh * cols + kx * dw) * cp for ky in range(kh) for kx in range(kw)],
         "s8": s8,
-        "scratch_elems": -(-(rows * cols * cp) // 2),  # int8 bytes in the int16 scratch
+        "wbits": wbits,
+        "WOFF": scratch,
+        # packed weights: then the 8 channels' unpacked int8 weights of every tap
+        "scratch_elems": scratch + (4 * kh * kw if wbits else 0),
         "wrap_shift": call.container_bits - call.acc_bits,
         "ibias": add(
             "ibias", f"int{call.container_bits}_t", [int(v) for v in ib],
@@ -494,10 +506,11 @@ def depthwise_context(
             f" {call.acc_bits} bits), padded to {cp}",
         ),
     }  # fmt: skip
-    if s8:
+    if s8 or wbits:
         ctx["packed8"] = add(
             "wpacked8", "int8_t", [int(v) for v in wp.reshape(-1)],
             f"{name}: depthwise weights for the NEON kernel, int8, [tap][channel], {cp} channels",
+            bits=wbits,
         )  # fmt: skip
     else:
         ctx["packed"] = add(
