@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from codegen import bench_models
 from codegen.errors import InfeasibleAccumulatorError, QaccError
+from codegen.progress import bar
 from codegen.targets import TARGETS, get_target
 
 DEFAULT_TARGETS = ("cortex-a53", "cortex-a76")
@@ -63,7 +65,8 @@ class _Quantized:
 
 def _log(msg: str, stream: TextIO | None) -> None:
     if stream is not None:
-        print(msg, file=stream, flush=True)
+        tqdm.write(msg, file=stream)  # clears and redraws the progress bars around the line
+        stream.flush()
 
 
 def resolve_targets(spec: str | Sequence[str]) -> list[str]:
@@ -192,7 +195,12 @@ def _per_mac(insns: int | None, macs: int) -> float | None:
 
 
 def _measure(
-    q: _Quantized, target: str, xq: np.ndarray, work: Path, log: TextIO | None
+    q: _Quantized,
+    target: str,
+    xq: np.ndarray,
+    work: Path,
+    log: TextIO | None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     import codegen
 
@@ -207,7 +215,7 @@ def _measure(
     }
     out_dir = work / f"{q.name}-{target}-acc{q.width}"
     try:
-        c = codegen.compile(q.qm, target=target, out_dir=out_dir)
+        c = codegen.compile(q.qm, target=target, out_dir=out_dir, progress=progress)
         counts = c.count_instructions(xq)
         rep = c.report
     except (QaccError, RuntimeError, OSError, subprocess.SubprocessError) as e:
@@ -362,8 +370,12 @@ def run_bench(
     out: TextIO | None = sys.stdout,
     log: TextIO | None = sys.stderr,
     calib_samples: int = CALIB_SAMPLES,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Count, per network x target x width, and the XNNPACK peer; print tables, write JSON."""
+    """Count, per network x target x width, and the XNNPACK peer; print tables, write JSON.
+
+    `progress`: a bar over the measurements (and the builds and runs inside them) on stderr,
+    when it is a terminal."""
     tgts = resolve_targets(targets)
     ws = resolve_widths(widths)
     nets = resolve_networks(networks)
@@ -373,7 +385,16 @@ def run_bench(
         peers.check_xnnpack()  # fail early, naming the package, rather than after an hour
     rows: list[dict[str, Any]] = []
     peer_rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="qacc-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="qacc-bench-") as tmp,
+        bar(
+            desc="bench",
+            total=len(nets) * len(tgts) * len(ws),
+            unit="build+count",
+            progress=progress,
+            leave=True,
+        ) as bench_bar,
+    ):
         work = Path(tmp)
         for name in nets:
             net = bench_models.NETWORKS[name]
@@ -385,7 +406,9 @@ def run_bench(
             shapes = conv_shapes(quantized[0].qm.graph)
             for t in tgts:
                 for q in quantized:
-                    rows.append(_measure(q, t, xq, work, log))
+                    bench_bar.set_postfix_str(f"{name} {t} acc{q.width}")
+                    rows.append(_measure(q, t, xq, work, log, progress))
+                    bench_bar.update()
                 if peer:
                     p = _peer(name, t, shapes, log)
                     if p is not None:

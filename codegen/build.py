@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from codegen.errors import QaccError
+from codegen.progress import enabled, ticker
 from codegen.resources import data_path
 
 ROOT = data_path()  # the top-level CMakeLists.txt
@@ -165,12 +167,56 @@ def _cmake() -> str:
     return cmake
 
 
-def _run(cmd: Sequence[str], log: list[str], cwd: Path | None = None) -> None:
+_NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\]")
+_MAKE_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
+STEPS_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]"
+
+
+def _run_with_bar(cmd: Sequence[str], cwd: Path | None, desc: str) -> tuple[int, str]:
+    """Run `cmd`, reading its output line by line to move a progress bar: Ninja's [n/N] or
+    Make's [ p%] step lines; before the first one (and for the configure step) the bar shows the
+    elapsed time. Returns (exit code, stdout and stderr interleaved)."""
+    lines: list[str] = []
+    with (
+        ticker(desc) as bar,
+        subprocess.Popen(
+            cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if m := _NINJA_STEP.match(line):
+                n, total = int(m.group(1)), int(m.group(2))
+            elif m := _MAKE_PERCENT.match(line):
+                n, total = int(m.group(1)), 100
+            else:
+                continue
+            bar.bar_format = STEPS_FORMAT
+            bar.total, bar.n = total, n
+            bar.refresh()
+        rc = proc.wait()
+    return rc, "".join(lines)
+
+
+def _run(
+    cmd: Sequence[str],
+    log: list[str],
+    cwd: Path | None = None,
+    desc: str = "",
+    progress: bool = False,
+) -> None:
+    """Run one CMake step; its output goes to `log`; BuildError with the tail on failure.
+    With `progress` (and stderr a terminal), a bar named `desc` follows the build steps."""
     log.append("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    log.append(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-40:])
+    if enabled(progress):
+        rc, output = _run_with_bar(cmd, cwd, desc)
+    else:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+        rc, output = proc.returncode, proc.stdout + proc.stderr
+    log.append(output)
+    if rc != 0:
+        tail = "\n".join(output.strip().splitlines()[-40:])
         raise BuildError(f"build failed ({' '.join(cmd[:3])} ...):\n{tail}")
 
 
@@ -245,10 +291,12 @@ def build(
     sanitize: bool = False,
     werror: bool = True,
     jobs: int | None = None,
+    progress: bool = True,
 ) -> BuildResult:
     """Configure and build one generated directory; copy lib<name>.a next to its sources.
 
     `shared` defaults to whether the target can load a shared library in-process (host).
+    `progress`: bars on stderr for the configure and build steps (only when it is a terminal).
     """
     src = Path(source_dir).resolve()
     tgt = resolve_target(target)
@@ -259,8 +307,11 @@ def build(
     log: list[str] = []
     cmake = _cmake()
     args = configure_args(tgt, shared=shared, testbench=testbench, sanitize=sanitize, werror=werror)
-    _run([cmake, "-S", str(src), "-B", str(bdir), *args], log)
-    _run([cmake, "--build", str(bdir), "-j", str(_jobs(jobs))], log)
+    what = f"{name} for {tgt.name}"
+    _run([cmake, "-S", str(src), "-B", str(bdir), *args], log, None, f"configure {what}", progress)
+    _run(
+        [cmake, "--build", str(bdir), "-j", str(_jobs(jobs))], log, None, f"build {what}", progress
+    )
     result = _artifacts(src, bdir, name, shared, testbench, "\n".join(log))
     shutil.copy2(result.static_lib, src / result.static_lib.name)
     return result
@@ -277,10 +328,12 @@ def build_many(
     werror: bool = True,
     jobs: int | None = None,
     keep_going: bool = True,
+    progress: bool = True,
 ) -> dict[Path, BuildResult | BuildError]:
     """Build several generated directories in one CMake project (the repository's root
     CMakeLists.txt): one configure, one parallel build. With `keep_going`, a directory whose code
-    fails to build gets a BuildError in the result instead of stopping the others."""
+    fails to build gets a BuildError in the result instead of stopping the others. `progress`:
+    bars on stderr (a terminal only) for both steps."""
     srcs = [Path(s).resolve() for s in source_dirs]
     bdir = Path(build_dir).resolve()
     tgt = resolve_target(target)
@@ -295,13 +348,14 @@ def build_many(
         werror=werror,
         extra_defines={"QACC_MODEL_DIRS": ";".join(str(s) for s in srcs)},
     )
-    _run([cmake, "-S", str(ROOT), "-B", str(bdir), *args], log)
+    what = f"{len(srcs)} models for {tgt.name}"
+    _run([cmake, "-S", str(ROOT), "-B", str(bdir), *args], log, None, f"configure {what}", progress)
     cmd = [cmake, "--build", str(bdir), "-j", str(_jobs(jobs))]
     if keep_going:
         cmd += ["--", "-k", "0"] if "Ninja" in args else ["--", "-k"]
     failure: BuildError | None = None
     try:
-        _run(cmd, log)
+        _run(cmd, log, None, f"build {what}", progress)
     except BuildError as e:
         if not keep_going:
             raise

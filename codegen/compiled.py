@@ -30,7 +30,9 @@ from codegen.build import BuildResult, Launcher, Target, build, resolve_target
 from codegen.emit import emit, model_c_name, write_files
 from codegen.errors import QaccError
 from codegen.ir import Graph
+from codegen.progress import bar, ticker
 from codegen.quant.formats import IntArray
+from codegen.report import write_reports
 
 
 class ModelLike(Protocol):
@@ -94,12 +96,14 @@ def run_testbench(
     output_shape: tuple[int, ...],
     launcher: Launcher | None = None,
     timeout: float | None = None,
+    progress: bool = True,
 ) -> IntArray:
     """Run a generated test bench on int inputs through files; returns int64 outputs.
 
     `launcher(executable, args)` gives the command line (an emulator for cross targets).
     `timeout` (default: `run_timeout()`, $QACC_EMULATOR_TIMEOUT or 600 s): a run that takes longer
-    is killed and reported as RunTimeoutError."""
+    is killed and reported as RunTimeoutError. `progress`: a bar on stderr (a terminal only)
+    counting the outputs written so far."""
     limit = run_timeout() if timeout is None else timeout
     x8, batched = _check_int8(xq, input_shape, "input")
     out_size = int(np.prod(output_shape, dtype=np.int64))
@@ -109,13 +113,20 @@ def run_testbench(
         args = [str(fin), str(fout)]
         argv = launcher(str(executable), args) if launcher else [str(executable), *args]
         try:
-            proc = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=limit,
-                check=False,
-            )
+            with ticker(
+                f"run {Path(executable).name}",
+                progress=progress and x8.shape[0] > 1,
+                total=x8.shape[0],
+                unit="input",
+                poll=lambda: fout.stat().st_size // max(out_size, 1),
+            ):
+                proc = subprocess.run(
+                    argv,
+                    capture_output=True,
+                    text=True,
+                    timeout=limit,
+                    check=False,
+                )
         except subprocess.TimeoutExpired:
             raise RunTimeoutError(
                 f"{Path(argv[0]).name} did not finish running {Path(executable).name} within "
@@ -145,6 +156,7 @@ class Compiled:
         out_dir: Path,
         build: BuildResult,
         qm: Any = None,
+        progress: bool = True,
     ):
         self.graph = graph
         self.model = model
@@ -153,6 +165,8 @@ class Compiled:
         self.out_dir = out_dir
         self.build = build
         self.qm = qm
+        self.progress = progress
+        """Progress bars (on a terminal's stderr) for test bench runs and instruction counts."""
         self._ffi: Any = None
         self._lib: Any = None
 
@@ -216,14 +230,20 @@ class Compiled:
             if self.build.testbench is None:
                 raise QaccError("this build has neither a shared library nor a test bench to run")
             return run_testbench(
-                self.build.testbench, xq, self.input_shape, self.output_shape, self.target.argv
+                self.build.testbench,
+                xq,
+                self.input_shape,
+                self.output_shape,
+                self.target.argv,
+                progress=self.progress,
             )
         x8, batched = _check_int8(xq, self.input_shape, "input")
         out_size = int(np.prod(self.output_shape, dtype=np.int64))
         y = np.empty((x8.shape[0], out_size), dtype=np.int8)
         run = getattr(lib, f"qacc_{self.name}_run")
         ffi = self._ffi
-        for i in range(x8.shape[0]):
+        show = self.progress and x8.shape[0] > 1
+        for i in bar(range(x8.shape[0]), f"run {self.name}", progress=show, unit="input"):
             rc = run(ffi.from_buffer("int8_t[]", x8[i]), ffi.from_buffer("int8_t[]", y[i]))
             if rc != 0:
                 raise RuntimeError(f"qacc_{self.name}_run returned {rc}")
@@ -260,6 +280,8 @@ class Compiled:
         from the first mark to the last (everything qacc_<name>_run executes between its NULL
         check and its return, including the few instructions of each marker call).
         Returns {"total": int, "layers": {layer name: int}}. Host builds cannot be counted.
+        The counts are also recorded in report.json ("instructions", with the target) and the
+        report.md / report.html next to it are rendered again with them.
         """
         from codegen import qemu, targets
 
@@ -277,7 +299,12 @@ class Compiled:
             fin, fout = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
             fin.write_bytes(x8[:1].tobytes())
             res = qemu.run_under_emulator(
-                row, self.build.testbench, [str(fin), str(fout)], timeout_s, count_insns=True
+                row,
+                self.build.testbench,
+                [str(fin), str(fout)],
+                timeout_s,
+                count_insns=True,
+                progress=self.progress,
             )
         if res.returncode != 0 or res.counts is None:
             raise RuntimeError(
@@ -290,10 +317,12 @@ class Compiled:
                 f"expected {len(names) + 1} layer marks from the test bench, got {len(marks)}"
             )
         phases = res.counts.phases()
-        return {
+        counts = {
             "total": marks[-1] - marks[0],
             "layers": dict(zip(names, phases, strict=True)),
         }
+        write_reports(self.out_dir, {**self.report, "instructions": {**counts, "target": row.name}})
+        return counts
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -322,12 +351,15 @@ def compile(
     testbench: bool = True,
     jobs: int | None = None,
     keep_failed: bool = False,
+    progress: bool = True,
 ) -> Compiled:
     """Generate C for `qm` (a quantized model, or an integer Graph) and build it for `target`.
 
     Everything that can be wrong with the graph is reported before anything is written. A failed
     build removes out_dir again unless keep_failed. sanitize=True builds with ASan + UBSan (runs
-    then go through the test bench, not in-process).
+    then go through the test bench, not in-process). Besides the sources, out_dir gets
+    report.json, report.md and a self-contained report.html (codegen.report). `progress`: bars
+    on stderr, when it is a terminal, for the build and later test bench runs.
     """
     graph = qm if isinstance(qm, Graph) else qm.graph
     model = graph.name if isinstance(qm, Graph) else (qm.name or graph.name)
@@ -343,6 +375,7 @@ def compile(
         out = Path(out_dir).resolve()
     _prepare_out_dir(out)
     write_files(files, out)
+    write_reports(out)  # report.md, report.html and their plots, from report.json
     try:
         result = build(
             out,
@@ -351,12 +384,13 @@ def compile(
             testbench=testbench or sanitize or not tgt.shared,
             sanitize=sanitize,
             jobs=jobs,
+            progress=progress,
         )
     except BaseException:
         if not keep_failed:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return Compiled(graph, model, tgt, out, result, None if isinstance(qm, Graph) else qm)
+    return Compiled(graph, model, tgt, out, result, None if isinstance(qm, Graph) else qm, progress)
 
 
 __all__ = ["Compiled", "ModelLike", "compile", "run_testbench"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from codegen.progress import ticker
 from codegen.resources import data_path
 from codegen.targets import Target, TargetError, check_tools, get_target
 
@@ -125,6 +126,7 @@ def run_under_emulator(
     timeout_s: float = 60.0,
     count_insns: bool = False,
     marker_symbol: str | None = "qacc_mark",
+    progress: bool = True,
 ) -> RunResult:
     """Run ``exe args...`` for ``target``; returns (returncode, stdout, stderr, counts | None).
 
@@ -134,7 +136,8 @@ def run_under_emulator(
     ``count_insns`` the instruction-count plugin is loaded and, if ``marker_symbol`` is defined in
     ``exe``, its entries are recorded. Raises TargetError when a tool is missing (naming the
     package), EmulatorTimeoutError when the program runs longer than ``timeout_s`` (the emulator
-    is killed), EmulatorError when the counts cannot be read.
+    is killed), EmulatorError when the counts cannot be read. `progress`: a bar with the elapsed
+    time on stderr while the program runs (when stderr is a terminal).
     """
     t = get_target(target) if isinstance(target, str) else target
     exe_path = Path(exe).resolve()
@@ -146,7 +149,7 @@ def run_under_emulator(
                 "instruction counts need QEMU: target host runs natively; "
                 "count on an ARM target instead"
             )
-        return _run([str(exe_path), *args], None, timeout_s, str(exe_path), exe_path.name)
+        return _run([str(exe_path), *args], None, timeout_s, str(exe_path), exe_path.name, progress)
 
     check_tools(t)
     assert t.emulator is not None
@@ -156,7 +159,7 @@ def run_under_emulator(
 
     if not count_insns:
         argv = t.emulator_argv(exe_path, args, emulator_path=emulator)
-        return _run(argv, env, timeout_s, t.emulator, exe_path.name)
+        return _run(argv, env, timeout_s, t.emulator, exe_path.name, progress)
 
     plugin = plugin_path()
     marker = marker_address(t, exe_path, marker_symbol) if marker_symbol else None
@@ -165,7 +168,7 @@ def run_under_emulator(
         argv = t.emulator_argv(
             exe_path, args, plugin=_plugin_option(plugin, out, marker), emulator_path=emulator
         )
-        result = _run(argv, env, timeout_s, t.emulator, exe_path.name)
+        result = _run(argv, env, timeout_s, t.emulator, exe_path.name, progress)
         if not out.is_file():
             raise EmulatorError(
                 f"{t.emulator} wrote no instruction counts running {exe_path.name} "
@@ -176,17 +179,23 @@ def run_under_emulator(
 
 
 def _run(
-    argv: list[str], env: dict[str, str] | None, timeout_s: float, tool: str, name: str
+    argv: list[str],
+    env: dict[str, str] | None,
+    timeout_s: float,
+    tool: str,
+    name: str,
+    progress: bool = True,
 ) -> RunResult:
     try:
-        proc = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            env=env,
-            timeout=timeout_s,
-            check=False,
-        )
+        with ticker(f"{Path(tool).name} {name}", progress=progress):
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                env=env,
+                timeout=timeout_s,
+                check=False,
+            )
     except subprocess.TimeoutExpired:
         # subprocess.run has killed and reaped the emulator.
         raise EmulatorTimeoutError(

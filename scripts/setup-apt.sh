@@ -8,6 +8,7 @@ pkgs=(
   qemu-user qemu-system-arm libglib2.0-dev
   dpkg-dev xz-utils
   dataset-fashion-mnist
+  chromium
 )
 missing=()
 for p in "${pkgs[@]}"; do
