@@ -506,9 +506,9 @@ def depthwise_context(
             f" {call.acc_bits} bits), padded to {cp}",
         ),
     }  # fmt: skip
-    if s8 or wbits:
+    if s8 or wbits:  # packed: the kernel unpacks to int8 (and widens them when not s8)
         ctx["packed8"] = add(
-            "wpacked8", "int8_t", [int(v) for v in wp.reshape(-1)],
+            "wpacked8" if s8 else "wpacked", "int8_t", [int(v) for v in wp.reshape(-1)],
             f"{name}: depthwise weights for the NEON kernel, int8, [tap][channel], {cp} channels",
             bits=wbits,
         )  # fmt: skip

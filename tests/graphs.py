@@ -159,7 +159,7 @@ class GraphBuilder:
     ) -> str:
         h, w, cin = self.tensors[x].shape
         wmax = (1 << (w_bits - 1)) - 1
-        wlo = 0 if w_dist == "positive" else -wmax
+        wlo = 0 if w_dist == "positive" else -wmax - (w_dist == "full")  # full: -2^(b-1) too
         weight = self._ints(wlo, wmax, (cout, kernel[0], kernel[1], cin // groups), w_dist)
         oh = conv_out_size(h, kernel[0], stride[0], padding[0], padding[1], dilation[0])
         ow = conv_out_size(w, kernel[1], stride[1], padding[2], padding[3], dilation[1])
@@ -206,7 +206,7 @@ class GraphBuilder:
     ) -> str:
         (cin,) = self.tensors[x].shape
         wmax = (1 << (w_bits - 1)) - 1
-        wlo = 0 if w_dist == "positive" else -wmax
+        wlo = 0 if w_dist == "positive" else -wmax - (w_dist == "full")  # full: -2^(b-1) too
         weight = self._ints(wlo, wmax, (cout, cin), w_dist)
         attrs: dict[str, Any] = {"acc_bits": acc_bits}
         if declare_bits:  # attrs["weight_bits"]: the weights are stored packed when <= 4
