@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from codegen.progress import bar as progress_bar
 
 
 def cache_dir() -> Path:
@@ -49,11 +50,8 @@ def fit(
     for epoch in range(epochs):
         model.train()
         order = torch.as_tensor(rng.permutation(len(x)))
-        bar = tqdm(
-            range(0, len(x), batch),
-            desc=f"train epoch {epoch + 1}/{epochs}",
-            disable=not progress,
-            leave=False,
+        bar = progress_bar(
+            range(0, len(x), batch), f"train epoch {epoch + 1}/{epochs}", progress=progress
         )
         seen = correct = 0
         loss_sum = 0.0

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from codegen import simulate
 from codegen.ir import WEIGHTED_OPS, Graph, Node
+from codegen.progress import bar
 
 
 @dataclass
@@ -46,10 +46,7 @@ def calibrate(graph: Graph, x_nhwc: np.ndarray, progress: bool = True) -> Calibr
     chunk = 512
     outs = [
         simulate.run(graph, x_nhwc[i : i + chunk], observe=observe, dtype=torch.float32)
-        for i in tqdm(
-            range(0, len(x_nhwc), chunk), desc="calibration", unit="batch", leave=False,
-            disable=not progress,
-        )
-    ]  # fmt: skip
+        for i in bar(range(0, len(x_nhwc), chunk), "calibration", progress=progress, unit="batch")
+    ]
     cal.output = np.concatenate(outs, axis=0)
     return cal
