@@ -87,7 +87,8 @@ def _compile(args: argparse.Namespace) -> int:
     print(
         f"qacc: wrote {args.out}: lib{compiled.name}.a + {compiled.name}.h for {args.target}; "
         f"{qm.report['macs']} MACs, arena {mem['arena_bytes']} B (lower bound "
-        f"{mem['arena_lower_bound']} B), weights {mem['flash_weight_bytes']} B"
+        f"{mem['arena_lower_bound']} B), weights {mem['flash_weight_bytes']} B; "
+        f"report: {Path(args.out) / 'report.html'}"
     )
     return 0
 
