@@ -47,8 +47,8 @@ bench: setup xnnpack
 	$(BIN)/qacc bench --json build/bench.json
 
 lint: $(SETUP_STAMP)
-	$(BIN)/ruff check codegen tests scripts
-	$(BIN)/ruff format --check codegen tests scripts
+	$(BIN)/ruff check codegen tests scripts examples setup.py
+	$(BIN)/ruff format --check codegen tests scripts examples setup.py
 	$(BIN)/mypy
 
 clean:
