@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any, cast
 
 import numpy as np
@@ -161,7 +162,7 @@ def _acc_map(graph: Graph, acc_bits: int | Mapping[str, int]) -> dict[str, int]:
 
 
 def quantize(
-    model: nn.Module | str,
+    model: nn.Module | str | PathLike[str],
     calib: np.ndarray,
     acc_bits: int | Mapping[str, int] | None = None,
     overflow: str = "guaranteed",
@@ -254,11 +255,17 @@ def quantize(
     return qm
 
 
-def float_graph(model: nn.Module | str, calib: np.ndarray, name: str | None) -> Graph:
+def float_graph(
+    model: nn.Module | str | PathLike[str], calib: np.ndarray, name: str | None
+) -> Graph:
     """The float IR of a model: an eval-mode nn.Module (torch.fx) or a path to an ONNX file."""
+    if isinstance(model, PathLike) or (isinstance(model, str) and model.lower().endswith(".onnx")):
+        from codegen.frontend.onnx_model import from_onnx
+
+        return from_onnx(model, calib, name)
     if isinstance(model, str):
         raise InvalidModelError(
-            f"model '{model}' is a path; ONNX input is not supported yet, pass an nn.Module"
+            f"model '{model}' is a path but not an .onnx file; pass an nn.Module or an ONNX file"
         )
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"expected a torch.nn.Module, got {type(model).__name__}")

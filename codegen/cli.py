@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "model",
         metavar="MODEL",
-        help="path/to/file.py:callable returning the nn.Module with weights loaded",
+        help="path/to/file.py:callable returning the nn.Module with weights loaded, or an ONNX "
+        "float model (model.onnx, e.g. from torch.onnx.export)",
     )
     c.add_argument("--calib", required=True, help="calibration inputs, N x C x H x W float32 .npy")
     c.add_argument(

@@ -1,4 +1,4 @@
-"""Load a user's model from `path/to/file.py:callable` (the CLI's MODEL argument)."""
+"""Load a user's model from `path/to/file.py:callable` or `model.onnx` (the CLI's MODEL)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,17 @@ from torch import nn
 from codegen.errors import InvalidModelError, QaccError
 
 
-def load_model(spec: str) -> nn.Module:
-    """Import the file and call the callable; it must return an nn.Module with its weights."""
+def load_model(spec: str) -> nn.Module | str:
+    """Import the file and call the callable; it must return an nn.Module with its weights.
+
+    An ONNX file (`.onnx`) is returned as its path: `codegen.quantize` reads it."""
+    if spec.lower().endswith(".onnx"):
+        if not Path(spec).is_file():
+            raise QaccError(f"ONNX file '{spec}' does not exist")
+        return spec
     path, sep, func = spec.rpartition(":")
     if not sep or not path or not func:
-        raise QaccError(f"MODEL must be path/to/file.py:callable, got '{spec}'")
+        raise QaccError(f"MODEL must be path/to/file.py:callable or model.onnx, got '{spec}'")
     file = Path(path)
     if not file.is_file():
         raise QaccError(f"model file '{path}' does not exist")

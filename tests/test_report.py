@@ -145,7 +145,13 @@ def test_instruction_counts_are_rendered(compiled: Any) -> None:
         assert f"| {r['macs']:,} | {r['weight_bytes']:,} | {n:,} | {per_mac} |" in md
 
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",  # CI runs as root in a container
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+)
 
 PROBE = """<script>
 window.addEventListener("load", () => {
@@ -157,10 +163,11 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-def chromium() -> str:
+def chromium(tmp: Path) -> list[str]:
+    """The command line start: a private profile, so parallel test workers never share one."""
     exe = shutil.which("chromium")
     assert exe, "headless Chromium is missing: apt-get install chromium (or run `make setup`)"
-    return exe
+    return [exe, *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium-profile'}"]
 
 
 def probe_images(html: str, tmp: Path) -> tuple[list[tuple[str, str]], str]:
@@ -168,7 +175,7 @@ def probe_images(html: str, tmp: Path) -> tuple[list[tuple[str, str]], str]:
     page = tmp / "probe.html"
     page.write_text(html.replace("</body>", PROBE + "</body>"))
     proc = subprocess.run(
-        [chromium(), *CHROMIUM_FLAGS, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        [*chromium(tmp), "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=120,
@@ -216,8 +223,7 @@ def test_html_renders_in_headless_chromium(compiled: Any, tmp_path: Path) -> Non
     shot = tmp_path / "shot.png"
     subprocess.run(
         [
-            chromium(),
-            *CHROMIUM_FLAGS,
+            *chromium(tmp_path),
             f"--screenshot={shot}",
             "--window-size=1200,4000",
             (compiled.out_dir / "report.html").as_uri(),

@@ -101,12 +101,12 @@ class IRBuilder:
         self.src_shapes[tensor] = tuple(int(d) for d in nchw)
         self.shapes[tensor] = to_nhwc(self.src_shapes[tensor])
 
-    def set_input(self, value: str, nchw: tuple[int, ...]) -> None:
+    def set_input(self, name: str, value: str, nchw: tuple[int, ...]) -> None:
         if self.input_name:
             raise Reject("a second model input")
-        self.input_name = value
-        self.alias[value] = value
-        self._record(value, nchw)
+        self.input_name = name
+        self.alias[value] = name
+        self._record(name, nchw)
 
     def set_output(self, value: str) -> None:
         self.output_name = self.tensor(value)

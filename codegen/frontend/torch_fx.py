@@ -235,7 +235,8 @@ class _Converter:
 
     def visit(self, node: torch.fx.Node) -> None:
         if node.op == "placeholder":
-            self.b.set_input(node.name, tuple(int(s) for s in node.meta["tensor_meta"].shape[1:]))
+            shape = tuple(int(s) for s in node.meta["tensor_meta"].shape[1:])
+            self.b.set_input(node.name, node.name, shape)
             return
         if node.op == "output":
             out = node.args[0]

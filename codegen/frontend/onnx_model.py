@@ -1,0 +1,599 @@
+"""ONNX frontend: an ONNX float model file to the same float `ir.Graph` as the PyTorch frontend.
+
+The ONNX ops are read here; everything after (NHWC, BatchNorm folding, activation fusion, pad
+folding, the flatten column permutation) is `builder.IRBuilder`'s, shared with torch_fx, so a
+network exported from PyTorch gives the float graph (and so the integer graph) of its torch.fx
+trace:
+
+- parameters are the file's float32 initializers widened to float64, as torch_fx widens the
+  module's float32 parameters;
+- float attributes that torch holds as Python floats but ONNX stores as float32 (BatchNorm
+  epsilon, Clip bounds) are read back as the shortest decimal that rounds to the stored float32
+  (`1e-05`, `0.3`), the value the user wrote;
+- node names follow torch.fx: the module path of a leaf module's op (`features_0`), the function
+  name otherwise (`add`, `cat`), from the metadata torch.onnx.export (dynamo) records, or from the
+  `/module/Op` names of the TorchScript exporter;
+- the graph is named after the exported module's class when the file records it, else the file.
+
+Shape-only subgraphs (Shape, Concat, Expand, CastLike of constants...) are evaluated with the
+`onnx` reference implementation; the model's value shapes come from ONNX shape inference on the
+calibration data's C x H x W.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import Counter
+from collections.abc import Callable
+from os import PathLike
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from codegen.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
+from codegen.frontend.builder import INF, IRBuilder, Namespace, Pad4, Reject, c_identifier
+from codegen.ir import Graph
+
+MIN_OPSET = 11  # Clip bounds and Pad amounts as inputs
+SUPPORTED = (
+    "Conv, Gemm, MatMul(+Add), BatchNormalization, Relu, Clip, MaxPool, AveragePool, "
+    "GlobalAveragePool, ReduceMean(H, W), Flatten, Reshape, Add, Concat(axis 1), Pad, Dropout, "
+    "Identity"
+)
+_LEAF_MODULE_OPS = {
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "BatchNormalization",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Flatten",
+    "Pad",
+}
+_FUNCTION_NAMES = {  # the torch function an op comes from, when not from a leaf module
+    "Add": "add",
+    "Concat": "cat",
+    "Conv": "conv2d",
+    "Gemm": "linear",
+    "MatMul": "linear",
+    "MaxPool": "max_pool2d",
+    "AveragePool": "avg_pool2d",
+    "GlobalAveragePool": "adaptive_avg_pool2d",
+    "ReduceMean": "mean",
+    "Flatten": "flatten",
+    "Reshape": "view",
+}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _decimal(v: Any) -> float:
+    """The shortest decimal that rounds to the float32 `v` (what a user wrote as a Python float)."""
+    return float(str(np.float32(v)))
+
+
+def load(path: str | PathLike[str]) -> onnx.ModelProto:
+    """Read and check an ONNX file; every problem is one InvalidModelError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidModelError(f"ONNX file '{path}' does not exist")
+    try:
+        model = onnx.load(str(p))
+    except Exception as e:  # protobuf raises several kinds on a damaged file
+        raise InvalidModelError(
+            f"'{path}' is not a readable ONNX model ({_first_line(e)}); export it again"
+        ) from None
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions or not model.graph.node:
+        raise InvalidModelError(
+            f"'{path}' is not an ONNX model (no ONNX opset or no nodes); export it again"
+        )
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= versions[0] <= newest:
+        raise InvalidModelError(
+            f"'{path}' uses ONNX opset {versions[0]}; qacc reads opsets {MIN_OPSET} to {newest}: "
+            f"export it again with an opset_version in that range"
+        )
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise InvalidModelError(
+            f"'{path}' is not a valid ONNX model ({_first_line(e)}); export it again"
+        ) from None
+    return model
+
+
+def from_onnx(
+    path: str | PathLike[str], example_nchw: np.ndarray, name: str | None = None
+) -> Graph:
+    """The float graph of the ONNX model in `path`, for inputs shaped like `example_nchw`."""
+    model = load(path)
+    return _Converter(model, Path(path), tuple(int(d) for d in example_nchw.shape[1:]), name).run()
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+class _Converter:
+    def __init__(
+        self, model: onnx.ModelProto, path: Path, chw: tuple[int, ...], name: str | None
+    ) -> None:
+        self.model = model
+        self.path = path
+        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        self.graph = model.graph
+        self.consts: dict[str, np.ndarray] = {}
+        for init in self.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise InvalidModelError(
+                    f"initializer '{init.name}' holds NaN or Inf; fix the model before quantizing"
+                )
+            self.consts[init.name] = arr
+        inputs = [i for i in self.graph.input if i.name not in self.consts]
+        if len(inputs) != 1:
+            raise UnsupportedModelError(
+                f"the ONNX model has {len(inputs)} inputs; qacc takes models with one image input"
+            )
+        self.input = inputs[0]
+        # readers of each value's data (CastLike's model operand and Shape only read its type)
+        self.users: Counter[str] = Counter(
+            v
+            for n in self.graph.node
+            for i, v in enumerate(n.input)
+            if v and (n.op_type, i) not in (("CastLike", 1), ("Shape", 0))
+        )
+        self.users.update(o.name for o in self.graph.output)
+        self.names = Namespace()
+        self.shapes, self.types = self._infer_shapes(chw)
+        self.b = IRBuilder(c_identifier(name or self._model_name()), batch=1)
+
+    # ------------------------------------------------------------------ set-up
+    def _model_name(self) -> str:
+        for node in self.graph.node:
+            classes = self._meta_list(node, "pkg.torch.onnx.class_hierarchy")
+            if classes:
+                return classes[0].rsplit(".", 1)[-1]
+        return self.path.stem
+
+    def _infer_shapes(
+        self, chw: tuple[int, ...]
+    ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+        """Value shapes (with batch 1) and element types, by ONNX shape inference."""
+        dims = self.input.type.tensor_type.shape.dim
+        declared = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+        if len(declared) != 1 + len(chw) or any(
+            d is not None and d != c for d, c in zip(declared[1:], chw, strict=False)
+        ):
+            want = " x ".join("?" if d is None else str(d) for d in declared[1:])
+            raise InvalidDataError(
+                f"the model takes inputs of shape N x {want}, not N x {' x '.join(map(str, chw))}; "
+                "give data of the shape it was trained on"
+            )
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        # constant subgraphs (ReduceMean axes, Reshape shapes...) become initializers first, so
+        # inference sees their values
+        folded = [i for i, node in enumerate(self.graph.node) if self.evaluate(node)]
+        for i in reversed(folded):
+            for name in m.graph.node[i].output:
+                if name:
+                    m.graph.initializer.append(numpy_helper.from_array(self.consts[name], name))
+            del m.graph.node[i]
+        del m.graph.value_info[:]
+        for v in m.graph.input:
+            if v.name == self.input.name:
+                shape = v.type.tensor_type.shape
+                for d, size in zip(shape.dim, (1, *chw), strict=True):
+                    d.Clear()
+                    d.dim_value = size
+        for v in m.graph.output:
+            v.type.tensor_type.ClearField("shape")
+        try:
+            m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
+        except Exception as e:  # onnx raises InferenceError and others
+            raise InvalidDataError(
+                f"the model does not accept inputs of shape N x {' x '.join(map(str, chw))} "
+                f"({_first_line(e)}); give data of the shape it was trained on"
+            ) from None
+        shapes: dict[str, tuple[int, ...]] = {}
+        types: dict[str, int] = {}
+        for v in (*m.graph.input, *m.graph.value_info, *m.graph.output):
+            tt = v.type.tensor_type
+            types[v.name] = tt.elem_type
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                shapes[v.name] = tuple(int(d.dim_value) for d in tt.shape.dim)
+        return shapes, types
+
+    @staticmethod
+    def _meta_list(node: onnx.NodeProto, key: str) -> list[str]:
+        for p in node.metadata_props:
+            if p.key == key:
+                try:
+                    value = ast.literal_eval(p.value)
+                except (ValueError, SyntaxError):
+                    return []
+                return [str(v) for v in value] if isinstance(value, list) else []
+        return []
+
+    def ir_name(self, node: onnx.NodeProto) -> str:
+        """The torch.fx name of the op this node came from, when the file says."""
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+            weight = re.fullmatch(r"([\w.]+)\.weight", node.input[1])
+            if weight:  # the parameter's name survives exporters' fusions (Conv + BatchNorm)
+                return self.names.create(weight.group(1))
+        scopes = self._meta_list(node, "pkg.torch.onnx.name_scopes")
+        classes = self._meta_list(node, "pkg.torch.onnx.class_hierarchy")
+        if len(scopes) >= 3 and len(classes) == len(scopes):
+            owner = classes[-2]  # the module whose forward emitted the op
+            if owner.startswith(("torch.nn.", "torch.ao.nn.")) and not owner.endswith(
+                ".Sequential"
+            ):
+                return self.names.create(scopes[-2])  # a leaf module: fx names it by its path
+        if scopes:
+            base = scopes[-1]  # the exported program's node, named after the function
+        elif node.name.startswith("/"):  # TorchScript exporter: /module/path/OpType_N
+            parts = node.name.strip("/").split("/")
+            if len(parts) > 1 and node.op_type in _LEAF_MODULE_OPS:
+                return self.names.create(parts[-2])
+            base = _FUNCTION_NAMES.get(node.op_type, node.op_type)
+        else:
+            base = node.name or node.op_type
+        return self.names.create(re.sub(r"_\d+$", "", base))  # renumbered here, as fx does
+
+    # ------------------------------------------------------------------ helpers
+    def fail(self, node: onnx.NodeProto, what: str | None = None) -> UnsupportedModelError:
+        what = what or f"unsupported ONNX op {node.op_type}"
+        return UnsupportedModelError(
+            f"{what} at node '{_node_label(node)}' ({node.op_type}); supported: {SUPPORTED}"
+        )
+
+    def attrs(self, node: onnx.NodeProto) -> dict[str, Any]:
+        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    def arg(self, node: onnx.NodeProto, i: int) -> str:
+        """A runtime tensor operand."""
+        v = node.input[i] if i < len(node.input) else ""
+        if not v or not self.b.knows(v):
+            what = "constant" if v in self.consts else "missing"
+            raise Reject(f"{what} input {i} of {node.op_type} (a tensor computed from the input)")
+        return v
+
+    def const(self, node: onnx.NodeProto, i: int, what: str) -> np.ndarray | None:
+        """A constant operand (an initializer or computed from constants), None when absent."""
+        v = node.input[i] if i < len(node.input) else ""
+        if not v:
+            return None
+        if v not in self.consts:
+            raise Reject(f"{node.op_type} with a {what} computed at run time (only constants)")
+        return self.consts[v]
+
+    def weight(self, node: onnx.NodeProto, i: int, what: str) -> np.ndarray | None:
+        arr = self.const(node, i, what)
+        return None if arr is None else arr.astype(np.float64)
+
+    def shape(self, value: str) -> tuple[int, ...]:
+        if value not in self.shapes:
+            raise Reject(f"value '{value}' whose shape ONNX shape inference could not determine")
+        return self.shapes[value]
+
+    def out(self, node: onnx.NodeProto) -> tuple[int, ...]:
+        """The NCHW shape (no batch) of the node's first output."""
+        return self.shape(node.output[0])[1:]
+
+    def only_first_output(self, node: onnx.NodeProto) -> None:
+        if any(self.users[o] for o in node.output[1:] if o):
+            raise Reject(f"{node.op_type} whose second output is used")
+
+    def shared(self, node: onnx.NodeProto) -> bool:
+        return self.users[node.input[0]] > 1
+
+    def spatial(self, node: onnx.NodeProto, a: dict[str, Any], kernel: tuple[int, int]) -> Pad4:
+        """(top, bottom, left, right) from `pads` or `auto_pad`."""
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if auto in ("NOTSET", "VALID"):
+            p = [int(v) for v in a.get("pads", [0, 0, 0, 0])] if auto == "NOTSET" else [0] * 4
+            if len(p) != 4:
+                raise Reject(f"{node.op_type} that is not 2-D")
+            return (p[0], p[2], p[1], p[3])
+        # SAME_UPPER / SAME_LOWER: output = ceil(input / stride), the odd pixel after / before
+        h, w = self.shape(node.input[0])[2:]
+        sh, sw = _pair2(a.get("strides", [1, 1]))
+        dh, dw = _pair2(a.get("dilations", [1, 1]))
+        pads = []
+        for size, k, s, d in ((h, kernel[0], sh, dh), (w, kernel[1], sw, dw)):
+            total = max((-(-size // s) - 1) * s + d * (k - 1) + 1 - size, 0)
+            small = total // 2
+            pads.append((small, total - small) if auto == "SAME_UPPER" else (total - small, small))
+        return (pads[0][0], pads[0][1], pads[1][0], pads[1][1])
+
+    # ------------------------------------------------------------------ constants
+    def fold(self, node: onnx.NodeProto) -> bool:
+        """Evaluate a node whose inputs are all constants (a shape computation, a Constant)."""
+        ins = [v for v in node.input if v]
+        if node.op_type == "Shape" and ins and ins[0] not in self.consts:
+            if ins[0] not in self.shapes:
+                return False
+            a = self.attrs(node)
+            full = np.array(self.shapes[ins[0]], dtype=np.int64)
+            self.consts[node.output[0]] = full[a.get("start", 0) : a.get("end", len(full))]
+            return True
+        if node.op_type == "CastLike" and ins[0] in self.consts and ins[1] in self.types:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(self.types[ins[1]])
+            self.consts[node.output[0]] = self.consts[ins[0]].astype(dtype)
+            return True
+        return self.evaluate(node)
+
+    def evaluate(self, node: onnx.NodeProto) -> bool:
+        """Evaluate a node whose inputs are all constants (or that has none: Constant)."""
+        ins = [v for v in node.input if v]
+        if any(v not in self.consts for v in ins) or node.op_type.startswith("Random"):
+            return False
+        try:
+            results = ReferenceEvaluator(node, opsets={"": self.opset}).run(
+                None, {v: self.consts[v] for v in ins}
+            )
+        except Exception as e:  # the reference raises what the op's code raises
+            raise InvalidModelError(
+                f"evaluating constant node '{_node_label(node)}' ({node.op_type}) failed "
+                f"({_first_line(e)}); fix the model"
+            ) from None
+        for name, value in zip(node.output, results, strict=False):
+            if name:
+                self.consts[name] = np.asarray(value)
+        return True
+
+    # ------------------------------------------------------------------ ops
+    def conv(self, node: onnx.NodeProto) -> None:
+        a = self.attrs(node)
+        w = self.weight(node, 1, "weight")
+        assert w is not None  # the checker requires the operand
+        if w.ndim != 4:
+            raise Reject(f"Conv over {w.ndim - 2} dimension(s) (only 2-D)")
+        kernel = (int(w.shape[2]), int(w.shape[3]))
+        self.b.conv(
+            self.ir_name(node),
+            node.output[0],
+            self.arg(node, 0),
+            w,
+            self.weight(node, 2, "bias"),
+            stride=_pair2(a.get("strides", [1, 1])),
+            padding=self.spatial(node, a, kernel),
+            dilation=_pair2(a.get("dilations", [1, 1])),
+            groups=int(a.get("group", 1)),
+            nchw=self.out(node),
+        )
+
+    def gemm(self, node: onnx.NodeProto) -> None:
+        a = self.attrs(node)
+        if a.get("transA", 0):
+            raise Reject("Gemm with transA=1")
+        w = self.weight(node, 1, "weight")
+        assert w is not None
+        if not a.get("transB", 0):
+            w = w.T
+        if a.get("alpha", 1.0) != 1.0:
+            w = w * _decimal(a["alpha"])
+        c = self.weight(node, 2, "bias")
+        if c is not None:
+            c = self._per_channel(c, w.shape[0], "Gemm bias")
+            if a.get("beta", 1.0) != 1.0:
+                c = c * _decimal(a["beta"])
+        self.dense(node, w, c)
+
+    def matmul(self, node: onnx.NodeProto) -> None:
+        w = self.weight(node, 1, "weight")
+        assert w is not None
+        if w.ndim != 2:
+            raise Reject("MatMul with a weight that is not 2-D")
+        self.dense(node, w.T, None)
+
+    def dense(self, node: onnx.NodeProto, w: np.ndarray, bias: np.ndarray | None) -> None:
+        x = self.arg(node, 0)
+        self.b.dense(self.ir_name(node), node.output[0], x, w, bias, self.out(node), node.op_type)
+
+    @staticmethod
+    def _per_channel(c: np.ndarray, channels: int, what: str) -> np.ndarray:
+        """A constant broadcast over one output channel axis, as a (channels,) vector."""
+        if c.size == 1:
+            return np.full(channels, float(c.reshape(-1)[0]))
+        squeezed = c.reshape([d for d in c.shape if d != 1] or [1])
+        if squeezed.shape != (channels,):
+            raise Reject(f"{what} of shape {tuple(c.shape)} (only one value per channel)")
+        return squeezed.astype(np.float64)
+
+    def batchnorm(self, node: onnx.NodeProto) -> None:
+        a = self.attrs(node)
+        if a.get("training_mode", 0):
+            raise Reject("BatchNormalization in training mode")
+        self.only_first_output(node)
+        gamma, beta, mean, var = (self.weight(node, i, "parameter") for i in (1, 2, 3, 4))
+        assert gamma is not None and beta is not None and mean is not None and var is not None
+        self.b.batchnorm(
+            node.output[0],
+            self.arg(node, 0),
+            mean=mean,
+            var=var,
+            gamma=gamma,
+            beta=beta,
+            eps=_decimal(a.get("epsilon", 1e-5)),
+            shared=self.shared(node),
+            title="BatchNormalization",
+        )
+
+    def relu(self, node: onnx.NodeProto) -> None:
+        self.b.clamp(node.output[0], self.arg(node, 0), 0.0, INF, self.shared(node))
+
+    def clip(self, node: onnx.NodeProto) -> None:
+        lo, hi = self.const(node, 1, "minimum"), self.const(node, 2, "maximum")
+        self.b.clamp(
+            node.output[0],
+            self.arg(node, 0),
+            -INF if lo is None else _decimal(lo.reshape(-1)[0]),
+            INF if hi is None else _decimal(hi.reshape(-1)[0]),
+            self.shared(node),
+        )
+
+    def pool(self, node: onnx.NodeProto) -> None:
+        a = self.attrs(node)
+        kind = "maxpool2d" if node.op_type == "MaxPool" else "avgpool2d"
+        kernel = a.get("kernel_shape", [])
+        if len(kernel) != 2:
+            raise Reject(f"{node.op_type} that is not 2-D")
+        if a.get("ceil_mode", 0):
+            raise Reject(f"{node.op_type} with ceil_mode=1")
+        if any(d != 1 for d in a.get("dilations", [1, 1])):
+            raise Reject(f"{node.op_type} with dilations")
+        self.only_first_output(node)
+        k = _pair2(kernel)
+        pad = self.spatial(node, a, k)
+        if kind == "avgpool2d" and any(pad) and not a.get("count_include_pad", 0):
+            raise Reject("AveragePool with padding and count_include_pad=0")
+        self.b.pool(
+            self.ir_name(node),
+            node.output[0],
+            kind,
+            self.arg(node, 0),
+            kernel=k,
+            stride=_pair2(a.get("strides", [1, 1])),
+            padding=pad,
+            nchw=self.out(node),
+        )
+
+    def global_pool(self, node: onnx.NodeProto) -> None:
+        self.b.global_avgpool(self.ir_name(node), node.output[0], self.arg(node, 0), self.out(node))
+
+    def reduce_mean(self, node: onnx.NodeProto) -> None:
+        a = self.attrs(node)
+        axes = self.const(node, 1, "axes") if self.opset >= 18 else a.get("axes")
+        rank = len(self.shape(node.input[0]))
+        if axes is None or rank != 4 or sorted(int(x) % rank for x in axes) != [2, 3]:
+            raise Reject("ReduceMean other than over H and W")
+        x = self.arg(node, 0)
+        name = self.ir_name(node)
+        if a.get("keepdims", 1):
+            self.b.global_avgpool(name, node.output[0], x, self.out(node))
+            return
+        pooled = f"{node.output[0]}:keepdims"
+        self.b.global_avgpool(name, pooled, x, (*self.out(node), 1, 1))
+        self.b.reshape(
+            self.names.create(f"{name}_flatten"), node.output[0], pooled, self.shape(node.output[0])
+        )
+
+    def flatten(self, node: onnx.NodeProto) -> None:
+        if self.attrs(node).get("axis", 1) != 1:
+            raise Reject("Flatten other than from axis 1")
+        self.reshape(node)
+
+    def reshape(self, node: onnx.NodeProto) -> None:
+        self.b.reshape(
+            self.ir_name(node), node.output[0], self.arg(node, 0), self.shape(node.output[0])
+        )
+
+    def add(self, node: onnx.NodeProto) -> None:
+        consts = [i for i in (0, 1) if node.input[i] in self.consts]
+        if consts:
+            c = self.weight(node, consts[0], "addend")
+            assert c is not None
+            x = self.arg(node, 1 - consts[0])
+            channels = self.shape(x)[1]
+            bias = self._per_channel(c, channels, "Add of a constant")
+            self.b.bias_add(node.output[0], x, bias, self.users[x] > 1)
+            return
+        a, b = self.arg(node, 0), self.arg(node, 1)
+        self.b.add(self.ir_name(node), node.output[0], a, b, self.out(node))
+
+    def concat(self, node: onnx.NodeProto) -> None:
+        rank = len(self.shape(node.output[0]))
+        if int(self.attrs(node)["axis"]) % rank != 1:
+            raise Reject("Concat other than on the channel axis (axis=1)")
+        xs = [self.arg(node, i) for i in range(len(node.input))]
+        self.b.concat(self.ir_name(node), node.output[0], xs, self.out(node))
+
+    def pad(self, node: onnx.NodeProto) -> None:
+        a = self.attrs(node)
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        pads = self.const(node, 1, "pads")
+        value = self.const(node, 2, "constant value")
+        rank = len(self.shape(node.input[0]))
+        axes_arr = self.const(node, 3, "axes")
+        axes = list(range(rank)) if axes_arr is None else [int(x) % rank for x in axes_arr]
+        if mode != "constant" or pads is None or (value is not None and value.any()):
+            raise Reject("padding other than non-negative zero padding of H and W")
+        full = [0] * (2 * rank)
+        for i, ax in enumerate(axes):
+            full[ax], full[rank + ax] = int(pads[i]), int(pads[len(axes) + i])
+        if rank != 4 or any(full[i] for i in (0, 1, 4, 5)):
+            raise Reject("padding other than non-negative zero padding of H and W")
+        self.b.zero_pad(node.output[0], self.arg(node, 0), (full[2], full[6], full[3], full[7]))
+
+    def identity(self, node: onnx.NodeProto) -> None:
+        self.only_first_output(node)
+        self.b.same(node.output[0], self.arg(node, 0))
+
+    HANDLERS: ClassVar[dict[str, Callable[[_Converter, onnx.NodeProto], None]]] = {
+        "Conv": conv,
+        "Gemm": gemm,
+        "MatMul": matmul,
+        "BatchNormalization": batchnorm,
+        "Relu": relu,
+        "Clip": clip,
+        "MaxPool": pool,
+        "AveragePool": pool,
+        "GlobalAveragePool": global_pool,
+        "ReduceMean": reduce_mean,
+        "Flatten": flatten,
+        "Reshape": reshape,
+        "Add": add,
+        "Concat": concat,
+        "Pad": pad,
+        "Dropout": identity,
+        "Identity": identity,
+    }
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> Graph:
+        value = self.input.name
+        # the input's name is taken first, as in torch.fx
+        self.b.set_input(self.names.create(value), value, self.shapes[value][1:])
+        for node in self.graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                raise self.fail(node, f"unsupported op {node.domain}.{node.op_type}")
+            if all(o in self.consts for o in node.output if o) or self.fold(node):
+                continue
+            handler = self.HANDLERS.get(node.op_type)
+            if handler is None:
+                raise self.fail(node)
+            try:
+                handler(self, node)
+            except Reject as e:
+                raise self.fail(node, str(e)) from None
+        if len(self.graph.output) != 1:
+            raise UnsupportedModelError(
+                f"the ONNX model has {len(self.graph.output)} outputs; qacc takes one output"
+            )
+        out = self.graph.output[0].name
+        if not self.b.knows(out):
+            raise InvalidModelError("the model computes nothing from its input")
+        try:
+            self.b.set_output(out)
+        except Reject as e:
+            raise UnsupportedModelError(f"{e} at the model output '{out}'") from None
+        return self.b.freeze()
+
+
+def _pair2(v: Any) -> tuple[int, int]:
+    a, b = (int(x) for x in v)
+    return (a, b)
