@@ -87,6 +87,7 @@ def test_every_option_shows_its_default_or_is_required(command: str) -> None:
         )
 
 
+@pytest.mark.slow  # two fresh interpreters that import torch
 def test_version_and_help_from_the_command_line() -> None:
     v = subprocess.run(
         [sys.executable, "-m", "codegen.cli", "--version"],
