@@ -26,13 +26,17 @@ Overrides = Mapping[str, Mapping[str, Any]]
 
 
 def fake_quant(v: torch.Tensor, fmt: QFormat) -> torch.Tensor:
-    scale = 2.0**fmt.frac
     lo, hi = fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point
-    return v.mul(scale).add_(0.5).floor_().clamp_(lo, hi).div_(scale)
+    if fmt.is_pow2:
+        scale = 2.0**fmt.frac
+        return v.mul(scale).add_(0.5).floor_().clamp_(lo, hi).div_(scale)
+    return v.div(fmt.scale).add_(0.5).floor_().clamp_(lo, hi).mul_(fmt.scale)
 
 
 def _param(node: Node, over: Mapping[str, Any], key: str, like: torch.Tensor) -> torch.Tensor:
     v = over.get(key, node.params[key])
+    if isinstance(v, torch.Tensor):  # differentiable parameters (quantization-aware training)
+        return v.to(like.dtype)
     return torch.as_tensor(np.asarray(v), dtype=like.dtype)
 
 

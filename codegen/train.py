@@ -39,19 +39,27 @@ def fit(
     lr: float = 2e-3,
     seed: int = 0,
     progress: bool = True,
+    schedule: str = "onecycle",
+    desc: str = "train",
+    history: list[dict[str, float]] | None = None,
 ) -> nn.Module:
-    """Adam with a cosine schedule; one progress bar per epoch showing loss and accuracy."""
+    """Adam with a one-cycle (training) or cosine (fine-tuning) schedule; one progress bar per
+    epoch showing loss and accuracy. Per-epoch figures are appended to `history` if given."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((len(x) + batch - 1) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    steps = max(1, epochs * ((len(x) + batch - 1) // batch))
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     for epoch in range(epochs):
         model.train()
         order = torch.as_tensor(rng.permutation(len(x)))
         bar = progress_bar(
-            range(0, len(x), batch), f"train epoch {epoch + 1}/{epochs}", progress=progress
+            range(0, len(x), batch), f"{desc} epoch {epoch + 1}/{epochs}", progress=progress
         )
         seen = correct = 0
         loss_sum = 0.0
@@ -65,9 +73,17 @@ def fit(
             sched.step()
             seen += len(idx)
             correct += int((out.argmax(1) == yt[idx]).sum())
-            loss_sum += loss.item() * len(idx)
+            loss_sum += float(loss.detach()) * len(idx)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
+        if history is not None:
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "loss": loss_sum / max(1, seen),
+                    "accuracy": correct / max(1, seen),
+                }
+            )
     return model.eval()
 
 

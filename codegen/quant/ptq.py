@@ -351,12 +351,17 @@ def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:
         fi = graph.tensors[n.inputs[0]].fmt
         fo = graph.tensors[n.output].fmt
         assert fi is not None and fo is not None and n.requant is not None
-        if n.op in WEIGHTED_OPS:
+        if n.op in WEIGHTED_OPS and "weight_scale" in n.attrs:  # dyadic weight steps
+            q = n.params["weight"].astype(np.float64)
+            sw = np.asarray(n.attrs["weight_scale"], dtype=np.float64)
+            w = q * sw.reshape((-1,) + (1,) * (q.ndim - 1))
+            out[n.name] = {"weight": w, "bias": n.params["bias"] * fi.scale * sw}
+        elif n.op in WEIGHTED_OPS:
             wf = np.asarray(n.attrs["weight_frac"], dtype=np.int64)
             wq = WeightQuant(n.params["weight"], wf, n.params["bias"], fi.frac, wf, wf)
             w, b = wq.dequantized()
             out[n.name] = {"weight": w, "bias": b}
         elif n.op in ("avgpool2d", "global_avgpool"):
             m, s = int(n.requant.mult[0]), int(n.requant.shift[0])
-            out[n.name] = {"scale": m * 2.0 ** (fi.frac - fo.frac - s)}
+            out[n.name] = {"scale": m * 2.0**-s * fo.scale / fi.scale}
     return out

@@ -1,0 +1,625 @@
+"""Adaptive quantization: learned step sizes and offsets with accumulator-aware training.
+
+Quantization-aware training of the float IR (BN already folded) with fake quantization:
+
+* every activation tensor class (tensors that share a format, `ptq.tensor_classes`) has an LSQ+
+  quantizer (Bhalgat et al. 2020): code q = clamp(round(x / s) + zp, qmin, qmax), value
+  (q - zp) * s, with a learnable step s and offset beta realised as the integer zero point
+  zp = round(-beta / s) (so that real 0 is exact and zero padding stays exact). Gradients are the
+  straight-through ones of LSQ+: for s, round(v) - v inside the range and the clip limit outside;
+  for beta, 0 inside and 1 outside; the step gradient is scaled by 1 / sqrt(N * Qp) (LSQ).
+* every weighted layer has learnable per-output-channel weight steps, symmetric codes
+  [-(2^(b-1) - 1), 2^(b-1) - 1], rounded toward zero (as A2Q) so that no rounding can raise a
+  channel's sum above the bound its float weights satisfy.
+* the accumulator constraint (A2Q / A2Q+, Colbert et al.): before quantization each channel's
+  positive and negative weight mass (in integer units) is scaled so that the exact weight-aware
+  bound, bias included, fits `acc_bits` for every input the format allows. With inputs at their
+  zero point's end of the range (unsigned activations after ReLU) the two signs are capped
+  separately, which is A2Q+'s doubling of the L1 budget of zero-centred weights; otherwise one
+  common factor caps the bound. The bias (in accumulator units) is kept within half the range.
+* scales are `pow2` (steps learned in the log2 domain and rounded: shift-only requantization) or
+  `dyadic` (any step; the requantization multiplier is a 15-bit integer and a shift).
+
+The trained network is exported as an ordinary integer graph (codegen/ir.py): weights and biases
+are the integers the training forward pass used, activations carry their zero points
+(`input_zero_point` / `Requant.zero_point`), and the exact channel bounds are verified.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codegen import simulate
+from codegen.errors import QaccError, UnsupportedModelError
+from codegen.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
+from codegen.quant.accumulator import channel_bounds
+from codegen.quant.formats import int_range, round_half_up
+from codegen.quant.ptq import tensor_classes
+
+SCALES = ("dyadic", "pow2")
+MULT_BITS = 15
+"""Dyadic requantization multipliers lie in [2^(MULT_BITS-1), 2^MULT_BITS]."""
+BIAS_SHARE = 0.5
+"""The bias may take at most this share of the accumulator range (in accumulator units)."""
+OUTPUT_BITS = 8
+"""With a single `a_bits`, the network output (logits: no accumulator reads them) keeps 8 bits."""
+
+
+# ----------------------------------------------------------------------------- STE helpers
+
+
+def round_ste(v: torch.Tensor) -> torch.Tensor:
+    """Round half up (floor(v + 0.5), THE rounding) with a straight-through gradient."""
+    return v + (torch.floor(v + 0.5) - v).detach()
+
+
+def trunc_ste(v: torch.Tensor) -> torch.Tensor:
+    """Round toward zero with a straight-through gradient."""
+    return v + (torch.trunc(v) - v).detach()
+
+
+def grad_scale(v: torch.Tensor, g: float) -> torch.Tensor:
+    """v in the forward pass, g * dL/dv in the backward pass (LSQ's step-size gradient scale)."""
+    return (v - v * g).detach() + v * g
+
+
+def fake_quant(
+    x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """LSQ+ fake quantization: (clamp(round(x / s) + zp, qmin, qmax) - zp) * s."""
+    return (torch.clamp(round_ste(x / s) + zp, qmin, qmax) - zp) * s
+
+
+# ----------------------------------------------------------------------------- quantizers
+
+
+class ActQuant(nn.Module):
+    """LSQ+ quantizer of one activation format class: learnable step and offset."""
+
+    def __init__(self, bits: int, pow2: bool, step: float, zero_point: int, numel: int):
+        super().__init__()
+        self.bits, self.pow2 = bits, pow2
+        self.signed = bits > 7  # int8 containers: unsigned formats have at most 7 bits
+        self.qmin, self.qmax = int_range(bits, self.signed)
+        self.g = 1.0 / math.sqrt(max(1, numel) * self.qmax)
+        init = math.log2(step) if pow2 else step
+        self.s_param = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+        self.beta = nn.Parameter(torch.tensor(-zero_point * step, dtype=torch.float32))
+
+    def step(self) -> torch.Tensor:
+        p = grad_scale(self.s_param, self.g)
+        if self.pow2:
+            return torch.exp2(round_ste(p))
+        return p.abs().clamp_min(1e-8)
+
+    def zero_point(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(round_ste(-self.beta / s), self.qmin, self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.step()
+        return fake_quant(x, s, self.zero_point(s), self.qmin, self.qmax)
+
+    def export(self) -> QFormat:
+        with torch.no_grad():
+            s = self.step()
+            zp = int(self.zero_point(s))
+            step = float(s)
+        frac = -round(math.log2(step))
+        return QFormat(self.bits, self.signed, frac, zp, None if self.pow2 else step)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What the training forward pass of a weighted layer quantizes to (torch tensors)."""
+
+    q: torch.Tensor  # integer weights, IR layout
+    bias: torch.Tensor  # integer bias, accumulator units
+    w_step: torch.Tensor  # (O,)
+    x_step: torch.Tensor
+    x_zp: torch.Tensor
+
+
+class WeightQuant(nn.Module):
+    """Weights of one layer, their learnable per-channel steps, and the accumulator constraint."""
+
+    def __init__(self, node: Node, bits: int, acc_bits: int, pow2: bool):
+        super().__init__()
+        w = np.asarray(node.params["weight"], dtype=np.float32)
+        self.w = nn.Parameter(torch.as_tensor(w))
+        self.b = nn.Parameter(torch.as_tensor(np.asarray(node.params["bias"], dtype=np.float32)))
+        self.bits, self.pow2, self.acc_bits = bits, pow2, acc_bits
+        self.qmax = (1 << (bits - 1)) - 1
+        self.limit = float((1 << (acc_bits - 1)) - 1)
+        k = int(np.prod(w.shape[1:]))
+        self.g = 1.0 / math.sqrt(k * self.qmax)
+        step = init_weight_steps(w.reshape(w.shape[0], -1), self.qmax, pow2)
+        self.s_param = nn.Parameter(torch.as_tensor(np.log2(step) if pow2 else step))
+
+    def step(self) -> torch.Tensor:
+        p = grad_scale(self.s_param, self.g)
+        if self.pow2:
+            return torch.exp2(round_ste(p))
+        return p.abs().clamp_min(1e-12)
+
+    def forward(self, act: ActQuant) -> Layer:
+        sx = act.step()
+        zp = act.zero_point(sx)
+        sw = self.step()
+        o = self.w.shape[0]
+        shape = (o,) + (1,) * (self.w.ndim - 1)
+        # the bias in accumulator units, kept inside its share of the range
+        room = self.limit - 1.0  # 1 LSB of slack for the bias' rounding
+        bias = torch.clamp(self.b / (sx * sw), -BIAS_SHARE * room, BIAS_SHARE * room)
+        w = project(self.w, sw, bias, act.qmin - zp, act.qmax - zp, room)
+        q = torch.clamp(trunc_ste(w / sw.reshape(shape)), -self.qmax, self.qmax)
+        return Layer(q, round_ste(bias), sw, sx, zp)
+
+
+def project(
+    w: torch.Tensor,
+    sw: torch.Tensor,
+    bias: torch.Tensor,
+    xlo: torch.Tensor,
+    xhi: torch.Tensor,
+    room: float,
+) -> torch.Tensor:
+    """Scale each channel's weights so that the exact bound of its sum fits the accumulator.
+
+    In integer units u = w / sw, the sum of a channel over inputs x in [xlo, xhi] (xlo <= 0 <=
+    xhi) lies in [bias - P*(-xlo) - N*xhi, bias + P*xhi + N*(-xlo)] with P, N the positive and
+    negative mass of u. With xlo = 0 the two signs bound one side each and are scaled separately
+    (A2Q+); otherwise one factor scales both. `room` is the accumulator's largest value less the
+    bias' rounding slack; rounding toward zero afterwards can only shrink P and N.
+    """
+    o = w.shape[0]
+    shape = (o,) + (1,) * (w.ndim - 1)
+    u = w / sw.reshape(shape)
+    pos = F.relu(u).reshape(o, -1).sum(1)
+    neg = F.relu(-u).reshape(o, -1).sum(1)
+    up, down = room - bias, room + bias  # what the weights may add above / below the bias
+    tiny = 1e-12
+    if float(xlo.detach()) == 0.0:
+        gp = torch.clamp(up / (pos * xhi + tiny), max=1.0)
+        gn = torch.clamp(down / (neg * xhi + tiny), max=1.0)
+    else:
+        hi = pos * xhi - neg * xlo
+        lo = pos * -xlo + neg * xhi
+        gp = gn = torch.clamp(torch.minimum(up / (hi + tiny), down / (lo + tiny)), max=1.0)
+    return F.relu(w) * gp.reshape(shape) - F.relu(-w) * gn.reshape(shape)
+
+
+def init_weight_steps(w: np.ndarray, qmax: int, pow2: bool) -> np.ndarray:
+    """Per-channel steps minimising the round-toward-zero quantization error of w (O, K)."""
+    amax = np.abs(w).max(axis=1).clip(min=1e-8)
+    if pow2:
+        base = np.floor(np.log2(amax / qmax))
+        cands = np.exp2(base[None, :] + np.arange(-2, 3)[:, None])
+    else:
+        cands = amax[None, :] / qmax * np.linspace(0.35, 1.5, 47)[:, None]
+    err = np.stack(
+        [
+            ((np.clip(np.trunc(w / c[:, None]), -qmax, qmax) * c[:, None] - w) ** 2).sum(axis=1)
+            for c in cands
+        ]
+    )
+    return cands[err.argmin(axis=0), np.arange(w.shape[0])].astype(np.float32)
+
+
+def init_act_quant(
+    v: np.ndarray, bits: int, pow2: bool, numel: int, nonneg: bool
+) -> tuple[float, int]:
+    """Step and zero point minimising the quantization error of the calibration values v."""
+    signed = bits > 7
+    qmin, qmax = int_range(bits, signed)
+    lo = 0.0 if nonneg else min(0.0, float(v.min()))
+    hi = max(float(v.max()), lo + 1e-6)
+    best: tuple[float, float, int] | None = None
+    if pow2:
+        base = math.floor(math.log2((hi - lo) / (qmax - qmin)))
+        steps = [2.0**e for e in range(base - 3, base + 2)]
+    else:
+        steps = [(hi - lo) / (qmax - qmin) * a for a in np.linspace(0.15, 1.0, 52)]
+    for s in steps:
+        zp = int(np.clip(qmin + round(-lo / s), qmin, qmax))
+        q = np.clip(np.floor(v / s + 0.5) + zp, qmin, qmax)
+        err = float(np.mean(((q - zp) * s - v) ** 2))
+        if best is None or err < best[0]:
+            best = (err, s, zp)
+    assert best is not None
+    return best[1], best[2]
+
+
+# ----------------------------------------------------------------------------- the QAT network
+
+
+def _rep_tensors(graph: Graph) -> dict[str, str]:
+    classes = tensor_classes(graph)
+    return {t: classes.find(t) for t in graph.tensors}
+
+
+class QATNet(nn.Module):
+    """The float IR with fake quantization everywhere; input and output NCHW like the model."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        x_calib: np.ndarray,
+        w_bits: Mapping[str, int],
+        a_bits: Mapping[str, int],
+        acc_bits: Mapping[str, int],
+        pow2: bool,
+    ):
+        super().__init__()
+        self.pow2 = pow2
+        for n in graph.nodes:
+            if n.op == "add":
+                raise UnsupportedModelError(
+                    f"method 'adaptive' does not support residual adds yet (node '{n.name}'); "
+                    "use method='ptq' for this model"
+                )
+        self.graph = graph
+        self.rep = _rep_tensors(graph)
+        self.acts = nn.ModuleDict()
+        self.layers = nn.ModuleDict()
+        self.keys: dict[str, str] = {}
+        values = _calibration_values(graph, x_calib)
+        for t, r in sorted(set(self.rep.items())):
+            if t != r:
+                continue
+            key = f"a{len(self.acts)}"
+            self.keys[r] = key
+            members = [m for m, mr in self.rep.items() if mr == r]
+            v = np.concatenate([values[m].ravel() for m in members])
+            nonneg = all(_nonneg(graph, m) for m in members)
+            numel = graph.tensors[r].size
+            s, zp = init_act_quant(v, a_bits[r], pow2, numel, nonneg)
+            self.acts[key] = ActQuant(a_bits[r], pow2, s, zp, numel)
+        for n in graph.nodes:
+            if n.op in WEIGHTED_OPS:
+                self.layers[n.name] = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2)
+
+    def act(self, tensor: str) -> ActQuant:
+        m = self.acts[self.keys[self.rep[tensor]]]
+        assert isinstance(m, ActQuant)
+        return m
+
+    def layer(self, name: str) -> WeightQuant:
+        m = self.layers[name]
+        assert isinstance(m, WeightQuant)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.graph
+        env = {g.input: self.act(g.input)(x)}
+        for n in g.nodes:
+            xs = [env[t] for t in n.inputs]
+            over: dict[str, Any] = {}
+            if n.op in WEIGHTED_OPS:
+                lay = self.layer(n.name).forward(self.act(n.inputs[0]))
+                shape = (-1,) + (1,) * (lay.q.ndim - 1)
+                over = {
+                    "weight": lay.q * lay.w_step.reshape(shape),
+                    "bias": lay.bias * lay.x_step * lay.w_step,
+                }
+            y = simulate.eval_node(n, xs, over)
+            lo, hi = n.attrs.get("clamp", (-math.inf, math.inf))
+            if (lo, hi) != (-math.inf, math.inf):
+                y = y.clamp(lo, hi)
+            if n.op not in ("maxpool2d", "reshape"):  # those keep their input's values
+                y = self.act(n.output)(y)
+            env[n.output] = y
+        return env[g.output]
+
+
+def _nonneg(graph: Graph, tensor: str) -> bool:
+    prod = graph.producer(tensor)
+    if prod is None:
+        return False
+    if prod.op in ("maxpool2d", "reshape", "concat"):
+        return all(_nonneg(graph, t) for t in prod.inputs)
+    return bool(prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0)
+
+
+def _calibration_values(graph: Graph, x_calib: np.ndarray) -> dict[str, np.ndarray]:
+    """A sample of every tensor's float values on the calibration data (after clamps)."""
+    rng = np.random.default_rng(0)
+    keep = 200_000
+    out: dict[str, list[np.ndarray]] = {t: [] for t in graph.tensors}
+
+    def take(name: str, v: torch.Tensor) -> None:
+        a = v.detach().double().numpy().ravel()
+        if a.size > keep:
+            a = rng.choice(a, keep, replace=False)
+        out[name].append(a)
+
+    def observe(node: Node, xs: list[torch.Tensor], pre: torch.Tensor) -> None:
+        if node is graph.nodes[0]:
+            take(graph.input, xs[0])
+        lo, hi = node.attrs.get("clamp", (-math.inf, math.inf))
+        take(node.output, pre.clamp(lo, hi) if (lo, hi) != (-math.inf, math.inf) else pre)
+
+    simulate.run(
+        graph, simulate.nchw_to_nhwc(x_calib), observe=observe, dtype=torch.float32, batch=512
+    )
+    return {t: np.concatenate(v) for t, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- bits per layer
+
+
+def resolve_bits(
+    graph: Graph, w_bits: int | Mapping[str, int], a_bits: int | Mapping[str, int]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Weight bits per weighted layer, activation bits per tensor (format class representative).
+
+    `a_bits` keys are layer names (their output), "input", "output" and "default"; a single int
+    sets the input and hidden activations while the network output keeps 8 bits (logits feed no
+    accumulator, and 4-bit logits would tie). An 8-bit input costs the first layer 4 bits of
+    accumulator headroom: at 12 bits it leaves its weights about 8 integer units of L1 mass.
+    """
+    weighted = [n.name for n in graph.nodes if n.op in WEIGHTED_OPS]
+    layers = [n.name for n in graph.nodes]
+    if isinstance(w_bits, Mapping):
+        _check_keys(w_bits, set(weighted) | {"default"}, "w_bits")
+        wb = {n: int(w_bits.get(n, w_bits.get("default", 4))) for n in weighted}
+    else:
+        wb = dict.fromkeys(weighted, int(w_bits))
+    if isinstance(a_bits, Mapping):
+        _check_keys(a_bits, set(layers) | {"default", "input", "output"}, "a_bits")
+        default = int(a_bits.get("default", 4))
+        io = {"input": int(a_bits.get("input", default)), "output": a_bits.get("output", default)}
+        per_layer = {k: int(v) for k, v in a_bits.items()}
+    else:
+        default = int(a_bits)
+        io = {"input": default, "output": OUTPUT_BITS}
+        per_layer = {}
+    by_tensor = {n.output: per_layer.get(n.name, default) for n in graph.nodes}
+    by_tensor[graph.input] = int(io["input"])
+    last = graph.producer(graph.output)
+    if last is not None and last.name not in per_layer:
+        by_tensor[graph.output] = int(io["output"])
+    rep = _rep_tensors(graph)
+    ab: dict[str, int] = {}
+    for t, r in rep.items():  # a shared format takes the widest of its members
+        ab[r] = max(ab.get(r, 0), by_tensor[t])
+    for name, bits in [*wb.items(), *ab.items()]:
+        if not 2 <= bits <= 8:
+            raise QaccError(f"bits for '{name}' must be 2..8, got {bits}")
+    return wb, ab
+
+
+def _check_keys(m: Mapping[str, int], allowed: set[str], what: str) -> None:
+    unknown = set(m) - allowed
+    if unknown:
+        raise QaccError(f"{what} names unknown layers {sorted(unknown)}; known: {sorted(allowed)}")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_qat(
+    net: QATNet,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    seed: int,
+    progress: bool,
+    lr: float = 5e-4,
+) -> list[dict[str, float]]:
+    """Fine-tune every parameter (weights, biases, steps, offsets): Adam, cosine decay."""
+    from codegen.train import fit
+
+    history: list[dict[str, float]] = []
+    fit(net, x, y, epochs, lr=lr, seed=seed, progress=progress, schedule="cosine",
+        desc="adaptive QAT", history=history)  # fmt: skip
+    return history
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def dyadic(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer multipliers in [2^(MULT_BITS-1), 2^MULT_BITS] and shifts with m ~ mult * 2^-shift."""
+    m = np.asarray(m, dtype=np.float64)
+    shift = (MULT_BITS - 1) - np.floor(np.log2(m)).astype(np.int64)
+    mult = round_half_up(m * np.exp2(shift.astype(np.float64)))
+    return mult.astype(np.int64), shift
+
+
+def _requant_of(m: np.ndarray, pow2: bool) -> tuple[np.ndarray, np.ndarray]:
+    if pow2:
+        shift = -np.round(np.log2(m)).astype(np.int64)
+        assert np.allclose(np.exp2(-shift.astype(np.float64)), m), "pow2 scales must be exact"
+        return np.ones_like(shift), shift
+    return dyadic(m)
+
+
+def _limits(clamp: tuple[float, float], fmt: QFormat) -> tuple[int, int]:
+    lo, hi = clamp
+    qlo = fmt.qmin
+    qhi = fmt.qmax
+    if lo != -math.inf:
+        qlo = max(qlo, fmt.zero_point + int(round_half_up(lo / fmt.scale)))
+    if hi != math.inf:
+        qhi = min(qhi, fmt.zero_point + int(round_half_up(hi / fmt.scale)))
+    return qlo, max(qlo, qhi)
+
+
+@dataclass
+class Fixups:
+    weights: int = 0
+
+
+def export(net: QATNet) -> tuple[Graph, dict[str, Any]]:
+    """The integer graph the trained QAT network computes, and per-layer constraint figures."""
+    g = net.graph
+    pow2 = net.pow2
+    fmts = {t: net.act(t).export() for t in g.tensors}
+    tensors = {t: Tensor(t, v.shape, fmts[t]) for t, v in g.tensors.items()}
+    nodes = []
+    layers: dict[str, Any] = {}
+    one = np.ones(1, dtype=np.int64)
+    fix = Fixups()
+    for n in g.nodes:
+        fi, fo = fmts[n.inputs[0]], fmts[n.output]
+        lo, hi = _limits(n.attrs.get("clamp", (-math.inf, math.inf)), fo)
+        attrs = dict(n.attrs)
+        params: dict[str, np.ndarray] = {}
+        if n.op in WEIGHTED_OPS:
+            wq = net.layer(n.name)
+            with torch.no_grad():
+                lay = wq.forward(net.act(n.inputs[0]))
+            q = lay.q.double().numpy().astype(np.int64)
+            bias = lay.bias.double().numpy().astype(np.int64)
+            sw = lay.w_step.double().numpy()
+            q = _enforce_bounds(q, bias, fi, wq.acc_bits, fix)
+            m = fi.scale * sw / fo.scale
+            mult, shift = _requant_of(m, pow2)
+            params = {"weight": q, "bias": bias}
+            attrs.update(
+                acc_bits=wq.acc_bits,
+                input_zero_point=fi.zero_point,
+                weight_bits=wq.bits,
+                weight_scale=tuple(float(v) for v in sw),
+            )
+            if pow2:
+                attrs["weight_frac"] = tuple(int(v) for v in -np.round(np.log2(sw)))
+            rq = Requant(mult, shift, fo.zero_point, lo, hi)
+            layers[n.name] = _constraint_row(n.name, q, bias, fi, wq)
+        elif n.op in ("avgpool2d", "global_avgpool"):
+            shp = g.tensors[n.inputs[0]].shape
+            count = (
+                n.attrs["kernel"][0] * n.attrs["kernel"][1]
+                if n.op == "avgpool2d"
+                else shp[0] * shp[1]
+            )
+            mult, shift = _requant_of(np.array([fi.scale / (count * fo.scale)]), pow2)
+            if pow2 and count & (count - 1):
+                mult, shift = dyadic(np.array([fi.scale / (count * fo.scale)]))
+            rq = Requant(mult, shift, fo.zero_point, lo, hi)
+            attrs["input_zero_point"] = fi.zero_point
+            span = fi.qmax - fi.qmin
+            attrs["acc_bits"] = 16 if count * span < (1 << 15) else 32
+        elif n.op == "concat":  # inputs share the output's format (tensor classes)
+            k = len(n.inputs)
+            rq = Requant(np.ones(k, dtype=np.int64), np.zeros(k, dtype=np.int64), 0, lo, hi)
+        else:  # maxpool2d, reshape: the format is the input's
+            rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
+        nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
+    graph = Graph(g.name, tuple(nodes), tensors, g.input, g.output)
+    return graph, {"layers": layers, "bound_fixups": fix.weights}
+
+
+def _enforce_bounds(
+    q: np.ndarray, bias: np.ndarray, fi: QFormat, acc_bits: int, fix: Fixups
+) -> np.ndarray:
+    """Verify the exact bound of every channel; shrink the largest weights of a channel that
+    does not fit (never expected: training caps the float bound with a slack of one LSB)."""
+    lim = (1 << (acc_bits - 1)) - 1
+    xlo, xhi = fi.qmin - fi.zero_point, fi.qmax - fi.zero_point
+    q = q.copy()
+    flat = q.reshape(q.shape[0], -1)
+    for c in range(flat.shape[0]):
+        while True:
+            lo, hi = channel_bounds(flat[c : c + 1], bias[c : c + 1], xlo, xhi)
+            if lo[0] >= -lim - 1 and hi[0] <= lim:
+                break
+            j = int(np.abs(flat[c]).argmax())
+            if flat[c, j] == 0:
+                raise QaccError(
+                    f"a channel's bias alone exceeds the {acc_bits}-bit accumulator; raise acc_bits"
+                )
+            flat[c, j] -= np.sign(flat[c, j])
+            fix.weights += 1
+    return flat.reshape(q.shape)
+
+
+def _constraint_row(
+    name: str, q: np.ndarray, bias: np.ndarray, fi: QFormat, wq: WeightQuant
+) -> dict[str, Any]:
+    xlo, xhi = fi.qmin - fi.zero_point, fi.qmax - fi.zero_point
+    lo, hi = channel_bounds(q, bias, xlo, xhi)
+    flat = np.abs(q.reshape(q.shape[0], -1))
+    span = max(abs(xlo), abs(xhi))
+    lim = (1 << (wq.acc_bits - 1)) - 1
+    return {
+        "acc_bits": wq.acc_bits,
+        "w_bits": wq.bits,
+        "l1_max": int(flat.sum(axis=1).max()),
+        "a2q_l1_cap": lim // span,  # ||q||_1 <= (2^(P-1)-1) / max|x|: plain A2Q
+        "a2q_plus_l1_cap": (2 * lim) // span,  # zero-centred weights (A2Q+)
+        "bound": int(max(hi.max(), -lo.min())),
+        "acc_limit": lim + 1,
+        "fits": bool(hi.max() <= lim and lo.min() >= -lim - 1),
+    }
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def quantize_adaptive(
+    graph: Graph,
+    calib: np.ndarray,
+    train: tuple[np.ndarray, np.ndarray],
+    acc_bits: Mapping[str, int],
+    *,
+    w_bits: int | Mapping[str, int] = 4,
+    a_bits: int | Mapping[str, int] = 4,
+    scale: str = "dyadic",
+    epochs: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+    lr: float = 5e-4,
+) -> tuple[Graph, dict[str, Any]]:
+    """Train, export and check; returns the integer graph and the method's report section."""
+    if scale not in SCALES:
+        raise QaccError(f"unknown scale kind '{scale}'; choose dyadic or pow2")
+    if epochs < 0:
+        raise QaccError(f"epochs must be >= 0, got {epochs}")
+    wb, ab = resolve_bits(graph, w_bits, a_bits)
+    torch.manual_seed(seed)
+    net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2")
+    x, y = train
+    history = train_qat(net, x, y, epochs, seed, progress, lr=lr)
+    qgraph, details = export(net)
+    agree = fake_vs_integer(net, qgraph, calib)
+    extra = {
+        "adaptive": {
+            "scale": scale,
+            "w_bits": wb,
+            "a_bits": {t: ab[r] for t, r in net.rep.items()},
+            "epochs": epochs,
+            "history": history,
+            "constraint": details["layers"],
+            "bound_fixups": details["bound_fixups"],
+            "fake_vs_integer_agreement_calib": agree,
+        }
+    }
+    return qgraph, extra
+
+
+def fake_vs_integer(net: QATNet, qgraph: Graph, x: np.ndarray) -> float:
+    """Share of inputs on which the fake-quant network and the integer graph predict alike."""
+    from codegen import reference
+    from codegen.quant.formats import quantize as quantize_values
+
+    with torch.no_grad():
+        fake = np.concatenate(
+            [net(torch.as_tensor(x[i : i + 512])).numpy() for i in range(0, len(x), 512)]
+        )
+    fmt = qgraph.tensors[qgraph.input].fmt
+    assert fmt is not None
+    xq = quantize_values(
+        simulate.nchw_to_nhwc(x) / fmt.scale, 0, fmt.qmin, fmt.qmax, fmt.zero_point
+    )
+    out = reference.run(qgraph, xq).output
+    fake2 = fake.reshape(len(x), -1)
+    return float(np.mean(fake2.argmax(1) == out.reshape(len(x), -1).argmax(1)))

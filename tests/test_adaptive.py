@@ -1,0 +1,245 @@
+"""Adaptive quantization (LSQ+ steps and offsets, A2Q+ accumulator constraint, INT4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import codegen
+from codegen import datasets
+from codegen.errors import QaccError, UnsupportedModelError
+from codegen.quant import adaptive
+from codegen.quant.accumulator import channel_bounds
+from codegen.quant.formats import requantize
+
+# ----------------------------------------------------------------------------- quantizer gradients
+
+
+def test_round_and_trunc_ste_forward_values_and_identity_gradient() -> None:
+    v = torch.tensor([-2.5, -1.5, -0.5, 0.49, 0.5, 1.7], requires_grad=True)
+    r = adaptive.round_ste(v)
+    assert r.tolist() == [-2.0, -1.0, 0.0, 0.0, 1.0, 2.0]  # half up, like formats.requantize
+    r.sum().backward()
+    assert v.grad is not None and v.grad.tolist() == [1.0] * 6
+    t = adaptive.trunc_ste(torch.tensor([-1.9, -0.2, 0.7, 2.99]))
+    assert t.tolist() == [-1.0, -0.0, 0.0, 2.0]
+
+
+def _act(bits: int = 4, step: float = 0.25, zp: int = 0, numel: int = 1) -> adaptive.ActQuant:
+    return adaptive.ActQuant(bits, pow2=False, step=step, zero_point=zp, numel=numel)
+
+
+def test_lsq_plus_step_and_offset_gradients_by_hand() -> None:
+    """LSQ+: with v = (x - beta) / s, d/ds = round(v) - v inside and the code limit (n or p)
+    outside; d/dbeta = 0 inside, 1 outside."""
+    q = _act(bits=4, step=0.25, zp=2)  # codes 0..15, value (code - 2) * 0.25 in [-0.5, 3.25]
+    g = q.g  # LSQ gradient scale 1 / sqrt(N * Qp)
+    assert g == pytest.approx(1 / math.sqrt(15))
+    cases = [  # x, expected value, d/ds (before the scale g), d/dbeta
+        (0.30, 0.25, round(1.2) - 1.2, 0.0),  # inside: round(v) - v
+        (1.13, 1.25, math.floor(4.52 + 0.5) - 4.52, 0.0),
+        (9.00, 3.25, 15, 1.0),  # above: the code limit p = 15, offset gradient 1
+        (-3.0, -0.5, 0, 1.0),  # below: the code limit n = 0
+    ]
+    for x, value, ds, dbeta in cases:
+        q.zero_grad()
+        y = q(torch.tensor(x))
+        assert float(y.detach()) == pytest.approx(value)
+        y.backward()
+        assert q.s_param.grad is not None and q.beta.grad is not None
+        assert float(q.s_param.grad) == pytest.approx(ds * g, abs=1e-6), x
+        assert float(q.beta.grad) == pytest.approx(dbeta, abs=1e-6), x
+
+
+def test_lsq_input_gradient_passes_inside_and_stops_outside() -> None:
+    q = _act(bits=4, step=0.5, zp=0)
+    x = torch.tensor([0.2, 3.0, 7.4, 9.0, -1.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad is not None and x.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_pow2_step_is_rounded_in_the_log_domain() -> None:
+    q = adaptive.ActQuant(4, pow2=True, step=0.3, zero_point=0, numel=1)
+    assert float(q.step().detach()) == 0.25  # 2^round(log2 0.3) = 2^-2
+    fmt = q.export()
+    assert fmt.is_pow2 and fmt.frac == 2 and fmt.scale == 0.25
+
+
+def test_projection_gradient_matches_finite_differences() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    sw = torch.tensor([0.05, 0.08, 0.2], dtype=torch.float64)
+    bias = torch.tensor([10.0, -30.0, 0.0], dtype=torch.float64)
+    xlo, xhi = torch.tensor(0.0, dtype=torch.float64), torch.tensor(15.0, dtype=torch.float64)
+
+    def f(w: torch.Tensor) -> torch.Tensor:
+        return adaptive.project(w, sw, bias, xlo, xhi, room=511.0)
+
+    assert torch.autograd.gradcheck(f, (w,))
+    xlo2 = torch.tensor(-8.0, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda w: adaptive.project(w, sw, bias, xlo2, xhi - 8, room=255.0), (w,)
+    )
+
+
+@pytest.mark.parametrize("xlo,xhi", [(0, 15), (0, 255), (-3, 12), (-128, 127)])
+def test_projection_then_truncation_fits_the_exact_bound(xlo: int, xhi: int) -> None:
+    rng = np.random.default_rng(xhi)
+    for acc_bits in (10, 12, 16):
+        room = (1 << (acc_bits - 1)) - 2
+        w = torch.as_tensor(rng.normal(0, 1, (16, 72)))
+        sw = torch.as_tensor(rng.uniform(0.05, 0.3, 16))
+        bias = torch.as_tensor(rng.uniform(-room / 2, room / 2, 16))
+        p = adaptive.project(w, sw, bias, torch.tensor(float(xlo)), torch.tensor(float(xhi)), room)
+        q = torch.clamp(torch.trunc(p / sw[:, None]), -7, 7).numpy().astype(np.int64)
+        b = np.floor(bias.numpy() + 0.5).astype(np.int64)
+        lo, hi = channel_bounds(q, b, xlo, xhi)
+        lim = 1 << (acc_bits - 1)
+        assert hi.max() <= lim - 1 and lo.min() >= -lim
+
+
+def test_dyadic_multipliers() -> None:
+    m = np.array([1e-4, 0.0123, 0.5, 0.99, 3.7])
+    mult, shift = adaptive.dyadic(m)
+    assert np.all((mult >= 1 << 14) & (mult <= 1 << 15))
+    assert np.allclose(mult * np.exp2(-shift.astype(float)), m, rtol=2.0**-14)
+    # THE requantization with these parameters is rounding of acc * m, up to the multiplier error
+    acc = np.arange(-5000, 5000, 37)
+    for mi, si, mm in zip(mult, shift, m, strict=True):
+        got = requantize(acc, mi, si, 0, -(1 << 20), 1 << 20)
+        assert np.all(np.abs(got - np.floor(acc * mm + 0.5)) <= 1)
+
+
+def test_weight_step_init_minimises_error() -> None:
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 1, (4, 50)).astype(np.float32)
+    s = adaptive.init_weight_steps(w, 7, pow2=False)
+    for c in range(4):
+        err = ((np.clip(np.trunc(w[c] / s[c]), -7, 7) * s[c] - w[c]) ** 2).sum()
+        for other in (s[c] * 0.8, s[c] * 1.25, np.abs(w[c]).max() / 7):
+            worse = ((np.clip(np.trunc(w[c] / other), -7, 7) * other - w[c]) ** 2).sum()
+            assert err <= worse + 1e-9
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.pool(torch.relu(self.c2(x)))
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def digits_net() -> tuple[nn.Module, tuple[np.ndarray, ...]]:
+    from codegen import train
+
+    data = datasets.digits()
+    torch.manual_seed(0)
+    net = Tiny()
+    train.fit(net, data[0], data[1], epochs=6, lr=5e-3, progress=False)
+    return net, data
+
+
+def _adaptive(net: nn.Module, data: tuple[np.ndarray, ...], **kw: object) -> codegen.QuantizedModel:
+    x_train, y_train = data[0], data[1]
+    opts: dict[str, object] = {"acc_bits": 12, "epochs": 2, "progress": False}
+    opts.update(kw)
+    return codegen.quantize(net, x_train[:300], method="adaptive", train=(x_train, y_train), **opts)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", ["dyadic", "pow2"])
+def test_short_training_run_end_to_end(digits_net, scale: str) -> None:  # type: ignore[no-untyped-def]
+    from codegen import train
+
+    net, (x_train, y_train, x_test, y_test) = digits_net
+    float_acc = train.accuracy(net, x_test, y_test)
+    qm = _adaptive(net, (x_train, y_train), scale=scale, acc_bits=12)
+    g = qm.graph
+    weighted = [n for n in g.nodes if n.op in ("conv2d", "dense")]
+    # INT4 weights everywhere, 4-bit input and hidden activations, 8-bit logits
+    for n in weighted:
+        assert n.attrs["weight_bits"] == 4 and np.abs(n.params["weight"]).max() <= 7
+    assert g.tensors[g.nodes[0].output].fmt.bits == 4  # type: ignore[union-attr]
+    assert g.tensors[g.input].fmt.bits == 4  # type: ignore[union-attr]
+    assert g.tensors[g.output].fmt.bits == 8  # type: ignore[union-attr]
+    # the accumulator constraint holds after training: every channel's exact bound fits
+    for n in weighted:
+        fi = g.tensors[n.inputs[0]].fmt
+        assert fi is not None
+        lo, hi = channel_bounds(
+            n.params["weight"], n.params["bias"], fi.qmin - fi.zero_point, fi.qmax - fi.zero_point
+        )
+        assert hi.max() <= 2**11 - 1 and lo.min() >= -(2**11), n.name
+        row = qm.report["adaptive"]["constraint"][n.name]
+        assert row["fits"] and row["l1_max"] <= row["a2q_plus_l1_cap"]
+    assert qm.report["adaptive"]["bound_fixups"] == 0
+    res = qm.run_reference(x_test)
+    assert all(v.events == 0 for v in res.overflow.values())
+    # dyadic scales: real multipliers; pow2: shift-only requantization
+    mults = np.concatenate([np.ravel(n.requant.mult) for n in weighted])  # type: ignore[union-attr]
+    assert (scale == "pow2") == bool(np.all(mults == 1))
+    # the integer model is accurate and agrees with the fake-quant network
+    acc = float(np.mean(res.output.argmax(1) == y_test))
+    assert acc >= float_acc - (0.05 if scale == "dyadic" else 0.1), (acc, float_acc)
+    assert qm.report["adaptive"]["fake_vs_integer_agreement_calib"] >= 0.99
+    sim = qm.simulate(x_test)
+    assert np.mean(sim.argmax(1) == res.output.argmax(1)) >= 0.99
+    assert len(qm.report["adaptive"]["history"]) == 2
+
+
+@pytest.mark.slow
+def test_adaptive_model_is_bit_exact_in_c_on_the_host(digits_net, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, y_train, x_test, _) = digits_net
+    qm = _adaptive(net, (x_train, y_train), epochs=1, a_bits={"default": 4, "c2": 3})
+    c = codegen.compile(qm, target="host", out_dir=tmp_path / "m", sanitize=True)
+    assert np.array_equal(c.run_int(x_test[:200]), qm.reference_int(x_test[:200]))
+    assert qm.graph.tensors[qm.graph.node("c2").output].fmt.bits == 3  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
+@pytest.mark.parametrize("target", ["cortex-a53", "cortex-m55"])
+def test_adaptive_model_is_bit_exact_under_qemu(digits_net, tmp_path, target: str) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, y_train, x_test, _) = digits_net
+    qm = _adaptive(net, (x_train, y_train), epochs=1)
+    c = codegen.compile(qm, target=target, out_dir=tmp_path / target)
+    assert np.array_equal(c.run_int(x_test[:64]), qm.reference_int(x_test[:64]))
+
+
+def test_bad_options_are_one_line_errors(digits_net) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, y_train, *_) = digits_net
+    with pytest.raises(QaccError, match="needs train="):
+        codegen.quantize(net, x_train[:50], method="adaptive")
+    with pytest.raises(QaccError, match=r"2\.\.8"):
+        _adaptive(net, (x_train[:50], y_train[:50]), w_bits=1, epochs=0)
+    with pytest.raises(QaccError, match="unknown scale"):
+        _adaptive(net, (x_train[:50], y_train[:50]), scale="log", epochs=0)
+    with pytest.raises(QaccError, match="unknown layers"):
+        _adaptive(net, (x_train[:50], y_train[:50]), a_bits={"nope": 4}, epochs=0)
+    with pytest.raises(QaccError, match="guaranteed"):
+        _adaptive(net, (x_train[:50], y_train[:50]), overflow="profiled", epochs=0)
+
+
+def test_residual_add_is_refused_with_a_hint() -> None:
+    from tests.nets import Branchy
+
+    net = Branchy().eval()
+    x = np.random.default_rng(0).random((16, 3, 12, 12), dtype=np.float32)
+    y = np.zeros(16, dtype=np.int64)
+    with pytest.raises(UnsupportedModelError, match="method='ptq'"):
+        codegen.quantize(net, x, method="adaptive", train=(x, y), epochs=0, progress=False)
