@@ -3,7 +3,8 @@
 Two kinds of cases, each a pure function of an integer seed (so a failure is replayed by its seed):
 
 * **integer graphs** (`random_graph`): built directly from the IR with random shapes, strides,
-  padding, dilation, groups, weight bits, accumulator widths 8..32, input/output zero points,
+  padding, dilation, groups, weight bits (declared in attrs["weight_bits"] half of the time, so
+  weights of <= 4 bits are stored packed), accumulator widths 8..32, input/output zero points,
   clamps, requantization multipliers up to 33 bits, add and concat branches. Weights and inputs
   are often drawn near the top of their range so that narrow accumulators wrap (the wrapped sum is
   the contract, so that is fine and tested).
@@ -203,6 +204,8 @@ def _conv(b: _Builder, x: str, cout: int | None = None, same: bool = False) -> s
     attrs: dict[str, Any] = {
         "stride": stride, "padding": pad, "dilation": dil, "groups": groups, "acc_bits": acc,
     }  # fmt: skip
+    if rng.random() < 0.5:  # declared: stored packed (layouts.pack_bits) when w_bits <= 4
+        attrs["weight_bits"] = w_bits
     zp = b.in_zp(x)
     if zp:
         attrs["input_zero_point"] = zp
@@ -218,8 +221,12 @@ def _dense(b: _Builder, x: str, cout: int | None = None) -> str:
     cout = cout or int(rng.integers(1, 17))
     acc = _acc(rng)
     positive = rng.random() < 0.25
-    weight = b._ints(0 if positive else -127, 127, (cout, cin), "high" if positive else "uniform")
+    w_bits = int(rng.choice([2, 3, 4, 8, 8, 8]))
+    wmax = (1 << (w_bits - 1)) - 1
+    weight = b._ints(0 if positive else -wmax, wmax, (cout, cin), "high" if positive else "uniform")
     attrs: dict[str, Any] = {"acc_bits": acc}
+    if w_bits < 8 or rng.random() < 0.2:  # declared: stored packed when w_bits <= 4
+        attrs["weight_bits"] = w_bits
     zp = b.in_zp(x)
     if zp:
         attrs["input_zero_point"] = zp
