@@ -316,3 +316,86 @@ def test_cli_errors_are_one_line(
         assert rc == 2, err
         assert err.count("\n") == 1 and re.match(f"qacc: error: .*{message}", err), err
         assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- hand-made files
+
+
+def _hand_model(path: Path) -> Path:
+    """Forms no torch exporter writes: auto_pad SAME_LOWER/SAME_UPPER with stride 2, a Pad node,
+    GlobalAveragePool, ReduceMean without keepdims, MatMul + Add (bias), Gemm with transB=0 and
+    alpha/beta, Clip bounds from Constant nodes."""
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        h.make_node("Conv", ["x", "w1", "b1"], ["c1"], auto_pad="SAME_LOWER", strides=[2, 2]),
+        h.make_node("Relu", ["c1"], ["r1"]),
+        h.make_node("Conv", ["r1", "w2"], ["c2"], auto_pad="SAME_UPPER", kernel_shape=[2, 2]),
+        h.make_node("Constant", [], ["pads"], value_ints=[0, 0, 1, 0, 0, 0, 0, 2]),
+        h.make_node("Pad", ["c2", "pads"], ["p2"], mode="constant"),
+        h.make_node("Conv", ["p2", "w3", "b3"], ["c3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        h.make_node(
+            "AveragePool",
+            ["c3"],
+            ["a3"],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            count_include_pad=1,
+        ),
+        h.make_node("GlobalAveragePool", ["c3"], ["g3"]),
+        h.make_node("ReduceMean", ["a3", "axes"], ["m3"], keepdims=0),
+        h.make_node("MatMul", ["m3", "wm"], ["mm"]),
+        h.make_node("Add", ["bm", "mm"], ["fc1"]),
+        h.make_node("Constant", [], ["lo"], value=onnx.numpy_helper.from_array(np.float32(-0.3))),
+        h.make_node("Clip", ["fc1", "lo", ""], ["k1"]),
+        h.make_node("Flatten", ["g3"], ["f3"]),
+        h.make_node("Gemm", ["f3", "wg", "bg"], ["fc2"], alpha=0.5, beta=2.0),
+        h.make_node("Add", ["k1", "fc2"], ["y"]),
+    ]
+    inits = [
+        init("w1", 4, 3, 3, 3),
+        init("b1", 4),
+        init("w2", 5, 4, 2, 2),
+        init("w3", 5, 5, 3, 3),
+        init("b3", 5),
+        onnx.numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+        init("wm", 5, 6),
+        init("bm", 6),
+        init("wg", 5, 6),
+        init("bg", 1, 6),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "hand",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 6])],
+        inits,
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_hand_made_file_matches_onnx_semantics(tmp_path: Path) -> None:
+    from onnx.reference import ReferenceEvaluator
+
+    from codegen import simulate
+
+    path = _hand_model(tmp_path / "hand.onnx")
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    g = from_onnx(path, x)
+    assert g.name == "hand"
+    assert [n.op for n in g.nodes] == [
+        "conv2d", "conv2d", "conv2d", "avgpool2d", "global_avgpool", "global_avgpool", "reshape",
+        "dense", "reshape", "dense", "add",
+    ]  # fmt: skip
+    assert g.nodes[0].attrs["padding"] == (1, 0, 1, 0)  # SAME_LOWER, 8 -> 4 at stride 2
+    assert g.nodes[1].attrs["padding"] == (0, 1, 0, 1)  # SAME_UPPER, kernel 2
+    assert g.nodes[2].attrs["padding"] == (2, 1, 1, 3)  # Pad (H +1 top, W +2 right) folded
+    assert g.nodes[7].attrs["clamp"] == (-0.3, float("inf"))
+    want = ReferenceEvaluator(str(path)).run(None, {"x": x})[0]
+    got = simulate.nhwc_to_nchw(simulate.run(g, simulate.nchw_to_nhwc(x.astype(np.float64))))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # the reference runs float32
