@@ -202,6 +202,9 @@ class _Converter:
         try:
             m = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
         except Exception as e:  # onnx raises InferenceError and others
+            for node in self.graph.node:  # ops of other domains have no shape functions
+                if node.domain not in ("", "ai.onnx"):
+                    raise self.fail(node, f"unsupported op {node.domain}.{node.op_type}") from None
             raise InvalidDataError(
                 f"the model does not accept inputs of shape N x {' x '.join(map(str, chw))} "
                 f"({_first_line(e)}); give data of the shape it was trained on"
