@@ -26,10 +26,36 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(args.model, args.epochs)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from codegen import sweep
+
+    return sweep.main(
+        args.model,
+        Path(args.out),
+        _int_list(args.widths, "--widths"),
+        [m.strip() for m in args.methods.split(",") if m.strip()],
+        args.qat_epochs,
+        args.epochs,
+    )
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise QaccError(f"{what} must be integers separated by commas, got '{text}'") from None
+
+
 def _bench(args: argparse.Namespace) -> int:
     from codegen import bench
 
     return bench.main_cli(args.targets, args.widths, args.networks, args.json, not args.no_peer)
+
+
+def _rate(args: argparse.Namespace) -> int:
+    from codegen import rate
+
+    return rate.main_cli(args.rates, args.transforms, args.epochs, args.train_samples, args.out)
 
 
 def _load_array(path: str, what: str) -> np.ndarray:
@@ -71,6 +97,14 @@ def _compile(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     calib = _load_array(args.calib, "calibration")
     labels = _load_array(args.labels, "labels") if args.labels else None
+    train = None
+    if args.train_data or args.train_labels:
+        if not (args.train_data and args.train_labels):
+            raise QaccError("give both --train-data and --train-labels (or neither)")
+        train = (
+            _load_array(args.train_data, "training data"),
+            _load_array(args.train_labels, "training labels"),
+        )
     with staged_output(Path(args.out), force=args.force) as tmp:
         qm = codegen.quantize(
             model,
@@ -78,8 +112,16 @@ def _compile(args: argparse.Namespace) -> int:
             acc_bits=_acc_bits(args),
             overflow=args.overflow,
             labels=labels,
+            method=args.method,
             margin=args.margin,
             name=args.name,
+            w_bits=args.w_bits,
+            a_bits=args.a_bits,
+            scale=args.scale,
+            bits_per_weight=args.bits_per_weight,
+            transform=args.transform,
+            train=train,
+            epochs=args.train_epochs,
         )
         compiled = codegen.compile(qm, target=args.target, out_dir=tmp)
         save_model(qm, args.target, tmp)
@@ -203,6 +245,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="overflow policy",
     )
     c.add_argument("--margin", type=float, default=2.0, help="profiled policy: range margin")
+    c.add_argument(
+        "--method",
+        choices=("ptq", "adaptive", "transform"),
+        default="ptq",
+        help="post-training; adaptive (trained steps and offsets, A2Q+ accumulator constraint, "
+        "needs --train-data); transform (KLT + bit allocation, retrained with --train-data)",
+    )
+    c.add_argument("--w-bits", type=int, default=4, help="adaptive: weight bits, 2..8")
+    c.add_argument(
+        "--a-bits", type=int, default=4, help="adaptive: activation bits, 2..8 (logits keep 8)"
+    )
+    c.add_argument(
+        "--scale", choices=("dyadic", "pow2"), default="dyadic", help="adaptive: scale kind"
+    )
+    c.add_argument(
+        "--bits-per-weight", type=float, default=2.0, help="transform: average bits per weight"
+    )
+    c.add_argument("--transform", choices=("klt", "elt"), default="klt", help="transform: kind")
+    c.add_argument(
+        "--train-data",
+        default=None,
+        help="adaptive/transform: training inputs, N x C x H x W float32 .npy (default: none)",
+    )
+    c.add_argument(
+        "--train-labels",
+        default=None,
+        help="adaptive/transform: training labels, .npy int (default: none)",
+    )
+    c.add_argument(
+        "--train-epochs", type=int, default=2, help="adaptive/transform: training epochs"
+    )
     c.add_argument("--target", default="host", help=f"one of: {', '.join(TARGETS)}")
     c.add_argument("--name", default=None, help="C name of the model (default: the class name)")
     c.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -217,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir", metavar="DIR", help="output directory of qacc compile")
     v.add_argument("--inputs", required=True, help="inputs, N x C x H x W float32 .npy")
     v.set_defaults(func=_verify)
+
+    w = sub.add_parser(
+        "sweep",
+        help="Fashion-MNIST accuracy against accumulator width: PTQ vs adaptive W4A4 training",
+        formatter_class=HelpFormatter,
+    )
+    w.add_argument(
+        "--model", choices=sorted(models.ZOO), default="fashion_cnn", help="network to sweep"
+    )
+    w.add_argument("--epochs", type=int, default=4, help="float training epochs (cached)")
+    w.add_argument("--qat-epochs", type=int, default=1, help="adaptive training epochs per width")
+    w.add_argument(
+        "--widths", default="32,20,16,14,12,10", help="accumulator widths separated by commas"
+    )
+    w.add_argument("--methods", default="ptq,adaptive", help="ptq and/or adaptive (commas)")
+    w.add_argument(
+        "--out", default="out/sweep", help="directory for sweep.png, sweep.md and sweep.json"
+    )
+    w.set_defaults(func=_sweep)
 
     b = sub.add_parser(
         "bench",
@@ -242,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--no-peer", action="store_true", help="skip the XNNPACK peer rows")
     b.set_defaults(func=_bench)
+
+    r = sub.add_parser(
+        "rate",
+        help="rate-accuracy curve of transform quantization vs uniform on Fashion-MNIST",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    r.add_argument("--rates", default="1,2,3,4,5,6,7,8", help="bits per weight (commas)")
+    r.add_argument("--transforms", default="klt", help="klt and/or elt (commas)")
+    r.add_argument("--epochs", type=int, default=1, help="retraining epochs (0: no retraining)")
+    r.add_argument(
+        "--train-samples", type=int, default=20000, help="training images used for retraining"
+    )
+    r.add_argument("--out", default="build/rate", help="output directory")
+    r.set_defaults(func=_rate)
     return p
 
 

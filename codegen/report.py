@@ -500,7 +500,9 @@ def plot_sweep(report: Mapping[str, Any]) -> bytes | None:
         ax.axhline(100 * fa, color="black", linestyle="--", linewidth=1, label="float")
     ax.set_xlabel("accumulator bits")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    seen = [100 * v for pts in series.values() for _, v in pts if isinstance(v, (int, float))]
+    low = 0.0 if infeasible_labelled or not seen else max(0.0, float(int(min(seen) - 5)))
+    ax.set_ylim(low, 100)
     ax.set_xticks(sorted(widths))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
