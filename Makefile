@@ -46,6 +46,11 @@ fuzz: setup
 bench: setup xnnpack
 	$(BIN)/qacc bench --json build/bench.json
 
+# Rate-accuracy curve of transform quantization vs uniform (Fashion-MNIST): build/rate/.
+.PHONY: rate
+rate: setup
+	$(BIN)/qacc rate --out build/rate
+
 lint: $(SETUP_STAMP)
 	$(BIN)/ruff check codegen tests scripts examples setup.py
 	$(BIN)/ruff format --check codegen tests scripts examples setup.py

@@ -177,6 +177,7 @@ def quantize(
     scale: str = "dyadic",
     bits_per_weight: float = 2.0,
     transform: str = "klt",
+    transform_deploy: str = "auto",
     train: tuple[np.ndarray, np.ndarray] | None = None,
     epochs: int = 2,
     seed: int = 0,
@@ -193,7 +194,10 @@ def quantize(
     sizes and offsets (LSQ+), `w_bits`/`a_bits` (2..8, per network or {layer: bits}), `scale`
     "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`.
     method="transform": decorrelating transform (`transform` "klt" or "elt") and reverse
-    water-filling bit allocation at `bits_per_weight`, optionally retrained on `train`.
+    water-filling bit allocation at `bits_per_weight`, optionally retrained on `train`;
+    `transform_deploy` "auto" (fewer flash bytes), "factored" (coefficient layer + 1x1 layer
+    holding the transform) or "reconstructed" (weights U Y requantized to 8 bits);
+    `transform="uniform"` is the baseline: every weight at the same bit depth per layer.
     """
     if method not in METHODS:
         raise QaccError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
@@ -240,6 +244,7 @@ def quantize(
             policy=cast(Policy, overflow),
             bits_per_weight=bits_per_weight,
             transform=transform,
+            deploy=transform_deploy,
             epochs=epochs,
             seed=seed,
             progress=progress,
