@@ -253,3 +253,21 @@ def test_retraining_end_to_end(tmp_path: Path) -> None:
 def test_user_errors(kw: dict[str, Any], msg: str) -> None:
     with pytest.raises(QaccError, match=msg):
         codegen.quantize(_LowRank().eval(), _data(8), method="transform", progress=False, **kw)
+
+
+def test_rate_table_plot_and_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from codegen import cli, rate
+
+    rows = [
+        {"method": m, "retrained": t, "target_bits_per_weight": b, "bits_per_weight": b - 0.01,
+         "accuracy": 0.5 + 0.05 * b + 0.01 * t}
+        for m in ("uniform", "klt") for t in (False, True) for b in (1.0, 2.0)
+    ]  # fmt: skip
+    res = {"network": "net", "float_accuracy": 0.9, "epochs": 1, "train_samples": 10,
+           "test_samples": 5, "rows": rows}  # fmt: skip
+    md = rate.markdown(res)
+    assert "| 2 | 60.00 (1.990) | 61.00 (1.990) | 60.00 (1.990) | 61.00 (1.990) |" in md
+    rate.plot(res, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["rate", "--transforms", "dct"]) == 2
+    assert "klt and/or elt" in capsys.readouterr().err
