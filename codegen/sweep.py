@@ -46,8 +46,10 @@ def run(
     a_bits: int = 4,
     progress: bool = True,
     log: Any = print,
+    keep: dict[tuple[str, str, int], codegen.QuantizedModel] | None = None,
 ) -> dict[str, Any]:
-    """Every (method, policy, width) point; a width that does not fit ends its series."""
+    """Every (method, policy, width) point; a width that does not fit ends its series.
+    `keep`, if given, receives every quantized model by (method, policy, width)."""
     for m in methods:
         if m not in METHODS:
             raise QaccError(f"unknown sweep method '{m}'; choose from {', '.join(METHODS)}")
@@ -75,6 +77,8 @@ def run(
                 rows.append(_row(method, policy, a, None, note=str(e)))
                 log(f"  {method:<8} {policy:<10} {a:>2} bits: infeasible")
                 break  # narrower widths cannot fit either
+            if keep is not None:
+                keep[(method, policy, a)] = qm
             res = qm.run_reference(x_test)
             acc = accuracy(res.output, y_test)
             row = _row(

@@ -86,6 +86,30 @@ def test_projection_gradient_matches_finite_differences() -> None:
     )
 
 
+def _l1_projection_by_sorting(v: np.ndarray, cap: float) -> np.ndarray:
+    """Euclidean projection of v >= 0 onto {sum <= cap} (Duchi et al. 2008), for comparison."""
+    if v.sum() <= cap:
+        return v
+    if cap <= 0:
+        return np.zeros_like(v)
+    mu = np.sort(v)[::-1]
+    css = np.cumsum(mu)
+    k = np.nonzero(mu * np.arange(1, len(v) + 1) > css - cap)[0][-1]
+    return np.maximum(v - (css[k] - cap) / (k + 1), 0)
+
+
+def test_l1_ball_is_the_euclidean_projection_and_is_sparse() -> None:
+    rng = np.random.default_rng(3)
+    v = np.abs(rng.normal(0, 1, (5, 400)))
+    cap = np.array([1000.0, 50.0, 5.0, 0.5, 0.0])
+    got = adaptive._l1_ball(torch.as_tensor(v), torch.as_tensor(cap), torch.ones(1)).numpy()
+    for c in range(5):
+        want = _l1_projection_by_sorting(v[c], cap[c])
+        assert np.allclose(got[c], want, atol=1e-9)
+        assert got[c].sum() <= cap[c] + 1e-9
+    assert (got[2] > 0).sum() < 40  # a small budget keeps few weights, not many tiny ones
+
+
 @pytest.mark.parametrize("xlo,xhi", [(0, 15), (0, 255), (-3, 12), (-128, 127)])
 def test_projection_then_truncation_fits_the_exact_bound(xlo: int, xhi: int) -> None:
     rng = np.random.default_rng(xhi)
@@ -243,3 +267,35 @@ def test_residual_add_is_refused_with_a_hint() -> None:
     y = np.zeros(16, dtype=np.int64)
     with pytest.raises(UnsupportedModelError, match="method='ptq'"):
         codegen.quantize(net, x, method="adaptive", train=(x, y), epochs=0, progress=False)
+
+
+@pytest.mark.slow
+def test_sweep_ptq_against_adaptive_writes_table_plot_and_json(digits_net, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from codegen import sweep
+
+    net, (x_train, y_train, x_test, y_test) = digits_net
+    res = sweep.run(
+        net,
+        x_train[:300],
+        y_train[:300],
+        (x_train, y_train),
+        (x_test, y_test),
+        widths=(16, 12),
+        epochs=1,
+        progress=False,
+        log=lambda *_: None,
+    )
+    series = {(r["method"], r["policy"]) for r in res["rows"]}
+    assert series == {("ptq", "guaranteed"), ("ptq", "profiled"), ("adaptive", "guaranteed")}
+    assert sorted({r["acc_bits"] for r in res["rows"]}) == [12, 16]
+    for r in res["rows"]:
+        if r["method"] == "adaptive":
+            assert r["overflow_events"] == 0 and r["fake_quant_agreement"] >= 0.99
+            assert 0.5 < r["accuracy"] <= 1.0
+    paths = sweep.write(res, tmp_path)
+    assert [p.name for p in paths] == ["sweep.json", "sweep.md", "sweep.png"]
+    assert json.loads(paths[0].read_text()) == json.loads(json.dumps(res))
+    assert "| adaptive | guaranteed | 12 |" in paths[1].read_text()
+    assert paths[2].read_bytes().startswith(b"\x89PNG")

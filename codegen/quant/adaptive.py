@@ -49,6 +49,12 @@ MULT_BITS = 15
 """Dyadic requantization multipliers lie in [2^(MULT_BITS-1), 2^MULT_BITS]."""
 BIAS_SHARE = 0.5
 """The bias may take at most this share of the accumulator range (in accumulator units)."""
+INIT_SAMPLES = 1000
+"""Calibration samples run through the network to initialise the quantizers."""
+INIT_VALUES = 200_000
+"""Values per tensor sampled for an activation quantizer's initial step and zero point."""
+STEP_SEARCH = 24
+"""Weight-step candidates tried upward from the error-minimising step (x1.25 or x2 each)."""
 OUTPUT_BITS = 8
 """With a single `a_bits`, the network output (logits: no accumulator reads them) keeps 8 bits."""
 
@@ -149,6 +155,29 @@ class WeightQuant(nn.Module):
             return torch.exp2(round_ste(p))
         return p.abs().clamp_min(1e-12)
 
+    @torch.no_grad()
+    def fit_steps(self, act: ActQuant) -> None:
+        """Per channel, the step (from the error-minimising one upward) whose projected, rounded
+        weights best approximate the float weights. Where the accumulator bound binds, the
+        integer weights no longer depend on the step, so the step sets their real scale."""
+        o = self.w.shape[0]
+        shape = (o,) + (1,) * (self.w.ndim - 1)
+        base = self.s_param.detach().clone()
+        best = torch.full((o,), math.inf, dtype=torch.float64)
+        chosen = base.clone()
+        for k in range(STEP_SEARCH):
+            cand = base + k if self.pow2 else base * 1.25**k
+            self.s_param.copy_(cand)
+            lay = self.forward(act)
+            w_hat = lay.q * lay.w_step.reshape(shape)
+            err = ((w_hat - self.w) ** 2).reshape(o, -1).sum(1).double()
+            b_hat = lay.bias * lay.x_step * lay.w_step
+            err += ((b_hat - self.b) ** 2).double()
+            better = err < best
+            best = torch.where(better, err, best)
+            chosen = torch.where(better, cand, chosen)
+        self.s_param.copy_(chosen)
+
     def forward(self, act: ActQuant) -> Layer:
         sx = act.step()
         zp = act.zero_point(sx)
@@ -171,29 +200,57 @@ def project(
     xhi: torch.Tensor,
     room: float,
 ) -> torch.Tensor:
-    """Scale each channel's weights so that the exact bound of its sum fits the accumulator.
+    """Bring each channel's weights inside the accumulator bound (the A2Q / A2Q+ constraint).
 
     In integer units u = w / sw, the sum of a channel over inputs x in [xlo, xhi] (xlo <= 0 <=
-    xhi) lies in [bias - P*(-xlo) - N*xhi, bias + P*xhi + N*(-xlo)] with P, N the positive and
-    negative mass of u. With xlo = 0 the two signs bound one side each and are scaled separately
-    (A2Q+); otherwise one factor scales both. `room` is the accumulator's largest value less the
-    bias' rounding slack; rounding toward zero afterwards can only shrink P and N.
+    xhi) lies in [bias - P*(-xlo) - N*xhi, bias + P*xhi + N*(-xlo)], P and N the positive and
+    negative mass of u. With xlo = 0 (unsigned activations) each sign bounds one side: the
+    positive and the negative weights are each projected onto their L1 ball (soft thresholding,
+    the Euclidean projection, which keeps the large weights and drops the small ones: a layer
+    with many terms and a small budget becomes sparse instead of uniformly tiny). Otherwise one
+    factor scales both signs. `room` is the accumulator's largest value less the bias' rounding
+    slack; rounding toward zero afterwards can only shrink P and N.
     """
     o = w.shape[0]
     shape = (o,) + (1,) * (w.ndim - 1)
-    u = w / sw.reshape(shape)
-    pos = F.relu(u).reshape(o, -1).sum(1)
-    neg = F.relu(-u).reshape(o, -1).sum(1)
     up, down = room - bias, room + bias  # what the weights may add above / below the bias
-    tiny = 1e-12
     if float(xlo.detach()) == 0.0:
-        gp = torch.clamp(up / (pos * xhi + tiny), max=1.0)
-        gn = torch.clamp(down / (neg * xhi + tiny), max=1.0)
-    else:
-        hi = pos * xhi - neg * xlo
-        lo = pos * -xlo + neg * xhi
-        gp = gn = torch.clamp(torch.minimum(up / (hi + tiny), down / (lo + tiny)), max=1.0)
-    return F.relu(w) * gp.reshape(shape) - F.relu(-w) * gn.reshape(shape)
+        scale = sw.reshape(shape)
+        pos = _l1_ball(F.relu(w), up / xhi * sw, scale)
+        neg = _l1_ball(F.relu(-w), down / xhi * sw, scale)
+        return pos - neg
+    u = w / sw.reshape(shape)
+    tiny = 1e-12
+    p = F.relu(u).reshape(o, -1).sum(1)
+    n = F.relu(-u).reshape(o, -1).sum(1)
+    hi = p * xhi - n * xlo
+    lo = p * -xlo + n * xhi
+    g = torch.clamp(torch.minimum(up / (hi + tiny), down / (lo + tiny)), max=1.0)
+    return w * g.reshape(shape)
+
+
+def _l1_ball(v: torch.Tensor, cap: torch.Tensor, shape_like: torch.Tensor) -> torch.Tensor:
+    """Per channel (rows of v >= 0), relu(v - t) with the smallest t >= 0 whose sum <= cap.
+
+    The kept set is found by bisection on detached values; t is then the closed form over the
+    kept set, t = (sum_kept v - cap) / |kept|, so gradients reach v and cap exactly."""
+    o = v.shape[0]
+    flat = v.reshape(o, -1)
+    d = flat.detach()
+    c = cap.detach().clamp_min(0.0)
+    lo = torch.zeros(o, dtype=d.dtype)
+    hi = d.max(dim=1).values
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        over = F.relu(d - mid[:, None]).sum(1) > c
+        lo = torch.where(over, mid, lo)
+        hi = torch.where(over, hi, mid)
+    kept = (d > hi[:, None]).to(d.dtype)
+    n_kept = kept.sum(1)
+    t = ((flat * kept).sum(1) - cap.clamp_min(0.0)) / n_kept.clamp_min(1.0)
+    t = torch.where(n_kept > 0, t, d.max(dim=1).values)  # nothing kept: a zero budget
+    t = torch.where(d.sum(1) > c, t.clamp_min(0.0), torch.zeros_like(t))
+    return F.relu(v - t.reshape((o,) + (1,) * (v.ndim - 1)))
 
 
 def init_weight_steps(w: np.ndarray, qmax: int, pow2: bool) -> np.ndarray:
@@ -246,7 +303,13 @@ def _rep_tensors(graph: Graph) -> dict[str, str]:
 
 
 class QATNet(nn.Module):
-    """The float IR with fake quantization everywhere; input and output NCHW like the model."""
+    """The float IR with fake quantization everywhere; input and output NCHW like the model.
+
+    Initialisation runs the calibration data through the network in order, so that every
+    quantizer is fitted to the values it will really see: each layer's weight steps to its
+    weights under the accumulator constraint, each activation quantizer to the output of the
+    already quantized prefix.
+    """
 
     def __init__(
         self,
@@ -270,21 +333,33 @@ class QATNet(nn.Module):
         self.acts = nn.ModuleDict()
         self.layers = nn.ModuleDict()
         self.keys: dict[str, str] = {}
-        values = _calibration_values(graph, x_calib)
-        for t, r in sorted(set(self.rep.items())):
-            if t != r:
-                continue
-            key = f"a{len(self.acts)}"
-            self.keys[r] = key
+        with torch.no_grad():
+            x = torch.as_tensor(x_calib[:INIT_SAMPLES], dtype=torch.float32)
+            env = {graph.input: self._init_act(graph.input, x, a_bits)(x)}
+            for n in graph.nodes:
+                if n.op in WEIGHTED_OPS:
+                    wq = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2)
+                    wq.fit_steps(self.act(n.inputs[0]))
+                    self.layers[n.name] = wq
+                y = self._node(n, [env[t] for t in n.inputs])
+                if n.op not in ("maxpool2d", "reshape"):
+                    y = self._init_act(n.output, y, a_bits)(y)
+                env[n.output] = y
+
+    def _init_act(self, tensor: str, v: torch.Tensor, a_bits: Mapping[str, int]) -> ActQuant:
+        """The quantizer of a tensor's format class, created from the first values it sees."""
+        r = self.rep[tensor]
+        if r not in self.keys:
+            self.keys[r] = f"a{len(self.acts)}"
             members = [m for m, mr in self.rep.items() if mr == r]
-            v = np.concatenate([values[m].ravel() for m in members])
-            nonneg = all(_nonneg(graph, m) for m in members)
-            numel = graph.tensors[r].size
-            s, zp = init_act_quant(v, a_bits[r], pow2, numel, nonneg)
-            self.acts[key] = ActQuant(a_bits[r], pow2, s, zp, numel)
-        for n in graph.nodes:
-            if n.op in WEIGHTED_OPS:
-                self.layers[n.name] = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2)
+            nonneg = all(_nonneg(self.graph, m) for m in members)
+            numel = self.graph.tensors[r].size
+            sample = v.detach().double().numpy().ravel()
+            if sample.size > INIT_VALUES:
+                sample = np.random.default_rng(0).choice(sample, INIT_VALUES, replace=False)
+            s, zp = init_act_quant(sample, a_bits[r], self.pow2, numel, nonneg)
+            self.acts[self.keys[r]] = ActQuant(a_bits[r], self.pow2, s, zp, numel)
+        return self.act(tensor)
 
     def act(self, tensor: str) -> ActQuant:
         m = self.acts[self.keys[self.rep[tensor]]]
@@ -296,23 +371,25 @@ class QATNet(nn.Module):
         assert isinstance(m, WeightQuant)
         return m
 
+    def _node(self, n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        """One node with quantized weights and its clamp (before its output quantizer)."""
+        over: dict[str, Any] = {}
+        if n.op in WEIGHTED_OPS:
+            lay = self.layer(n.name).forward(self.act(n.inputs[0]))
+            shape = (-1,) + (1,) * (lay.q.ndim - 1)
+            over = {
+                "weight": lay.q * lay.w_step.reshape(shape),
+                "bias": lay.bias * lay.x_step * lay.w_step,
+            }
+        y = simulate.eval_node(n, xs, over)
+        lo, hi = n.attrs.get("clamp", (-math.inf, math.inf))
+        return y.clamp(lo, hi) if (lo, hi) != (-math.inf, math.inf) else y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.graph
         env = {g.input: self.act(g.input)(x)}
         for n in g.nodes:
-            xs = [env[t] for t in n.inputs]
-            over: dict[str, Any] = {}
-            if n.op in WEIGHTED_OPS:
-                lay = self.layer(n.name).forward(self.act(n.inputs[0]))
-                shape = (-1,) + (1,) * (lay.q.ndim - 1)
-                over = {
-                    "weight": lay.q * lay.w_step.reshape(shape),
-                    "bias": lay.bias * lay.x_step * lay.w_step,
-                }
-            y = simulate.eval_node(n, xs, over)
-            lo, hi = n.attrs.get("clamp", (-math.inf, math.inf))
-            if (lo, hi) != (-math.inf, math.inf):
-                y = y.clamp(lo, hi)
+            y = self._node(n, [env[t] for t in n.inputs])
             if n.op not in ("maxpool2d", "reshape"):  # those keep their input's values
                 y = self.act(n.output)(y)
             env[n.output] = y
@@ -326,30 +403,6 @@ def _nonneg(graph: Graph, tensor: str) -> bool:
     if prod.op in ("maxpool2d", "reshape", "concat"):
         return all(_nonneg(graph, t) for t in prod.inputs)
     return bool(prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0)
-
-
-def _calibration_values(graph: Graph, x_calib: np.ndarray) -> dict[str, np.ndarray]:
-    """A sample of every tensor's float values on the calibration data (after clamps)."""
-    rng = np.random.default_rng(0)
-    keep = 200_000
-    out: dict[str, list[np.ndarray]] = {t: [] for t in graph.tensors}
-
-    def take(name: str, v: torch.Tensor) -> None:
-        a = v.detach().double().numpy().ravel()
-        if a.size > keep:
-            a = rng.choice(a, keep, replace=False)
-        out[name].append(a)
-
-    def observe(node: Node, xs: list[torch.Tensor], pre: torch.Tensor) -> None:
-        if node is graph.nodes[0]:
-            take(graph.input, xs[0])
-        lo, hi = node.attrs.get("clamp", (-math.inf, math.inf))
-        take(node.output, pre.clamp(lo, hi) if (lo, hi) != (-math.inf, math.inf) else pre)
-
-    simulate.run(
-        graph, simulate.nchw_to_nhwc(x_calib), observe=observe, dtype=torch.float32, batch=512
-    )
-    return {t: np.concatenate(v) for t, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- bits per layer
