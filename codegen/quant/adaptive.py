@@ -434,7 +434,12 @@ def resolve_bits(
         default = int(a_bits)
         io = {"input": default, "output": OUTPUT_BITS}
         per_layer = {}
-    by_tensor = {n.output: per_layer.get(n.name, default) for n in graph.nodes}
+    # ops that share their input's format (maxpool, reshape, concat) set bits only when named
+    by_tensor = {
+        n.output: per_layer.get(n.name, default)
+        for n in graph.nodes
+        if n.op not in ("maxpool2d", "reshape", "concat") or n.name in per_layer
+    }
     by_tensor[graph.input] = int(io["input"])
     last = graph.producer(graph.output)
     if last is not None and last.name not in per_layer:
@@ -442,7 +447,8 @@ def resolve_bits(
     rep = _rep_tensors(graph)
     ab: dict[str, int] = {}
     for t, r in rep.items():  # a shared format takes the widest of its members
-        ab[r] = max(ab.get(r, 0), by_tensor[t])
+        if t in by_tensor:
+            ab[r] = max(ab.get(r, 0), by_tensor[t])
     for name, bits in [*wb.items(), *ab.items()]:
         if not 2 <= bits <= 8:
             raise QaccError(f"bits for '{name}' must be 2..8, got {bits}")
