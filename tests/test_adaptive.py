@@ -11,7 +11,7 @@ from torch import nn
 
 import codegen
 from codegen import datasets
-from codegen.errors import QaccError, UnsupportedModelError
+from codegen.errors import QaccError
 from codegen.quant import adaptive
 from codegen.quant.accumulator import channel_bounds
 from codegen.quant.formats import requantize
@@ -259,14 +259,27 @@ def test_bad_options_are_one_line_errors(digits_net) -> None:  # type: ignore[no
         _adaptive(net, (x_train[:50], y_train[:50]), overflow="profiled", epochs=0)
 
 
-def test_residual_add_is_refused_with_a_hint() -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", ["dyadic", "pow2"])
+def test_every_op_through_adaptive_is_bit_exact_in_c(tmp_path, scale: str) -> None:  # type: ignore[no-untyped-def]
+    """Residual add, concat, depthwise, avg/max/global pooling: trained, exported, compiled."""
     from tests.nets import Branchy
 
+    torch.manual_seed(0)
     net = Branchy().eval()
-    x = np.random.default_rng(0).random((16, 3, 12, 12), dtype=np.float32)
-    y = np.zeros(16, dtype=np.int64)
-    with pytest.raises(UnsupportedModelError, match="method='ptq'"):
-        codegen.quantize(net, x, method="adaptive", train=(x, y), epochs=0, progress=False)
+    rng = np.random.default_rng(0)
+    x = rng.random((96, 3, 12, 12), dtype=np.float32)
+    y = rng.integers(0, 5, 96)
+    qm = codegen.quantize(
+        net, x[:32], method="adaptive", train=(x, y), epochs=1, acc_bits=14, scale=scale,
+        progress=False,
+    )  # fmt: skip
+    ops = {n.op for n in qm.graph.nodes}
+    assert {"add", "concat", "avgpool2d", "global_avgpool", "maxpool2d"} <= ops
+    ref = qm.reference_int(x)
+    assert np.mean(qm.simulate(x).argmax(1) == ref.argmax(1)) >= 0.95
+    c = codegen.compile(qm, target="host", out_dir=tmp_path / "m", sanitize=True)
+    assert np.array_equal(c.run_int(x), ref)
 
 
 @pytest.mark.slow

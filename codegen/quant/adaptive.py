@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from codegen import simulate
-from codegen.errors import QaccError, UnsupportedModelError
+from codegen.errors import QaccError
 from codegen.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
 from codegen.quant.accumulator import channel_bounds
 from codegen.quant.formats import int_range, round_half_up
@@ -55,6 +55,8 @@ INIT_VALUES = 200_000
 """Values per tensor sampled for an activation quantizer's initial step and zero point."""
 STEP_SEARCH = 24
 """Weight-step candidates tried upward from the error-minimising step (x1.25 or x2 each)."""
+ADD_FRAC_BITS = 10
+"""A residual add brings both operands to 2^-10 of the finer scale (exact for pow2 scales)."""
 OUTPUT_BITS = 8
 """With a single `a_bits`, the network output (logits: no accumulator reads them) keeps 8 bits."""
 
@@ -322,12 +324,6 @@ class QATNet(nn.Module):
     ):
         super().__init__()
         self.pow2 = pow2
-        for n in graph.nodes:
-            if n.op == "add":
-                raise UnsupportedModelError(
-                    f"method 'adaptive' does not support residual adds yet (node '{n.name}'); "
-                    "use method='ptq' for this model"
-                )
         self.graph = graph
         self.rep = _rep_tensors(graph)
         self.acts = nn.ModuleDict()
@@ -560,13 +556,22 @@ def export(net: QATNet) -> tuple[Graph, dict[str, Any]]:
                 if n.op == "avgpool2d"
                 else shp[0] * shp[1]
             )
-            mult, shift = _requant_of(np.array([fi.scale / (count * fo.scale)]), pow2)
-            if pow2 and count & (count - 1):
-                mult, shift = dyadic(np.array([fi.scale / (count * fo.scale)]))
+            exact = pow2 and count & (count - 1) == 0  # else a 15-bit multiplier divides
+            mult, shift = _requant_of(np.array([fi.scale / (count * fo.scale)]), exact)
             rq = Requant(mult, shift, fo.zero_point, lo, hi)
             attrs["input_zero_point"] = fi.zero_point
             span = fi.qmax - fi.qmin
             attrs["acc_bits"] = 16 if count * span < (1 << 15) else 32
+        elif n.op == "add":
+            fa, fb = (fmts[t] for t in n.inputs)
+            base = min(fa.scale, fb.scale) * 2.0**-ADD_FRAC_BITS
+            mults = [int(round_half_up(f.scale / base)) for f in (fa, fb)]
+            m_out, s_out = _requant_of(np.array([base / fo.scale]), pow2)
+            params = {"in_mult": np.array(mults, dtype=np.int64)}
+            rq = Requant(m_out, s_out, fo.zero_point, lo, hi)
+            attrs["input_zero_points"] = (fa.zero_point, fb.zero_point)
+            peak = sum(m * (f.qmax - f.qmin) for m, f in zip(mults, (fa, fb), strict=True))
+            attrs["acc_bits"] = 16 if peak < (1 << 15) else 32
         elif n.op == "concat":  # inputs share the output's format (tensor classes)
             k = len(n.inputs)
             rq = Requant(np.ones(k, dtype=np.int64), np.zeros(k, dtype=np.int64), 0, lo, hi)
