@@ -57,4 +57,36 @@ class ResDWNet(nn.Module):
         return self.head(x)
 
 
-ZOO = {"fashion_cnn": FashionCNN, "resdw": ResDWNet}
+class FashionDSCNN(nn.Module):
+    """Depthwise-separable CNN for narrow accumulators: every layer sums few terms (K <= 128).
+
+    The accumulator bound of a channel grows with its number of terms K, so at 12 bits a 3x3
+    conv over 32 channels (K = 288) must keep most of its 4-bit weights at zero, while a
+    depthwise 3x3 (K = 9) or a pointwise over 64 channels is hardly constrained. Global average
+    pooling keeps the classifier at K = 128 instead of a flattened 3136.
+    """
+
+    def __init__(self, classes: int = 10, width: int = 32):
+        super().__init__()
+        w = width
+
+        def separable(cin: int, cout: int) -> list[nn.Module]:
+            return [*_conv_bn(cin, cin, groups=cin), *_conv_bn(cin, cout, k=1)]
+
+        self.features = nn.Sequential(
+            *_conv_bn(1, w),
+            *separable(w, 2 * w),
+            nn.MaxPool2d(2),
+            *separable(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            *separable(2 * w, 4 * w),
+        )
+        self.classifier = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+ZOO = {"fashion_cnn": FashionCNN, "fashion_ds": FashionDSCNN, "resdw": ResDWNet}
