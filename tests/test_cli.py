@@ -94,6 +94,27 @@ def test_compile_then_verify(work: Path) -> None:
     assert forced.returncode == 0, forced.stderr
 
 
+@pytest.mark.slow
+def test_compile_adaptive_then_verify(work: Path) -> None:
+    """--method adaptive: trained W4A4 at a 12-bit accumulator, packed weights, bit-exact."""
+    r = qacc(
+        "compile", "net.py:make", "--calib", "calib.npy", "--method", "adaptive",
+        "--acc-bits", "12", "--train-data", "calib.npy", "--train-labels", "labels.npy",
+        "--train-epochs", "1", "--out", "out-adaptive", cwd=work,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = (work / "out-adaptive" / "report.json").read_text()
+    assert '"method": "adaptive"' in report and '"adaptive"' in report
+    v = qacc("verify", "out-adaptive", "--inputs", "x.npy", cwd=work)
+    assert v.returncode == 0 and "20 bit-exact, 0 differ" in v.stdout, v.stdout + v.stderr
+    half = qacc(
+        "compile", "net.py:make", "--calib", "calib.npy", "--method", "adaptive",
+        "--train-data", "calib.npy", "--out", "out-x", cwd=work,
+    )  # fmt: skip
+    assert half.returncode == 2 and "--train-labels" in half.stderr
+    assert len(half.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
