@@ -484,6 +484,8 @@ class _Emitter:
             "bits": f.bits,
             "signed": int(f.signed),
             "frac": f.frac if f.frac >= 0 else f"({f.frac})",
+            "scale": f"{f.scale!r}",  # repr: the shortest text that reads back as this double
+            "scale_note": "2^-FRAC" if f.is_pow2 else "dyadic: FRAC is only its nearest 2^-n",
             "zero_point": f.zero_point if f.zero_point >= 0 else f"({f.zero_point})",
             "qmin": f.qmin if f.qmin >= 0 else f"({f.qmin})",
             "qmax": f.qmax,

@@ -233,6 +233,11 @@ def test_adaptive_model_is_bit_exact_in_c_on_the_host(digits_net, tmp_path) -> N
     c = codegen.compile(qm, target="host", out_dir=tmp_path / "m", sanitize=True)
     assert np.array_equal(c.run_int(x_test[:200]), qm.reference_int(x_test[:200]))
     assert qm.graph.tensors[qm.graph.node("c2").output].fmt.bits == 3  # type: ignore[union-attr]
+    # the header gives the dyadic input scale exactly (FRAC would only be its nearest 2^-n)
+    header = (tmp_path / "m" / "tiny.h").read_text()
+    fmt = qm.graph.tensors[qm.graph.input].fmt
+    assert fmt is not None and not fmt.is_pow2
+    assert f"_INPUT_SCALE {fmt.scale!r} " in header
 
 
 @pytest.mark.slow
