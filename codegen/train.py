@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,13 @@ def fit(
     schedule: str = "onecycle",
     desc: str = "train",
     history: list[dict[str, float]] | None = None,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 2.0,
 ) -> nn.Module:
     """Adam with a one-cycle (training) or cosine (fine-tuning) schedule; one progress bar per
-    epoch showing loss and accuracy. Per-epoch figures are appended to `history` if given."""
+    epoch showing loss and accuracy. Per-epoch figures are appended to `history` if given.
+    With a `teacher`, the loss is the mean of cross entropy and the distillation loss (KL of the
+    softened outputs, Hinton et al. 2015)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -67,6 +72,14 @@ def fit(
             idx = order[i : i + batch]
             out = model(xt[idx])
             loss = nn.functional.cross_entropy(out, yt[idx])
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = nn.functional.softmax(teacher(xt[idx]) / temperature, dim=1)
+                kd = nn.functional.kl_div(
+                    nn.functional.log_softmax(out / temperature, dim=1), soft,
+                    reduction="batchmean",
+                )  # fmt: skip
+                loss = 0.5 * loss + 0.5 * temperature**2 * kd
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -468,13 +468,19 @@ def train_qat(
     seed: int,
     progress: bool,
     lr: float = 5e-4,
+    distill: bool = False,
 ) -> list[dict[str, float]]:
-    """Fine-tune every parameter (weights, biases, steps, offsets): Adam, cosine decay."""
+    """Fine-tune every parameter (weights, biases, steps, offsets): Adam, cosine decay; with
+    `distill`, the float network is the teacher (knowledge distillation)."""
     from codegen.train import fit
+
+    def teacher(xb: torch.Tensor) -> torch.Tensor:  # the float network the training started from
+        out = simulate.run(net.graph, simulate.nchw_to_nhwc(xb.numpy()), dtype=torch.float32)
+        return torch.as_tensor(out, dtype=torch.float32).reshape(len(xb), -1)
 
     history: list[dict[str, float]] = []
     fit(net, x, y, epochs, lr=lr, seed=seed, progress=progress, schedule="cosine",
-        desc="adaptive QAT", history=history)  # fmt: skip
+        desc="adaptive QAT", history=history, teacher=teacher if distill else None)  # fmt: skip
     return history
 
 
@@ -642,6 +648,7 @@ def quantize_adaptive(
     seed: int = 0,
     progress: bool = True,
     lr: float = 5e-4,
+    distill: bool = False,
 ) -> tuple[Graph, dict[str, Any]]:
     """Train, export and check; returns the integer graph and the method's report section."""
     if scale not in SCALES:
@@ -652,7 +659,7 @@ def quantize_adaptive(
     torch.manual_seed(seed)
     net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2")
     x, y = train
-    history = train_qat(net, x, y, epochs, seed, progress, lr=lr)
+    history = train_qat(net, x, y, epochs, seed, progress, lr=lr, distill=distill)
     qgraph, details = export(net)
     agree = fake_vs_integer(net, qgraph, calib)
     extra = {
