@@ -120,6 +120,7 @@ def _compile(args: argparse.Namespace) -> int:
             scale=args.scale,
             bits_per_weight=args.bits_per_weight,
             transform=args.transform,
+            transform_deploy=args.transform_deploy,
             train=train,
             epochs=args.train_epochs,
         )
@@ -262,7 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--bits-per-weight", type=float, default=2.0, help="transform: average bits per weight"
     )
-    c.add_argument("--transform", choices=("klt", "elt"), default="klt", help="transform: kind")
+    c.add_argument(
+        "--transform",
+        choices=("klt", "elt", "uniform"),
+        default="klt",
+        help="transform: kind (uniform: the baseline without a transform)",
+    )
+    c.add_argument(
+        "--transform-deploy",
+        choices=("auto", "factored", "reconstructed"),
+        default="auto",
+        help="transform: coefficient layer + 1x1 transform layer, reconstructed weights, or "
+        "whichever takes less flash",
+    )
     c.add_argument(
         "--train-data",
         default=None,

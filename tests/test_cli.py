@@ -115,6 +115,21 @@ def test_compile_adaptive_then_verify(work: Path) -> None:
     assert len(half.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_compile_transform_then_verify(work: Path) -> None:
+    """--method transform at 2 bits per weight, factored deployment, bit-exact."""
+    r = qacc(
+        "compile", "net.py:make", "--calib", "calib.npy", "--method", "transform",
+        "--bits-per-weight", "2", "--transform-deploy", "factored", "--out", "out-transform",
+        cwd=work,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    report = (work / "out-transform" / "report.json").read_text()
+    assert '"weight_bits_per_param"' in report
+    v = qacc("verify", "out-transform", "--inputs", "x.npy", cwd=work)
+    assert v.returncode == 0 and "20 bit-exact, 0 differ" in v.stdout, v.stdout + v.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
