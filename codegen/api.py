@@ -180,6 +180,7 @@ def quantize(
     transform_deploy: str = "auto",
     train: tuple[np.ndarray, np.ndarray] | None = None,
     epochs: int = 2,
+    distill: bool = False,
     seed: int = 0,
 ) -> QuantizedModel:
     """Quantize an eval-mode nn.Module for accumulators of `acc_bits` bits.
@@ -192,7 +193,8 @@ def quantize(
     method="ptq": post-training, power-of-two formats filling the accumulator (de Bruin et al.).
     method="adaptive": quantization-aware training on `train` for `epochs` with learned step
     sizes and offsets (LSQ+), `w_bits`/`a_bits` (2..8, per network or {layer: bits}), `scale`
-    "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`.
+    "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`;
+    `distill` adds knowledge distillation from the float model to the training loss.
     method="transform": decorrelating transform (`transform` "klt" or "elt") and reverse
     water-filling bit allocation at `bits_per_weight`, optionally retrained on `train`;
     `transform_deploy` "auto" (fewer flash bytes), "factored" (coefficient layer + 1x1 layer
@@ -228,6 +230,7 @@ def quantize(
             epochs=epochs,
             seed=seed,
             progress=progress,
+            distill=distill,
         )
         qm = QuantizedModel(fg.name, graph, fg, method, overflow)
         qm.report = build_report(qm, None, calib) | extra

@@ -310,10 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     w.add_argument(
-        "--model", choices=sorted(models.ZOO), default="fashion_cnn", help="network to sweep"
+        "--model", choices=sorted(models.ZOO), default="fashion_ds", help="network to sweep"
     )
-    w.add_argument("--epochs", type=int, default=4, help="float training epochs (cached)")
-    w.add_argument("--qat-epochs", type=int, default=1, help="adaptive training epochs per width")
+    w.add_argument("--epochs", type=int, default=6, help="float training epochs (cached)")
+    w.add_argument(
+        "--qat-epochs",
+        type=int,
+        default=4,
+        help="adaptive training epochs per width (with distillation from the float network)",
+    )
     w.add_argument(
         "--widths", default="32,20,16,14,12,10", help="accumulator widths separated by commas"
     )

@@ -47,6 +47,7 @@ def run(
     progress: bool = True,
     log: Any = print,
     keep: dict[tuple[str, str, int], codegen.QuantizedModel] | None = None,
+    distill: bool = False,
 ) -> dict[str, Any]:
     """Every (method, policy, width) point; a width that does not fit ends its series.
     `keep`, if given, receives every quantized model by (method, policy, width)."""
@@ -71,7 +72,7 @@ def run(
                 else:
                     qm = codegen.quantize(
                         net, calib, acc_bits=a, method="adaptive", w_bits=w_bits, a_bits=a_bits,
-                        train=train, epochs=epochs, progress=progress,
+                        train=train, epochs=epochs, progress=progress, distill=distill,
                     )  # fmt: skip
             except InfeasibleAccumulatorError as e:
                 rows.append(_row(method, policy, a, None, note=str(e)))
@@ -96,6 +97,7 @@ def run(
                     np.mean(sim.reshape(len(y_test), -1).argmax(1) == res.output.argmax(1))
                 )
                 row["weight_bits"], row["activation_bits"] = w_bits, a_bits
+                row["epochs"], row["distill"] = epochs, distill
             rows.append(row)
             log(
                 f"  {method:<8} {policy:<10} {a:>2} bits: {100 * acc:6.2f}% "
@@ -146,7 +148,7 @@ def write(sweep: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def main(
-    model_name: str = "fashion_cnn",
+    model_name: str = "fashion_ds",
     out_dir: Path = Path("out/sweep"),
     widths: Sequence[int] = WIDTHS,
     methods: Sequence[str] = METHODS,
@@ -171,6 +173,7 @@ def main(
         widths=widths,
         methods=methods,
         epochs=epochs,
+        distill=True,
     )
     paths = write(result, out_dir)
     print(table(result))

@@ -467,7 +467,7 @@ def train_qat(
     epochs: int,
     seed: int,
     progress: bool,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     distill: bool = False,
 ) -> list[dict[str, float]]:
     """Fine-tune every parameter (weights, biases, steps, offsets): Adam, cosine decay; with
@@ -647,7 +647,7 @@ def quantize_adaptive(
     epochs: int = 2,
     seed: int = 0,
     progress: bool = True,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     distill: bool = False,
 ) -> tuple[Graph, dict[str, Any]]:
     """Train, export and check; returns the integer graph and the method's report section."""
@@ -668,6 +668,7 @@ def quantize_adaptive(
             "w_bits": wb,
             "a_bits": {t: ab[r] for t, r in net.rep.items()},
             "epochs": epochs,
+            "distill": distill,
             "history": history,
             "constraint": details["layers"],
             "bound_fixups": details["bound_fixups"],
