@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from codegen import simulate
 from codegen.errors import InfeasibleAccumulatorError
 from codegen.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor, TensorUnion
+from codegen.progress import bar as progress_bar
 from codegen.quant.accumulator import (
     MIN_BITS,
     Policy,
@@ -192,7 +192,7 @@ def search(
         return out
 
     weighted = [n for n in graph.nodes if n.op in WEIGHTED_OPS]
-    bar = tqdm(weighted, desc="bit-width search", unit="layer", disable=not progress, leave=False)
+    bar = progress_bar(weighted, "bit-width search", progress=progress, unit="layer")
     for node in bar:
         cls = classes.find(node.inputs[0])
         info = infos[cls]
