@@ -243,10 +243,25 @@ def test_adaptive_model_is_bit_exact_in_c_on_the_host(digits_net, tmp_path) -> N
 @pytest.mark.slow
 @pytest.mark.qemu
 @pytest.mark.parametrize("target", ["cortex-a53", "cortex-m55"])
-def test_adaptive_model_is_bit_exact_under_qemu(digits_net, tmp_path, target: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("kind", ["tiny", "separable"])
+def test_adaptive_model_is_bit_exact_under_qemu(
+    digits_net, tmp_path, target: str, kind: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The demo's two architectures (plain convs + dense; depthwise-separable + global pool),
+    W4A4 with packed weights at a 12-bit accumulator, on the NEON and the MVE kernels."""
+    from codegen.models import FashionDSCNN
+
     net, (x_train, y_train, x_test, _) = digits_net
+    if kind == "separable":
+        torch.manual_seed(0)
+        net = FashionDSCNN(width=8).eval()
     qm = _adaptive(net, (x_train, y_train), epochs=1)
+    assert any(n.op == "conv2d" and n.attrs["groups"] > 1 for n in qm.graph.nodes) == (
+        kind == "separable"
+    )
     c = codegen.compile(qm, target=target, out_dir=tmp_path / target)
+    weights_c = next((tmp_path / target).glob("*_weights.c")).read_text()
+    assert "packed" in weights_c  # 4-bit weights are stored two per byte
     assert np.array_equal(c.run_int(x_test[:64]), qm.reference_int(x_test[:64]))
 
 
