@@ -36,12 +36,7 @@ class QuantizedModel:
 
     # -- conversions between the user's float NCHW data and the integer graph's NHWC ints
     def quantize_input(self, x: np.ndarray) -> IntArray:
-        x = _check_images(x, self.float_graph, "inputs")
-        fmt = self.graph.tensors[self.graph.input].fmt
-        assert fmt is not None
-        return quantize_values(
-            simulate.nchw_to_nhwc(x) / fmt.scale, 0, fmt.qmin, fmt.qmax, fmt.zero_point
-        )
+        return quantize_images(_check_images(x, self.float_graph, "inputs"), self.graph)
 
     def dequantize_output(self, q: np.ndarray) -> np.ndarray:
         fmt = self.graph.tensors[self.graph.output].fmt
@@ -84,6 +79,15 @@ class QuantizedModel:
             k: {"events": v.events, "samples": v.samples, "max_abs_acc": v.max_abs}
             for k, v in res.overflow.items()
         }
+
+
+def quantize_images(x: np.ndarray, graph: Graph) -> IntArray:
+    """Float NCHW inputs to the integer graph's input format, NHWC."""
+    fmt = graph.tensors[graph.input].fmt
+    assert fmt is not None
+    return quantize_values(
+        simulate.nchw_to_nhwc(x) / fmt.scale, 0, fmt.qmin, fmt.qmax, fmt.zero_point
+    )
 
 
 def _check_images(x: Any, graph: Graph, what: str) -> np.ndarray:
@@ -213,16 +217,17 @@ def quantize(
     if acc_bits is None:
         acc_bits = 32 if method == "transform" else 16
     accs = _acc_map(fg, acc_bits)
+    res: PTQResult | None = None
+    extra: dict[str, Any] = {}
     if method == "adaptive":
         from codegen.quant.adaptive import quantize_adaptive
 
         if overflow != "guaranteed":
             raise QaccError("method 'adaptive' trains for overflow='guaranteed' only")
-        tr = _check_train(train, fg, "adaptive")
         graph, extra = quantize_adaptive(
             fg,
             calib,
-            tr,
+            _check_train(train, fg, "adaptive"),
             accs,
             w_bits=w_bits,
             a_bits=a_bits,
@@ -232,17 +237,13 @@ def quantize(
             progress=progress,
             distill=distill,
         )
-        qm = QuantizedModel(fg.name, graph, fg, method, overflow)
-        qm.report = build_report(qm, None, calib) | extra
-        return qm
-    if method == "transform":
+    elif method == "transform":
         from codegen.quant.transform import quantize_transform
 
-        trn = None if train is None else _check_train(train, fg, "transform")
         graph, extra = quantize_transform(
             fg,
             calib,
-            trn,
+            None if train is None else _check_train(train, fg, "transform"),
             accs,
             policy=cast(Policy, overflow),
             bits_per_weight=bits_per_weight,
@@ -253,13 +254,12 @@ def quantize(
             progress=progress,
             labels=lab,
         )
-        qm = QuantizedModel(fg.name, graph, fg, method, overflow)
-        qm.report = build_report(qm, None, calib) | extra
-        return qm
-    x = simulate.nchw_to_nhwc(calib)
-    res = search(fg, x, lab, accs, cast(Policy, overflow), margin, progress)
-    qm = QuantizedModel(fg.name, res.graph, fg, method, overflow)
-    qm.report = build_report(qm, res, calib)
+    else:
+        res = search(fg, simulate.nchw_to_nhwc(calib), lab, accs, cast(Policy, overflow), margin,
+                     progress)  # fmt: skip
+        graph = res.graph
+    qm = QuantizedModel(fg.name, graph, fg, method, overflow)
+    qm.report = build_report(qm, res, calib) | extra
     return qm
 
 

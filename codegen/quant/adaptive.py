@@ -554,7 +554,7 @@ def export(net: QATNet) -> tuple[Graph, dict[str, Any]]:
             if pow2:
                 attrs["weight_frac"] = tuple(int(v) for v in -np.round(np.log2(sw)))
             rq = Requant(mult, shift, fo.zero_point, lo, hi)
-            layers[n.name] = _constraint_row(n.name, q, bias, fi, wq)
+            layers[n.name] = _constraint_row(q, bias, fi, wq)
         elif n.op in ("avgpool2d", "global_avgpool"):
             shp = g.tensors[n.inputs[0]].shape
             count = (
@@ -613,7 +613,7 @@ def _enforce_bounds(
 
 
 def _constraint_row(
-    name: str, q: np.ndarray, bias: np.ndarray, fi: QFormat, wq: WeightQuant
+    q: np.ndarray, bias: np.ndarray, fi: QFormat, wq: WeightQuant
 ) -> dict[str, Any]:
     xlo, xhi = fi.qmin - fi.zero_point, fi.qmax - fi.zero_point
     lo, hi = channel_bounds(q, bias, xlo, xhi)
@@ -681,17 +681,13 @@ def quantize_adaptive(
 def fake_vs_integer(net: QATNet, qgraph: Graph, x: np.ndarray) -> float:
     """Share of inputs on which the fake-quant network and the integer graph predict alike."""
     from codegen import reference
-    from codegen.quant.formats import quantize as quantize_values
+    from codegen.api import quantize_images
 
     with torch.no_grad():
         fake = np.concatenate(
             [net(torch.as_tensor(x[i : i + 512])).numpy() for i in range(0, len(x), 512)]
         )
-    fmt = qgraph.tensors[qgraph.input].fmt
-    assert fmt is not None
-    xq = quantize_values(
-        simulate.nchw_to_nhwc(x) / fmt.scale, 0, fmt.qmin, fmt.qmax, fmt.zero_point
-    )
+    xq = quantize_images(x, qgraph)
     out = reference.run(qgraph, xq).output
     fake2 = fake.reshape(len(x), -1)
     return float(np.mean(fake2.argmax(1) == out.reshape(len(x), -1).argmax(1)))
