@@ -52,8 +52,10 @@ def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> to
         w = _param(node, over, "weight", x).permute(0, 3, 1, 2)
         b = _param(node, over, "bias", x)
         top, bottom, left, right = a["padding"]
-        xp = F.pad(x, (left, right, top, bottom)) if any(a["padding"]) else x
-        return F.conv2d(xp, w, b, stride=a["stride"], dilation=a["dilation"], groups=a["groups"])
+        conv = {"stride": a["stride"], "dilation": a["dilation"], "groups": a["groups"]}
+        if top == bottom and left == right:  # the convolution pads itself: no padded copy
+            return F.conv2d(x, w, b, padding=(top, left), **conv)
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, **conv)
     if node.op == "dense":
         return F.linear(x, _param(node, over, "weight", x), _param(node, over, "bias", x))
     if node.op == "maxpool2d":

@@ -82,8 +82,43 @@ def grad_scale(v: torch.Tensor, g: float) -> torch.Tensor:
 def fake_quant(
     x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
-    """LSQ+ fake quantization: (clamp(round(x / s) + zp, qmin, qmax) - zp) * s."""
-    return (torch.clamp(round_ste(x / s) + zp, qmin, qmax) - zp) * s
+    """LSQ+ fake quantization: (clamp(round(x / s) + zp, qmin, qmax) - zp) * s, with the
+    gradients the composition of `round_ste` and `torch.clamp` would have (see _FakeQuant)."""
+    out = _FakeQuant.apply(x, s, zp, qmin, qmax)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+class _FakeQuant(torch.autograd.Function):
+    """`fake_quant` as one autograd node: the activations are the largest tensors of the
+    training step, and the composed expression keeps half a dozen of their size for backward.
+
+    With v = x / s, q = round(v) + zp and `inside` = qmin <= q <= qmax (clamp's own gradient
+    mask), the output c * s with c = clamp(q) - zp has dx = inside, ds = c - v inside and c
+    outside (LSQ+: round(v) - v, or the code limit), dzp = -s outside.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, s: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int
+    ) -> torch.Tensor:
+        v = x / s
+        q = torch.floor(v + 0.5).add_(zp)
+        inside = (q >= qmin) & (q <= qmax)
+        c = q.clamp_(qmin, qmax).sub_(zp)
+        ds = torch.where(inside, c - v, c)
+        ctx.save_for_backward(inside, ds, s)
+        ctx.shapes = (s.shape, zp.shape)
+        return c.mul_(s)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        inside, ds, s = ctx.saved_tensors
+        s_shape, zp_shape = ctx.shapes
+        gx = torch.where(inside, g, 0.0)
+        gs = torch.dot(g.reshape(-1), ds.reshape(-1)).reshape(s_shape)
+        gzp = ((gx.sum() - g.sum()) * s).reshape(zp_shape)
+        return gx, gs, gzp, None, None
 
 
 # ----------------------------------------------------------------------------- quantizers
@@ -217,9 +252,8 @@ def project(
     shape = (o,) + (1,) * (w.ndim - 1)
     up, down = room - bias, room + bias  # what the weights may add above / below the bias
     if float(xlo.detach()) == 0.0:
-        scale = sw.reshape(shape)
-        pos = _l1_ball(F.relu(w), up / xhi * sw, scale)
-        neg = _l1_ball(F.relu(-w), down / xhi * sw, scale)
+        pos = _l1_ball(F.relu(w), up / xhi * sw)
+        neg = _l1_ball(F.relu(-w), down / xhi * sw)
         return pos - neg
     u = w / sw.reshape(shape)
     tiny = 1e-12
@@ -231,25 +265,24 @@ def project(
     return w * g.reshape(shape)
 
 
-def _l1_ball(v: torch.Tensor, cap: torch.Tensor, shape_like: torch.Tensor) -> torch.Tensor:
+def _l1_ball(v: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
     """Per channel (rows of v >= 0), relu(v - t) with the smallest t >= 0 whose sum <= cap.
 
-    The kept set is found by bisection on detached values; t is then the closed form over the
-    kept set, t = (sum_kept v - cap) / |kept|, so gradients reach v and cap exactly."""
+    The kept set comes from sorting (Duchi et al. 2008, on detached values): with u the row
+    sorted downward and S its running sum, the largest k with u_k > (S_k - cap) / k. t is then
+    the closed form over the kept set, t = (sum_kept v - cap) / |kept|, so gradients reach v and
+    cap exactly."""
     o = v.shape[0]
     flat = v.reshape(o, -1)
     d = flat.detach()
     c = cap.detach().clamp_min(0.0)
-    lo = torch.zeros(o, dtype=d.dtype)
-    hi = d.max(dim=1).values
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        over = F.relu(d - mid[:, None]).sum(1) > c
-        lo = torch.where(over, mid, lo)
-        hi = torch.where(over, hi, mid)
-    kept = (d > hi[:, None]).to(d.dtype)
-    n_kept = kept.sum(1)
-    t = ((flat * kept).sum(1) - cap.clamp_min(0.0)) / n_kept.clamp_min(1.0)
+    u = torch.sort(d, dim=1, descending=True).values
+    k = torch.arange(1, u.shape[1] + 1, dtype=d.dtype)
+    n_kept = (u * k > u.cumsum(1) - c[:, None]).sum(1)  # the condition holds for k = 1..rho
+    css = u.cumsum(1).gather(1, (n_kept - 1).clamp_min(0)[:, None])[:, 0]
+    t_det = (css - c) / n_kept.clamp_min(1)
+    kept = (d > t_det[:, None]).to(d.dtype)
+    t = ((flat * kept).sum(1) - cap.clamp_min(0.0)) / kept.sum(1).clamp_min(1.0)
     t = torch.where(n_kept > 0, t, d.max(dim=1).values)  # nothing kept: a zero budget
     t = torch.where(d.sum(1) > c, t.clamp_min(0.0), torch.zeros_like(t))
     return F.relu(v - t.reshape((o,) + (1,) * (v.ndim - 1)))
