@@ -35,7 +35,7 @@ def _act(bits: int = 4, step: float = 0.25, zp: int = 0, numel: int = 1) -> adap
 
 def test_lsq_plus_step_and_offset_gradients_by_hand() -> None:
     """LSQ+: with v = (x - beta) / s, d/ds = round(v) - v inside and the code limit (n or p)
-    outside; d/dbeta = 0 inside, 1 outside."""
+    outside; d/dbeta = 0 inside, 1 outside. The parameter is log2(s): d/dlog2(s) = s ln2 d/ds."""
     q = _act(bits=4, step=0.25, zp=2)  # codes 0..15, value (code - 2) * 0.25 in [-0.5, 3.25]
     g = q.g  # LSQ gradient scale 1 / sqrt(N * Qp)
     assert g == pytest.approx(1 / math.sqrt(15))
@@ -51,7 +51,7 @@ def test_lsq_plus_step_and_offset_gradients_by_hand() -> None:
         assert float(y.detach()) == pytest.approx(value)
         y.backward()
         assert q.s_param.grad is not None and q.beta.grad is not None
-        assert float(q.s_param.grad) == pytest.approx(ds * g, abs=1e-6), x
+        assert float(q.s_param.grad) == pytest.approx(ds * g * 0.25 * math.log(2), abs=1e-6), x
         assert float(q.beta.grad) == pytest.approx(dbeta, abs=1e-6), x
 
 

@@ -124,6 +124,13 @@ class _FakeQuant(torch.autograd.Function):
 # ----------------------------------------------------------------------------- quantizers
 
 
+def _step(log2_step: torch.Tensor, g: float, pow2: bool) -> torch.Tensor:
+    """Steps are learned in the log2 domain (Adam's updates are then relative to the step, as
+    for the weights they scale); pow2 rounds the exponent."""
+    p = grad_scale(log2_step, g)
+    return torch.exp2(round_ste(p) if pow2 else p)
+
+
 class ActQuant(nn.Module):
     """LSQ+ quantizer of one activation format class: learnable step and offset."""
 
@@ -133,15 +140,11 @@ class ActQuant(nn.Module):
         self.signed = bits > 7  # int8 containers: unsigned formats have at most 7 bits
         self.qmin, self.qmax = int_range(bits, self.signed)
         self.g = 1.0 / math.sqrt(max(1, numel) * self.qmax)
-        init = math.log2(step) if pow2 else step
-        self.s_param = nn.Parameter(torch.tensor(init, dtype=torch.float32))
+        self.s_param = nn.Parameter(torch.tensor(math.log2(step), dtype=torch.float32))
         self.beta = nn.Parameter(torch.tensor(-zero_point * step, dtype=torch.float32))
 
     def step(self) -> torch.Tensor:
-        p = grad_scale(self.s_param, self.g)
-        if self.pow2:
-            return torch.exp2(round_ste(p))
-        return p.abs().clamp_min(1e-8)
+        return _step(self.s_param, self.g, self.pow2)
 
     def zero_point(self, s: torch.Tensor) -> torch.Tensor:
         return torch.clamp(round_ste(-self.beta / s), self.qmin, self.qmax)
@@ -184,13 +187,10 @@ class WeightQuant(nn.Module):
         k = int(np.prod(w.shape[1:]))
         self.g = 1.0 / math.sqrt(k * self.qmax)
         step = init_weight_steps(w.reshape(w.shape[0], -1), self.qmax, pow2)
-        self.s_param = nn.Parameter(torch.as_tensor(np.log2(step) if pow2 else step))
+        self.s_param = nn.Parameter(torch.as_tensor(np.log2(step)))
 
     def step(self) -> torch.Tensor:
-        p = grad_scale(self.s_param, self.g)
-        if self.pow2:
-            return torch.exp2(round_ste(p))
-        return p.abs().clamp_min(1e-12)
+        return _step(self.s_param, self.g, self.pow2)
 
     @torch.no_grad()
     def fit_steps(self, act: ActQuant) -> None:
@@ -203,7 +203,7 @@ class WeightQuant(nn.Module):
         best = torch.full((o,), math.inf, dtype=torch.float64)
         chosen = base.clone()
         for k in range(STEP_SEARCH):
-            cand = base + k if self.pow2 else base * 1.25**k
+            cand = base + (k if self.pow2 else k * math.log2(1.25))
             self.s_param.copy_(cand)
             lay = self.forward(act)
             w_hat = lay.q * lay.w_step.reshape(shape)
