@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--qat-epochs",
         type=int,
-        default=4,
+        default=6,
         help="adaptive training epochs per width (with distillation from the float network)",
     )
     w.add_argument(

@@ -152,7 +152,7 @@ def main(
     out_dir: Path = Path("out/sweep"),
     widths: Sequence[int] = WIDTHS,
     methods: Sequence[str] = METHODS,
-    epochs: int = 1,
+    epochs: int = 6,
     train_epochs: int = 4,
     calib_size: int = 2000,
 ) -> int:
