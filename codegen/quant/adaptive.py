@@ -8,9 +8,11 @@ Quantization-aware training of the float IR (BN already folded) with fake quanti
   zp = round(-beta / s) (so that real 0 is exact and zero padding stays exact). Gradients are the
   straight-through ones of LSQ+: for s, round(v) - v inside the range and the clip limit outside;
   for beta, 0 inside and 1 outside; the step gradient is scaled by 1 / sqrt(N * Qp) (LSQ).
-* every weighted layer has learnable per-output-channel weight steps, symmetric codes
-  [-(2^(b-1) - 1), 2^(b-1) - 1], rounded toward zero (as A2Q) so that no rounding can raise a
-  channel's sum above the bound its float weights satisfy.
+* every weighted layer has learnable per-output-channel weight steps and symmetric codes
+  [-(2^(b-1) - 1), 2^(b-1) - 1], rounded to nearest in every channel whose exact integer bound
+  still fits the accumulator, and toward zero (as A2Q) in the others: rounding toward zero can
+  never raise a channel's sum above the bound its projected float weights satisfy, but it costs
+  precision (an error of up to a whole step instead of half) where the bound does not bind.
 * the accumulator constraint (A2Q / A2Q+, Colbert et al.): before quantization each channel's
   positive and negative weight mass (in integer units) is scaled so that the exact weight-aware
   bound, bias included, fits `acc_bits` for every input the format allows. With inputs at their
@@ -224,9 +226,26 @@ class WeightQuant(nn.Module):
         # the bias in accumulator units, kept inside its share of the range
         room = self.limit - 1.0  # 1 LSB of slack for the bias' rounding
         bias = torch.clamp(self.b / (sx * sw), -BIAS_SHARE * room, BIAS_SHARE * room)
-        w = project(self.w, sw, bias, act.qmin - zp, act.qmax - zp, room)
-        q = torch.clamp(trunc_ste(w / sw.reshape(shape)), -self.qmax, self.qmax)
-        return Layer(q, round_ste(bias), sw, sx, zp)
+        xlo, xhi = act.qmin - zp, act.qmax - zp
+        w = project(self.w, sw, bias, xlo, xhi, room)
+        u = w / sw.reshape(shape)
+        b = round_ste(bias)
+        toward_zero = torch.clamp(trunc_ste(u), -self.qmax, self.qmax)  # fits: see project()
+        nearest = torch.clamp(round_ste(u), -self.qmax, self.qmax)
+        fits = _fits(nearest.detach(), b.detach(), xlo.detach(), xhi.detach(), self.limit)
+        q = torch.where(fits.reshape(shape), nearest, toward_zero)
+        return Layer(q, b, sw, sx, zp)
+
+
+def _fits(
+    q: torch.Tensor, bias: torch.Tensor, xlo: torch.Tensor, xhi: torch.Tensor, limit: float
+) -> torch.Tensor:
+    """Per channel, whether the integer weights q and bias keep the exact sum inside
+    [-limit - 1, limit] for every input code offset in [xlo, xhi] (xlo <= 0 <= xhi)."""
+    flat = q.reshape(q.shape[0], -1).double()
+    p, n = F.relu(flat).sum(1), F.relu(-flat).sum(1)
+    b, lo_x, hi_x = bias.double(), xlo.double(), xhi.double()
+    return (b + p * hi_x - n * lo_x <= limit) & (b + p * lo_x - n * hi_x >= -limit - 1)
 
 
 def project(
