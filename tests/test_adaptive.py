@@ -157,6 +157,35 @@ def test_projection_then_truncation_fits_the_exact_bound(xlo: int, xhi: int) -> 
         assert hi.max() <= lim - 1 and lo.min() >= -lim
 
 
+@pytest.mark.parametrize("acc_bits", [12, 16])
+def test_weights_round_to_nearest_unless_the_bound_binds(acc_bits: int) -> None:
+    """Channels whose nearest-rounded integers fit the exact bound keep them; the others are
+    rounded toward zero and fit too."""
+    from codegen.ir import Node
+
+    rng = np.random.default_rng(acc_bits)
+    w = rng.normal(0, 1, (12, 128)).astype(np.float32)
+    w[:6, 8:] = 0.0  # 8 terms of up to 7 x 15: inside the bound at either width
+    node = Node("fc", "dense", ("x",), "y", {}, {"weight": w, "bias": np.zeros(12, np.float32)})
+    wq = adaptive.WeightQuant(node, bits=4, acc_bits=acc_bits, pow2=False)
+    act = _act(bits=4, step=0.1, zp=0)  # unsigned codes 0..15
+    with torch.no_grad():
+        lay = wq.forward(act)
+        u = adaptive.project(wq.w, lay.w_step, lay.bias, torch.tensor(0.0), torch.tensor(15.0),
+                             wq.limit - 1.0) / lay.w_step[:, None]  # fmt: skip
+    q = lay.q.numpy().astype(np.int64)
+    nearest = np.clip(np.floor(u.numpy() + 0.5), -7, 7)
+    toward_zero = np.clip(np.trunc(u.numpy()), -7, 7)
+    lo, hi = channel_bounds(q, lay.bias.numpy().astype(np.int64), 0, 15)
+    assert hi.max() <= 2 ** (acc_bits - 1) - 1 and lo.min() >= -(2 ** (acc_bits - 1))
+    near_rows = [c for c in range(12) if np.array_equal(q[c], nearest[c])]
+    zero_rows = [c for c in range(12) if np.array_equal(q[c], toward_zero[c])]
+    assert set(range(6)) <= set(near_rows)  # unconstrained channels: nearest
+    assert set(near_rows) | set(zero_rows) == set(range(12))
+    if acc_bits == 12:  # 128 terms of up to 7 x 15 do not fit 12 bits: some channels bind
+        assert set(zero_rows) - set(near_rows)
+
+
 def test_dyadic_multipliers() -> None:
     m = np.array([1e-4, 0.0123, 0.5, 0.99, 3.7])
     mult, shift = adaptive.dyadic(m)
