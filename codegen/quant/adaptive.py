@@ -429,9 +429,39 @@ class QATNet(nn.Module):
                 "weight": lay.q * lay.w_step.reshape(shape),
                 "bias": lay.bias * lay.x_step * lay.w_step,
             }
-        y = simulate.eval_node(n, xs, over)
+        y = simulate.eval_node(n, xs, over) * self._multiplier_error(n)
         lo, hi = n.attrs.get("clamp", (-math.inf, math.inf))
         return y.clamp(lo, hi) if (lo, hi) != (-math.inf, math.inf) else y
+
+    def _multiplier_error(self, n: Node) -> torch.Tensor | float:
+        """Realised / real requantization multiplier of a node (a constant for the gradients).
+
+        The integer kernels requantize with `dyadic`'s 15-bit multipliers, not the real ratio of
+        the scales; training through the realised ones keeps the fake-quant network's
+        predictions those of the deployed integer network (residual adds stay real-valued)."""
+        if n.op not in (*WEIGHTED_OPS, "avgpool2d", "global_avgpool"):
+            return 1.0
+        if self.rep[n.output] not in self.keys:  # initialisation: no output quantizer yet
+            return 1.0
+        with torch.no_grad():
+            sx = self.act(n.inputs[0]).step().double()
+            sy = self.act(n.output).step().double()
+            if n.op in WEIGHTED_OPS:
+                if self.pow2:
+                    return 1.0
+                m = sx * self.layer(n.name).step().double() / sy  # as export() computes it
+                shape = (1, -1) + (1,) * (2 if n.op == "conv2d" else 0)
+                return (_realised(m) / m).float().reshape(shape)
+            shp = self.graph.tensors[n.inputs[0]].shape
+            count = (
+                n.attrs["kernel"][0] * n.attrs["kernel"][1]
+                if n.op == "avgpool2d"
+                else shp[0] * shp[1]
+            )
+            if self.pow2 and count & (count - 1) == 0:
+                return 1.0
+            m = sx / (count * sy)
+            return float(_realised(m) / m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.graph
@@ -442,6 +472,12 @@ class QATNet(nn.Module):
                 y = self.act(n.output)(y)
             env[n.output] = y
         return env[g.output]
+
+
+def _realised(m: torch.Tensor) -> torch.Tensor:
+    """mult * 2^-shift of `dyadic(m)` (float64)."""
+    shift = (MULT_BITS - 1) - torch.floor(torch.log2(m))
+    return torch.floor(m * torch.exp2(shift) + 0.5) * torch.exp2(-shift)
 
 
 def _nonneg(graph: Graph, tensor: str) -> bool:

@@ -351,9 +351,11 @@ def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:
         fi = graph.tensors[n.inputs[0]].fmt
         fo = graph.tensors[n.output].fmt
         assert fi is not None and fo is not None and n.requant is not None
-        if n.op in WEIGHTED_OPS and "weight_scale" in n.attrs:  # dyadic weight steps
+        if n.op in WEIGHTED_OPS and "weight_scale" in n.attrs:  # learned (dyadic) weight steps
             q = n.params["weight"].astype(np.float64)
-            sw = np.asarray(n.attrs["weight_scale"], dtype=np.float64)
+            # the step the integer requantization realises: its multiplier times out / in
+            realised = n.requant.mult * np.exp2(-n.requant.shift.astype(np.float64))
+            sw = np.broadcast_to(realised * fo.scale / fi.scale, (q.shape[0],))
             w = q * sw.reshape((-1,) + (1,) * (q.ndim - 1))
             out[n.name] = {"weight": w, "bias": n.params["bias"] * fi.scale * sw}
         elif n.op in WEIGHTED_OPS:
