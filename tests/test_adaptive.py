@@ -280,9 +280,12 @@ def test_short_training_run_end_to_end(digits_net, scale: str) -> None:  # type:
     # the integer model is accurate and agrees with the fake-quant network
     acc = float(np.mean(res.output.argmax(1) == y_test))
     assert acc >= float_acc - (0.05 if scale == "dyadic" else 0.1), (acc, float_acc)
-    assert qm.report["adaptive"]["fake_vs_integer_agreement_calib"] >= 0.99
+    # training and simulation go through the realised multipliers: the same predictions
+    assert qm.report["adaptive"]["fake_vs_integer_agreement_calib"] >= 0.999
     sim = qm.simulate(x_test)
-    assert np.mean(sim.argmax(1) == res.output.argmax(1)) >= 0.99
+    assert np.mean(sim.argmax(1) == res.output.argmax(1)) >= 0.999
+    codes = np.rint(sim / g.tensors[g.output].fmt.scale) + g.tensors[g.output].fmt.zero_point  # type: ignore[union-attr]
+    assert np.mean(codes == res.output) >= 0.999  # the logits themselves, code for code
     assert len(qm.report["adaptive"]["history"]) == 2
 
 
