@@ -476,8 +476,8 @@ class QATNet(nn.Module):
 
 def _realised(m: torch.Tensor) -> torch.Tensor:
     """mult * 2^-shift of `dyadic(m)` (float64)."""
-    shift = (MULT_BITS - 1) - torch.floor(torch.log2(m))
-    return torch.floor(m * torch.exp2(shift) + 0.5) * torch.exp2(-shift)
+    mult, shift = dyadic(m.numpy())
+    return torch.as_tensor(mult * np.exp2(-shift.astype(np.float64)))
 
 
 def _nonneg(graph: Graph, tensor: str) -> bool:
