@@ -240,12 +240,12 @@ class WeightQuant(nn.Module):
 def _fits(
     q: torch.Tensor, bias: torch.Tensor, xlo: torch.Tensor, xhi: torch.Tensor, limit: float
 ) -> torch.Tensor:
-    """Per channel, whether the integer weights q and bias keep the exact sum inside
-    [-limit - 1, limit] for every input code offset in [xlo, xhi] (xlo <= 0 <= xhi)."""
-    flat = q.reshape(q.shape[0], -1).double()
-    p, n = F.relu(flat).sum(1), F.relu(-flat).sum(1)
-    b, lo_x, hi_x = bias.double(), xlo.double(), xhi.double()
-    return (b + p * hi_x - n * lo_x <= limit) & (b + p * lo_x - n * hi_x >= -limit - 1)
+    """Per channel, whether the integer weights q and bias keep the exact sum
+    (`channel_bounds`) inside [-limit - 1, limit] for every input code offset in [xlo, xhi]."""
+    lo, hi = channel_bounds(
+        q.numpy().astype(np.int64), bias.numpy().astype(np.int64), int(xlo), int(xhi)
+    )
+    return torch.as_tensor((hi <= limit) & (lo >= -limit - 1))
 
 
 def project(
@@ -452,12 +452,7 @@ class QATNet(nn.Module):
                 m = sx * self.layer(n.name).step().double() / sy  # as export() computes it
                 shape = (1, -1) + (1,) * (2 if n.op == "conv2d" else 0)
                 return (_realised(m) / m).float().reshape(shape)
-            shp = self.graph.tensors[n.inputs[0]].shape
-            count = (
-                n.attrs["kernel"][0] * n.attrs["kernel"][1]
-                if n.op == "avgpool2d"
-                else shp[0] * shp[1]
-            )
+            count = _pool_count(self.graph, n)
             if self.pow2 and count & (count - 1) == 0:
                 return 1.0
             m = sx / (count * sy)
@@ -472,6 +467,14 @@ class QATNet(nn.Module):
                 y = self.act(n.output)(y)
             env[n.output] = y
         return env[g.output]
+
+
+def _pool_count(graph: Graph, n: Node) -> int:
+    """Values an average pool sums per output: its window, or the whole image (global)."""
+    if n.op == "avgpool2d":
+        return int(n.attrs["kernel"][0] * n.attrs["kernel"][1])
+    shp = graph.tensors[n.inputs[0]].shape
+    return int(shp[0] * shp[1])
 
 
 def _realised(m: torch.Tensor) -> torch.Tensor:
@@ -644,12 +647,7 @@ def export(net: QATNet) -> tuple[Graph, dict[str, Any]]:
             rq = Requant(mult, shift, fo.zero_point, lo, hi)
             layers[n.name] = _constraint_row(q, bias, fi, wq)
         elif n.op in ("avgpool2d", "global_avgpool"):
-            shp = g.tensors[n.inputs[0]].shape
-            count = (
-                n.attrs["kernel"][0] * n.attrs["kernel"][1]
-                if n.op == "avgpool2d"
-                else shp[0] * shp[1]
-            )
+            count = _pool_count(g, n)
             exact = pow2 and count & (count - 1) == 0  # else a 15-bit multiplier divides
             mult, shift = _requant_of(np.array([fi.scale / (count * fo.scale)]), exact)
             rq = Requant(mult, shift, fo.zero_point, lo, hi)
