@@ -19,7 +19,7 @@ apt:
 plugin: apt
 	@scripts/build-plugin.sh
 
-# XNNPACK for arm64 (libxnnpack-dev:arm64, the benchmark peer; tests/test_bench.py runs it).
+# XNNPACK for arm64 (libxnnpack-dev:arm64, the benchmark peer; tests/bench/test_bench.py runs it).
 .PHONY: xnnpack
 xnnpack: apt
 	@scripts/setup-xnnpack.sh

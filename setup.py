@@ -1,8 +1,8 @@
 """Wheel build: ship the C templates, C runtime, toolchain files and plugin source inside `codegen`.
 
 Everything else is declared in pyproject.toml. The list of shipped paths lives in
-codegen/resources.py (``SHIPPED``), which also finds them again at run time; it is loaded here by
-path so that building needs none of qacc's dependencies.
+codegen/core/resources.py (``SHIPPED``), which also finds them again at run time; it is loaded
+here by path so that building needs none of qacc's dependencies.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def _shipped() -> tuple[str, ...]:
-    spec = importlib.util.spec_from_file_location("_qacc_resources", HERE / "codegen/resources.py")
+    spec = importlib.util.spec_from_file_location(
+        "_qacc_resources", HERE / "codegen/core/resources.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -10,15 +10,15 @@ from typing import Any, cast
 import numpy as np
 from torch import nn
 
-from codegen import reference, simulate
-from codegen.errors import InvalidDataError, InvalidModelError, QaccError
+from codegen.core import reference, simulate
+from codegen.core.errors import InvalidDataError, InvalidModelError, QaccError
+from codegen.core.formats import IntArray, dequantize
+from codegen.core.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
+from codegen.core.reference import RunResult, quantize_images
 from codegen.frontend.torch_fx import from_torch
-from codegen.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
 from codegen.quant.accumulator import POLICIES, Policy, channel_bounds
-from codegen.quant.formats import IntArray, dequantize
-from codegen.quant.formats import quantize as quantize_values
 from codegen.quant.ptq import PTQResult, fakequant_overrides, search
-from codegen.reference import RunResult
+from codegen.targets.compiled import compile as compile
 
 METHODS = ("ptq", "adaptive", "transform")
 
@@ -79,15 +79,6 @@ class QuantizedModel:
             k: {"events": v.events, "samples": v.samples, "max_abs_acc": v.max_abs}
             for k, v in res.overflow.items()
         }
-
-
-def quantize_images(x: np.ndarray, graph: Graph) -> IntArray:
-    """Float NCHW inputs to the integer graph's input format, NHWC."""
-    fmt = graph.tensors[graph.input].fmt
-    assert fmt is not None
-    return quantize_values(
-        simulate.nchw_to_nhwc(x) / fmt.scale, 0, fmt.qmin, fmt.qmax, fmt.zero_point
-    )
 
 
 def _check_images(x: Any, graph: Graph, what: str) -> np.ndarray:

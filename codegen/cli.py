@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from codegen.errors import QaccError
+from codegen.core.errors import QaccError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -21,13 +21,13 @@ MODEL_FILE = "model.qacc"
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from codegen import demo
+    from codegen.tools import demo
 
     return demo.main(args.model, args.epochs)
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from codegen import sweep
+    from codegen.tools import sweep
 
     return sweep.main(
         args.model,
@@ -47,13 +47,13 @@ def _int_list(text: str, what: str) -> list[int]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from codegen import bench
+    from codegen.bench import runner
 
-    return bench.main_cli(args.targets, args.widths, args.networks, args.json, not args.no_peer)
+    return runner.main_cli(args.targets, args.widths, args.networks, args.json, not args.no_peer)
 
 
 def _rate(args: argparse.Namespace) -> int:
-    from codegen import rate
+    from codegen.tools import rate
 
     return rate.main_cli(args.rates, args.transforms, args.epochs, args.train_samples, args.out)
 
@@ -89,9 +89,9 @@ def _acc_bits(args: argparse.Namespace) -> int | dict[str, int]:
 
 def _compile(args: argparse.Namespace) -> int:
     import codegen
-    from codegen.build import resolve_target
-    from codegen.modelfile import load_model
-    from codegen.outdir import staged_output
+    from codegen.targets.build import resolve_target
+    from codegen.tools.modelfile import load_model
+    from codegen.tools.outdir import staged_output
 
     resolve_target(args.target).check()  # an unknown target or a missing tool fails first
     model = load_model(args.model)
@@ -144,8 +144,8 @@ def save_model(qm: Any, target: str, out: Path) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from codegen.build import resolve_target
-    from codegen.compiled import run_testbench
+    from codegen.targets.build import resolve_target
+    from codegen.targets.compiled import run_testbench
 
     out = Path(args.dir)
     saved = out / MODEL_FILE
@@ -191,8 +191,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from codegen import __version__, models
-    from codegen.targets import TARGETS
+    from codegen import __version__
+    from codegen.data import models
+    from codegen.targets.table import TARGETS
 
     p = argparse.ArgumentParser(
         prog="qacc",

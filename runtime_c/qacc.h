@@ -1,7 +1,7 @@
 /*
  * qacc.h - the qacc C runtime: THE requantization and the accumulator helpers.
  *
- * This header mirrors codegen/quant/formats.py line for line; the NumPy reference and the generated
+ * This header mirrors codegen/core/formats.py line for line; the NumPy reference and the generated
  * C therefore compute the same integers. It is portable C99:
  *   - accumulators are unsigned containers (uint16_t for A <= 16, uint32_t for A <= 32) that wrap
  *     modulo 2^16 / 2^32; qacc_wrap16/qacc_wrap32 then reduce to A bits and sign-extend, exactly
@@ -114,7 +114,7 @@ static inline uint32_t qacc_mul_u32(uint32_t a, uint32_t b)
 /* ------------------------------------------------------------------ packed sub-byte weights */
 
 /*
- * Weights of at most 4 (2) bits are stored packed in flash (codegen/layouts.py pack_bits):
+ * Weights of at most 4 (2) bits are stored packed in flash (codegen/backend/layouts.py pack_bits):
  *   s4: two's complement nibbles, element 2i in bits 0..3 of byte i, element 2i+1 in bits 4..7;
  *   s2: two's complement bit pairs, element 4i+j in bits 2j..2j+1 of byte i.
  * Sign extension is (v ^ 2^(b-1)) - 2^(b-1) on the unsigned field v: no shift of a negative value.

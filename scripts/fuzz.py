@@ -5,8 +5,8 @@
     .venv/bin/python scripts/fuzz.py -n 200 --target cortex-a53 --seed 3
 
 Prints the cases run, mismatches, errors and infeasible widths; exits 1 on any mismatch or error.
-A failing case is replayed from its id: g<seed> is codegen.fuzz.random_graph(seed),
-m<seed> is codegen.fuzz.random_model(seed) through codegen.quantize.
+A failing case is replayed from its id: g<seed> is codegen.tools.fuzz.random_graph(seed),
+m<seed> is codegen.tools.fuzz.random_model(seed) through codegen.quantize.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from codegen import fuzz
+from codegen.tools import fuzz
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import codegen
-from codegen import datasets
+from codegen.data import datasets
 
 torch.manual_seed(0)
 net = nn.Sequential(
@@ -25,7 +25,7 @@ x_train, _, x_test, _ = datasets.fashion_mnist()
 qm = codegen.quantize(net, x_train[:500], acc_bits=16, progress=False)
 xq = qm.quantize_input(x_test)
 t0, c0 = time.time(), os.times()
-out = codegen.reference.run(qm.graph, xq).output
+out = codegen.core.reference.run(qm.graph, xq).output
 t1, c1 = time.time(), os.times()
 mmacs = qm.report["macs"] / 1e6
 print(

@@ -2,7 +2,7 @@
 # Install XNNPACK for AArch64 (the benchmark peer of `qacc bench`): Debian's libxnnpack-dev from the
 # arm64 foreign architecture, plus the arm64 C library the peer harness links against and runs
 # with under qemu-aarch64. Idempotent (does nothing when everything is installed); sudo when not
-# root. `make setup` (hence `make test`: tests/test_bench.py runs the peer) and `make bench` run it.
+# root. `make setup` (hence `make test`: tests/bench/test_bench.py runs the peer) and `make bench` run it.
 set -euo pipefail
 pkgs=(
   libxnnpack-dev:arm64 libxnnpack0:arm64 libpthreadpool-dev:arm64 libcpuinfo-dev:arm64

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from codegen import reference
-from codegen.ir import Graph, Node, QFormat, Requant, Tensor, conv_out_size
-from codegen.quant.formats import IntArray, wrap
+from codegen.core import reference
+from codegen.core.formats import IntArray, wrap
+from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, conv_out_size
 
 WIDE = Requant(np.array([1]), np.array([0]), 0, -(1 << 62), 1 << 62)
 """Identity requantization: returns the wrapped accumulator itself."""

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codegen.build import resolve_target
-from codegen.resources import data_path
+from codegen.core.resources import data_path
+from codegen.targets.build import resolve_target
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "cortex-m4-firmware"
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codegen.resources import SHIPPED
+from codegen.core.resources import SHIPPED
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -153,7 +153,11 @@ def test_installed_qacc_compiles_and_verifies_from_any_directory(
     where = _run([str(venv / "python"), "-c", "import codegen; print(codegen.__file__)"], work, env)
     assert Path(where.strip()).is_relative_to(venv.parent), f"codegen imported from {where}"
     data = _run(
-        [str(venv / "python"), "-c", "from codegen.resources import data_root; print(data_root())"],
+        [
+            str(venv / "python"),
+            "-c",
+            "from codegen.core.resources import data_root; print(data_root())",
+        ],
         work,
         env,
     )

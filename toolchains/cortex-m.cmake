@@ -15,7 +15,7 @@
 #
 # CMAKE_CROSSCOMPILING_EMULATOR is "qemu-system-arm -M <board> -nographic -semihosting-config
 # enable=on,target=native -kernel"; CMake/CTest append the executable. Program arguments cannot
-# follow -kernel: give them with "-semihosting-config ...,arg=prog,arg=..." (codegen/qemu.py does).
+# follow -kernel: give them with "-semihosting-config ...,arg=prog,arg=..." (codegen/targets/qemu.py does).
 # Debian packages: gcc-arm-none-eabi and libnewlib-arm-none-eabi (compiler, C library),
 # qemu-system-arm (emulator).
 

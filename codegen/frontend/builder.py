@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from codegen.errors import InvalidModelError
-from codegen.ir import Graph, Node, Tensor
+from codegen.core.errors import InvalidModelError
+from codegen.core.ir import Graph, Node, Tensor
 
 INF = math.inf
 Pad4 = tuple[int, int, int, int]

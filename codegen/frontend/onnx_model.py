@@ -35,9 +35,9 @@ import onnx
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from codegen.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
+from codegen.core.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
+from codegen.core.ir import Graph
 from codegen.frontend.builder import INF, IRBuilder, Namespace, Pad4, Reject, c_identifier
-from codegen.ir import Graph
 
 MIN_OPSET = 11  # Clip bounds and Pad amounts as inputs
 SUPPORTED = (

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from codegen.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
+from codegen.core.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
+from codegen.core.ir import Graph
 from codegen.frontend.builder import INF, IRBuilder, Reject, c_identifier
-from codegen.ir import Graph
 
 
 def _pair(v: Any) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from codegen.quant.formats import IntArray, round_half_up
+from codegen.core.formats import IntArray, round_half_up
 
 Policy = Literal["guaranteed", "profiled"]
 POLICIES: tuple[Policy, ...] = ("guaranteed", "profiled")

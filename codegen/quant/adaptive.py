@@ -22,8 +22,8 @@ Quantization-aware training of the float IR (BN already folded) with fake quanti
 * scales are `pow2` (steps learned in the log2 domain and rounded: shift-only requantization) or
   `dyadic` (any step; the requantization multiplier is a 15-bit integer and a shift).
 
-The trained network is exported as an ordinary integer graph (codegen/ir.py): weights and biases
-are the integers the training forward pass used, activations carry their zero points
+The trained network is exported as an ordinary integer graph (codegen/core/ir.py): weights and
+biases are the integers the training forward pass used, activations carry their zero points
 (`input_zero_point` / `Requant.zero_point`), and the exact channel bounds are verified.
 """
 
@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codegen import simulate
-from codegen.errors import QaccError
-from codegen.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
+from codegen.core import simulate
+from codegen.core.errors import QaccError
+from codegen.core.formats import int_range, round_half_up
+from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
 from codegen.quant.accumulator import channel_bounds
-from codegen.quant.formats import int_range, round_half_up
 from codegen.quant.ptq import tensor_classes
 
 SCALES = ("dyadic", "pow2")
@@ -563,7 +563,7 @@ def train_qat(
 ) -> list[dict[str, float]]:
     """Fine-tune every parameter (weights, biases, steps, offsets): Adam, cosine decay; with
     `distill`, the float network is the teacher (knowledge distillation)."""
-    from codegen.train import fit
+    from codegen.quant.training import fit
 
     def teacher(xb: torch.Tensor) -> torch.Tensor:  # the float network the training started from
         out = simulate.run(net.graph, simulate.nchw_to_nhwc(xb.numpy()), dtype=torch.float32)
@@ -766,14 +766,13 @@ def quantize_adaptive(
 
 def fake_vs_integer(net: QATNet, qgraph: Graph, x: np.ndarray) -> float:
     """Share of inputs on which the fake-quant network and the integer graph predict alike."""
-    from codegen import reference
-    from codegen.api import quantize_images
+    from codegen.core import reference
 
     with torch.no_grad():
         fake = np.concatenate(
             [net(torch.as_tensor(x[i : i + 512])).numpy() for i in range(0, len(x), 512)]
         )
-    xq = quantize_images(x, qgraph)
+    xq = reference.quantize_images(x, qgraph)
     out = reference.run(qgraph, xq).output
     fake2 = fake.reshape(len(x), -1)
     return float(np.mean(fake2.argmax(1) == out.reshape(len(x), -1).argmax(1)))

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from codegen import simulate
-from codegen.ir import WEIGHTED_OPS, Graph, Node
-from codegen.progress import bar
+from codegen.core import simulate
+from codegen.core.ir import WEIGHTED_OPS, Graph, Node
+from codegen.core.progress import bar
 
 
 @dataclass

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from codegen import simulate
-from codegen.errors import InfeasibleAccumulatorError
-from codegen.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor, TensorUnion
-from codegen.progress import bar as progress_bar
+from codegen.core import simulate
+from codegen.core.errors import InfeasibleAccumulatorError
+from codegen.core.formats import frac_for_range, round_half_up
+from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor, TensorUnion
+from codegen.core.progress import bar as progress_bar
 from codegen.quant.accumulator import (
     MIN_BITS,
     Policy,
@@ -33,7 +34,6 @@ from codegen.quant.accumulator import (
     quantize_weights,
 )
 from codegen.quant.calibrate import Calibration, calibrate
-from codegen.quant.formats import frac_for_range, round_half_up
 
 DEFAULT_SIGNED_BITS = 8
 DEFAULT_UNSIGNED_BITS = 7

@@ -43,12 +43,12 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from codegen import simulate
-from codegen.errors import InfeasibleAccumulatorError, QaccError
-from codegen.ir import WEIGHTED_OPS, Graph, Node, QFormat, Tensor
+from codegen.core import simulate
+from codegen.core.errors import InfeasibleAccumulatorError, QaccError
+from codegen.core.formats import IntArray, round_half_up
+from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Tensor
 from codegen.quant.accumulator import Policy, WeightQuant, acc_limits, channel_bounds
 from codegen.quant.calibrate import calibrate
-from codegen.quant.formats import IntArray, round_half_up
 from codegen.quant.ptq import build_integer_graph, class_infos, tensor_classes
 
 FloatArray = npt.NDArray[np.float64]
@@ -717,7 +717,7 @@ def retrain(
 ) -> list[dict[str, float]]:
     """Adam on the fake-quantized codes (bit depths and steps fixed, cosine-decayed LR); the
     codes are updated in place. Returns the loss and accuracy of each epoch."""
-    from codegen.train import fit
+    from codegen.quant.training import fit
 
     model = _Coded(fg, codes)
     history: list[dict[str, float]] = []

@@ -4,7 +4,7 @@
  * qacc_cycles() returns the free-running 32-bit core cycle count (it wraps; subtract two readings
  * as uint32_t). It returns 0 when there is no usable counter: QEMU does not model the DWT (its PPB
  * reads as zero there), and some cores are built without CYCCNT. On QEMU, count instructions with
- * the TCG plugin instead (codegen/qemu.py).
+ * the TCG plugin instead (codegen/targets/qemu.py).
  */
 #ifndef QACC_CYCLES_H
 #define QACC_CYCLES_H

@@ -1,0 +1,691 @@
+"""Emit: render the Jinja templates into C sources, a header, CMake files and the report.
+
+`emit(graph, model)` returns {relative path: text}; it is a pure function of its arguments, so the
+same graph always gives byte-identical files. Every number the templates print is computed here;
+the templates only substitute (no arithmetic, no formatting decisions).
+
+Files of a model `<name>` (a C identifier derived from the model name):
+
+  <name>.h               the public header: run function, shapes, formats, memory macros
+  <name>.c               one static function per kernel call, the arena, qacc_<name>_run
+  <name>_weights.c/.h    the const parameters (weights, biases, per-channel requantization)
+  <name>_testbench.c     reads inputs from a file, writes outputs to a file
+  qacc.h                 the runtime (copied from runtime_c/qacc.h)
+  CMakeLists.txt         static library <name>; options for a shared library and the test bench
+  report.json            RAM, flash, the arena's lower bound and the plan, per-layer kernels
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+
+from codegen.backend import layouts, memory
+from codegen.backend.lower import KernelCall, Lowered, LoweringError, lower
+from codegen.core.formats import wrap
+from codegen.core.ir import Graph, Node, QFormat, Tensor, macs
+from codegen.core.resources import data_path
+
+TEMPLATES = data_path("templates")
+RUNTIME = data_path("runtime_c")
+
+_CTYPES: dict[str, tuple[int, int, int]] = {
+    # name: (bytes, min, max)
+    "uint8_t": (1, 0, (1 << 8) - 1),
+    "int8_t": (1, -(1 << 7), (1 << 7) - 1),
+    "int16_t": (2, -(1 << 15), (1 << 15) - 1),
+    "int32_t": (4, -(1 << 31), (1 << 31) - 1),
+    "int64_t": (8, -(1 << 63), (1 << 63) - 1),
+}
+
+
+def version() -> str:
+    try:
+        return metadata.version("qacc")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0.1.0"
+
+
+@functools.cache
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def render(template: str, **context: Any) -> str:
+    return _env().get_template(template).render(**context)
+
+
+def kernel_template(dialect: str, stem: str) -> str:
+    """The template of a kernel in a dialect; a dialect without its own version of a kernel uses
+    the portable C one (templates/kernels/c/)."""
+    own = f"kernels/{dialect}/{stem}.c.j2"
+    if (TEMPLATES / own).is_file():
+        return own
+    return f"kernels/c/{stem}.c.j2"
+
+
+CMAKE_RESERVED = frozenset(
+    {"all", "clean", "depend", "edit_cache", "help", "install", "package", "package_source",
+     "preinstall", "rebuild_cache", "test"}
+)  # fmt: skip
+"""Target names CMake reserves; a model with one of these names gets a suffix."""
+
+
+def c_identifier(text: str, fallback: str = "m") -> str:
+    """A C identifier from any name: [A-Za-z0-9_], not starting with a digit, never empty."""
+    s = re.sub(r"[^0-9A-Za-z_]+", "_", text).strip("_")
+    s = re.sub(r"__+", "_", s)
+    if not s or s[0].isdigit():
+        s = f"{fallback}_{s}" if s else fallback
+    return s
+
+
+def comment_text(text: str) -> str:
+    """Text safe inside a /* */ comment on one line."""
+    return " ".join(text.replace("*/", "* /").replace("/*", "/ *").split())
+
+
+def c_int(v: int) -> str:
+    """A C literal for an integer of any int64 value, typed wide enough (portable)."""
+    v = int(v)
+    if -(1 << 31) < v < (1 << 31):
+        return str(v)
+    if v == -(1 << 31):
+        return "(-2147483647 - 1)"
+    if v == -(1 << 63):
+        return "(-INT64_C(9223372036854775807) - 1)"
+    if not -(1 << 63) < v < (1 << 63):
+        raise LoweringError(f"integer {v} does not fit int64")
+    return f"INT64_C({v})" if v > 0 else f"(-INT64_C({-v}))"
+
+
+def _ctype_for(values: Iterable[int], candidates: Sequence[str]) -> str:
+    vals = list(values)
+    lo, hi = min(vals, default=0), max(vals, default=0)
+    for ct in candidates:
+        _, cmin, cmax = _CTYPES[ct]
+        if cmin <= lo and hi <= cmax:
+            return ct
+    raise LoweringError(f"values in [{lo}, {hi}] fit none of {', '.join(candidates)}")
+
+
+@dataclass(frozen=True)
+class ConstArray:
+    """One const array of weights.c: a symbol, its C type and its values."""
+
+    sym: str
+    ctype: str
+    values: tuple[int, ...]
+    comment: str
+    group: int = 0
+    """Values per row group (e.g. per output channel); 0 for no grouping comments."""
+
+    @property
+    def length(self) -> int:
+        return len(self.values)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.values) * _CTYPES[self.ctype][0]
+
+    @property
+    def body(self) -> str:
+        per_line = 16 if self.ctype in ("int8_t", "uint8_t") else 8
+        lit = {"int64_t": c_int, "uint8_t": lambda v: f"0x{v:02x}"}.get(self.ctype, str)
+        group = self.group if 0 < self.group < len(self.values) else len(self.values)
+        lines: list[str] = []
+        for g0 in range(0, len(self.values), group):
+            if group < len(self.values):
+                lines.append(f"    /* output channel {g0 // group} */")
+            chunk = self.values[g0 : g0 + group]
+            for i in range(0, len(chunk), per_line):
+                lines.append("    " + ", ".join(lit(v) for v in chunk[i : i + per_line]) + ",")
+        return "\n".join(lines)
+
+
+def _ints(a: Any) -> tuple[int, ...]:
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "iub":
+        raise LoweringError(f"expected integer parameters, got dtype {arr.dtype}")
+    return tuple(int(v) for v in arr.reshape(-1))
+
+
+def _hwc(shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(shape) == 3:
+        return int(shape[0]), int(shape[1]), int(shape[2])
+    if len(shape) == 1:
+        return 1, 1, int(shape[0])
+    raise LoweringError(f"tensor shape {tuple(shape)} is neither (H, W, C) nor (C,)")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _fmt(t: Tensor) -> QFormat:
+    assert t.fmt is not None
+    return t.fmt
+
+
+class _Emitter:
+    def __init__(self, lowered: Lowered, model: str, target: str, neon: layouts.NeonTarget):
+        self.lowered = lowered
+        self.neon = neon
+        self.graph = lowered.graph
+        self.plan = lowered.plan
+        self.model = model
+        self.target = target
+        self.name = model_c_name(lowered.graph, model)
+        self.prefix = f"QACC_{self.name.upper()}"
+        self.run_fn = f"qacc_{self.name}_run"
+        self.stamp_text = f"Generated by qacc {version()} from {comment_text(model)}. Do not edit."
+        self.arrays: list[ConstArray] = []
+        self.layer_weight_bytes: dict[str, int] = {}
+        self.layer_ids: dict[str, str] = {}
+        self.scratch_elems = 0
+        """int16 elements of the static scratch buffer shared by the kernels (max over layers)."""
+        used: set[str] = set()
+        for node in self.graph.nodes:
+            base = c_identifier(node.name, "layer")
+            lid, i = base, 2
+            while lid in used:
+                lid, i = f"{base}_{i}", i + 1
+            used.add(lid)
+            self.layer_ids[node.name] = lid
+
+    # -- const data
+
+    def add_array(
+        self,
+        node: Node,
+        what: str,
+        ctype: str,
+        values: Sequence[int],
+        comment: str,
+        group: int = 0,
+        bits: int = 0,
+    ) -> str:
+        """A const array of `values` as `ctype`; bits 4 or 2: stored packed instead
+        (layouts.pack_bits, a uint8_t array of ceil(n * bits / 8) bytes; the kernels unpack it
+        to `ctype` with qacc_unpack_s<bits>)."""
+        lid = self.layer_ids[node.name]
+        sym = f"qacc_{self.name}_{lid}_{what}"
+        _, lo, hi = _CTYPES[ctype]
+        if any(v < lo or v > hi for v in values):
+            raise LoweringError(f"{node.name}: {what} values do not fit {ctype}")
+        if bits:
+            packed = layouts.pack_bits(values, bits)
+            comment = (
+                f"{comment}; packed: {len(values)} {bits}-bit two's complement values"
+                f" ({8 // bits} per byte, lowest bits first) in {len(packed)} bytes"
+            )
+            ctype, values, group = "uint8_t", packed, 0
+        arr = ConstArray(sym, ctype, tuple(values), comment_text(comment), group)
+        self.arrays.append(arr)
+        self.layer_weight_bytes[node.name] = self.layer_weight_bytes.get(node.name, 0) + arr.nbytes
+        return sym
+
+    # -- pointers
+
+    def ptr(self, tensor: str) -> str:
+        b = self.plan.buffer_of(tensor)
+        if b.location == memory.INPUT:
+            return "in"
+        if b.location == memory.OUTPUT:
+            return "out"
+        return "arena" if b.offset == 0 else f"arena + {b.offset}"
+
+    # -- kernels
+
+    def requant_context(self, node: Node, channels: int) -> dict[str, Any]:
+        rq = node.requant
+        assert rq is not None
+        mult, shift = _ints(rq.mult), _ints(rq.shift)
+        ctx: dict[str, Any] = {
+            "zp": rq.zero_point,
+            "lo": rq.lo,
+            "hi": rq.hi,
+            "mult_sym": None,
+            "shift_sym": None,
+        }
+        for what, vals, ctypes in (
+            ("mult", mult, ("int32_t", "int64_t")),
+            ("shift", shift, ("int8_t",)),
+        ):
+            if len(vals) not in (1, channels):
+                raise LoweringError(
+                    f"{node.name}: requant.{what} has {len(vals)} values for {channels} channels"
+                )
+            if len(set(vals)) == 1:
+                ctx[what] = c_int(vals[0])
+            else:
+                ctx[what] = None
+                ctx[f"{what}_sym"] = self.add_array(
+                    node,
+                    what,
+                    _ctype_for(vals, ctypes),
+                    vals,
+                    f"{node.name}: requantization {what}, per output channel",
+                )
+        return ctx
+
+    def title(self, call: KernelCall) -> str:
+        node, g = call.node, self.graph
+        ins = " + ".join(_shape_text(g.tensors[t].shape) for t in node.inputs)
+        parts = [
+            f"{node.name}: {node.op} -> {call.kernel}, {ins} -> "
+            f"{_shape_text(g.tensors[node.output].shape)}"
+        ]
+        a = node.attrs
+        if node.op == "conv2d":
+            _, kh, kw, _ = node.params["weight"].shape
+            parts.append(f"kernel {kh}x{kw}")
+        elif "kernel" in a:
+            parts.append(f"kernel {a['kernel'][0]}x{a['kernel'][1]}")
+        if "stride" in a:
+            parts.append(f"stride {a['stride'][0]}x{a['stride'][1]}")
+        if "padding" in a and any(a["padding"]):
+            t, b, lf, r = a["padding"]
+            parts.append(f"padding t{t} b{b} l{lf} r{r}")
+        if "dilation" in a and tuple(a["dilation"]) != (1, 1):
+            parts.append(f"dilation {a['dilation'][0]}x{a['dilation'][1]}")
+        if int(a.get("groups", 1)) > 1:
+            parts.append(f"groups {a['groups']}")
+        if call.acc_bits is not None:
+            parts.append(f"accumulator {call.acc_bits} bits in {call.acc_ctype}")
+        rq = node.requant
+        if rq is not None:
+            parts.append(f"output [{rq.lo}, {rq.hi}]")
+        if node.name in self.plan.inplace:
+            parts.append(f"in place over {self.plan.inplace[node.name]}")
+        return comment_text(", ".join(parts))
+
+    def kernel_context(self, call: KernelCall, own_params: bool = True) -> dict[str, Any]:
+        """Every value any kernel template may need, computed from the node generically.
+
+        own_params=False: the weight, bias and per-channel requantization arrays are not stored
+        (a dialect kernel stores its own packed versions instead; see codegen.backend.layouts)."""
+        node, g = call.node, self.graph
+        a, p = node.attrs, node.params
+        ins = [g.tensors[t] for t in node.inputs]
+        out = g.tensors[node.output]
+        ih, iw, ic = _hwc(ins[0].shape)
+        oh, ow, oc = _hwc(out.shape)
+        stride = tuple(a.get("stride", (1, 1)))
+        padding = tuple(a.get("padding", (0, 0, 0, 0)))
+        dilation = tuple(a.get("dilation", (1, 1)))
+        groups = int(a.get("groups", 1))
+        kernel = tuple(a.get("kernel", (1, 1)))
+        k: dict[str, Any] = {
+            "fn": f"layer_{self.layer_ids[node.name]}",
+            "title": self.title(call),
+            "ih": ih,
+            "iw": iw,
+            "ic": ic,
+            "oh": oh,
+            "ow": ow,
+            "oc": oc,
+            "hw": ih * iw,
+            "pixels": oh * ow,
+            "kh": kernel[0],
+            "kw": kernel[1],
+            "sh": stride[0],
+            "sw": stride[1],
+            "pt": padding[0],
+            "pl": padding[2],
+            "dh": dilation[0],
+            "dw": dilation[1],
+            "groups": groups,
+            "in_zp": int(a.get("input_zero_point", 0)),
+        }
+        if call.container_bits is not None:
+            cb = call.container_bits
+            k.update(
+                acc_t=call.acc_ctype,
+                acc_bits=call.acc_bits,
+                container_bits=cb,
+                wrap=f"qacc_wrap{cb}",
+                mul=f"qacc_mul_u{cb}",
+            )
+        if "weight" in p:
+            w = np.asarray(p["weight"])
+            per_out = math.prod(w.shape[1:])
+            wbits = layouts.weight_storage_bits(node)
+            k["wbits"] = wbits
+            k["weight"] = (
+                None
+                if not own_params
+                else self.add_array(
+                    node,
+                    "weight",
+                    "int8_t",
+                    _ints(w),
+                    f"{node.name}: weights, shape {tuple(int(d) for d in w.shape)}"
+                    f" ({'O, kh, kw, I/groups' if w.ndim == 4 else 'O, I'})",
+                    per_out,
+                    bits=wbits,
+                )
+            )
+            k["w_stride"] = per_out
+            k["icg"] = int(w.shape[-1])
+            k["ocg"] = oc // groups
+            if w.ndim == 4:
+                k["kh"], k["kw"] = int(w.shape[1]), int(w.shape[2])
+            bias = _ints(p["bias"]) if "bias" in p else (0,) * int(w.shape[0])
+            assert call.acc_bits is not None and call.container_bits is not None
+            wrapped = [int(v) for v in wrap(np.asarray(bias, dtype=np.int64), call.acc_bits)]
+            k["bias"] = (
+                None
+                if not own_params
+                else self.add_array(
+                    node,
+                    "bias",
+                    f"int{call.container_bits}_t",
+                    wrapped,
+                    f"{node.name}: bias in accumulator units (wrapped to {call.acc_bits} bits)",
+                )
+            )
+        if node.op == "add":
+            assert call.container_bits is not None
+            mask = (1 << call.container_bits) - 1
+            ma, mb = (int(v) for v in _ints(p["in_mult"]))
+            za, zb = (int(v) for v in a.get("input_zero_points", (0, 0)))
+            k.update(ma=f"{ma & mask}u", mb=f"{mb & mask}u", za=za, zb=zb)
+        if node.op == "concat":
+            rq = node.requant
+            assert rq is not None
+            mult, shift = _ints(rq.mult), _ints(rq.shift)
+            n = len(node.inputs)
+            if len(mult) not in (1, n) or len(shift) not in (1, n):
+                raise LoweringError(f"{node.name}: concat needs one mult and shift per input")
+            zps = [int(v) for v in a.get("input_zero_points", (0,) * n)]
+            offset, xs = 0, []
+            for i, t in enumerate(node.inputs):
+                c = _hwc(g.tensors[t].shape)[2]
+                xs.append(
+                    {
+                        "name": f"in{i}",
+                        "tensor": comment_text(t),
+                        "c": c,
+                        "offset": offset,
+                        "zp": zps[i],
+                        "mult": c_int(mult[i if len(mult) > 1 else 0]),
+                        "shift": c_int(shift[i if len(shift) > 1 else 0]),
+                    }
+                )
+                offset += c
+            k.update(inputs=xs, zp=rq.zero_point, lo=rq.lo, hi=rq.hi)
+        elif node.requant is not None and own_params:
+            k.update(self.requant_context(node, oc))
+        elif node.requant is not None:
+            k.update(zp=node.requant.zero_point, lo=node.requant.lo, hi=node.requant.hi)
+        return k
+
+    def kernel_code(self, call: KernelCall) -> str:
+        neon = None
+        if self.lowered.dialect == "neon":
+            neon = layouts.neon_context(
+                self.graph,
+                call,
+                self.neon,
+                lambda what, ctype, vals, comment, bits=0: self.add_array(
+                    call.node, what, ctype, vals, comment, bits=bits
+                ),
+            )
+        ctx = self.kernel_context(call, own_params=neon is None)
+        ctx["neon"] = neon
+        if neon is not None:
+            self.scratch_elems = max(self.scratch_elems, int(neon.get("scratch_elems", 0)))
+        elif ctx.get("wbits"):
+            # the block of unpacked int8 weights of the portable / DSP / MVE kernels
+            ctx["wblock"] = layouts.unpack_block(call, self.lowered.dialect)
+            need = ctx["wblock"] * int(ctx["w_stride"])
+            self.scratch_elems = max(self.scratch_elems, -(-need // 2))
+        return render(kernel_template(self.lowered.dialect, call.template), k=ctx).strip("\n")
+
+    # -- files
+
+    def io_context(self, role: str, tensor: str) -> dict[str, Any]:
+        t = self.graph.tensors[tensor]
+        f = _fmt(t)
+        shape = [int(d) for d in t.shape]
+        dims = [{"name": f"DIM{i}", "value": d} for i, d in enumerate(shape)]
+        if len(shape) == 3:
+            dims += [{"name": n, "value": d} for n, d in zip("HWC", shape, strict=True)]
+        elif len(shape) == 1:
+            dims.append({"name": "C", "value": shape[0]})
+        return {
+            "role": role,
+            "name": tensor,
+            "tensor": comment_text(tensor),
+            "macro": f"{self.prefix}_{role.upper()}",
+            "rank": len(shape),
+            "dims": dims,
+            "shape": shape,
+            "shape_list": ", ".join(str(d) for d in shape),
+            "shape_text": _shape_text(shape),
+            "size": t.size,
+            "bits": f.bits,
+            "signed": int(f.signed),
+            "frac": f.frac if f.frac >= 0 else f"({f.frac})",
+            "scale": f"{f.scale!r}",  # repr: the shortest text that reads back as this double
+            "scale_note": "2^-FRAC" if f.is_pow2 else "dyadic: FRAC is only its nearest 2^-n",
+            "zero_point": f.zero_point if f.zero_point >= 0 else f"({f.zero_point})",
+            "qmin": f.qmin if f.qmin >= 0 else f"({f.qmin})",
+            "qmax": f.qmax,
+            "format": f.describe() + (f" zero point {f.zero_point}" if f.zero_point else ""),
+        }
+
+    def files(self) -> dict[str, str]:
+        g, plan, name = self.graph, self.plan, self.name
+        kernels = [self.kernel_code(c) for c in self.lowered.calls]
+        steps = []
+        for c in self.lowered.calls:
+            n = c.node
+            args = [self.ptr(t) for t in n.inputs] + [self.ptr(n.output)]
+            note = f", in place over {plan.inplace[n.name]}" if n.name in plan.inplace else ""
+            steps.append(
+                {
+                    "fn": f"layer_{self.layer_ids[n.name]}",
+                    "args": ", ".join(args),
+                    "comment": comment_text(
+                        f"{n.name} ({c.kernel}): {', '.join(n.inputs)} -> {n.output}{note}"
+                    ),
+                }
+            )
+        buffers = []
+        for b in plan.buffers:
+            where = (
+                f"arena[{b.offset}..{b.offset + b.size})"
+                if b.location == memory.ARENA
+                else f"caller's {'in' if b.location == memory.INPUT else 'out'}"
+            )
+            buffers.append(
+                comment_text(
+                    f"{', '.join(b.tensors)}: {b.size} bytes at {where},"
+                    f" live steps {b.start}..{b.end}"
+                )
+            )
+        weight_bytes = sum(a.nbytes for a in self.arrays)
+        packed = [a for a in self.arrays if a.ctype == "uint8_t"]
+        common = {
+            "stamp": f"/* {self.stamp_text} */",
+            "stamp_cmake": f"# {self.stamp_text}",
+            "name": name,
+            "model": comment_text(self.model),
+            "prefix": self.prefix,
+            "run_fn": self.run_fn,
+            "dialect": self.lowered.dialect,
+            "arena_bytes": plan.arena_bytes,
+            "lower_bound": plan.lower_bound,
+            "scratch_bytes": 2 * self.scratch_elems,
+            "scratch_elems": self.scratch_elems,
+            "ram_bytes": plan.arena_bytes + 2 * self.scratch_elems,
+            "weight_bytes": weight_bytes,
+            "packed_arrays": len(packed),
+            "packed_bytes": sum(a.nbytes for a in packed),
+        }
+        io_in = self.io_context("input", g.input)
+        io_out = self.io_context("output", g.output)
+        files = {
+            f"{name}.h": render(
+                "model.h.j2",
+                **common,
+                guard=f"{self.prefix}_H",
+                input=io_in,
+                output=io_out,
+                n_kernels=len(kernels),
+            ),
+            f"{name}.c": render(
+                "model.c.j2",
+                **common,
+                kernels=kernels,
+                steps=steps,
+                buffers=buffers,
+                plan_method=plan.method,
+                copy_output=plan.copy_output,
+            ),
+            f"{name}_weights.h": render(
+                "weights.h.j2", **common, guard=f"{self.prefix}_WEIGHTS_H", arrays=self.arrays
+            ),
+            f"{name}_weights.c": render("weights.c.j2", **common, arrays=self.arrays),
+            f"{name}_testbench.c": render("testbench.c.j2", **common),
+            "CMakeLists.txt": render("CMakeLists.txt.j2", **common),
+            "qacc.h": (RUNTIME / "qacc.h").read_text(),
+            "report.json": json.dumps(
+                self.report(io_in, io_out, weight_bytes), indent=2, sort_keys=True
+            )
+            + "\n",
+        }
+        return dict(sorted(files.items()))
+
+    def report(
+        self, io_in: dict[str, Any], io_out: dict[str, Any], weight_bytes: int
+    ) -> dict[str, Any]:
+        g, plan = self.graph, self.plan
+
+        def io(d: dict[str, Any]) -> dict[str, Any]:
+            f = _fmt(g.tensors[d["name"]])
+            return {
+                "tensor": d["name"],
+                "shape": d["shape"],
+                "bytes": d["size"],
+                "format": f.describe(),
+                "zero_point": f.zero_point,
+            }
+
+        bound = plan.lower_bound
+        layers: list[dict[str, Any]] = []
+        for c in self.lowered.calls:
+            n = c.node
+            layers.append(
+                {
+                    "name": n.name,
+                    "op": n.op,
+                    "kernel": c.kernel,
+                    "function": f"layer_{self.layer_ids[n.name]}",
+                    "acc_bits": c.acc_bits,
+                    "container_bits": c.container_bits,
+                    "path": layouts.path(c, self.lowered.dialect, self.neon),
+                    "macs": macs(g, n),
+                    "weight_bytes": self.layer_weight_bytes.get(n.name, 0),
+                    "inputs": list(n.inputs),
+                    "output": n.output,
+                    "in_place": n.name in plan.inplace,
+                }
+            )
+        return {
+            "generator": f"qacc {version()}",
+            "model": self.model,
+            "name": self.name,
+            "target": self.target,
+            "dialect": self.lowered.dialect,
+            "header": f"{self.name}.h",
+            "library": f"lib{self.name}.a",
+            "run_function": self.run_fn,
+            "input": io(io_in),
+            "output": io(io_out),
+            "memory": {
+                "ram_bytes": plan.arena_bytes + 2 * self.scratch_elems,
+                "arena_bytes": plan.arena_bytes,
+                "scratch_bytes": 2 * self.scratch_elems,
+                "arena_lower_bound": bound,
+                "arena_gap_bytes": plan.gap,
+                "arena_gap_percent": round(100.0 * plan.gap / bound, 2) if bound else 0.0,
+                "flash_weight_bytes": weight_bytes,
+                "io_bytes": io_in["size"] + io_out["size"],
+                "plan": plan.summary(),
+            },
+            "layers": layers,
+            "macs": sum(int(v["macs"]) for v in layers),
+        }
+
+
+def emit_lowered(
+    lowered: Lowered,
+    model: str | None = None,
+    target: str = "host",
+    neon: layouts.NeonTarget | None = None,
+) -> dict[str, str]:
+    """Render an already lowered graph."""
+    if neon is None:
+        if lowered.dialect == "neon":
+            raise ValueError(
+                f"emit: the neon dialect needs the NEON features of {target} (neon=...: the "
+                "targets stage gives them, e.g. codegen.targets.build.resolve_target(name).neon)"
+            )
+        neon = layouts.A64  # read by no other dialect
+    return _Emitter(lowered, model or lowered.graph.name, target, neon).files()
+
+
+def emit(
+    graph: Graph,
+    model: str | None = None,
+    *,
+    dialect: str = "c",
+    align: int = 1,
+    target: str = "host",
+    neon: layouts.NeonTarget | None = None,
+) -> dict[str, str]:
+    """All files of the generated model directory, {relative path: text}, deterministic.
+
+    `model` names the model (default: graph.name); the C name is derived from it. `target` is
+    the name the report states; `neon` the core's NEON features, which the neon dialect's
+    kernel choice needs (a ValueError without them: a wrong core would build wrong code).
+    """
+    return emit_lowered(lower(graph, dialect=dialect, align=align), model, target, neon)
+
+
+def model_c_name(graph: Graph, model: str | None = None) -> str:
+    """The C identifier emit() uses for a model (file names, symbols, CMake target)."""
+    name = c_identifier(model or graph.name).lower()
+    return f"{name}_model" if name in CMAKE_RESERVED else name
+
+
+def write_files(files: dict[str, str], out_dir: Path) -> list[Path]:
+    """Write emitted files under out_dir (created if missing); returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for rel, text in files.items():
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written

@@ -1,0 +1,528 @@
+"""Data layouts of the NEON kernels: packed weights, padded per-channel constants, blocking.
+
+The NEON kernels (templates/kernels/neon/) read their constants in the order their inner loops
+consume them. This module decides, per kernel call, whether a NEON kernel applies and with which
+register blocking, and computes the packed arrays; `codegen.backend.emit` stores them in weights.c.
+
+Accumulation paths (report.json "path" of each layer):
+
+* ``acc16``: acc_bits <= 16. Inputs are widened to int16 with the input zero point subtracted
+  (x - zp fits int16 for any int8 x and zp), weights are stored as int16, and MLA (by element)
+  multiplies 8 int16 lanes and adds into 8 int16 accumulator lanes per instruction. int16 lanes
+  wrap modulo 2^16 and wrapping addition is associative, so the lanes hold the exact sum modulo
+  2^16 whatever the intermediate overflow; shifting left then arithmetically right by 16 - A
+  sign-extends from A bits, which is formats.wrap. No int8 x int8 pair is ever summed in 16 bits,
+  so the -128 * -128 pair overflow of vmull_s8 + vmlal_s8 kernels cannot occur.
+* ``acc32``: 16 < acc_bits <= 32 without dotprod. The same int16 operands, SMLAL/SMLAL2 (by
+  element) into int32 lanes: every product (|x - zp| <= 255, |w| <= 128) is exact in int32 and
+  the lanes wrap modulo 2^32; the final wrap to A bits is again a shift pair.
+* ``acc32-sdot`` / ``acc16-sdot``: any acc_bits on a core with dotprod (cortex-a76): SDOT (by
+  element) adds four int8 x int8 products into each int32 lane. The operands must stay int8, so
+  the input zero point is folded into the bias: sum w (x - zp) = sum w x - zp * sum w (mod 2^A),
+  and padding taps hold the raw value zp (they contribute w * zp, cancelled by the same
+  correction).
+  acc16-sdot is the same kernel for acc_bits <= 16: the int32 lanes hold the sum modulo 2^32, and
+  the shift pair by 32 - A wraps it to A bits, which equals wrapping modulo 2^A at every step
+  (wrapping addition is associative); it is faster than the int16 MLA path on these cores.
+
+Requantization stays `qacc_requantize`'s function; the kernels evaluate it on 8 lanes at once when
+every multiplier fits int32 (see `qacc_neon_requant8` in the templates, tested against
+formats.requantize), and call qacc_requantize per lane otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from codegen.backend.lower import KernelCall
+from codegen.core.formats import wrap
+from codegen.core.ir import Graph, Node
+
+GEMM_TEMPLATES = frozenset({"conv2d", "conv2d_pointwise", "dense"})
+"""Templates that the NEON convolution/GEMM kernel implements (groups == 1)."""
+
+
+class AddArray(Protocol):
+    def __call__(
+        self, what: str, ctype: str, values: Sequence[int], comment: str, bits: int = 0
+    ) -> str:
+        """(what, ctype, values, comment[, bits: store packed]) -> the C symbol of a new const
+        array."""
+        ...
+
+
+# ----------------------------------------------------------------------------- packed weights
+#
+# A weighted node (conv2d, dense) may declare attrs["weight_bits"] = b (2..8): every weight lies in
+# [-2^(b-1), 2^(b-1) - 1]. With b <= 4 its weights are stored packed in flash, in the order the
+# kernel consumes them (after the layout transform): two 4-bit two's-complement values per byte
+# (element 2i in the low nibble, 2i+1 in the high nibble), or with b <= 2 four 2-bit values per
+# byte (element 4i+j in bits 2j..2j+1). The kernels unpack one block (an output channel, or a
+# block of output channels) into the scratch buffer and run their inner loops on it; the loops are
+# ordered so that a block is unpacked once per inference (output channels outer, pixels inner).
+
+
+def weight_storage_bits(node: Node) -> int:
+    """Bits per stored weight of a node: 4 or 2 (packed), 0 for unpacked int8/int16 storage.
+
+    Raises ValueError when the weights do not fit the declared attrs["weight_bits"] (the graph is
+    inconsistent: whoever set the attribute must have produced weights in range)."""
+    if "weight_bits" not in node.attrs or "weight" not in node.params:
+        return 0
+    b = int(node.attrs["weight_bits"])
+    if not 2 <= b <= 8:
+        raise ValueError(f"node {node.name!r}: attrs['weight_bits'] = {b} is outside 2..8")
+    w = np.asarray(node.params["weight"], dtype=np.int64)
+    lo, hi = -(1 << (b - 1)), (1 << (b - 1)) - 1
+    if w.size and (int(w.min()) < lo or int(w.max()) > hi):
+        raise ValueError(
+            f"node {node.name!r}: weights in [{int(w.min())}, {int(w.max())}] do not fit the"
+            f" declared weight_bits = {b} ([{lo}, {hi}]); the integer graph is inconsistent"
+        )
+    return 2 if b <= 2 else 4 if b <= 4 else 0
+
+
+def pack_bits(values: Sequence[int], bits: int) -> tuple[int, ...]:
+    """`values` (each in [-2^(bits-1), 2^(bits-1) - 1]) packed 8 / bits per byte, lowest bits
+    first, two's complement; the last byte is padded with zero fields. ceil(n * bits / 8) bytes."""
+    if bits not in (2, 4):
+        raise ValueError(f"cannot pack {bits}-bit values (2 or 4)")
+    v = np.asarray(values, dtype=np.int64).reshape(-1)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if v.size and (int(v.min()) < lo or int(v.max()) > hi):
+        raise ValueError(f"values in [{int(v.min())}, {int(v.max())}] do not fit {bits} bits")
+    per = 8 // bits
+    fields = np.zeros(-(-v.size // per) * per, dtype=np.int64)
+    fields[: v.size] = v & ((1 << bits) - 1)
+    fields = fields.reshape(-1, per) << (bits * np.arange(per, dtype=np.int64))
+    return tuple(int(b) for b in fields.sum(axis=1))
+
+
+def unpack_bits(packed: Sequence[int], bits: int, n: int) -> np.ndarray:
+    """The inverse of pack_bits: the first n values (int64)."""
+    per = 8 // bits
+    b = np.asarray(packed, dtype=np.int64).reshape(-1, 1)
+    f = (b >> (bits * np.arange(per, dtype=np.int64))) & ((1 << bits) - 1)
+    half = 1 << (bits - 1)
+    return ((f ^ half) - half).reshape(-1)[:n]
+
+
+DSP_MVE_BLOCK = 4
+"""Output channels the DSP and MVE conv/pointwise/dense kernels sum per input load."""
+
+
+def unpack_block(call: KernelCall, dialect: str) -> int:
+    """Output channels whose packed weights the portable / DSP / MVE kernel of `call` unpacks at
+    once (its scratch holds this many rows of int8 weights)."""
+    if dialect not in ("dsp", "mve") or call.template not in GEMM_TEMPLATES:
+        return 1
+    w = call.node.params["weight"]
+    oc = int(w.shape[0])
+    groups = int(call.node.attrs.get("groups", 1))
+    blocked = groups == 1 or (oc // groups) % DSP_MVE_BLOCK == 0
+    return DSP_MVE_BLOCK if blocked and oc >= DSP_MVE_BLOCK else 1
+
+
+@dataclass(frozen=True)
+class NeonTarget:
+    """The NEON features of a core that kernel selection reads: plain data, filled in by the
+    targets stage from its table (codegen.targets.table), so the backend never looks a target up."""
+
+    aarch64: bool = True
+    dotprod: bool = False
+
+    @property
+    def vector_regs(self) -> int:
+        return 32 if self.aarch64 else 16
+
+
+A64 = NeonTarget()
+"""A64 NEON without dotprod (cortex-a53, cortex-a72): the default features of a BuildTarget."""
+
+
+def _zp_fits_int8(call: KernelCall) -> bool:
+    zp = int(call.node.attrs.get("input_zero_point", 0))
+    return -128 <= zp <= 127
+
+
+def path(call: KernelCall, dialect: str, neon: NeonTarget) -> str | None:
+    """The accumulation path of a layer: acc16, acc16-sdot, acc32 or acc32-sdot (None: no
+    accumulator)."""
+    if call.container_bits is None:
+        return None
+    name = f"acc{call.container_bits}"
+    if (
+        dialect == "neon"
+        and call.template in GEMM_TEMPLATES
+        and neon.dotprod
+        and gemm_supported(call)
+        and _zp_fits_int8(call)
+        and _sdot_pays(call)
+    ):
+        return f"{name}-sdot"
+    return name
+
+
+def _sdot_pays(call: KernelCall) -> bool:
+    """SDOT gathers im2col rows; a conv with fewer than 8 input channels gathers them element by
+    element, slower than the widened-input MLA/SMLAL "rows" path (FashionCNN's 1-channel stem
+    on cortex-a76: 195K vs 73K instructions)."""
+    w = call.node.params["weight"]
+    return w.ndim != 4 or int(w.shape[3]) >= 8
+
+
+def gemm_supported(call: KernelCall) -> bool:
+    if call.template not in GEMM_TEMPLATES or call.container_bits is None:
+        return False
+    return int(call.node.attrs.get("groups", 1)) == 1
+
+
+def depthwise_supported(graph: Graph, call: KernelCall) -> bool:
+    if call.template != "conv2d_depthwise" or call.container_bits is None:
+        return False
+    w = call.node.params["weight"]
+    cin = graph.tensors[call.node.inputs[0]].shape[-1]
+    return int(w.shape[0]) == int(cin)  # depth multiplier 1
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _requant_arrays(call: KernelCall, n: int, add: AddArray, lane_bits: int) -> dict[str, Any]:
+    """Per-channel mult and negated shift, padded to n lanes (padding lanes: mult 0, shift 0);
+    lane_bits: the accumulator lanes of the kernel (16: the int16 requantization may apply)."""
+    rq = call.node.requant
+    assert rq is not None
+    real = np.asarray(rq.mult, dtype=np.int64).reshape(-1)
+    shift = np.asarray(rq.shift, dtype=np.int64).reshape(-1)
+    channels = int(call.node.params["weight"].shape[0])
+    n = _ceil_to(n, 8)  # the kernels requantize 8 lanes at a time
+    mult = np.zeros(n, dtype=np.int64)
+    mult[:channels] = np.broadcast_to(real, (channels,))
+    rshift = np.zeros(n, dtype=np.int64)
+    rshift[:channels] = -np.broadcast_to(shift, (channels,))
+    vec = bool(np.all(np.abs(mult) < (1 << 31)))
+    name = call.node.name
+    left = np.maximum(-shift, 0)
+    rq16 = (
+        lane_bits == 16
+        and bool(np.all(np.abs(real) <= (1 << 15) - 1))
+        and bool(np.all(shift <= 31))
+        and bool(np.all((np.abs(np.broadcast_to(real, left.shape)) << left) < (1 << 16)))
+    )
+    extra: dict[str, Any] = {"rq16": rq16}
+    if rq16:
+        extra["rq_mult16"] = add(
+            "nmult16", "int16_t", [int(v) for v in mult],
+            f"{name}: requantization multiplier per output channel (int16), padded to {n} lanes",
+        )  # fmt: skip
+        extra["rq_rshift32"] = add(
+            "nrshift32", "int32_t", [int(v) for v in rshift],
+            f"{name}: minus the requantization shift per output channel (int32), padded to {n}",
+        )  # fmt: skip
+    return extra | {
+        "vec_rq": vec,
+        "rq_mult": add(
+            "nmult", "int32_t" if vec else "int64_t", [int(v) for v in mult],
+            f"{name}: requantization multiplier per output channel, padded to {n} lanes",
+        ),
+        "rq_rshift": add(
+            "nrshift", "int64_t", [int(v) for v in rshift],
+            f"{name}: minus the requantization shift per output channel (a SRSHL amount),"
+            f" padded to {n} lanes",
+        ),
+    }  # fmt: skip
+
+
+def gemm_context(
+    graph: Graph, call: KernelCall, neon: NeonTarget, add: AddArray
+) -> dict[str, Any] | None:
+    """Blocking and packed constants of the NEON conv2d/pointwise/dense kernel (None: use the
+    portable C kernel)."""
+    if not gemm_supported(call):
+        return None
+    nt = neon
+    node = call.node
+    assert call.acc_bits is not None and call.container_bits is not None
+    w = np.asarray(node.params["weight"], dtype=np.int64)
+    oc = int(w.shape[0])
+    w2 = w.reshape(oc, -1)
+    k = int(w2.shape[1])
+    out_shape = graph.tensors[node.output].shape
+    pixels = int(np.prod(out_shape[:-1], dtype=np.int64)) if len(out_shape) == 3 else 1
+    bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
+    sdot = (path(call, "neon", neon) or "").endswith("-sdot")
+    # SDOT sums in int32 lanes for every width: wrapping is associative, so the lanes hold the
+    # sum modulo 2^32 and the final shift pair wraps it to A bits exactly as formats.wrap does
+    lane_bits = 32 if sdot else call.container_bits
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    # Register blocking: P pixels x O vectors of output channels (8 lanes each, 4 for SDOT).
+    lanes = 4 if sdot else 8
+    ovecs = -(-oc // lanes)
+    if sdot:
+        o_max, p_max = 4, 4
+    elif call.container_bits == 16:
+        o_max, p_max = (4, 5) if nt.aarch64 else (4, 2)
+    else:
+        o_max, p_max = (2, 4) if nt.aarch64 else (2, 2)
+    o_n = min(o_max, ovecs)
+    p_n = min(p_max, pixels)
+    block = lanes * o_n
+    ocp = _ceil_to(oc, block)
+    kstep = 16 if sdot else 8
+    kp = _ceil_to(k, kstep)
+    ic = _ic(graph, call)
+    mode = "im2col"
+    if not sdot and k == kp and ic % kstep == 0:
+        mode = "direct"
+    elif not sdot:
+        kh, _kw, row = _kernel_rows(node.params["weight"], ic)
+        dw = int(node.attrs.get("dilation", (1, 1))[1])
+        if dw == 1 and kh * _ceil_to(row, 8) <= 2 * kp:
+            mode = "rows"
+            kp = kh * _ceil_to(row, 8)
+    wp = np.zeros((ocp, kp), dtype=np.int64)
+    if mode == "rows":
+        # each kernel row (KW * IC contiguous inputs) padded with zero weights to a multiple of 8
+        tc = kp // kh
+        wr = np.zeros((ocp, kh, tc), dtype=np.int64)
+        wr[:oc, :, :row] = w2.reshape(oc, kh, row)
+        wp = wr.reshape(ocp, kp)
+    else:
+        wp[:oc, :k] = w2
+    name = node.name
+    if sdot:
+        # [oc block][k / 4][vector o][lane (4 channels)][4 consecutive k]
+        packed = wp.reshape(ocp // block, o_n, 4, kp // 4, 4).transpose(0, 3, 1, 2, 4)
+        wctype = "int8_t"
+        # fold the input zero point into the bias (modulo 2^A): sum w (x - zp) = sum w x - zp sum w
+        bias = bias - in_zp * w2.sum(axis=1)
+        desc = "int8, [oc block][k/4][8-channel... 4-channel vector][channel][4 k]"
+    else:
+        # [oc block][k][channel within the block]
+        packed = wp.reshape(ocp // block, block, kp).transpose(0, 2, 1)
+        wctype = "int16_t"
+        desc = "int16, [oc block][k][channel within the block]"
+    bp = np.zeros(ocp, dtype=np.int64)
+    bp[:oc] = wrap(bias, call.acc_bits)
+    geo = _geometry(graph, call, mode)
+    if geo["direct"]:
+        # the widened, padded input (int16) and the zeros read past its end by the last row
+        scratch = int(geo["IHP"] * geo["IWP"] * geo["IC"] + geo["SLACK"])
+    elif sdot:
+        scratch = -(-(p_n * kp) // 2)  # im2col rows of P pixels, int8
+    else:
+        scratch = p_n * kp  # im2col rows of P pixels, int16
+    wbits = weight_storage_bits(node)
+    woff = scratch
+    if wbits:  # then one block of unpacked weights (int8 for SDOT, else int16)
+        scratch += -(-(block * kp) // 2) if sdot else block * kp
+    ctx: dict[str, Any] = {
+        "neon": True,
+        "sdot": sdot,
+        "P": p_n,
+        "O": o_n,
+        "pix": [{"i": p, "col": p * kp} for p in range(p_n)],
+        "ovec": [
+            {
+                "i": o,
+                "ch": lanes * o,
+                "ch_hi": lanes * o + 4,
+                "w": (16 if sdot else 8) * o,
+                "pair": (o + 1) < o_n,
+                "next": o + 1,
+            }
+            for o in range(o_n)
+        ],
+        "wstep": 16 * o_n if sdot else block,
+        "wx": nt.aarch64 and not sdot and o_n in (2, 4),
+        "wlanes": [
+            {
+                "l": lane,
+                "loads": [
+                    {
+                        "pair": o + 1 < o_n,
+                        "a": o,
+                        "b": o + 1,
+                    }
+                    for o in range(0, o_n, 2)
+                ],
+            }
+            for lane in range(lanes)
+        ],
+        "lanes": list(range(lanes)),
+        "block": block,
+        "K": k,
+        "KP": kp,
+        "KSTEP": kstep,
+        "OCP": ocp,
+        "scratch_elems": scratch,
+        "scratch_bytes": 2 * scratch,
+        "wbits": wbits,
+        "WOFF": woff,
+        "wrap_shift": lane_bits - call.acc_bits,
+        **geo,
+        "packed": add(
+            "wpacked", wctype, [int(v) for v in packed.reshape(-1)],
+            f"{name}: weights for the NEON kernel, {desc}, {ocp} channels x {kp} terms (padded)",
+            bits=wbits,
+        ),
+        "nbias": add(
+            "nbias", f"int{lane_bits}_t", [int(v) for v in bp],
+            f"{name}: bias in accumulator units (wrapped to {call.acc_bits} bits)"
+            + (", input zero point folded in" if sdot else "") + f", padded to {ocp} lanes",
+        ),
+    }  # fmt: skip
+    ctx.update(_requant_arrays(call, ocp, add, lane_bits))
+    return ctx
+
+
+def _ic(graph: Graph, call: KernelCall) -> int:
+    shape = graph.tensors[call.node.inputs[0]].shape
+    return int(shape[-1])
+
+
+def _kernel_rows(weight: Any, ic: int) -> tuple[int, int, int]:
+    """(kernel rows, kernel columns, inputs per kernel row = columns x IC) of a conv or dense."""
+    w = np.asarray(weight)
+    kh, kw = (int(w.shape[1]), int(w.shape[2])) if w.ndim == 4 else (1, 1)
+    return kh, kw, kw * ic
+
+
+def _geometry(graph: Graph, call: KernelCall, mode: str) -> dict[str, Any]:
+    """How the GEMM kernel walks its input rows.
+
+    direct: the whole input is widened once to int16 (x - zero point) into the scratch buffer,
+    zero padded to (IHP, IWP); every tap of every output pixel is then IC contiguous int16 values
+    at row + tap offset, so no im2col gather is needed.
+    rows (IC % 8 != 0, dilation 1 along W): the same widened input; the KW taps of a kernel row are
+    KW * IC contiguous values, read as one "tap" of TC = KW * IC rounded up to 8 values whose
+    extra values (the next columns, or up to SLACK zeros past the end) meet zero weights.
+    im2col: an im2col row of KP values per pixel is gathered (one "tap" of KP values)."""
+    direct = mode != "im2col"
+    node = call.node
+    a = node.attrs
+    shape = graph.tensors[node.inputs[0]].shape
+    hwc = (
+        (int(shape[0]), int(shape[1]), int(shape[2])) if len(shape) == 3 else (1, 1, int(shape[0]))
+    )
+    ih, iw, ic = hwc
+    w = node.params["weight"]
+    kh, kw = (int(w.shape[1]), int(w.shape[2])) if w.ndim == 4 else (1, 1)
+    sh, sw = (int(v) for v in a.get("stride", (1, 1)))
+    dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
+    pt, pb, pl, pr = (int(v) for v in a.get("padding", (0, 0, 0, 0)))
+    ihp, iwp = ih + pt + pb, iw + pl + pr
+    if not direct:
+        kp = -(-int(np.prod(w.shape[1:])) // 8) * 8
+        return {"direct": False, "IHP": ihp, "IWP": iwp, "IC": ic, "TKH": 1, "TKW": 1,
+                "TROW": 0, "TCOL": 0, "TC": kp, "ROWSTEP": 0, "COLSTEP": 0,
+                "SLACK": 0, "rows": False}  # fmt: skip
+    if mode == "rows":
+        tc = _ceil_to(kw * ic, 8)
+        return {"direct": True, "IHP": ihp, "IWP": iwp, "IC": ic, "TKH": kh, "TKW": 1,
+                "TROW": dh * iwp * ic, "TCOL": 0, "TC": tc, "ROWSTEP": sh * iwp * ic,
+                "COLSTEP": sw * ic, "SLACK": tc - kw * ic, "rows": True}  # fmt: skip
+    return {
+        "SLACK": 0,
+        "rows": False,
+        "direct": True,
+        "IHP": ihp,
+        "IWP": iwp,
+        "IC": ic,
+        "TKH": kh,
+        "TKW": kw,
+        "TROW": dh * iwp * ic,
+        "TCOL": dw * ic,
+        "TC": ic,
+        "ROWSTEP": sh * iwp * ic,
+        "COLSTEP": sw * ic,
+    }
+
+
+def depthwise_context(
+    graph: Graph, call: KernelCall, neon: NeonTarget, add: AddArray
+) -> dict[str, Any] | None:
+    """Packed constants of the NEON depthwise kernel (None: use the portable C kernel).
+
+    The kernel copies the input once into the scratch buffer as int8, padded with the input zero
+    point (rows x cols pixels, CP channels per pixel), so that every output pixel reads its taps
+    at constant offsets without bounds checks. The input zero point is folded into the bias,
+    ibias = wrap(bias - IZP * sum(w), A), exact modulo 2^A: a padding tap holds IZP and adds
+    w * IZP, which the folded bias cancels, as the reference's x - IZP = 0. acc16 multiplies int8
+    inputs by int8 weights (SMLAL.8H, products exact in int16) when every weight fits int8."""
+    if not depthwise_supported(graph, call):
+        return None
+    node = call.node
+    assert call.acc_bits is not None and call.container_bits is not None
+    w = np.asarray(node.params["weight"], dtype=np.int64)  # (C, kh, kw, 1)
+    c = int(w.shape[0])
+    kh, kw = int(w.shape[1]), int(w.shape[2])
+    cp = _ceil_to(c, 8)
+    wp = np.zeros((kh * kw, cp), dtype=np.int64)
+    wp[:, :c] = w.reshape(c, kh * kw).T
+    bias = np.asarray(node.params.get("bias", np.zeros(c, np.int64)), dtype=np.int64)
+    a = node.attrs
+    iw = int(graph.tensors[node.inputs[0]].shape[-2])
+    oh, ow = (int(v) for v in graph.tensors[node.output].shape[-3:-1])
+    sh, sw = (int(v) for v in a.get("stride", (1, 1)))
+    pl = int(a.get("padding", (0, 0, 0, 0))[2])
+    dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
+    in_zp = int(a.get("input_zero_point", 0))
+    if not -128 <= in_zp <= 127:
+        return None  # the padding (IZP) must fit the int8 scratch
+    rows = (oh - 1) * sh + (kh - 1) * dh + 1  # padded rows and columns that the taps read
+    cols = (ow - 1) * sw + (kw - 1) * dw + 1
+    lf = min(pl, cols)  # padding columns on the left, then input columns
+    mid = max(0, min(iw, cols - lf))
+    ib = np.zeros(cp, dtype=np.int64)
+    ib[:c] = wrap(bias - in_zp * w.reshape(c, -1).sum(axis=1), call.acc_bits)
+    s8 = call.container_bits == 16 and bool(np.all(np.abs(w) <= 127))
+    name = node.name
+    wbits = weight_storage_bits(node)
+    scratch = -(-(rows * cols * cp) // 2)  # int8 bytes in the int16 scratch
+    ctx: dict[str, Any] = {
+        "neon": True,
+        "CP": cp, "ROWS": rows, "COLS": cols, "LF": lf, "MID": mid,
+        "taps": [(ky * dh * cols + kx * dw) * cp for ky in range(kh) for kx in range(kw)],
+        "s8": s8,
+        "wbits": wbits,
+        "WOFF": scratch,
+        # packed weights: then the 8 channels' unpacked int8 weights of every tap
+        "scratch_elems": scratch + (4 * kh * kw if wbits else 0),
+        "wrap_shift": call.container_bits - call.acc_bits,
+        "ibias": add(
+            "ibias", f"int{call.container_bits}_t", [int(v) for v in ib],
+            f"{name}: bias minus input zero point times the weight sum (wrapped to"
+            f" {call.acc_bits} bits), padded to {cp}",
+        ),
+    }  # fmt: skip
+    if s8 or wbits:  # packed: the kernel unpacks to int8 (and widens them when not s8)
+        ctx["packed8"] = add(
+            "wpacked8" if s8 else "wpacked", "int8_t", [int(v) for v in wp.reshape(-1)],
+            f"{name}: depthwise weights for the NEON kernel, int8, [tap][channel], {cp} channels",
+            bits=wbits,
+        )  # fmt: skip
+    else:
+        ctx["packed"] = add(
+            "wpacked", "int16_t", [int(v) for v in wp.reshape(-1)],
+            f"{name}: depthwise weights for the NEON kernel, int16, [tap][channel], {cp} channels",
+        )  # fmt: skip
+    ctx.update(_requant_arrays(call, cp, add, call.container_bits))
+    return ctx
+
+
+def neon_context(
+    graph: Graph, call: KernelCall, neon: NeonTarget, add: AddArray
+) -> dict[str, Any] | None:
+    """The NEON kernel context of a call, or None when the portable C kernel is used."""
+    if call.template in GEMM_TEMPLATES:
+        return gemm_context(graph, call, neon, add)
+    if call.template == "conv2d_depthwise":
+        return depthwise_context(graph, call, neon, add)
+    return None

@@ -1,0 +1,212 @@
+"""Lowering: the integer graph -> a list of kernel calls and a memory plan.
+
+For every node this chooses the kernel (its template and C name) and the accumulator container:
+`uint16_t` for acc_bits <= 16, `uint32_t` for acc_bits <= 32. Kernel names follow the DESIGN
+convention `<kernel>_acc<container>` (e.g. `conv2d_pointwise_acc16`) for the kernels that
+accumulate, and the bare op name otherwise (`maxpool2d`, `concat`). `reshape` nodes are not
+kernels: their output aliases their input in memory (see `codegen.backend.memory`).
+
+Everything here is a pure function of the graph (and the dialect), so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from codegen.backend import memory
+from codegen.core.errors import UnsupportedModelError
+from codegen.core.ir import Graph, Node, conv_out_size
+
+DIALECTS = ("c", "neon", "dsp", "mve")
+"""Kernel dialects; a dialect without its own template of a kernel uses the portable C one."""
+
+ACC_OPS = frozenset({"conv2d", "dense", "avgpool2d", "global_avgpool", "add"})
+"""Ops whose accumulator width (attrs["acc_bits"]) is part of the semantics."""
+
+MAX_ACC_BITS = 32
+
+INPLACE_INPUTS: Mapping[str, tuple[int, ...]] = {"add": (0, 1)}
+"""Kernel templates whose output may overwrite the given inputs (elementwise kernels)."""
+
+
+class LoweringError(UnsupportedModelError):
+    """The integer graph uses something the C kernels cannot express."""
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One node lowered to one kernel."""
+
+    node: Node
+    template: str
+    """Template stem under templates/kernels/<dialect>/ (e.g. "conv2d_depthwise")."""
+    kernel: str
+    """Full kernel name, as in test ids (e.g. "conv2d_depthwise_acc16")."""
+    acc_bits: int | None
+    container_bits: int | None
+    """16 or 32 for accumulating kernels, None otherwise."""
+
+    @property
+    def acc_ctype(self) -> str | None:
+        return None if self.container_bits is None else f"uint{self.container_bits}_t"
+
+
+@dataclass(frozen=True)
+class Lowered:
+    graph: Graph
+    dialect: str
+    calls: tuple[KernelCall, ...]
+    plan: memory.MemoryPlan
+
+    def call(self, node_name: str) -> KernelCall:
+        for c in self.calls:
+            if c.node.name == node_name:
+                return c
+        raise KeyError(node_name)
+
+
+def container_bits(acc_bits: int) -> int:
+    """The C container of an accumulator of `acc_bits` bits: 16 or 32."""
+    if not 1 <= acc_bits <= MAX_ACC_BITS:
+        raise LoweringError(
+            f"accumulator width {acc_bits} is not supported by the C kernels (1..{MAX_ACC_BITS});"
+            " quantize for a narrower accumulator"
+        )
+    return 16 if acc_bits <= 16 else 32
+
+
+def _shape(graph: Graph, tensor: str) -> tuple[int, ...]:
+    return graph.tensors[tensor].shape
+
+
+def choose_template(graph: Graph, node: Node) -> str:
+    """The kernel template of a node (before the accumulator suffix)."""
+    if node.op == "conv2d":
+        _, kh, kw, cin_g = node.params["weight"].shape
+        cin = _shape(graph, node.inputs[0])[-1]
+        groups = int(node.attrs["groups"])
+        if groups == 1 and kh == 1 and kw == 1 and not any(node.attrs["padding"]):
+            return "conv2d_pointwise"
+        if groups > 1 and groups == cin and cin_g == 1:
+            return "conv2d_depthwise"
+        return "conv2d"
+    if node.op in ("dense", "maxpool2d", "avgpool2d", "global_avgpool", "add", "concat"):
+        return node.op
+    raise LoweringError(f"op {node.op!r} of node {node.name!r} has no C kernel")
+
+
+def _check_node(graph: Graph, node: Node) -> None:
+    for t in (*node.inputs, node.output):
+        if t not in graph.tensors:
+            raise LoweringError(f"node {node.name!r} refers to unknown tensor {t!r}")
+    if node.op != "reshape" and node.requant is None:
+        raise LoweringError(f"node {node.name!r} has no requantization; quantize the graph first")
+    if node.op in ACC_OPS and "acc_bits" not in node.attrs:
+        raise LoweringError(
+            f"node {node.name!r} has no attrs['acc_bits']; quantize the graph first"
+        )
+    if node.requant is not None:
+        rq = node.requant
+        if not (-128 <= rq.lo <= rq.hi <= 127):
+            raise LoweringError(
+                f"node {node.name!r}: saturation limits [{rq.lo}, {rq.hi}] leave the int8 container"
+            )
+        shifts = [int(s) for s in rq.shift.reshape(-1)]
+        if any(s < -31 or s > 62 for s in shifts):
+            raise LoweringError(f"node {node.name!r}: requantization shift outside [-31, 62]")
+    if node.op == "reshape":
+        src, dst = graph.tensors[node.inputs[0]], graph.tensors[node.output]
+        if src.size != dst.size:
+            raise LoweringError(f"reshape {node.name!r} changes the number of elements")
+
+
+def _check_shapes(graph: Graph, node: Node) -> None:
+    """The shapes the kernels index with must agree with the attributes (no out-of-bounds C)."""
+    ins = [graph.tensors[t].shape for t in node.inputs]
+    out = graph.tensors[node.output].shape
+    a = node.attrs
+
+    def bad(why: str) -> LoweringError:
+        return LoweringError(f"node {node.name!r} ({node.op}): {why}")
+
+    def spatial(kh: int, kw: int, dilation: tuple[int, int]) -> tuple[int, int]:
+        h, w = ins[0][0], ins[0][1]
+        sh, sw = a.get("stride", (1, 1))
+        t, b, left, r = a.get("padding", (0, 0, 0, 0))
+        if min(sh, sw) < 1 or min(dilation) < 1 or min(t, b, left, r) < 0:
+            raise bad("stride and dilation must be >= 1, padding >= 0")
+        return (
+            conv_out_size(h, kh, sh, t, b, dilation[0]),
+            conv_out_size(w, kw, sw, left, r, dilation[1]),
+        )
+
+    if node.op in ("conv2d", "maxpool2d", "avgpool2d", "global_avgpool") and len(ins[0]) != 3:
+        raise bad(f"input shape {ins[0]} is not (H, W, C)")
+    if node.op == "conv2d":
+        w = node.params["weight"]
+        groups = int(a.get("groups", 1))
+        if w.ndim != 4 or groups < 1 or w.shape[0] % groups or ins[0][2] != w.shape[3] * groups:
+            raise bad(f"weight {w.shape} does not match input {ins[0]} with {groups} groups")
+        oh, ow = spatial(int(w.shape[1]), int(w.shape[2]), tuple(a.get("dilation", (1, 1))))
+        if out != (oh, ow, w.shape[0]):
+            raise bad(f"output shape {out} should be {(oh, ow, w.shape[0])}")
+    elif node.op == "dense":
+        w = node.params["weight"]
+        if w.ndim != 2 or ins[0] != (w.shape[1],) or out != (w.shape[0],):
+            raise bad(f"weight {w.shape} does not match input {ins[0]} and output {out}")
+    elif node.op in ("maxpool2d", "avgpool2d"):
+        kh, kw = a["kernel"]
+        oh, ow = spatial(int(kh), int(kw), (1, 1))
+        if out != (oh, ow, ins[0][2]):
+            raise bad(f"output shape {out} should be {(oh, ow, ins[0][2])}")
+    elif node.op == "global_avgpool":
+        if out not in ((ins[0][2],), (1, 1, ins[0][2])):  # same bytes either way
+            raise bad(f"output shape {out} should be {(ins[0][2],)} or {(1, 1, ins[0][2])}")
+    elif node.op == "add":
+        if len(ins) != 2 or ins[0] != ins[1] or out != ins[0]:
+            raise bad(f"operands {ins} and output {out} must have one shape")
+    elif node.op == "concat":
+        if any(len(s) != len(out) or s[:-1] != out[:-1] for s in ins):
+            raise bad(f"inputs {ins} differ from the output {out} outside the channel axis")
+        if sum(s[-1] for s in ins) != out[-1]:
+            raise bad(f"channels of {ins} do not add up to {out[-1]}")
+    if node.op in ("conv2d", "dense") and node.params.get("bias") is not None:
+        bias = node.params["bias"]
+        if bias.shape != (node.params["weight"].shape[0],):
+            raise bad(f"bias shape {bias.shape} is not (O,)")
+
+
+def lower_node(graph: Graph, node: Node) -> KernelCall | None:
+    """The kernel call of one node, or None for a reshape (a memory alias)."""
+    _check_node(graph, node)
+    _check_shapes(graph, node)
+    if node.op == "reshape":
+        return None
+    template = choose_template(graph, node)
+    if node.op in ACC_OPS:
+        acc = int(node.attrs["acc_bits"])
+        cb = container_bits(acc)
+        return KernelCall(node, template, f"{template}_acc{cb}", acc, cb)
+    return KernelCall(node, template, template, None, None)
+
+
+def lower(graph: Graph, dialect: str = "c", align: int = 1) -> Lowered:
+    """Kernel choice for every node plus the static memory plan."""
+    if dialect not in DIALECTS:
+        raise LoweringError(f"dialect {dialect!r} is not implemented (have: {', '.join(DIALECTS)})")
+    if not graph.is_quantized:
+        raise LoweringError(
+            "the graph is not quantized (a tensor has no format); quantize it first"
+        )
+    calls = []
+    inplace: dict[str, tuple[int, ...]] = {}
+    for node in graph.nodes:
+        call = lower_node(graph, node)
+        if call is None:
+            continue
+        calls.append(call)
+        if call.template in INPLACE_INPUTS:
+            inplace[node.name] = INPLACE_INPUTS[call.template]
+    plan = memory.plan(graph, inplace=inplace, align=align)
+    return Lowered(graph, dialect, tuple(calls), plan)

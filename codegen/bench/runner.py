@@ -1,0 +1,651 @@
+"""`qacc bench`: instructions per inference under QEMU, per target and per accumulator width.
+
+    run_bench(["cortex-a53", "cortex-a76"], widths=(16, 32), networks=["conv3x3"], json_path=...)
+
+For every network of codegen.bench.networks (random weights, random calibration data in [0, 1]),
+every accumulator width and every target: quantize (guaranteed policy; a layer that cannot fit
+the width falls back to 32 bits, and the table says so), generate and build C for the target,
+count the dynamic instructions of one inference with the QEMU instruction-count plugin, in total
+and per layer, and read the arena and flash sizes. Instruction counts are deterministic.
+
+Side by side, on AArch64 targets, the peer: XNNPACK's qs8 convolution (codegen.bench.peers) on every
+conv layer shape of the same network, under the same QEMU CPU and the same plugin. The peer row
+of a network sums its conv layers; qacc's figures for the same layers are summed next to it.
+
+Returns (and writes as JSON) {"rows": [...], "peers": [...], "ratios": [...], "goals": [...]}
+and prints the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from codegen.bench import networks as bench_networks
+from codegen.core.errors import InfeasibleAccumulatorError, QaccError
+from codegen.core.progress import bar
+from codegen.targets.table import TARGETS, get_target
+
+DEFAULT_TARGETS = ("cortex-a53", "cortex-a76")
+ARM_TARGETS = tuple(t for t in TARGETS if t != "host")
+DEFAULT_WIDTHS = (16, 32)
+DEFAULT_NETWORKS = tuple(bench_networks.NETWORKS)
+FALLBACK_BITS = 32
+CALIB_SAMPLES = 16
+
+# Reference figures from RESEARCH.md / the issue (instructions per MAC).
+XNNPACK_NEON_PER_MAC = 0.283
+XNNPACK_DOTPROD_PER_MAC = 0.102
+GOAL_RATIO = 1.9
+GOAL_CONV_PER_MAC = 0.15
+
+
+class BenchError(QaccError):
+    """The benchmark was asked for something it cannot do (unknown target, network...)."""
+
+
+@dataclass
+class _Quantized:
+    name: str
+    width: int
+    qm: Any
+    fallback: list[str] = field(default_factory=list)
+
+
+def _log(msg: str, stream: TextIO | None) -> None:
+    if stream is not None:
+        tqdm.write(msg, file=stream)  # clears and redraws the progress bars around the line
+        stream.flush()
+
+
+def resolve_targets(spec: str | Sequence[str]) -> list[str]:
+    """'all' (every ARM target), or names separated by commas; each one checked."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(ARM_TARGETS)
+    for n in names:
+        try:
+            get_target(n)
+        except ValueError as e:
+            raise BenchError(str(e)) from None
+        if n == "host":
+            raise BenchError("instruction counts need QEMU: bench an ARM target, not host")
+    if not names:
+        raise BenchError("no target given")
+    return names
+
+
+def resolve_networks(spec: str | Sequence[str]) -> list[str]:
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(DEFAULT_NETWORKS)
+    unknown = [n for n in names if n not in bench_networks.NETWORKS]
+    if unknown or not names:
+        raise BenchError(
+            f"unknown network(s) {', '.join(unknown) or '(none)'}; "
+            f"choose from {', '.join(bench_networks.NETWORKS)} or all"
+        )
+    return names
+
+
+def resolve_widths(spec: str | Sequence[int]) -> list[int]:
+    try:
+        widths = [int(w) for w in spec.split(",")] if isinstance(spec, str) else list(spec)
+    except ValueError:
+        raise BenchError(f"widths must be integers separated by commas, got {spec!r}") from None
+    bad = [w for w in widths if not 8 <= w <= 32]
+    if bad or not widths:
+        raise BenchError(f"accumulator widths must be in 8..32, got {widths}")
+    return widths
+
+
+_LAYER_RE = re.compile(r"layer '([^']+)'")
+
+
+def quantize_net(
+    name: str, width: int, model: Any, calib: np.ndarray, log: TextIO | None = None
+) -> _Quantized:
+    """api.quantize at `width` bits (guaranteed); layers that cannot fit fall back to 32."""
+    from codegen import api
+
+    fallback: list[str] = []
+    while True:
+        acc: int | dict[str, int] = (
+            width if not fallback else {"default": width, **dict.fromkeys(fallback, FALLBACK_BITS)}
+        )
+        try:
+            qm = api.quantize(model, calib, acc_bits=acc, overflow="guaranteed", progress=False)
+            return _Quantized(name, width, qm, fallback)
+        except InfeasibleAccumulatorError as e:
+            m = _LAYER_RE.search(str(e))
+            if m is None or m.group(1) in fallback or width >= FALLBACK_BITS:
+                raise
+            _log(f"  {name}: layer {m.group(1)} does not fit {width} bits; it uses 32", log)
+            fallback.append(m.group(1))
+
+
+def _size_tool(target: str) -> str | None:
+    nm = get_target(target).nm
+    tool = nm[: -len("nm")] + "size" if nm.endswith("nm") else "size"
+    return shutil.which(tool)
+
+
+def flash_bytes(target: str, static_lib: Path) -> int | None:
+    """text + data of the model's static library (code, constant weights, initialised data)."""
+    tool = _size_tool(target)
+    if tool is None or not static_lib.is_file():
+        return None
+    proc = subprocess.run(
+        [tool, "-B", "-t", str(static_lib)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return None
+    for line in proc.stdout.splitlines():
+        f = line.split()
+        if len(f) >= 6 and "(TOTALS)" in line:
+            return int(f[0]) + int(f[1])
+    return None
+
+
+def conv_shapes(graph: Any) -> dict[str, Any]:
+    """{conv layer name: peers.ConvShape} for the conv2d nodes of an integer graph."""
+    from codegen.bench.peers import ConvShape
+
+    out: dict[str, ConvShape] = {}
+    for n in graph.nodes:
+        if n.op != "conv2d":
+            continue
+        h, w, cin = graph.tensors[n.inputs[0]].shape
+        wt = n.params["weight"]
+        cout, kh, kw = int(wt.shape[0]), int(wt.shape[1]), int(wt.shape[2])
+        if tuple(n.attrs.get("dilation", (1, 1))) != (1, 1):
+            continue
+        t, b, left, r = (int(p) for p in n.attrs["padding"])
+        sh, sw = (int(s) for s in n.attrs["stride"])
+        out[n.name] = ConvShape(
+            int(h), int(w), int(cin), cout, kh, kw, sh, sw, (t, left, b, r), int(n.attrs["groups"])
+        )
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an error, plus the first compiler 'error:' line of a build log."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    detail = next((ln for ln in lines[1:] if "error:" in ln), None)
+    return f"{lines[0]} {detail}" if detail else lines[0]
+
+
+def _per_mac(insns: int | None, macs: int) -> float | None:
+    return round(insns / macs, 4) if insns is not None and macs else None
+
+
+def _measure(
+    q: _Quantized,
+    target: str,
+    xq: np.ndarray,
+    work: Path,
+    log: TextIO | None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from codegen import api
+
+    net = bench_networks.NETWORKS[q.name]
+    row: dict[str, Any] = {
+        "network": q.name,
+        "description": net.description,
+        "target": target,
+        "acc_bits": q.width,
+        "fallback_32bit_layers": q.fallback,
+        "macs": int(q.qm.report["macs"]),
+    }
+    out_dir = work / f"{q.name}-{target}-acc{q.width}"
+    try:
+        c = api.compile(q.qm, target=target, out_dir=out_dir, progress=progress)
+        counts = c.count_instructions(xq)
+        rep = c.report
+    except (QaccError, RuntimeError, OSError, subprocess.SubprocessError) as e:
+        row["error"] = _one_line(e)
+        _log(f"  {q.name} {target} acc{q.width}: FAILED: {row['error']}", log)
+        return row
+    total = int(counts["total"])
+    layer_macs = {str(r["name"]): int(r.get("macs", 0)) for r in rep["layers"]}
+    rows = []
+    for r in rep["layers"]:
+        name = str(r["name"])
+        n = counts["layers"].get(name)
+        rows.append(
+            {
+                "name": name,
+                "op": r.get("op"),
+                "kernel": r.get("kernel"),
+                "path": r.get("path"),
+                "acc_bits": r.get("acc_bits"),
+                "macs": layer_macs[name],
+                "instructions": n,
+                "instructions_per_mac": _per_mac(n, layer_macs[name]),
+            }
+        )
+    mem = rep.get("memory", {})
+    row.update(
+        instructions=total,
+        instructions_per_mac=_per_mac(total, row["macs"]),
+        arena_bytes=mem.get("arena_bytes"),
+        weight_bytes=mem.get("flash_weight_bytes"),
+        flash_bytes=flash_bytes(target, c.static_lib),
+        layers=rows,
+    )
+    _log(
+        f"  {q.name} {target} acc{q.width}: {total:,} instructions "
+        f"({row['instructions_per_mac']} per MAC)",
+        log,
+    )
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return row
+
+
+def _peer(
+    name: str, target: str, shapes: dict[str, Any], log: TextIO | None
+) -> dict[str, Any] | None:
+    from codegen.bench import peers
+
+    if get_target(target).family != "aarch64-linux" or not shapes:
+        return None
+    row: dict[str, Any] = {"network": name, "target": target, "peer": "xnnpack-qs8"}
+    try:
+        counts = peers.xnnpack_conv_many(list(shapes.values()), target)
+    except (QaccError, RuntimeError, OSError, subprocess.SubprocessError) as e:
+        row["error"] = _one_line(e)
+        _log(f"  {name} {target} xnnpack: FAILED: {row['error']}", log)
+        return row
+    layers = {
+        lname: {
+            "macs": s.macs,
+            "instructions": n,
+            "instructions_per_mac": _per_mac(n, s.macs),
+            "shape": s.argv(),
+        }
+        for (lname, s), n in zip(shapes.items(), counts, strict=True)
+    }
+    macs = sum(s.macs for s in shapes.values())
+    total = sum(counts)
+    row.update(
+        conv_layers=len(shapes),
+        macs=macs,
+        instructions=total,
+        instructions_per_mac=_per_mac(total, macs),
+        layers=layers,
+    )
+    _log(f"  {name} {target} xnnpack: {total:,} instructions over {len(shapes)} conv layers", log)
+    return row
+
+
+def _ratios(rows: list[dict[str, Any]], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    by = {(r["network"], r["target"], r["acc_bits"]): r for r in rows if "error" not in r}
+    for (net, tgt, a), r16 in sorted(by.items()):
+        if a != 16 or (net, tgt, 32) not in by:
+            continue
+        r32 = by[(net, tgt, 32)]
+        ratio: dict[str, Any] = {
+            "network": net,
+            "target": tgt,
+            "acc32_over_acc16": round(r32["instructions"] / r16["instructions"], 3),
+            "layers": {},
+        }
+        l32 = {x["name"]: x for x in r32["layers"]}
+        for x in r16["layers"]:
+            y = l32.get(x["name"])
+            if y and x["instructions"] and y["instructions"] and x["macs"]:
+                ratio["layers"][x["name"]] = round(y["instructions"] / x["instructions"], 3)
+        out.append(ratio)
+    return out
+
+
+def conv_subtotal(row: dict[str, Any], names: Sequence[str]) -> int | None:
+    """qacc's instructions over the layers `names` of a measured row."""
+    layers = {x["name"]: x for x in row.get("layers", [])}
+    vals = [layers[n]["instructions"] for n in names if n in layers]
+    if len(vals) != len(names) or any(v is None for v in vals):
+        return None
+    return int(sum(vals))
+
+
+def _goals(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    goals: list[dict[str, Any]] = []
+    for r in ratios:
+        if r["target"] == "cortex-a53":
+            goals.append(
+                {
+                    "goal": f"{r['network']} on cortex-a53: whole-network acc32/acc16 "
+                    f">= {GOAL_RATIO}",
+                    "measured": r["acc32_over_acc16"],
+                    "met": r["acc32_over_acc16"] >= GOAL_RATIO,
+                }
+            )
+    for r in rows:
+        if r["network"] != "conv3x3" or "error" in r:
+            continue
+        if r["target"] == "cortex-a53" and r["acc_bits"] == 16:
+            goals.append(
+                {
+                    "goal": f"conv3x3 on cortex-a53 at acc16 <= {GOAL_CONV_PER_MAC} "
+                    f"instructions/MAC (XNNPACK without dotprod: {XNNPACK_NEON_PER_MAC})",
+                    "measured": r["instructions_per_mac"],
+                    "met": r["instructions_per_mac"] <= GOAL_CONV_PER_MAC,
+                }
+            )
+        if r["target"] == "cortex-a76" and r["acc_bits"] == 32:
+            goals.append(
+                {
+                    "goal": "conv3x3 on cortex-a76 at acc32 (SDOT path) vs XNNPACK dotprod "
+                    f"({XNNPACK_DOTPROD_PER_MAC} instructions/MAC)",
+                    "measured": r["instructions_per_mac"],
+                    "met": r["instructions_per_mac"] <= XNNPACK_DOTPROD_PER_MAC,
+                }
+            )
+    return goals
+
+
+def run_bench(
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    widths: Sequence[int] = DEFAULT_WIDTHS,
+    networks: Sequence[str] = DEFAULT_NETWORKS,
+    json_path: str | Path | None = None,
+    peer: bool = True,
+    out: TextIO | None = sys.stdout,
+    log: TextIO | None = sys.stderr,
+    calib_samples: int = CALIB_SAMPLES,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Count, per network x target x width, and the XNNPACK peer; print tables, write JSON.
+
+    `progress`: a bar over the measurements (and the builds and runs inside them) on stderr,
+    when it is a terminal."""
+    tgts = resolve_targets(targets)
+    ws = resolve_widths(widths)
+    nets = resolve_networks(networks)
+    if peer and any(get_target(t).family == "aarch64-linux" for t in tgts):
+        from codegen.bench import peers
+
+        peers.check_xnnpack()  # fail early, naming the package, rather than after an hour
+    rows: list[dict[str, Any]] = []
+    peer_rows: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="qacc-bench-") as tmp,
+        bar(
+            desc="bench",
+            total=len(nets) * len(tgts) * len(ws),
+            unit="build+count",
+            progress=progress,
+            leave=True,
+        ) as bench_bar,
+    ):
+        work = Path(tmp)
+        for name in nets:
+            net = bench_networks.NETWORKS[name]
+            _log(f"{name}: {net.description}", log)
+            calib = bench_networks.calibration_data(net, calib_samples)
+            model = bench_networks.build(name, calib)
+            quantized = [quantize_net(name, w, model, calib, log) for w in ws]
+            xq = quantized[0].qm.quantize_input(calib[:1])[0]
+            shapes = conv_shapes(quantized[0].qm.graph)
+            for t in tgts:
+                for q in quantized:
+                    bench_bar.set_postfix_str(f"{name} {t} acc{q.width}")
+                    rows.append(_measure(q, t, xq, work, log, progress))
+                    bench_bar.update()
+                if peer:
+                    p = _peer(name, t, shapes, log)
+                    if p is not None:
+                        for r in rows:
+                            if r["network"] == name and r["target"] == t and "error" not in r:
+                                p[f"qacc_acc{r['acc_bits']}_conv_instructions"] = conv_subtotal(
+                                    r, list(shapes)
+                                )
+                        peer_rows.append(p)
+    ratios = _ratios(rows, peer_rows)
+    result: dict[str, Any] = {
+        "targets": tgts,
+        "widths": ws,
+        "networks": {n: bench_networks.NETWORKS[n].description for n in nets},
+        "rows": rows,
+        "peers": peer_rows,
+        "ratios": ratios,
+        "goals": _goals(rows, ratios),
+    }
+    if json_path is not None:
+        jp = Path(json_path)
+        jp.parent.mkdir(parents=True, exist_ok=True)
+        jp.write_text(json.dumps(result, indent=2) + "\n")
+    if out is not None:
+        print_tables(result, out)
+        if json_path is not None:
+            print(f"\nJSON: {json_path}", file=out)
+    return result
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _tail(err: str, n: int = 100) -> str:
+    """The end of an error (a compiler's 'error:' line comes last): what the table shows."""
+    return err if len(err) <= n else "..." + err[-n:]
+
+
+def _fmt_int(v: int | None) -> str:
+    return f"{v:,}" if v is not None else "-"
+
+
+def _fmt_f(v: float | None, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if v is not None else "-"
+
+
+def _table(
+    head: list[str], rows: list[list[str]], out: TextIO, left: int = 1, note: bool = False
+) -> None:
+    """Columns: the first `left` left-aligned, the others right-aligned; with `note`, the last
+    column is a free-text note (left-aligned, not padded)."""
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)
+    ]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left or (note and i == len(widths) - 1) else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    print(line(head), file=out)
+    print("-" * max(len(line(head)), sum(widths[:-1]) + 2 * len(widths) - 2), file=out)
+    for r in rows:
+        print(line(r), file=out)
+
+
+def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
+    rows: list[dict[str, Any]] = result["rows"]
+    ratio = {(r["network"], r["target"]): r for r in result["ratios"]}
+    peers = {(p["network"], p["target"]): p for p in result["peers"]}
+    print("\nInstructions per inference (QEMU TCG plugin, deterministic)\n", file=out)
+    table: list[list[str]] = []
+    for r in rows:
+        note = ""
+        if r.get("fallback_32bit_layers"):
+            note = "32-bit: " + ",".join(r["fallback_32bit_layers"])
+        if "error" in r:
+            table.append(
+                [
+                    r["network"],
+                    r["target"],
+                    f"acc{r['acc_bits']}",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "FAILED: " + _tail(r["error"]),
+                ]
+            )
+            continue
+        rt = ratio.get((r["network"], r["target"]))
+        table.append(
+            [
+                r["network"],
+                r["target"],
+                f"acc{r['acc_bits']}",
+                _fmt_int(r["instructions"]),
+                _fmt_f(r["instructions_per_mac"]),
+                _fmt_f(rt["acc32_over_acc16"], 2) if rt and r["acc_bits"] == 32 else "",
+                _fmt_int(r["arena_bytes"]),
+                _fmt_int(r["flash_bytes"]),
+                note,
+            ]
+        )
+        last = all(
+            x["network"] != r["network"] or x["target"] != r["target"]
+            for x in rows[rows.index(r) + 1 :]
+        )
+        p = peers.get((r["network"], r["target"]))
+        if last and p is not None:
+            if "error" in p:
+                table.append(
+                    [
+                        r["network"],
+                        r["target"],
+                        "xnnpack",
+                        "-",
+                        "-",
+                        "",
+                        "",
+                        "",
+                        "FAILED: " + _tail(p["error"]),
+                    ]
+                )
+            else:
+                q16 = p.get("qacc_acc16_conv_instructions")
+                vs = f"conv layers only ({p['conv_layers']})"
+                if q16:
+                    vs += f"; xnnpack/qacc-acc16 {p['instructions'] / q16:.2f}"
+                table.append(
+                    [
+                        r["network"],
+                        r["target"],
+                        "xnnpack",
+                        _fmt_int(p["instructions"]),
+                        _fmt_f(p["instructions_per_mac"]),
+                        "",
+                        "",
+                        "",
+                        vs,
+                    ]
+                )
+    _table(
+        [
+            "network",
+            "target",
+            "acc",
+            "instructions",
+            "insn/MAC",
+            "32/16",
+            "arena B",
+            "flash B",
+            "note",
+        ],
+        table,
+        out,
+        left=3,
+        note=True,
+    )
+    _print_layers(result, out)
+    if result["goals"]:
+        print("\nGoals (benchmark figures, not asserted)\n", file=out)
+        for g in result["goals"]:
+            status = "met" if g["met"] else "NOT met"
+            print(f"  [{status:>7}] {g['goal']}: measured {g['measured']}", file=out)
+
+
+def _print_layers(result: dict[str, Any], out: TextIO) -> None:
+    rows = [r for r in result["rows"] if "error" not in r]
+    peers = {(p["network"], p["target"]): p for p in result["peers"] if "error" not in p}
+    keys = sorted(
+        {(r["network"], r["target"]) for r in rows},
+        key=lambda k: (list(result["networks"]).index(k[0]), result["targets"].index(k[1])),
+    )
+    for net, tgt in keys:
+        by_w = {r["acc_bits"]: r for r in rows if r["network"] == net and r["target"] == tgt}
+        ws = sorted(by_w)
+        p = peers.get((net, tgt))
+        print(f"\nPer layer: {net} on {tgt} (instructions, instructions/MAC)\n", file=out)
+        head = ["layer", "op", "MACs"]
+        for w in ws:
+            head += [f"acc{w}", "/MAC", "path"]
+        if 16 in by_w and 32 in by_w:
+            head.append("32/16")
+        if p is not None:
+            head += ["xnnpack", "/MAC"]
+        table = []
+        first = by_w[ws[0]]
+        named = {w: {x["name"]: x for x in by_w[w]["layers"]} for w in ws}
+        for layer in first["layers"]:
+            name = layer["name"]
+            cells = [name, str(layer["op"]), _fmt_int(layer["macs"] or None)]
+            for w in ws:
+                x = named[w].get(name, {})
+                cells += [
+                    _fmt_int(x.get("instructions")),
+                    _fmt_f(x.get("instructions_per_mac")),
+                    str(x.get("path") or ""),
+                ]
+            if 16 in by_w and 32 in by_w:
+                a = named[16].get(name, {}).get("instructions")
+                b = named[32].get(name, {}).get("instructions")
+                cells.append(_fmt_f(b / a, 2) if a and b else "-")
+            if p is not None:
+                pl = p["layers"].get(layer["name"])
+                cells += (
+                    [_fmt_int(pl["instructions"]), _fmt_f(pl["instructions_per_mac"])]
+                    if pl
+                    else ["", ""]
+                )
+            table.append(cells)
+        _table(head, table, out, left=2)
+
+
+def main_cli(
+    targets: str, widths: str, networks: str, json_path: str | None, peer: bool = True
+) -> int:
+    """Entry point of `qacc bench`."""
+    run_bench(
+        resolve_targets(targets),
+        resolve_widths(widths),
+        resolve_networks(networks),
+        json_path,
+        peer=peer,
+    )
+    return 0
+
+
+__all__: list[str] = [
+    "DEFAULT_NETWORKS",
+    "DEFAULT_TARGETS",
+    "BenchError",
+    "conv_shapes",
+    "main_cli",
+    "print_tables",
+    "quantize_net",
+    "run_bench",
+]

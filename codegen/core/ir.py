@@ -1,0 +1,195 @@
+"""The intermediate representation shared by every stage: plain, frozen data.
+
+One `Graph` type serves both the float graph (what the frontend produces: float weights, no
+formats) and the integer graph (what `quantize` produces: integer weights, a `QFormat` on every
+tensor, a `Requant` on every node that rescales). Layout is NHWC; tensor shapes exclude the batch
+dimension: (H, W, C) for images, (C,) for vectors.
+
+Ops and their attributes (the integer kernels share these names with the reference functions,
+the C templates and the test ids):
+
+  conv2d          stride (sh, sw), padding (top, bottom, left, right), dilation (dh, dw), groups;
+                  params weight (O, kh, kw, I/groups), bias (O,)
+  dense           params weight (O, I), bias (O,)
+  maxpool2d       kernel (kh, kw), stride, padding
+  avgpool2d       kernel, stride, padding (count_include_pad semantics: divisor kh*kw)
+  global_avgpool  mean over H and W
+  add             two inputs, elementwise
+  concat          inputs concatenated on the channel axis
+  reshape         the NHWC memory order is kept; only the shape changes (flatten to (C,))
+
+Float graphs carry `clamp` = (lo, hi) reals (fused ReLU, ReLU6, Hardtanh) in attrs. Integer graphs
+fold the clamp into `requant.lo`/`requant.hi` and carry `acc_bits` in attrs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from codegen.core.formats import int_range
+
+WEIGHTED_OPS = frozenset({"conv2d", "dense"})
+OPS = frozenset(
+    {"conv2d", "dense", "maxpool2d", "avgpool2d", "global_avgpool", "add", "concat", "reshape"}
+)
+
+
+@dataclass(frozen=True)
+class QFormat:
+    """An integer format: real = (q - zero_point) * scale, q in [qmin, qmax].
+
+    The scale is 2^-frac (power of two) unless `step` is given (a dyadic format: any positive
+    real step; `frac` then only names the nearest power of two, for display)."""
+
+    bits: int
+    signed: bool
+    frac: int
+    zero_point: int = 0
+    step: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8 or (not self.signed and self.bits > 7):
+            raise ValueError(f"activation format must fit int8 (unsigned <= 7 bits): {self}")
+
+    @property
+    def qmin(self) -> int:
+        return int_range(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return int_range(self.bits, self.signed)[1]
+
+    @property
+    def scale(self) -> float:
+        return self.step if self.step is not None else math.ldexp(1.0, -self.frac)
+
+    @property
+    def is_pow2(self) -> bool:
+        return self.step is None
+
+    def describe(self) -> str:
+        kind = "s" if self.signed else "u"
+        if self.step is not None:
+            return f"{kind}{self.bits}*{self.step:.4g}"
+        return f"{kind}{self.bits}.{self.frac}"
+
+
+@dataclass(frozen=True)
+class Requant:
+    """Parameters of THE requantization (codegen.core.formats.requantize), per output channel."""
+
+    mult: npt.NDArray[np.int64]
+    shift: npt.NDArray[np.int64]
+    zero_point: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    fmt: QFormat | None = None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    output: str
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, npt.NDArray[Any]] = field(default_factory=dict)
+    requant: Requant | None = None
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Nodes in topological order; one input and one output tensor."""
+
+    name: str
+    nodes: tuple[Node, ...]
+    tensors: Mapping[str, Tensor]
+    input: str
+    output: str
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def producer(self, tensor: str) -> Node | None:
+        for n in self.nodes:
+            if n.output == tensor:
+                return n
+        return None
+
+    def consumers(self, tensor: str) -> list[Node]:
+        return [n for n in self.nodes if tensor in n.inputs]
+
+    @property
+    def is_quantized(self) -> bool:
+        return all(t.fmt is not None for t in self.tensors.values())
+
+    def with_nodes(self, nodes: tuple[Node, ...], tensors: Mapping[str, Tensor]) -> Graph:
+        return replace(self, nodes=nodes, tensors=dict(tensors))
+
+
+class TensorUnion:
+    """Union-find over tensor names. The representative of a set is its first tensor in `order`
+    (e.g. the earliest produced); tensors not in `order` rank last."""
+
+    def __init__(self, tensors: Iterable[str], order: Mapping[str, int] | None = None):
+        self.parent: dict[str, str] = {t: t for t in tensors}
+        self.order = order or {}
+
+    def find(self, t: str) -> str:
+        while self.parent[t] != t:
+            self.parent[t] = self.parent[self.parent[t]]
+            t = self.parent[t]
+        return t
+
+    def union(self, a: str, b: str) -> str:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        last = len(self.order)
+        first = self.order.get(ra, last) <= self.order.get(rb, last)
+        keep, drop = (ra, rb) if first else (rb, ra)
+        self.parent[drop] = keep
+        return keep
+
+    def members(self, rep: str) -> list[str]:
+        return [t for t in self.parent if self.find(t) == rep]
+
+
+def conv_out_size(size: int, k: int, stride: int, pad0: int, pad1: int, dilation: int = 1) -> int:
+    return (size + pad0 + pad1 - dilation * (k - 1) - 1) // stride + 1
+
+
+def macs(graph: Graph, node: Node) -> int:
+    """Multiply-accumulates of one inference of a weighted node (0 for other ops)."""
+    out = graph.tensors[node.output]
+    if node.op == "conv2d":
+        _, kh, kw, cin_g = node.params["weight"].shape
+        return out.size * kh * kw * cin_g
+    if node.op == "dense":
+        return int(node.params["weight"].size)
+    return 0
+
+
+def terms_per_output(node: Node) -> int:
+    """K: the number of products summed into one accumulator."""
+    w = node.params["weight"]
+    return int(np.prod(w.shape[1:]))

@@ -1,0 +1,283 @@
+"""The NumPy integer reference: THE semantics of a quantized graph.
+
+One function per kernel, named like the C kernels. Products are summed exactly (float64 BLAS is
+exact for integer sums below 2^53, and int8 operands keep every sum far below that), converted to
+int64, wrapped once to the layer's accumulator width, then requantized with
+`codegen.core.formats.requantize`. Tensors are int64 arrays in NHWC with a leading batch axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from codegen.core import simulate
+from codegen.core.formats import IntArray, quantize, requantize, wrap
+from codegen.core.ir import Graph, Node, Requant
+
+# Keep each im2col block (float64) under this many elements.
+_BLOCK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class OverflowStats:
+    """Accumulator values whose exact sum left the accumulator, and the samples that had any."""
+
+    events: int = 0
+    samples: int = 0
+    max_abs: int = 0
+
+
+@dataclass
+class RunResult:
+    output: IntArray
+    tensors: dict[str, IntArray] = field(default_factory=dict)
+    overflow: dict[str, OverflowStats] = field(default_factory=dict)
+
+
+def _requant(acc: IntArray, rq: Requant | None) -> IntArray:
+    assert rq is not None, "integer node without requantization parameters"
+    return requantize(acc, rq.mult, rq.shift, rq.zero_point, rq.lo, rq.hi)
+
+
+def _wrap_and_count(exact: IntArray, node: Node, stats: OverflowStats | None) -> IntArray:
+    bits = int(node.attrs["acc_bits"])
+    if exact.size == 0:
+        return exact
+    lo, hi = int(exact.min()), int(exact.max())
+    if stats is not None:
+        stats.max_abs = max(stats.max_abs, -lo, hi)
+    if -(1 << (bits - 1)) <= lo and hi < (1 << (bits - 1)):
+        return exact  # nothing left the accumulator
+    wrapped = wrap(exact, bits)
+    if stats is not None:
+        over = (wrapped != exact).reshape(exact.shape[0], -1)
+        stats.events += int(over.sum())
+        stats.samples += int(over.any(axis=1).sum())
+    return wrapped
+
+
+def patches(
+    x: npt.NDArray[Any],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    pad_value: float,
+) -> npt.NDArray[Any]:
+    """Sliding windows of an NHWC batch: (N, OH, OW, kh, kw, C), a strided view (no copy)."""
+    top, bottom, left, right = padding
+    if any(padding):
+        x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=pad_value)
+    kh, kw = kernel
+    dh, dw = dilation
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    win = np.lib.stride_tricks.sliding_window_view(x, (span_h, span_w), axis=(1, 2))
+    # win: (N, H', W', C, span_h, span_w) -> pick dilated taps, stride, move C last
+    win = win[:, :: stride[0], :: stride[1], :, ::dh, ::dw]
+    return np.moveaxis(win, 3, -1)
+
+
+def _batches(n: int, per_sample: int) -> list[slice]:
+    step = max(1, _BLOCK_ELEMENTS // max(per_sample, 1))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def exact_dtype(weight: IntArray, x_absmax: int) -> type[np.floating[Any]]:
+    """float32 when no partial sum can reach 2^24 (all float32 sums exact), else float64."""
+    l1 = int(np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1).max(initial=0))
+    return np.float32 if l1 * x_absmax < (1 << 24) else np.float64
+
+
+def im2col(
+    x: IntArray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    dtype: type[np.floating[Any]],
+) -> npt.NDArray[Any]:
+    """(N, OH, OW, kh, kw, C) patches of an NHWC batch, zero padded, as a contiguous array."""
+    n, h, w, c = x.shape
+    top, bottom, left, right = padding
+    kh, kw = kernel
+    (sh, sw), (dh, dw) = stride, dilation
+    xp = np.zeros((n, h + top + bottom, w + left + right, c), dtype=dtype)
+    xp[:, top : top + h, left : left + w, :] = x
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, oh, ow, kh, kw, c), dtype=dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, :, i, j, :] = xp[
+                :,
+                i * dh : i * dh + (oh - 1) * sh + 1 : sh,
+                j * dw : j * dw + (ow - 1) * sw + 1 : sw,
+            ]
+    return cols
+
+
+def conv_sum(
+    x: IntArray,
+    weight: IntArray,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> IntArray:
+    """Exact sum_{taps} w * x of a grouped convolution with zero padding, NHWC in and out."""
+    o, kh, kw, cg = weight.shape
+    og = o // groups
+    dt = exact_dtype(weight, int(np.abs(x).max(initial=0)))
+    cols = im2col(x, (kh, kw), stride, padding, dilation, dt)
+    n, oh, ow = cols.shape[:3]
+    w = weight.astype(dt)
+    if groups == 1:
+        acc = cols.reshape(-1, kh * kw * cg) @ w.reshape(o, -1).T
+    else:
+        pg = cols.reshape(n, oh, ow, kh, kw, groups, cg)
+        acc = np.einsum(
+            "nhwijgc,goijc->nhwgo", pg, w.reshape(groups, og, kh, kw, cg), optimize=True
+        )
+    return acc.astype(np.int64).reshape(n, oh, ow, o)  # exact integers: the cast is lossless
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def conv2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    w = node.params["weight"]
+    a = node.attrs
+    o, kh, kw, cg = w.shape
+    sh, sw = a["stride"]
+    per_sample = (x.shape[1] // sh + 1) * (x.shape[2] // sw + 1) * (kh * kw * cg * a["groups"] + o)
+    parts = []
+    for sl in _batches(x.shape[0], per_sample):
+        xb = x[sl] - in_zp if in_zp else x[sl]
+        exact = conv_sum(xb, w, a["stride"], a["padding"], a["dilation"], a["groups"])
+        exact += node.params["bias"]
+        parts.append(_requant(_wrap_and_count(exact, node, stats), node.requant))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+
+def dense(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    w = node.params["weight"]
+    xs = x - in_zp
+    dt = exact_dtype(w, int(np.abs(xs).max(initial=0)))
+    exact = (xs.astype(dt) @ w.astype(dt).T).astype(np.int64) + node.params["bias"]
+    return _requant(_wrap_and_count(exact, node, stats), node.requant)
+
+
+def maxpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    rq = node.requant
+    assert rq is not None
+    pad = np.iinfo(np.int64).min
+    p = patches(x, node.attrs["kernel"], node.attrs["stride"], node.attrs["padding"], (1, 1), pad)
+    return np.clip(p.max(axis=(3, 4)), rq.lo, rq.hi)
+
+
+def avgpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    p = patches(
+        (x - in_zp).astype(np.float64),
+        node.attrs["kernel"],
+        node.attrs["stride"],
+        node.attrs["padding"],
+        (1, 1),
+        0.0,
+    )
+    acc = np.rint(p.sum(axis=(3, 4))).astype(np.int64)
+    return _requant(_wrap_and_count(acc, node, stats), node.requant)
+
+
+def global_avgpool(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    acc = (x - in_zp).sum(axis=(1, 2), keepdims=True)  # (N, 1, 1, C), as the IR shape says
+    return _requant(_wrap_and_count(acc, node, stats), node.requant)
+
+
+def add(a: IntArray, b: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    ma, mb = (int(v) for v in node.params["in_mult"])
+    za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
+    acc = (a - za) * ma + (b - zb) * mb
+    return _requant(_wrap_and_count(acc, node, stats), node.requant)
+
+
+def concat(*xs: IntArray, node: Node) -> IntArray:
+    """Each input rescaled to the output format: requant.mult/shift are indexed by input."""
+    rq = node.requant
+    assert rq is not None
+    zps = node.attrs.get("input_zero_points", (0,) * len(xs))
+    parts = [
+        requantize(x - int(zp), rq.mult[i], rq.shift[i], rq.zero_point, rq.lo, rq.hi)
+        for i, (x, zp) in enumerate(zip(xs, zps, strict=True))
+    ]
+    return np.concatenate(parts, axis=-1)
+
+
+def reshape(x: IntArray, node: Node) -> IntArray:
+    return x.reshape((x.shape[0], *node.attrs["shape"]))
+
+
+KERNELS: dict[str, Callable[..., IntArray]] = {
+    "conv2d": conv2d,
+    "dense": dense,
+    "maxpool2d": maxpool2d,
+    "avgpool2d": avgpool2d,
+    "global_avgpool": global_avgpool,
+    "add": add,
+}
+
+
+def run_node(node: Node, inputs: list[IntArray], stats: OverflowStats | None = None) -> IntArray:
+    if node.op == "concat":
+        return concat(*inputs, node=node)
+    if node.op == "reshape":
+        return reshape(inputs[0], node)
+    return KERNELS[node.op](*inputs, node, stats)
+
+
+def run(graph: Graph, x: IntArray, keep: bool = False, batch: int = 128) -> RunResult:
+    """Execute an integer graph on an NHWC int batch (already in the input format).
+
+    Samples are processed in chunks of `batch` (results do not depend on it). With `keep`, every
+    intermediate tensor is returned too.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    result = RunResult(output=np.empty(0, dtype=np.int64))
+    stats = {n.name: OverflowStats() for n in graph.nodes if "acc_bits" in n.attrs}
+    outs: list[IntArray] = []
+    kept: dict[str, list[IntArray]] = {}
+    remaining0 = {t: len(graph.consumers(t)) for t in graph.tensors}
+    for i in range(0, max(x.shape[0], 1), batch):
+        env: dict[str, IntArray] = {graph.input: x[i : i + batch]}
+        remaining = dict(remaining0)
+        for node in graph.nodes:
+            out = run_node(node, [env[t] for t in node.inputs], stats.get(node.name))
+            # the IR's declared shape is authoritative ((1, 1, C) and (C,) are the same bytes)
+            env[node.output] = out.reshape((out.shape[0], *graph.tensors[node.output].shape))
+            if not keep:
+                for t in set(node.inputs):
+                    remaining[t] -= 1
+                    if remaining[t] == 0 and t != graph.output:
+                        del env[t]
+        outs.append(env[graph.output])
+        for t, v in env.items() if keep else ():
+            kept.setdefault(t, []).append(v)
+    result.output = np.concatenate(outs, axis=0)
+    result.overflow = stats
+    result.tensors = {t: np.concatenate(v, axis=0) for t, v in kept.items()}
+    return result
+
+
+def quantize_images(x: np.ndarray, graph: Graph) -> IntArray:
+    """Float NCHW inputs to the integer graph's input format, NHWC."""
+    fmt = graph.tensors[graph.input].fmt
+    assert fmt is not None
+    return quantize(simulate.nchw_to_nhwc(x) / fmt.scale, 0, fmt.qmin, fmt.qmax, fmt.zero_point)

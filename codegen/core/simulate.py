@@ -1,0 +1,174 @@
+"""Float execution of an `ir.Graph` in PyTorch, with optional fake quantization.
+
+Used for three things: running the float graph (calibration, frontend checks), ranking candidate
+formats during the bit-width search (some nodes quantized, the rest float), and the float64
+simulation of a fully quantized graph, which in `guaranteed` mode equals the integer reference
+exactly (every product and partial sum of power-of-two values is exact in float64).
+
+Fake quantization of a tensor with format f:
+v -> clamp(floor(v * 2^frac + 0.5), qmin, qmax) * 2^-frac,
+the float-side twin of `codegen.core.formats.requantize` (round half up, saturate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from codegen.core.ir import Graph, Node, QFormat
+
+Observer = Callable[[Node, list[torch.Tensor], torch.Tensor], None]
+Overrides = Mapping[str, Mapping[str, Any]]
+
+
+def fake_quant(v: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    lo, hi = fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point
+    if fmt.is_pow2:
+        scale = 2.0**fmt.frac
+        return v.mul(scale).add_(0.5).floor_().clamp_(lo, hi).div_(scale)
+    return v.div(fmt.scale).add_(0.5).floor_().clamp_(lo, hi).mul_(fmt.scale)
+
+
+def _param(node: Node, over: Mapping[str, Any], key: str, like: torch.Tensor) -> torch.Tensor:
+    v = over.get(key, node.params[key])
+    if isinstance(v, torch.Tensor):  # differentiable parameters (quantization-aware training)
+        return v.to(like.dtype)
+    return torch.as_tensor(np.asarray(v), dtype=like.dtype)
+
+
+def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> torch.Tensor:
+    """The node's output before its clamp (the pre-activation).
+
+    Tensors here are torch-native NCHW (images) or (N, C); the channel axis is always 1. The IR's
+    NHWC order matters only where memory order is visible: weights (OHWI) and flatten.
+    """
+    a = node.attrs
+    x = xs[0]
+    if node.op == "conv2d":
+        w = _param(node, over, "weight", x).permute(0, 3, 1, 2)
+        b = _param(node, over, "bias", x)
+        top, bottom, left, right = a["padding"]
+        conv = {"stride": a["stride"], "dilation": a["dilation"], "groups": a["groups"]}
+        if top == bottom and left == right:  # the convolution pads itself: no padded copy
+            return F.conv2d(x, w, b, padding=(top, left), **conv)
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, **conv)
+    if node.op == "dense":
+        return F.linear(x, _param(node, over, "weight", x), _param(node, over, "bias", x))
+    if node.op == "maxpool2d":
+        top, bottom, left, right = a["padding"]
+        return F.max_pool2d(x, a["kernel"], a["stride"], padding=(top, left))
+    if node.op == "avgpool2d":
+        top, bottom, left, right = a["padding"]
+        kh, kw = a["kernel"]
+        s = F.avg_pool2d(x, a["kernel"], a["stride"], padding=(top, left), divisor_override=1)
+        return s * float(over.get("scale", 1.0 / (kh * kw)))
+    if node.op == "global_avgpool":
+        n = x.shape[2] * x.shape[3]
+        return x.sum(dim=(2, 3), keepdim=True) * float(over.get("scale", 1.0 / n))
+    if node.op == "add":
+        return xs[0] + xs[1]
+    if node.op == "concat":
+        return torch.cat(xs, dim=1)
+    if node.op == "reshape":  # flatten in NHWC memory order
+        src = x.permute(0, 2, 3, 1) if x.ndim == 4 else x
+        return src.reshape(x.shape[0], *a["shape"])
+    raise ValueError(f"unknown op {node.op}")
+
+
+def run(
+    graph: Graph,
+    x_nhwc: np.ndarray | torch.Tensor,
+    *,
+    formats: Mapping[str, QFormat] | None = None,
+    overrides: Overrides | None = None,
+    dtype: torch.dtype = torch.float64,
+    observe: Observer | None = None,
+    batch: int = 2048,
+    state: Mapping[str, torch.Tensor] | None = None,
+    start: int = 0,
+) -> np.ndarray:
+    """Run the graph on a float NHWC batch; returns the output (NHWC for images) as float64.
+
+    `formats` fake-quantizes the tensors it names when they are produced (the input too);
+    `overrides` replaces node parameters (weight, bias, scale) by their quantized values.
+    `observe(node, inputs, pre_activation)` sees NCHW / (N, C) tensors (channel axis 1).
+    `state` (from `prefix`) holds the tensors of nodes before index `start`, for a whole batch.
+    """
+    if state is not None:
+        return _finish(graph, dict(state), start, formats or {}, overrides or {}, observe)
+    formats = formats or {}
+    overrides = overrides or {}
+    x_all = torch.as_tensor(np.asarray(x_nhwc), dtype=dtype)
+    if x_all.ndim == 4:
+        x_all = x_all.permute(0, 3, 1, 2)
+    outs = []
+    with torch.no_grad():
+        for i in range(0, x_all.shape[0], batch):
+            env: dict[str, torch.Tensor] = {graph.input: x_all[i : i + batch].contiguous()}
+            if graph.input in formats:
+                env[graph.input] = fake_quant(env[graph.input], formats[graph.input])
+            outs.append(_finish(graph, env, 0, formats, overrides, observe))
+    return np.concatenate(outs, axis=0)
+
+
+def _finish(
+    graph: Graph,
+    env: dict[str, torch.Tensor],
+    start: int,
+    formats: Mapping[str, QFormat],
+    overrides: Overrides,
+    observe: Observer | None,
+    stop: int | None = None,
+) -> np.ndarray:
+    """Evaluate nodes start..stop-1 over `env` (updated in place); the graph output as NHWC."""
+    with torch.no_grad():
+        for node in graph.nodes[start:stop]:
+            xs = [env[t] for t in node.inputs]
+            pre = eval_node(node, xs, overrides.get(node.name, {}))
+            if observe is not None:
+                observe(node, xs, pre)
+            lo, hi = node.attrs.get("clamp", (-np.inf, np.inf))
+            y = pre if (lo, hi) == (-np.inf, np.inf) else pre.clamp(lo, hi)
+            fmt = formats.get(node.output)
+            env[node.output] = fake_quant(y, fmt) if fmt is not None else y
+    if stop is not None:
+        return np.empty(0)
+    out = env[graph.output]
+    return (out.permute(0, 2, 3, 1) if out.ndim == 4 else out).double().numpy()
+
+
+def prefix(
+    graph: Graph,
+    x_nhwc: np.ndarray,
+    stop: int,
+    *,
+    formats: Mapping[str, QFormat] | None = None,
+    overrides: Overrides | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Tensors produced before node `stop` that later nodes read (one batch), for `run(state=)`.
+
+    Tensors without a format in `formats` are kept in float: fake-quantizing them later with a
+    format chosen then is the same as having quantized them when produced (fake quantization
+    commutes with maxpool, concat and reshape, and is idempotent).
+    """
+    formats = formats or {}
+    x = torch.as_tensor(np.asarray(x_nhwc), dtype=dtype)
+    env = {graph.input: (x.permute(0, 3, 1, 2) if x.ndim == 4 else x).contiguous()}
+    if graph.input in formats:
+        env[graph.input] = fake_quant(env[graph.input], formats[graph.input])
+    _finish(graph, env, 0, formats, overrides or {}, None, stop)
+    needed = {t for n in graph.nodes[stop:] for t in n.inputs} | {graph.output}
+    return {t: v for t, v in env.items() if t in needed}
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x
+
+
+def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x

@@ -1,0 +1,181 @@
+"""Accuracy against accumulator width: post-training quantization vs adaptive training.
+
+`qacc sweep` (and a section of `make demo`) quantizes one trained network at every width from 32
+down to the narrowest feasible, with PTQ (guaranteed and profiled, power-of-two formats, 8-bit
+containers) and with adaptive W4A4 quantization-aware training under the accumulator constraint
+(guaranteed), and evaluates the integer reference on the test set. The result is the
+`report["sweep"]` record the reports plot: {"float_accuracy", "rows": [{"method", "policy",
+"acc_bits", "accuracy" (None = infeasible), ...}]}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from codegen import api
+from codegen.api import describe_bits
+from codegen.core.errors import InfeasibleAccumulatorError, QaccError
+from codegen.quant.training import accuracy as train_accuracy
+
+WIDTHS = (32, 20, 16, 14, 12, 10)
+METHODS = ("ptq", "adaptive")
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(logits.reshape(len(labels), -1).argmax(axis=1) == labels))
+
+
+def run(
+    net: torch.nn.Module,
+    calib: np.ndarray,
+    calib_labels: np.ndarray,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    widths: Sequence[int] = WIDTHS,
+    methods: Sequence[str] = METHODS,
+    epochs: int = 1,
+    w_bits: int = 4,
+    a_bits: int = 4,
+    progress: bool = True,
+    log: Any = print,
+    keep: dict[tuple[str, str, int], api.QuantizedModel] | None = None,
+    distill: bool = False,
+) -> dict[str, Any]:
+    """Every (method, policy, width) point; a width that does not fit ends its series.
+    `keep`, if given, receives every quantized model by (method, policy, width)."""
+    for m in methods:
+        if m not in METHODS:
+            raise QaccError(f"unknown sweep method '{m}'; choose from {', '.join(METHODS)}")
+    x_test, y_test = test
+    float_acc = train_accuracy(net, x_test, y_test)
+    rows: list[dict[str, Any]] = []
+    series = [("ptq", "guaranteed"), ("ptq", "profiled")] if "ptq" in methods else []
+    if "adaptive" in methods:
+        series.append(("adaptive", "guaranteed"))
+    for method, policy in series:
+        for a in sorted(widths, reverse=True):
+            t0 = time.time()
+            try:
+                if method == "ptq":
+                    qm = api.quantize(
+                        net, calib, acc_bits=a, overflow=policy, labels=calib_labels,
+                        progress=progress,
+                    )  # fmt: skip
+                else:
+                    qm = api.quantize(
+                        net, calib, acc_bits=a, method="adaptive", w_bits=w_bits, a_bits=a_bits,
+                        train=train, epochs=epochs, progress=progress, distill=distill,
+                    )  # fmt: skip
+            except InfeasibleAccumulatorError as e:
+                rows.append(_row(method, policy, a, None, note=str(e)))
+                log(f"  {method:<8} {policy:<10} {a:>2} bits: infeasible")
+                break  # narrower widths cannot fit either
+            if keep is not None:
+                keep[(method, policy, a)] = qm
+            res = qm.run_reference(x_test)
+            acc = accuracy(res.output, y_test)
+            row = _row(
+                method,
+                policy,
+                a,
+                acc,
+                overflow_events=sum(v.events for v in res.overflow.values()),
+                bits=describe_bits(qm),
+                seconds=round(time.time() - t0, 1),
+            )
+            if method == "adaptive":
+                sim = qm.simulate(x_test)
+                row["fake_quant_agreement"] = float(
+                    np.mean(sim.reshape(len(y_test), -1).argmax(1) == res.output.argmax(1))
+                )
+                row["weight_bits"], row["activation_bits"] = w_bits, a_bits
+                row["epochs"], row["distill"] = epochs, distill
+            rows.append(row)
+            log(
+                f"  {method:<8} {policy:<10} {a:>2} bits: {100 * acc:6.2f}% "
+                f"({100 * (acc - float_acc):+.2f} vs float), {row['overflow_events']} overflows"
+            )
+    return {"float_accuracy": float_acc, "test_samples": len(y_test), "rows": rows}
+
+
+def _row(
+    method: str, policy: str, acc_bits: int, acc: float | None, **extra: Any
+) -> dict[str, Any]:
+    return {"method": method, "policy": policy, "acc_bits": acc_bits, "accuracy": acc, **extra}
+
+
+def table(sweep: dict[str, Any]) -> str:
+    """The sweep as a markdown table."""
+    fa = sweep["float_accuracy"]
+    lines = [
+        f"Float accuracy: {100 * fa:.2f}% on {sweep.get('test_samples', '?')} test images.",
+        "",
+        "| method | policy | acc bits | accuracy % | vs float | overflow events | bits (in/w) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in sweep["rows"]:
+        if r["accuracy"] is None:
+            lines.append(f"| {r['method']} | {r['policy']} | {r['acc_bits']} | infeasible | | | |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['policy']} | {r['acc_bits']} | {100 * r['accuracy']:.2f} | "
+            f"{100 * (r['accuracy'] - fa):+.2f} | {r.get('overflow_events', '')} | "
+            f"{r.get('bits', '')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(sweep: dict[str, Any], out_dir: Path) -> list[Path]:
+    """sweep.json, sweep.md and sweep.png (the plot of the reports) into out_dir."""
+    from codegen.backend.report import plot_sweep
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "sweep.json", out_dir / "sweep.md", out_dir / "sweep.png"]
+    paths[0].write_text(json.dumps(sweep, indent=2) + "\n")
+    paths[1].write_text("# Accuracy against accumulator width\n\n" + table(sweep))
+    png = plot_sweep({"quantization": {"sweep": sweep}})
+    assert png is not None
+    paths[2].write_bytes(png)
+    return paths
+
+
+def main(
+    model_name: str = "fashion_ds",
+    out_dir: Path = Path("out/sweep"),
+    widths: Sequence[int] = WIDTHS,
+    methods: Sequence[str] = METHODS,
+    epochs: int = 6,
+    train_epochs: int = 4,
+    calib_size: int = 2000,
+) -> int:
+    """`qacc sweep`: Fashion-MNIST, the demo network, every width and method; writes the files."""
+    from codegen.data import datasets, models, train
+
+    t0 = time.time()
+    x_train, y_train, x_test, y_test = datasets.fashion_mnist()
+    net = train.trained(model_name, models.ZOO[model_name](), x_train, y_train, epochs=train_epochs)
+    idx = np.random.default_rng(0).choice(len(x_train), calib_size, replace=False)
+    print(f"qacc sweep: {model_name}, widths {', '.join(map(str, widths))}, {', '.join(methods)}")
+    result = run(
+        net,
+        x_train[idx],
+        y_train[idx],
+        (x_train, y_train),
+        (x_test, y_test),
+        widths=widths,
+        methods=methods,
+        epochs=epochs,
+        distill=True,
+    )
+    paths = write(result, out_dir)
+    print(table(result))
+    print(f"wrote {', '.join(str(p) for p in paths)} in {time.time() - t0:.0f} s")
+    return 0

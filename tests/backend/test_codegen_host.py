@@ -1,0 +1,818 @@
+"""Generated C on the host == the NumPy integer reference, exactly, for every kernel.
+
+Each row of CASES builds a random integer graph (tests/graphs.py) around one kernel and its
+sample batch. Every case runs twice:
+* in-process: codegen.compile(...) -> CMake -> shared library -> cffi, compared with the reference;
+* sanitized: all cases emitted into one CMake project (the root CMakeLists.txt), built once with
+  -fsanitize=address,undefined -fno-sanitize-recover=all, each test bench run through files.
+Cases whose id says `wrap` choose inputs and weights so that the exact sums overflow the
+accumulator; the test checks that the reference saw the wrap-around. No tolerances anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from codegen.backend import memory
+from codegen.backend.emit import RUNTIME, c_identifier, emit, write_files
+from codegen.backend.lower import LoweringError, lower
+from codegen.core import reference
+from codegen.core.formats import requantize, wrap
+from codegen.core.ir import Graph, Node, Tensor
+from codegen.targets.build import BuildResult, BuildTarget, build, build_many
+from codegen.targets.compiled import OutputDirError, compile, run_testbench
+from tests.graphs import GraphBuilder, overflowed
+from tests.shared_build import build_once, shared_dir
+
+# ----------------------------------------------------------------------------- the case table
+
+Make = Callable[[GraphBuilder], Any]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    make: Make
+    wraps: bool = False
+    seed: int = 0
+
+    @property
+    def kernel(self) -> str | None:
+        """The kernel the case is about: the id up to the first '-' (None for networks)."""
+        k = self.id.split("-")[0]
+        return None if k in ("net", "graph") else k
+
+    def build(self) -> tuple[Graph, np.ndarray]:
+        b = GraphBuilder(self.id, seed=self.seed)
+        self.make(b)
+        return b.result()
+
+
+def _residual(b: GraphBuilder, **add: Any) -> None:
+    x = b.input((5, 6, 7))
+    y = b.conv2d(x, 7, (1, 1), acc_bits=20)
+    b.add(x, y, **add)
+
+
+def _wide_add(b: GraphBuilder) -> None:
+    x = b.input((3, 5, 6), dist="high")
+    y = b.conv2d(x, 6, (1, 1), acc_bits=32)
+    b.add(x, y, acc_bits=32, in_mult=(1 << 24, (1 << 25) + 12345))
+
+
+def _branches_concat(b: GraphBuilder) -> None:
+    x = b.input((6, 5, 4))
+    a = b.conv2d(x, 3, (3, 3), padding=(1, 1, 1, 1), acc_bits=18)
+    c = b.conv2d(x, 5, (1, 1), acc_bits=14)
+    b.concat([a, c])
+
+
+def _concat3(b: GraphBuilder) -> None:
+    x = b.input((4, 7, 5), lo=0, hi=127)
+    a = b.conv2d(x, 6, (1, 1), input_zero_point=50, acc_bits=24, zero_point=3)
+    c = b.conv2d(x, 5, (3, 3), padding=(1, 1, 1, 1), groups=5, input_zero_point=50, acc_bits=16)
+    b.concat([x, a, c], input_zero_points=(50, 3, 0), zero_point=-7)
+
+
+def _concat_vectors(b: GraphBuilder) -> None:
+    x = b.input((19,))
+    b.concat([b.dense(x, 5, acc_bits=20), b.dense(x, 3, acc_bits=12)])
+
+
+def _chain_net(b: GraphBuilder) -> None:
+    x = b.input((15, 13, 3))
+    t = b.conv2d(x, 8, (3, 3), (2, 2), (1, 1, 1, 1), acc_bits=16, lo=0, name="stem.conv")
+    t = b.conv2d(t, 8, (3, 3), padding=(1, 1, 1, 1), groups=8, acc_bits=15, lo=0, name="dw1")
+    t = b.conv2d(t, 12, (1, 1), acc_bits=18, lo=0, hi=96, name="pw1")
+    t = b.maxpool2d(t, (2, 2), (2, 2), name="pool")
+    t = b.conv2d(t, 10, (3, 3), padding=(1, 0, 1, 0), acc_bits=20, name="conv2")
+    t = b.global_avgpool(t, acc_bits=16, name="gap")
+    b.dense(t, 5, acc_bits=24, name="classifier")
+
+
+def _resnet_block(b: GraphBuilder) -> None:
+    x = b.input((9, 9, 6))
+    stem = b.conv2d(x, 8, (3, 3), padding=(1, 1, 1, 1), acc_bits=20, lo=0)
+    t = b.conv2d(stem, 8, (3, 3), padding=(1, 1, 1, 1), acc_bits=20, lo=0)
+    t = b.conv2d(t, 8, (3, 3), padding=(1, 1, 1, 1), acc_bits=20)
+    t = b.add(stem, t, acc_bits=16, lo=0)
+    p = b.maxpool2d(t, (3, 3), (2, 2), (1, 1, 1, 1))
+    q = b.avgpool2d(t, (3, 3), (2, 2), (1, 1, 1, 1), acc_bits=12)
+    t = b.concat([p, q])
+    t = b.conv2d(t, 10, (1, 1), acc_bits=18)
+    t = b.flatten(t)
+    b.dense(t, 4, acc_bits=22)
+
+
+def _inception(b: GraphBuilder) -> None:
+    x = b.input((8, 8, 5))
+    a = b.conv2d(x, 4, (1, 1), acc_bits=16)
+    c = b.conv2d(b.conv2d(x, 6, (1, 1), acc_bits=16), 6, (3, 3), padding=(1, 1, 1, 1))
+    d = b.maxpool2d(x, (3, 3), (1, 1), (1, 1, 1, 1))
+    e = b.concat([a, c, d])
+    f = b.conv2d(e, 15, (1, 1), acc_bits=20)
+    t = b.add(e, f, acc_bits=20)  # e and f die here: the sum overwrites one of them
+    b.conv2d(t, 3, (3, 3), (2, 2), acc_bits=20)
+
+
+ACC_WIDTHS = range(8, 33)
+
+
+def _every_acc_width(b: GraphBuilder) -> None:
+    """One dense layer per accumulator width 8..32, bias at the top of the width: all wrap."""
+    x = b.input((24,), dist="high")
+    outs = [
+        b.dense(x, 3, acc_bits=a, bias=((1 << (a - 1)) - 600, (1 << (a - 1)) - 1), name=f"acc{a}")
+        for a in ACC_WIDTHS
+    ]
+    b.concat(outs)
+
+
+CASES: list[Case] = [
+    # conv2d, general
+    Case(
+        "conv2d_acc32-odd7x9-k3-same", lambda b: b.conv2d(b.input((7, 9, 3)), 5, padding=(1,) * 4)
+    ),
+    Case(
+        "conv2d_acc32-stride2-asympad",
+        lambda b: b.conv2d(b.input((9, 8, 6)), 10, (3, 3), (2, 2), (0, 1, 2, 1)),
+    ),
+    Case(
+        "conv2d_acc32-dilation2",
+        lambda b: b.conv2d(b.input((11, 10, 5)), 7, (3, 3), (1, 1), (2, 1, 2, 0), (2, 2)),
+    ),
+    Case(
+        "conv2d_acc32-groups2",
+        lambda b: b.conv2d(b.input((6, 7, 6)), 4, (3, 3), padding=(1,) * 4, groups=2),
+    ),
+    Case(
+        "conv2d_acc32-groups3-k5x3-stride2x1",
+        lambda b: b.conv2d(b.input((9, 7, 9)), 6, (5, 3), (2, 1), (2, 2, 1, 1), groups=3),
+    ),
+    Case("conv2d_acc32-cin1", lambda b: b.conv2d(b.input((8, 5, 1)), 3, (3, 2), (1, 2))),
+    Case(
+        "conv2d_acc32-1x1-padded",
+        lambda b: b.conv2d(b.input((4, 5, 3)), 2, (1, 1), padding=(1, 0, 0, 1)),
+    ),
+    Case(
+        "conv2d_acc16-k3-no-wrap",
+        lambda b: b.conv2d(b.input((6, 6, 4), lo=-8, hi=8), 6, padding=(1,) * 4, acc_bits=16),
+    ),
+    Case(
+        "conv2d_acc16-relu-clamp",
+        lambda b: b.conv2d(b.input((6, 5, 3)), 9, padding=(1,) * 4, acc_bits=16, lo=0),
+    ),
+    Case(
+        "conv2d_acc32-relu6-clamp-per-tensor",
+        lambda b: b.conv2d(b.input((5, 5, 3)), 4, lo=0, hi=96, per_channel=False),
+    ),
+    Case(
+        "conv2d_acc32-input-zero-point",
+        lambda b: b.conv2d(
+            b.input((6, 7, 3), lo=0, hi=127),
+            5,
+            padding=(1, 0, 1, 0),
+            input_zero_point=64,
+            zero_point=-5,
+        ),
+    ),
+    Case(
+        "conv2d_acc32-int64-mult",
+        lambda b: b.conv2d(b.input((5, 4, 3)), 4, acc_bits=20, mult_bits=33),
+    ),
+    *[
+        Case(
+            f"conv2d_acc{16 if a <= 16 else 32}-wrap-acc{a}",
+            lambda b, a=a: b.conv2d(
+                b.input((7, 6, 5), dist="high"),
+                4,
+                (3, 3),
+                (1, 2),
+                (1, 1, 0, 1),
+                acc_bits=a,
+                w_dist="positive",
+            ),
+            wraps=True,
+        )
+        for a in (8, 11, 12, 15, 16, 17)
+    ],
+    *[
+        Case(
+            f"conv2d_acc32-wrap-acc{a}-bias",
+            lambda b, a=a: b.conv2d(
+                b.input((5, 5, 3), dist="high"),
+                3,
+                acc_bits=a,
+                w_dist="positive",
+                bias=((1 << (a - 1)) - 3000, (1 << (a - 1)) - 1),
+            ),
+            wraps=True,
+        )
+        for a in (24, 31, 32)
+    ],
+    # conv2d, 1x1 pointwise specialisation
+    Case("conv2d_pointwise_acc32-c13to9", lambda b: b.conv2d(b.input((5, 7, 13)), 9, (1, 1))),
+    Case(
+        "conv2d_pointwise_acc16-stride2-wrap-acc10",
+        lambda b: b.conv2d(
+            b.input((7, 9, 6), dist="high"), 5, (1, 1), (2, 2), acc_bits=10, w_dist="positive"
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_pointwise_acc32-per-tensor",
+        lambda b: b.conv2d(b.input((3, 3, 17)), 3, (1, 1), per_channel=False, acc_bits=21),
+    ),
+    # conv2d, depthwise specialisation
+    Case(
+        "conv2d_depthwise_acc32-c11-k3-same",
+        lambda b: b.conv2d(b.input((6, 5, 11)), 11, padding=(1,) * 4, groups=11),
+    ),
+    Case(
+        "conv2d_depthwise_acc16-stride2-asympad-dilation2",
+        lambda b: b.conv2d(
+            b.input((9, 10, 6)), 6, (3, 3), (2, 2), (1, 2, 0, 2), (2, 2), groups=6, acc_bits=16
+        ),
+    ),
+    Case(
+        "conv2d_depthwise_acc32-multiplier2",
+        lambda b: b.conv2d(b.input((5, 6, 3)), 6, (3, 3), padding=(0, 1, 1, 0), groups=3),
+    ),
+    Case(
+        "conv2d_depthwise_acc16-wrap-acc9",
+        lambda b: b.conv2d(
+            b.input((5, 5, 5), dist="high"), 5, (3, 3), groups=5, acc_bits=9, w_dist="positive"
+        ),
+        wraps=True,
+    ),
+    # dense
+    Case("dense_acc32-37to10", lambda b: b.dense(b.input((37,)), 10)),
+    Case(
+        "dense_acc16-wrap-acc13",
+        lambda b: b.dense(b.input((45,), dist="high"), 7, acc_bits=13, w_dist="positive"),
+        wraps=True,
+    ),
+    Case(
+        "dense_acc32-wrap-acc32-bias",
+        lambda b: b.dense(
+            b.input((20,), dist="high"),
+            3,
+            acc_bits=32,
+            w_dist="positive",
+            bias=((1 << 31) - 20000, (1 << 31) - 1),
+        ),
+        wraps=True,
+    ),
+    Case(
+        "dense_acc32-input-zero-point-relu",
+        lambda b: b.dense(b.input((23,), lo=0, hi=127), 6, input_zero_point=70, lo=0),
+    ),
+    # pooling
+    Case("maxpool2d-k2s2-odd", lambda b: b.maxpool2d(b.input((7, 9, 5)), (2, 2), (2, 2))),
+    Case(
+        "maxpool2d-k3s2-pad1-clamp",
+        lambda b: b.maxpool2d(b.input((8, 7, 3)), (3, 3), (2, 2), (1, 1, 1, 1), lo=-20, hi=90),
+    ),
+    Case(
+        "maxpool2d-window-in-padding",
+        lambda b: b.maxpool2d(b.input((4, 5, 2)), (2, 2), (2, 2), (0, 2, 1, 0), lo=-100),
+    ),
+    Case(
+        "avgpool2d_acc16-k3s1-pad1",
+        lambda b: b.avgpool2d(b.input((6, 7, 5)), (3, 3), (1, 1), (1, 1, 1, 1)),
+    ),
+    Case(
+        "avgpool2d_acc16-wrap-acc8",
+        lambda b: b.avgpool2d(b.input((7, 7, 3), dist="high"), (3, 3), (2, 2), acc_bits=8),
+        wraps=True,
+    ),
+    Case(
+        "avgpool2d_acc32-zero-point-per-channel",
+        lambda b: b.avgpool2d(
+            b.input((6, 6, 4), lo=0, hi=127),
+            (2, 3),
+            (2, 1),
+            (0, 1, 1, 1),
+            acc_bits=20,
+            input_zero_point=60,
+            per_channel=True,
+        ),
+    ),
+    Case("global_avgpool_acc16-7x5x12", lambda b: b.global_avgpool(b.input((7, 5, 12)))),
+    Case(
+        "global_avgpool_acc16-wrap-acc10",
+        lambda b: b.global_avgpool(b.input((6, 6, 3), dist="high"), acc_bits=10),
+        wraps=True,
+    ),
+    Case(
+        "global_avgpool_acc32-zero-point-per-channel",
+        lambda b: b.global_avgpool(
+            b.input((4, 3, 5), lo=0, hi=127), acc_bits=20, input_zero_point=30, per_channel=True
+        ),
+    ),
+    # add
+    Case("add_acc16-residual", lambda b: _residual(b)),
+    Case(
+        "add_acc32-zero-points-per-channel-relu",
+        lambda b: _residual(b, acc_bits=24, input_zero_points=(3, -2), per_channel=True, lo=0),
+    ),
+    Case(
+        "add_acc16-wrap-acc9",
+        lambda b: _residual(b, acc_bits=9, in_mult=(300, 411)),
+        wraps=True,
+    ),
+    Case("add_acc32-wrap-acc32", _wide_add, wraps=True),
+    # concat
+    Case("concat-two-branches", _branches_concat),
+    Case("concat-three-inputs-zero-points", _concat3),
+    Case("concat-vectors", _concat_vectors),
+    # networks
+    Case("net-chain-cnn", _chain_net),
+    Case("net-resnet-block", _resnet_block),
+    Case("net-inception-inplace-add", _inception),
+    Case("net-every-acc-width-8-to-32", _every_acc_width, wraps=True),
+    Case("net-pools-only", lambda b: b.global_avgpool(b.maxpool2d(b.input((6, 6, 3))))),
+    Case("net-reshape-only", lambda b: b.flatten(b.input((2, 3, 4)))),
+]
+
+CASE_IDS = [c.id for c in CASES]
+assert len(set(CASE_IDS)) == len(CASE_IDS)
+
+
+@pytest.fixture(scope="module")
+def graphs() -> dict[str, tuple[Graph, np.ndarray, np.ndarray]]:
+    """case id -> (graph, sample inputs, reference outputs)."""
+    out = {}
+    for c in CASES:
+        g, x = c.build()
+        out[c.id] = (g, x, reference.run(g, x).output)
+    return out
+
+
+# ----------------------------------------------------------------------------- in-process runs
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_c_equals_reference(case: Case, tmp_path: Path, graphs: dict[str, Any]) -> None:
+    g, x, want = graphs[case.id]
+    kernels = {c.kernel for c in lower(g).calls}
+    if case.kernel is not None:
+        assert case.kernel in kernels, f"expected kernel {case.kernel}, lowered to {kernels}"
+    if case.wraps:
+        assert overflowed(g, x), "the case was meant to overflow the accumulator"
+    c = compile(g, out_dir=tmp_path / "out", testbench=False)
+    got = c.run_int_q(x)
+    assert got.dtype == np.int64 and got.shape == want.shape
+    assert np.array_equal(got, want)
+    one = c.run_int_q(x[0])  # a single sample without the batch axis
+    assert np.array_equal(one, want[0])
+    assert (tmp_path / "out" / f"lib{c.name}.a").is_file()
+
+
+def test_every_acc_width_wraps(graphs: dict[str, Any]) -> None:
+    g, x, _ = graphs["net-every-acc-width-8-to-32"]
+    wrapped = overflowed(g, x)
+    assert sorted(wrapped) == sorted(f"acc{a}" for a in ACC_WIDTHS)
+    assert {c.kernel for c in lower(g).calls} == {"dense_acc16", "dense_acc32", "concat"}
+
+
+# ----------------------------------------------------------------------------- sanitizers
+
+
+@pytest.fixture(scope="session")
+def sanitized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Every case emitted into one CMake project and built once with ASan + UBSan; shared by the
+    pytest-xdist workers through a lock file. case id -> test bench path, or "ERROR <log>"."""
+
+    def build(root: Path) -> dict[str, str]:
+        dirs = []
+        for c in CASES:
+            g, _ = c.build()
+            d = root / "models" / c_identifier(c.id)
+            write_files(emit(g, c.id), d)
+            dirs.append(d)
+        # -O1: a third faster to build than -O2 (which the in-process builds use)
+        host_o1 = BuildTarget("host", c_flags=("-O1",))
+        results = build_many(dirs, root / "build", host_o1, sanitize=True, testbench=True)
+        return {
+            cid: (str(r.testbench) if isinstance(r, BuildResult) else f"ERROR {r}")
+            for cid, r in zip(CASE_IDS, results.values(), strict=True)
+        }
+
+    return build_once(shared_dir(tmp_path_factory), "qacc-sanitized", build)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_sanitized_testbench_equals_reference(
+    case: Case, sanitized: dict[str, str], graphs: dict[str, Any]
+) -> None:
+    g, x, want = graphs[case.id]
+    tb = sanitized[case.id]
+    if tb.startswith("ERROR "):
+        pytest.fail(f"sanitized build failed: {tb}")
+    got = run_testbench(tb, x, g.tensors[g.input].shape, g.tensors[g.output].shape)
+    assert np.array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------- qacc.h itself
+
+
+@pytest.fixture(scope="module")
+def runtime_lib(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """qacc.h's requantize and wrap helpers in a tiny shared library loaded with cffi."""
+    import cffi
+
+    d = tmp_path_factory.mktemp("qacc_h")
+    src = d / "shim.c"
+    src.write_text(
+        '#include "qacc.h"\n'
+        "void rq(const int64_t *acc, const int64_t *mult, const int32_t *shift, long n,\n"
+        "        int32_t zp, int32_t lo, int32_t hi, int8_t *out)\n"
+        "{ long i; for (i = 0; i < n; ++i)"
+        " out[i] = qacc_requantize(acc[i], mult[i], shift[i], zp, lo, hi); }\n"
+        "void w16(const uint16_t *acc, long n, int bits, int32_t *out)\n"
+        "{ long i; for (i = 0; i < n; ++i) out[i] = qacc_wrap16(acc[i], bits); }\n"
+        "void w32(const uint32_t *acc, long n, int bits, int32_t *out)\n"
+        "{ long i; for (i = 0; i < n; ++i) out[i] = qacc_wrap32(acc[i], bits); }\n"
+    )
+    so = d / "libshim.so"
+    flags = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fPIC", "-shared"]
+    subprocess.run(
+        ["cc", *flags, "-I", str(RUNTIME), str(src), "-o", str(so)], check=True, capture_output=True
+    )
+    ffi = cffi.FFI()
+    ffi.cdef(
+        "void rq(const int64_t *, const int64_t *, const int32_t *, long, int32_t, int32_t,"
+        " int32_t, int8_t *);"
+        "void w16(const uint16_t *, long, int, int32_t *);"
+        "void w32(const uint32_t *, long, int, int32_t *);"
+    )
+    return ffi, ffi.dlopen(str(so))
+
+
+def test_qacc_requantize_equals_formats(runtime_lib: Any) -> None:
+    ffi, lib = runtime_lib
+    rng = np.random.default_rng(7)
+    n = 20000
+    acc = np.concatenate(
+        [
+            rng.integers(-(1 << 31), 1 << 31, n),
+            rng.integers(-300, 300, n),
+            np.array([0, 1, -1, (1 << 31) - 1, -(1 << 31), (1 << 40), -(1 << 40)]),
+        ]
+    )
+    m = acc.size
+    mult = np.where(
+        rng.random(m) < 0.5, rng.integers(0, 1 << 31, m), rng.integers(-(1 << 34), 1 << 34, m)
+    )
+    shift = rng.integers(-31, 63, m).astype(np.int32)
+    for zp, lo, hi in ((0, -128, 127), (-7, 0, 127), (5, -20, 90), (0, 10, 3)):
+        want = requantize(acc, mult, shift, zp, lo, hi)
+        got = np.empty(m, dtype=np.int8)
+        lib.rq(
+            ffi.from_buffer("int64_t[]", acc),
+            ffi.from_buffer("int64_t[]", mult),
+            ffi.from_buffer("int32_t[]", shift),
+            m,
+            zp,
+            lo,
+            hi,
+            ffi.from_buffer("int8_t[]", got),
+        )
+        assert np.array_equal(got.astype(np.int64), want), (zp, lo, hi)
+
+
+@pytest.mark.parametrize("bits", list(range(1, 33)))
+def test_qacc_wrap_equals_formats(runtime_lib: Any, bits: int) -> None:
+    ffi, lib = runtime_lib
+    rng = np.random.default_rng(bits)
+    exact = np.concatenate([rng.integers(-(1 << 40), 1 << 40, 3000), np.arange(-70000, 70000, 7)])
+    want = wrap(exact, bits)
+    got = np.empty(exact.size, dtype=np.int32)
+    u32 = (exact & 0xFFFFFFFF).astype(np.uint32)  # what a uint32_t container holds
+    lib.w32(ffi.from_buffer("uint32_t[]", u32), exact.size, bits, ffi.from_buffer("int32_t[]", got))
+    assert np.array_equal(got.astype(np.int64), want)
+    if bits <= 16:
+        u16 = (exact & 0xFFFF).astype(np.uint16)
+        lib.w16(
+            ffi.from_buffer("uint16_t[]", u16), exact.size, bits, ffi.from_buffer("int32_t[]", got)
+        )
+        assert np.array_equal(got.astype(np.int64), want)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+STAMP = re.compile(r"^(/\*|#) Generated by qacc \S+ from .+\. Do not edit\.( \*/)?$")
+
+
+def test_emit_is_deterministic_and_stamped(graphs: dict[str, Any]) -> None:
+    g = graphs["net-resnet-block"][0]
+    a, b = emit(g, "resnet block"), emit(g, "resnet block")
+    assert a == b
+    assert list(a) == sorted(a)
+    for path, text in a.items():
+        if path.endswith((".c", ".h", "CMakeLists.txt")) and path != "qacc.h":
+            assert STAMP.match(text.splitlines()[0]), path
+    assert "/* conv2d2: conv2d -> conv2d_acc32" in a["resnet_block.c"]  # layer names in comments
+
+
+def test_compile_twice_gives_identical_sources(graphs: dict[str, Any], tmp_path: Path) -> None:
+    g = graphs["net-chain-cnn"][0]
+    c1 = compile(g, out_dir=tmp_path / "a", testbench=False)
+    c2 = compile(g, out_dir=tmp_path / "b", testbench=False)
+
+    def sources(d: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and p.suffix != ".a"}
+
+    s1, s2 = sources(c1.out_dir), sources(c2.out_dir)
+    assert s1 == s2
+    assert {"net_chain_cnn.c", "net_chain_cnn.h", "CMakeLists.txt", "report.json"} <= set(s1)
+    for text in s1.values():
+        assert str(tmp_path).encode() not in text  # no absolute paths in generated files
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+
+def _independent_bound(g: Graph, plan: memory.MemoryPlan) -> int:
+    """max over steps of the bytes of arena tensors live at that step, from the graph alone."""
+    sizes = {b.name: b.size for b in plan.buffers if b.location == memory.ARENA}
+    bound = 0
+    for step in range(len(g.nodes)):
+        live = set()
+        for t in sizes:
+            members = plan.buffer(t).tensors
+            first = min(
+                -1 if m == g.input else next(i for i, n in enumerate(g.nodes) if n.output == m)
+                for m in members
+            )
+            last = max(
+                [first] + [i for i, n in enumerate(g.nodes) for m in members if m in n.inputs]
+            )
+            if first <= step <= last:
+                live.add(t)
+        bound = max(bound, sum(sizes[t] for t in live))
+    return bound
+
+
+def _check_no_overlap(plan: memory.MemoryPlan) -> None:
+    arena = [b for b in plan.buffers if b.location == memory.ARENA]
+    for i, a in enumerate(arena):
+        assert a.offset >= 0 and a.offset + a.size <= plan.arena_bytes
+        for b in arena[i + 1 :]:
+            if a.start <= b.end and b.start <= a.end:
+                assert a.offset + a.size <= b.offset or b.offset + b.size <= a.offset
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_arena_reaches_lower_bound_on_chains(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder(f"chain{seed}", seed=seed, batch=1)
+    t = b.input(tuple(int(v) for v in rng.integers(3, 9, 3)))
+    for _ in range(int(rng.integers(2, 9))):
+        kind = rng.integers(0, 4)
+        if b.tensors[t].shape.__len__() == 1:
+            t = b.dense(t, int(rng.integers(1, 40)))
+        elif kind == 0:
+            t = b.conv2d(t, int(rng.integers(1, 30)), (1, 1))
+        elif kind == 1 and min(b.tensors[t].shape[:2]) >= 2:
+            t = b.maxpool2d(t, (2, 2), (2, 2))
+        elif kind == 2:
+            t = b.conv2d(t, int(rng.integers(1, 20)), (3, 3), padding=(1, 1, 1, 1))
+        else:
+            t = b.flatten(t)
+    g, _ = b.result()
+    plan = lower(g).plan
+    assert plan.arena_bytes == plan.lower_bound, plan.method
+    assert plan.lower_bound == _independent_bound(g, plan)
+    _check_no_overlap(plan)
+
+
+def _random_dag(seed: int) -> tuple[Graph, dict[str, tuple[int, ...]]]:
+    """A random branchy graph for the planner alone (ops are placeholders): fan-in up to 3,
+    reshape aliases, and nodes whose kernel may write in place over their first input."""
+    rng = np.random.default_rng(seed)
+    tensors = {"x": Tensor("x", (int(rng.integers(1, 100)),))}
+    names, nodes, inplace = ["x"], [], {}
+    for i in range(int(rng.integers(2, 14))):
+        picks = rng.integers(max(0, len(names) - 4), len(names), int(rng.integers(1, 4)))
+        ins = tuple(dict.fromkeys(names[int(j)] for j in picks))
+        op = "reshape" if len(ins) == 1 and rng.random() < 0.15 else "op"
+        size = tensors[ins[0]].size if op == "reshape" else int(rng.integers(1, 100))
+        if op == "op" and rng.random() < 0.3:
+            size, inplace[f"n{i}"] = tensors[ins[0]].size, (0,)
+        t = f"t{i}"
+        tensors[t] = Tensor(t, (size,))
+        names.append(t)
+        nodes.append(Node(f"n{i}", op, ins, t))
+    return Graph(f"dag{seed}", tuple(nodes), tensors, "x", names[-1]), inplace
+
+
+def test_random_branchy_plans_are_valid_and_near_the_bound() -> None:
+    gaps = []
+    for seed in range(400):
+        g, inplace = _random_dag(seed)
+        plan = memory.plan(g, inplace=inplace)
+        _check_no_overlap(plan)
+        assert plan.lower_bound == _independent_bound(g, plan)
+        assert plan.gap == plan.arena_bytes - plan.lower_bound >= 0
+        gaps.append(plan.gap / plan.lower_bound if plan.lower_bound else 0.0)
+    assert sum(v > 0 for v in gaps) <= 4 and max(gaps) <= 0.05, gaps
+
+
+def test_plan_states_its_gap_on_a_branchy_graph() -> None:
+    """A graph where the heuristics stay above the bound (4 bytes at the time of writing)."""
+    g, inplace = _random_dag(1872)
+    plan = memory.plan(g, inplace=inplace)
+    summary = plan.summary()
+    assert summary["arena_gap_bytes"] == plan.arena_bytes - plan.lower_bound
+    assert 0 <= summary["arena_gap_bytes"] <= 0.05 * plan.lower_bound
+    assert summary["arena_lower_bound"] == _independent_bound(g, plan)
+
+
+def test_branchy_plan_reports_gap(graphs: dict[str, Any], tmp_path: Path) -> None:
+    for cid in ("net-resnet-block", "net-inception-inplace-add", "concat-three-inputs-zero-points"):
+        g = graphs[cid][0]
+        plan = lower(g).plan
+        _check_no_overlap(plan)
+        assert plan.lower_bound == _independent_bound(g, plan)
+        assert plan.arena_bytes >= plan.lower_bound
+        report = json.loads(emit(g, cid)["report.json"])["memory"]
+        assert report["arena_bytes"] == plan.arena_bytes
+        assert report["arena_lower_bound"] == plan.lower_bound
+        assert report["arena_gap_bytes"] == plan.arena_bytes - plan.lower_bound
+        assert report["ram_bytes"] == plan.arena_bytes + report["scratch_bytes"]
+        assert report["flash_weight_bytes"] > 0
+
+
+def test_inplace_add_and_reshape_alias(graphs: dict[str, Any]) -> None:
+    g = graphs["net-inception-inplace-add"][0]
+    plan = lower(g).plan
+    add = next(n for n in g.nodes if n.op == "add")
+    assert plan.inplace[add.name] in add.inputs
+    assert plan.buffer_of(add.output) == plan.buffer_of(plan.inplace[add.name])
+    assert f"in place over {plan.inplace[add.name]}" in emit(g)["net_inception_inplace_add.c"]
+    g = graphs["net-resnet-block"][0]
+    plan = lower(g).plan
+    r = next(n for n in g.nodes if n.op == "reshape")
+    assert plan.buffer_of(r.output) == plan.buffer_of(r.inputs[0])
+
+
+def test_header_states_shapes_and_memory(graphs: dict[str, Any]) -> None:
+    g = graphs["net-chain-cnn"][0]
+    files = emit(g, "net-chain-cnn")
+    header = files["net_chain_cnn.h"]
+    report = json.loads(files["report.json"])
+    macros = dict(re.findall(r"^#define (QACC_NET_CHAIN_CNN_\w+) (.+)$", header, re.M))
+    assert macros["QACC_NET_CHAIN_CNN_INPUT_SHAPE"] == "{ 15, 13, 3 }"
+    assert macros["QACC_NET_CHAIN_CNN_INPUT_SIZE"] == str(15 * 13 * 3)
+    assert macros["QACC_NET_CHAIN_CNN_OUTPUT_SIZE"] == "5"
+    assert macros["QACC_NET_CHAIN_CNN_ARENA_BYTES"] == str(report["memory"]["arena_bytes"])
+    assert macros["QACC_NET_CHAIN_CNN_WEIGHT_BYTES"] == str(report["memory"]["flash_weight_bytes"])
+    assert "int qacc_net_chain_cnn_run(const int8_t *in, int8_t *out);" in header
+    c = files["net_chain_cnn.c"]
+    assert "malloc" not in c and "static int8_t arena[QACC_NET_CHAIN_CNN_ARENA_BYTES];" in c
+    assert all(
+        line.startswith("const ")
+        for line in files["net_chain_cnn_weights.c"].splitlines()
+        if line.endswith("= {")
+    )
+
+
+# ----------------------------------------------------------------------------- integration
+
+
+def test_firmware_project_links_generated_library(graphs: dict[str, Any], tmp_path: Path) -> None:
+    """A project that add_subdirectory()s the generated model and links lib<model>.a."""
+    g, x, want = graphs["net-chain-cnn"]
+    model = tmp_path / "model"
+    write_files(emit(g, "net-chain-cnn"), model)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.13)\nproject(app C)\n"
+        f'add_subdirectory("{model}" model)\n'
+        "add_executable(app main.c)\ntarget_link_libraries(app PRIVATE net_chain_cnn)\n"
+    )
+    (app / "main.c").write_text(
+        '#include <stdio.h>\n#include "net_chain_cnn.h"\n'
+        "static const int8_t x[QACC_NET_CHAIN_CNN_INPUT_SIZE] = {"
+        + ", ".join(str(int(v)) for v in x[0].reshape(-1))
+        + "};\nint main(void) {\n  int8_t y[QACC_NET_CHAIN_CNN_OUTPUT_SIZE]; int i;\n"
+        "  if (qacc_net_chain_cnn_run(x, y) != 0) return 1;\n"
+        '  for (i = 0; i < QACC_NET_CHAIN_CNN_OUTPUT_SIZE; ++i) printf("%d\\n", y[i]);\n'
+        "  return 0;\n}\n"
+    )
+    bdir = tmp_path / "build"
+    flags = "-O2 -Wall -Wextra -Werror -pedantic"
+    subprocess.run(
+        ["cmake", "-S", str(app), "-B", str(bdir), f"-DCMAKE_C_FLAGS={flags}"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(["cmake", "--build", str(bdir)], check=True, capture_output=True)
+    out = subprocess.run([str(bdir / "app")], check=True, capture_output=True, text=True).stdout
+    assert [int(v) for v in out.split()] == [int(v) for v in want[0]]
+    assert (bdir / "model" / "libnet_chain_cnn.a").is_file()
+
+
+def test_build_many_standalone(graphs: dict[str, Any], tmp_path: Path) -> None:
+    """The root CMakeLists.txt builds generated directories (here: one) without sanitizers."""
+    g, x, want = graphs["dense_acc32-37to10"]
+    d = tmp_path / "dense"
+    write_files(emit(g, "dense"), d)
+    (r,) = build_many([d], tmp_path / "build").values()
+    assert isinstance(r, BuildResult) and r.testbench is not None
+    assert np.array_equal(run_testbench(r.testbench, x, (37,), (10,)), want)
+    r2 = build(d)
+    assert (d / "libdense.a").is_file() and r2.shared_lib is not None
+
+
+def test_run_and_run_int_with_a_model_object(graphs: dict[str, Any], tmp_path: Path) -> None:
+    """compile() needs only .graph and .name; run/run_int use the model's (de)quantizers."""
+    g, x, want = graphs["net-chain-cnn"]
+
+    class Model:
+        name = "chain model"
+        graph = g
+
+        def quantize_input(self, xf: np.ndarray) -> np.ndarray:
+            return np.transpose(np.asarray(xf), (0, 2, 3, 1)).astype(np.int64)
+
+        def dequantize_output(self, q: np.ndarray) -> np.ndarray:
+            return np.asarray(q, dtype=np.float64) * 2.0**-4
+
+        def reference_int(self, xf: np.ndarray) -> np.ndarray:
+            return reference.run(g, self.quantize_input(xf)).output
+
+    qm = Model()
+    xf = np.transpose(x, (0, 3, 1, 2)).astype(np.float32)
+    c = compile(qm, out_dir=tmp_path / "m", testbench=False)
+    assert c.name == "chain_model"
+    assert np.array_equal(c.run_int(xf), qm.reference_int(xf))
+    assert np.array_equal(c.run(xf), want * 2.0**-4)
+    assert c.report["memory"]["arena_lower_bound"] == lower(g).plan.lower_bound
+
+
+def test_sanitized_compile_runs_through_testbench(graphs: dict[str, Any], tmp_path: Path) -> None:
+    g, x, want = graphs["conv2d_acc16-wrap-acc12"]
+    c = compile(g, out_dir=tmp_path / "san", sanitize=True)
+    assert c.build.shared_lib is None
+    assert np.array_equal(c.run_int_q(x), want)
+
+
+def test_errors_are_reported_before_writing(graphs: dict[str, Any], tmp_path: Path) -> None:
+    g = graphs["dense_acc32-37to10"][0]
+    n = g.nodes[0]
+    bad = Graph(
+        g.name,
+        (
+            type(n)(
+                n.name, n.op, n.inputs, n.output, {**n.attrs, "acc_bits": 40}, n.params, n.requant
+            ),
+        ),
+        g.tensors,
+        g.input,
+        g.output,
+    )
+    with pytest.raises(LoweringError, match="accumulator width 40"):
+        compile(bad, out_dir=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError):
+        compile(g, out_dir=busy)
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_quantized_torch_model_end_to_end(tmp_path: Path) -> None:
+    """codegen.quantize(torch) -> codegen.compile -> run_int == qm.reference_int, exactly."""
+    import torch
+    from torch import nn
+
+    import codegen
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(6, 3),
+    ).eval()  # fmt: skip
+    x = np.random.default_rng(0).standard_normal((8, 1, 12, 12)).astype(np.float32)
+    qm = codegen.quantize(model, x, acc_bits=14, progress=False, name="tiny cnn")
+    c = codegen.compile(qm, target="host", out_dir=tmp_path / "tiny")
+    assert np.array_equal(c.run_int(x), qm.reference_int(x))
+    assert np.array_equal(c.run(x), qm.reference(x))
+    assert {"tiny_cnn.h", "libtiny_cnn.a", "report.json", "CMakeLists.txt"} <= {
+        p.name for p in (tmp_path / "tiny").iterdir()
+    }

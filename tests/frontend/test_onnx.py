@@ -1,0 +1,401 @@
+"""ONNX input: every network of the test suite, exported with torch.onnx.export, gives the PyTorch
+path's float graph, integer graph and integer outputs exactly.
+
+Exports. "dynamo" is torch.onnx.export's default exporter with `optimize=False`; "torchscript" is
+`dynamo=False` with `training=PRESERVE`. Both keep BatchNormalization as a node holding the
+module's float32 statistics, so the ONNX frontend folds it in float64 exactly as the torch
+frontend does, and the float parameters are *bit-identical*: both frontends widen the same float32
+values to float64 and run the same folding code (codegen.frontend.builder). The exporters' own
+BatchNorm folding (dynamo's default `optimize=True`, torchscript's eval mode) computes the folded
+weights in float32 instead: those files give the same graph with parameters equal to float32
+rounding only (test_exporter_folded_batchnorm), and so possibly integer weights one step apart.
+
+Names: weighted layers get their torch.fx names (the module path, `features_0`); a functional
+flatten/reshape/adaptive pool is named after the op ONNX records (`view`, `mean`), since the file
+does not say which torch function made it (RENAMED).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import codegen
+from codegen import cli
+from codegen.api import QuantizedModel
+from codegen.core.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
+from codegen.core.ir import WEIGHTED_OPS, Graph
+from codegen.data.models import FashionCNN, ResDWNet
+from codegen.frontend.onnx_model import from_onnx
+from codegen.frontend.torch_fx import from_torch
+from tests.frontend.test_frontend import CASES, C
+from tests.nets import Branchy, Plain, randomized
+
+
+def _case(key: str) -> nn.Module:
+    torch.manual_seed(0)
+    return CASES[key]().eval()
+
+
+NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {
+    "branchy": (lambda: randomized(Branchy(), seed=3), (3, 8, 8)),
+    "branchy_w8": (lambda: randomized(Branchy(cin=3, w=8, classes=5), seed=1), (3, 8, 8)),
+    "plain": (lambda: randomized(Plain(), seed=1), (1, 8, 8)),
+    "fashion_cnn": (lambda: randomized(FashionCNN(width=6), seed=0), (1, 28, 28)),
+    "resdw": (lambda: randomized(ResDWNet(width=6), seed=0), (1, 12, 12)),
+    **{f"frontend_{k}": (lambda k=k: _case(k), (C, 8, 8)) for k in CASES},
+}
+WHOLE = ["branchy", "branchy_w8", "plain", "fashion_cnn", "resdw"]
+RENAMED = {"flatten": "view", "reshape": "view", "adaptive_avg_pool2d": "mean"}
+
+
+def export(model: nn.Module, x: np.ndarray, path: Path, exporter: str, **kw: object) -> Path:
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(model, (torch.as_tensor(x),), str(path), **{"optimize": False, **kw})
+        else:
+            torch.onnx.export(
+                model,
+                (torch.as_tensor(x),),
+                str(path),
+                dynamo=False,
+                input_names=["x"],
+                **{"training": torch.onnx.TrainingMode.PRESERVE, **kw},
+            )
+    return path
+
+
+class Exported:
+    """Each network built once and exported once per exporter (the exports take most time)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.models: dict[str, tuple[nn.Module, np.ndarray]] = {}
+        self.files: dict[tuple[str, str], Path] = {}
+
+    def model(self, key: str) -> tuple[nn.Module, np.ndarray]:
+        if key not in self.models:
+            make, chw = NETS[key]
+            calib = np.random.default_rng(1).standard_normal((4, *chw)).astype(np.float32)
+            self.models[key] = (make(), calib)
+        return self.models[key]
+
+    def file(self, key: str, exporter: str) -> Path:
+        if (key, exporter) not in self.files:
+            m, calib = self.model(key)
+            self.files[key, exporter] = export(
+                m, calib[:1], self.root / f"{key}_{exporter}.onnx", exporter
+            )
+        return self.files[key, exporter]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    return Exported(tmp_path_factory.mktemp("onnx"))
+
+
+def _same_name(torch_name: str, onnx_name: str) -> bool:
+    base = re.sub(r"_\d+$", "", torch_name)
+    return onnx_name == torch_name or re.sub(r"_\d+$", "", onnx_name) == RENAMED.get(base)
+
+
+def assert_same_graph(want: Graph, got: Graph, *, exact: bool = True) -> None:
+    """Same ops, attributes, shapes, formats, requantization and parameters (bit for bit when
+    `exact`, else to float32 rounding); weighted layers named alike, other nodes alike but for
+    RENAMED."""
+    assert got.name == want.name
+    assert len(got.nodes) == len(want.nodes), (
+        [n.op for n in want.nodes],
+        [n.op for n in got.nodes],
+    )
+    rename = {want.input: got.input}
+    for a, b in zip(want.nodes, got.nodes, strict=True):
+        ctx = f"node {a.name} / {b.name}"
+        if a.op in WEIGHTED_OPS:
+            assert b.name == a.name, ctx
+        else:
+            assert _same_name(a.name, b.name), ctx
+        rename[a.output] = b.output
+        assert b.op == a.op, ctx
+        assert b.inputs == tuple(rename[t] for t in a.inputs), ctx
+        assert dict(b.attrs) == dict(a.attrs), ctx
+        assert b.params.keys() == a.params.keys(), ctx
+        for k, wa in a.params.items():
+            wb = b.params[k]
+            assert wb.dtype == wa.dtype and wb.shape == wa.shape, ctx
+            if exact:
+                assert np.array_equal(wb, wa), f"{ctx} {k}"
+            else:  # the exporter folded BN in float32: a few float32 ulps of the largest value
+                scale = float(np.abs(wa).max()) or 1.0
+                np.testing.assert_allclose(
+                    wb, wa, rtol=0, atol=4 * np.finfo(np.float32).eps * scale
+                )
+        assert (a.requant is None) == (b.requant is None), ctx
+        if a.requant is not None and b.requant is not None:
+            ra, rb = a.requant, b.requant
+            assert np.array_equal(ra.mult, rb.mult) and np.array_equal(ra.shift, rb.shift), ctx
+            assert (ra.zero_point, ra.lo, ra.hi) == (rb.zero_point, rb.lo, rb.hi), ctx
+    assert got.output == rename[want.output]
+    assert len(got.tensors) == len(want.tensors)
+    for t, ta in want.tensors.items():
+        tb = got.tensors[rename[t]]
+        assert (tb.shape, tb.fmt) == (ta.shape, ta.fmt), t
+
+
+def _slow_unless_whole(keys: list[str], exporter: str) -> list[object]:
+    """The dynamo exports of the 33 one-op networks take ~1 s each: marked slow (still in CI)."""
+    marks = [pytest.mark.slow] if exporter == "dynamo" else []
+    return [
+        pytest.param(k, exporter, id=f"{exporter}-{k}", marks=[] if k in WHOLE else marks)
+        for k in keys
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "exporter"),
+    _slow_unless_whole(list(NETS), "dynamo") + _slow_unless_whole(list(NETS), "torchscript"),
+)
+def test_float_graph_is_the_torch_one(exported: Exported, key: str, exporter: str) -> None:
+    model, calib = exported.model(key)
+    want = from_torch(model, calib)
+    # torchscript files do not record the module's class: name the graph like the dynamo file
+    got = from_onnx(
+        exported.file(key, exporter), calib, None if exporter == "dynamo" else want.name
+    )
+    assert_same_graph(want, got)
+
+
+def _quantize(model: nn.Module | Path, calib: np.ndarray, acc: int) -> QuantizedModel:
+    return codegen.quantize(
+        model if isinstance(model, nn.Module) else str(model), calib, acc_bits=acc, progress=False
+    )
+
+
+@pytest.mark.parametrize("acc", [16, 32])
+@pytest.mark.parametrize("key", [*WHOLE, "frontend_zeropad_asymmetric", "frontend_hardtanh"])
+def test_integer_graph_and_outputs_are_the_torch_ones(
+    exported: Exported, key: str, acc: int
+) -> None:
+    model, calib = exported.model(key)
+    want = _quantize(model, calib, acc)
+    got = _quantize(exported.file(key, "dynamo"), calib, acc)
+    assert_same_graph(want.graph, got.graph)
+    x = np.random.default_rng(2).standard_normal((4, *calib.shape[1:])).astype(np.float32)
+    assert np.array_equal(got.reference_int(x), want.reference_int(x))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_exporter_folded_batchnorm(tmp_path: Path, exported: Exported, exporter: str) -> None:
+    """Default exports fold BatchNorm in float32 themselves: the same graph, float32 rounding."""
+    model, calib = exported.model("fashion_cnn")
+    kw: dict[str, object] = (
+        {"optimize": True} if exporter == "dynamo" else {"training": torch.onnx.TrainingMode.EVAL}
+    )
+    path = export(model, calib[:1], tmp_path / "folded.onnx", exporter, **kw)
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+    want = from_torch(model, calib)
+    assert_same_graph(want, from_onnx(path, calib, want.name), exact=False)
+
+
+def test_path_object_and_name(exported: Exported) -> None:
+    _, calib = exported.model("plain")
+    path = exported.file("plain", "dynamo")
+    assert codegen.api.float_graph(path, calib, None).name == "plain"  # the module's class
+    assert codegen.api.float_graph(path, calib, "My Net").name == "my_net"
+    with pytest.raises(InvalidModelError, match=r"not an \.onnx file"):
+        codegen.quantize("plain.pt", calib, progress=False)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _opset_model(path: Path, src: Path, version: int) -> Path:
+    m = onnx.load(str(src))
+    for o in m.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = version
+    onnx.save(m, str(path))
+    return path
+
+
+def test_errors(tmp_path: Path, exported: Exported) -> None:
+    _, calib = exported.model("plain")
+    sig = export(
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid()).eval(),
+        calib[:1],
+        tmp_path / "sig.onnx",
+        "dynamo",
+    )
+    with pytest.raises(UnsupportedModelError, match=r"^unsupported ONNX op Sigmoid at node '\w+'"):
+        from_onnx(sig, calib)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(exported.file("plain", "dynamo").read_bytes()[:100])
+    with pytest.raises(InvalidModelError, match="is not a"):
+        from_onnx(broken, calib)
+    old = _opset_model(tmp_path / "old.onnx", exported.file("plain", "dynamo"), 7)
+    with pytest.raises(InvalidModelError, match="uses ONNX opset 7; qacc reads opsets 11 to"):
+        from_onnx(old, calib)
+    with pytest.raises(InvalidDataError, match=r"takes inputs of shape N x 1 x 8 x 8"):
+        from_onnx(exported.file("plain", "dynamo"), np.zeros((1, 1, 9, 9), np.float32))
+    with pytest.raises(InvalidModelError, match="does not exist"):
+        from_onnx(tmp_path / "missing.onnx", calib)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_compile_and_verify(
+    tmp_path: Path, exported: Exported, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, calib = exported.model("plain")
+    np.save(tmp_path / "calib.npy", calib)
+    x = np.random.default_rng(3).standard_normal((5, *calib.shape[1:])).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    path = exported.file("plain", "dynamo")
+    out = tmp_path / "out"
+    rc, stdout, err = _main(
+        [
+            "compile",
+            str(path),
+            "--calib",
+            str(tmp_path / "calib.npy"),
+            "--target",
+            "host",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    assert "libplain.a" in stdout
+    rc, stdout, err = _main(["verify", str(out), "--inputs", str(tmp_path / "x.npy")], capsys)
+    assert rc == 0, err
+    assert "5 bit-exact, 0 differ" in stdout
+
+
+def test_cli_errors_are_one_line(
+    tmp_path: Path, exported: Exported, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, calib = exported.model("plain")
+    np.save(tmp_path / "calib.npy", calib)
+    sig = export(
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid()).eval(),
+        calib[:1],
+        tmp_path / "sig.onnx",
+        "dynamo",
+    )
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"this is not a protobuf\x00\xff" * 10)
+    old = _opset_model(tmp_path / "old.onnx", exported.file("plain", "dynamo"), 9)
+    cases = [
+        (sig, "unsupported ONNX op Sigmoid at node"),
+        (broken, "is not a"),
+        (old, "uses ONNX opset 9"),
+        (tmp_path / "missing.onnx", "ONNX file '.*missing.onnx' does not exist"),
+    ]
+    for path, message in cases:
+        argv = ["compile", str(path), "--calib", str(tmp_path / "calib.npy")]
+        rc, _, err = _main([*argv, "--out", str(tmp_path / "out")], capsys)
+        assert rc == 2, err
+        assert err.count("\n") == 1 and re.match(f"qacc: error: .*{message}", err), err
+        assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- hand-made files
+
+
+def _hand_model(path: Path) -> Path:
+    """Forms no torch exporter writes: auto_pad SAME_LOWER/SAME_UPPER with stride 2, a Pad node,
+    GlobalAveragePool, ReduceMean without keepdims, MatMul + Add (bias), Gemm with transB=0 and
+    alpha/beta, Clip bounds from Constant nodes."""
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [
+        h.make_node("Conv", ["x", "w1", "b1"], ["c1"], auto_pad="SAME_LOWER", strides=[2, 2]),
+        h.make_node("Relu", ["c1"], ["r1"]),
+        h.make_node("Conv", ["r1", "w2"], ["c2"], auto_pad="SAME_UPPER", kernel_shape=[2, 2]),
+        h.make_node("Constant", [], ["pads"], value_ints=[0, 0, 1, 0, 0, 0, 0, 2]),
+        h.make_node("Pad", ["c2", "pads"], ["p2"], mode="constant"),
+        h.make_node("Conv", ["p2", "w3", "b3"], ["c3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        h.make_node(
+            "AveragePool",
+            ["c3"],
+            ["a3"],
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            count_include_pad=1,
+        ),
+        h.make_node("GlobalAveragePool", ["c3"], ["g3"]),
+        h.make_node("ReduceMean", ["a3", "axes"], ["m3"], keepdims=0),
+        h.make_node("MatMul", ["m3", "wm"], ["mm"]),
+        h.make_node("Add", ["bm", "mm"], ["fc1"]),
+        h.make_node("Constant", [], ["lo"], value=onnx.numpy_helper.from_array(np.float32(-0.3))),
+        h.make_node("Clip", ["fc1", "lo", ""], ["k1"]),
+        h.make_node("Flatten", ["g3"], ["f3"]),
+        h.make_node("Gemm", ["f3", "wg", "bg"], ["fc2"], alpha=0.5, beta=2.0),
+        h.make_node("Add", ["k1", "fc2"], ["y"]),
+    ]
+    inits = [
+        init("w1", 4, 3, 3, 3),
+        init("b1", 4),
+        init("w2", 5, 4, 2, 2),
+        init("w3", 5, 5, 3, 3),
+        init("b3", 5),
+        onnx.numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+        init("wm", 5, 6),
+        init("bm", 6),
+        init("wg", 5, 6),
+        init("bg", 1, 6),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "hand",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 6])],
+        inits,
+    )
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_hand_made_file_matches_onnx_semantics(tmp_path: Path) -> None:
+    from onnx.reference import ReferenceEvaluator
+
+    from codegen.core import simulate
+
+    path = _hand_model(tmp_path / "hand.onnx")
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    g = from_onnx(path, x)
+    assert g.name == "hand"
+    assert [n.op for n in g.nodes] == [
+        "conv2d", "conv2d", "conv2d", "avgpool2d", "global_avgpool", "global_avgpool", "reshape",
+        "dense", "reshape", "dense", "add",
+    ]  # fmt: skip
+    assert g.nodes[0].attrs["padding"] == (1, 0, 1, 0)  # SAME_LOWER, 8 -> 4 at stride 2
+    assert g.nodes[1].attrs["padding"] == (0, 1, 0, 1)  # SAME_UPPER, kernel 2
+    assert g.nodes[2].attrs["padding"] == (2, 1, 1, 3)  # Pad (H +1 top, W +2 right) folded
+    assert g.nodes[7].attrs["clamp"] == (-0.3, float("inf"))
+    want = ReferenceEvaluator(str(path)).run(None, {"x": x})[0]
+    got = simulate.nhwc_to_nchw(simulate.run(g, simulate.nchw_to_nhwc(x.astype(np.float64))))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # the reference runs float32

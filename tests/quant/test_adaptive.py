@@ -1,0 +1,397 @@
+"""Adaptive quantization (LSQ+ steps and offsets, A2Q+ accumulator constraint, INT4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import codegen
+from codegen.core.errors import QaccError
+from codegen.core.formats import requantize
+from codegen.data import datasets
+from codegen.quant import adaptive
+from codegen.quant.accumulator import channel_bounds
+
+# ----------------------------------------------------------------------------- quantizer gradients
+
+
+def test_round_and_trunc_ste_forward_values_and_identity_gradient() -> None:
+    v = torch.tensor([-2.5, -1.5, -0.5, 0.49, 0.5, 1.7], requires_grad=True)
+    r = adaptive.round_ste(v)
+    assert r.tolist() == [-2.0, -1.0, 0.0, 0.0, 1.0, 2.0]  # half up, like formats.requantize
+    r.sum().backward()
+    assert v.grad is not None and v.grad.tolist() == [1.0] * 6
+    t = adaptive.trunc_ste(torch.tensor([-1.9, -0.2, 0.7, 2.99]))
+    assert t.tolist() == [-1.0, -0.0, 0.0, 2.0]
+
+
+def _act(bits: int = 4, step: float = 0.25, zp: int = 0, numel: int = 1) -> adaptive.ActQuant:
+    return adaptive.ActQuant(bits, pow2=False, step=step, zero_point=zp, numel=numel)
+
+
+def test_lsq_plus_step_and_offset_gradients_by_hand() -> None:
+    """LSQ+: with v = (x - beta) / s, d/ds = round(v) - v inside and the code limit (n or p)
+    outside; d/dbeta = 0 inside, 1 outside. The parameter is log2(s): d/dlog2(s) = s ln2 d/ds."""
+    q = _act(bits=4, step=0.25, zp=2)  # codes 0..15, value (code - 2) * 0.25 in [-0.5, 3.25]
+    g = q.g  # LSQ gradient scale 1 / sqrt(N * Qp)
+    assert g == pytest.approx(1 / math.sqrt(15))
+    cases = [  # x, expected value, d/ds (before the scale g), d/dbeta
+        (0.30, 0.25, round(1.2) - 1.2, 0.0),  # inside: round(v) - v
+        (1.13, 1.25, math.floor(4.52 + 0.5) - 4.52, 0.0),
+        (9.00, 3.25, 15, 1.0),  # above: the code limit p = 15, offset gradient 1
+        (-3.0, -0.5, 0, 1.0),  # below: the code limit n = 0
+    ]
+    for x, value, ds, dbeta in cases:
+        q.zero_grad()
+        y = q(torch.tensor(x))
+        assert float(y.detach()) == pytest.approx(value)
+        y.backward()
+        assert q.s_param.grad is not None and q.beta.grad is not None
+        assert float(q.s_param.grad) == pytest.approx(ds * g * 0.25 * math.log(2), abs=1e-6), x
+        assert float(q.beta.grad) == pytest.approx(dbeta, abs=1e-6), x
+
+
+def test_lsq_input_gradient_passes_inside_and_stops_outside() -> None:
+    q = _act(bits=4, step=0.5, zp=0)
+    x = torch.tensor([0.2, 3.0, 7.4, 9.0, -1.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad is not None and x.grad.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("qmin,qmax", [(0, 15), (-8, 7)])
+def test_fused_fake_quant_matches_the_composed_expression(qmin: int, qmax: int) -> None:
+    """The one-node fake quantizer has the values and the gradients (x, step, offset) of the
+    composition of round_ste and clamp it replaces."""
+    gen = torch.Generator().manual_seed(qmax)
+    x = (torch.randn(6, 5, 7, 7, dtype=torch.float64, generator=gen) * 3).requires_grad_()
+    s = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor(-0.6, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(6, 5, 7, 7, dtype=torch.float64, generator=gen)
+
+    def composed(x, s, zp, qmin, qmax):  # type: ignore[no-untyped-def]
+        return (torch.clamp(adaptive.round_ste(x / s) + zp, qmin, qmax) - zp) * s
+
+    results = []
+    for f in (composed, adaptive.fake_quant):
+        for t in (x, s, beta):
+            t.grad = None
+        zp = torch.clamp(adaptive.round_ste(-beta / s), qmin, qmax)
+        y = f(x, s, zp, qmin, qmax)
+        (y * weights).sum().backward()
+        assert x.grad is not None and s.grad is not None and beta.grad is not None
+        results.append((y.detach(), x.grad.clone(), s.grad.clone(), beta.grad.clone()))
+    (y0, gx0, gs0, gb0), (y1, gx1, gs1, gb1) = results
+    assert torch.equal(y0, y1)
+    codes = y1 / s.detach()
+    assert torch.allclose(codes, codes.round(), atol=1e-9)  # values on the grid
+    assert torch.allclose(gx0, gx1, atol=1e-12) and gx1.abs().sum() > 0
+    assert float(gs1) == pytest.approx(float(gs0), abs=1e-9) and float(gs1) != 0
+    assert float(gb1) == pytest.approx(float(gb0), abs=1e-9) and float(gb1) != 0
+
+
+def test_pow2_step_is_rounded_in_the_log_domain() -> None:
+    q = adaptive.ActQuant(4, pow2=True, step=0.3, zero_point=0, numel=1)
+    assert float(q.step().detach()) == 0.25  # 2^round(log2 0.3) = 2^-2
+    fmt = q.export()
+    assert fmt.is_pow2 and fmt.frac == 2 and fmt.scale == 0.25
+
+
+def test_projection_gradient_matches_finite_differences() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    sw = torch.tensor([0.05, 0.08, 0.2], dtype=torch.float64)
+    bias = torch.tensor([10.0, -30.0, 0.0], dtype=torch.float64)
+    xlo, xhi = torch.tensor(0.0, dtype=torch.float64), torch.tensor(15.0, dtype=torch.float64)
+
+    def f(w: torch.Tensor) -> torch.Tensor:
+        return adaptive.project(w, sw, bias, xlo, xhi, room=511.0)
+
+    assert torch.autograd.gradcheck(f, (w,))
+    xlo2 = torch.tensor(-8.0, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda w: adaptive.project(w, sw, bias, xlo2, xhi - 8, room=255.0), (w,)
+    )
+
+
+def _l1_projection_by_bisection(v: np.ndarray, cap: float) -> np.ndarray:
+    """Euclidean projection of v >= 0 onto {sum <= cap}: relu(v - t), t found by bisection on
+    the sum (an algorithm independent of the sorting one under test)."""
+    if v.sum() <= cap:
+        return v
+    lo, hi = 0.0, float(v.max())
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.maximum(v - mid, 0).sum() > cap else (lo, mid)
+    return np.maximum(v - hi, 0)
+
+
+def test_l1_ball_is_the_euclidean_projection_and_is_sparse() -> None:
+    rng = np.random.default_rng(3)
+    v = np.abs(rng.normal(0, 1, (5, 400)))
+    cap = np.array([1000.0, 50.0, 5.0, 0.5, 0.0])
+    got = adaptive._l1_ball(torch.as_tensor(v), torch.as_tensor(cap)).numpy()
+    for c in range(5):
+        want = _l1_projection_by_bisection(v[c], cap[c])
+        assert np.allclose(got[c], want, atol=1e-9)
+        assert got[c].sum() <= cap[c] + 1e-9
+    assert (got[2] > 0).sum() < 40  # a small budget keeps few weights, not many tiny ones
+
+
+@pytest.mark.parametrize("xlo,xhi", [(0, 15), (0, 255), (-3, 12), (-128, 127)])
+def test_projection_then_truncation_fits_the_exact_bound(xlo: int, xhi: int) -> None:
+    rng = np.random.default_rng(xhi)
+    for acc_bits in (10, 12, 16):
+        room = (1 << (acc_bits - 1)) - 2
+        w = torch.as_tensor(rng.normal(0, 1, (16, 72)))
+        sw = torch.as_tensor(rng.uniform(0.05, 0.3, 16))
+        bias = torch.as_tensor(rng.uniform(-room / 2, room / 2, 16))
+        p = adaptive.project(w, sw, bias, torch.tensor(float(xlo)), torch.tensor(float(xhi)), room)
+        q = torch.clamp(torch.trunc(p / sw[:, None]), -7, 7).numpy().astype(np.int64)
+        b = np.floor(bias.numpy() + 0.5).astype(np.int64)
+        lo, hi = channel_bounds(q, b, xlo, xhi)
+        lim = 1 << (acc_bits - 1)
+        assert hi.max() <= lim - 1 and lo.min() >= -lim
+
+
+@pytest.mark.parametrize("acc_bits", [12, 16])
+def test_weights_round_to_nearest_unless_the_bound_binds(acc_bits: int) -> None:
+    """Channels whose nearest-rounded integers fit the exact bound keep them; the others are
+    rounded toward zero and fit too."""
+    from codegen.core.ir import Node
+
+    rng = np.random.default_rng(acc_bits)
+    w = rng.normal(0, 1, (12, 128)).astype(np.float32)
+    w[:6, 8:] = 0.0  # 8 terms of up to 7 x 15: inside the bound at either width
+    node = Node("fc", "dense", ("x",), "y", {}, {"weight": w, "bias": np.zeros(12, np.float32)})
+    wq = adaptive.WeightQuant(node, bits=4, acc_bits=acc_bits, pow2=False)
+    act = _act(bits=4, step=0.1, zp=0)  # unsigned codes 0..15
+    with torch.no_grad():
+        lay = wq.forward(act)
+        u = adaptive.project(wq.w, lay.w_step, lay.bias, torch.tensor(0.0), torch.tensor(15.0),
+                             wq.limit - 1.0) / lay.w_step[:, None]  # fmt: skip
+    q = lay.q.numpy().astype(np.int64)
+    nearest = np.clip(np.floor(u.numpy() + 0.5), -7, 7)
+    toward_zero = np.clip(np.trunc(u.numpy()), -7, 7)
+    lo, hi = channel_bounds(q, lay.bias.numpy().astype(np.int64), 0, 15)
+    assert hi.max() <= 2 ** (acc_bits - 1) - 1 and lo.min() >= -(2 ** (acc_bits - 1))
+    near_rows = [c for c in range(12) if np.array_equal(q[c], nearest[c])]
+    zero_rows = [c for c in range(12) if np.array_equal(q[c], toward_zero[c])]
+    assert set(range(6)) <= set(near_rows)  # unconstrained channels: nearest
+    assert set(near_rows) | set(zero_rows) == set(range(12))
+    if acc_bits == 12:  # 128 terms of up to 7 x 15 do not fit 12 bits: some channels bind
+        assert set(zero_rows) - set(near_rows)
+
+
+def test_dyadic_multipliers() -> None:
+    m = np.array([1e-4, 0.0123, 0.5, 0.99, 3.7])
+    mult, shift = adaptive.dyadic(m)
+    assert np.all((mult >= 1 << 14) & (mult <= 1 << 15))
+    assert np.allclose(mult * np.exp2(-shift.astype(float)), m, rtol=2.0**-14)
+    # THE requantization with these parameters is rounding of acc * m, up to the multiplier error
+    acc = np.arange(-5000, 5000, 37)
+    for mi, si, mm in zip(mult, shift, m, strict=True):
+        got = requantize(acc, mi, si, 0, -(1 << 20), 1 << 20)
+        assert np.all(np.abs(got - np.floor(acc * mm + 0.5)) <= 1)
+
+
+def test_weight_step_init_minimises_error() -> None:
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 1, (4, 50)).astype(np.float32)
+    s = adaptive.init_weight_steps(w, 7, pow2=False)
+    for c in range(4):
+        err = ((np.clip(np.trunc(w[c] / s[c]), -7, 7) * s[c] - w[c]) ** 2).sum()
+        for other in (s[c] * 0.8, s[c] * 1.25, np.abs(w[c]).max() / 7):
+            worse = ((np.clip(np.trunc(w[c] / other), -7, 7) * other - w[c]) ** 2).sum()
+            assert err <= worse + 1e-9
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.pool(torch.relu(self.c2(x)))
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def digits_net() -> tuple[nn.Module, tuple[np.ndarray, ...]]:
+    from codegen.quant import training
+
+    data = datasets.digits()
+    torch.manual_seed(0)
+    net = Tiny()
+    training.fit(net, data[0], data[1], epochs=6, lr=5e-3, progress=False)
+    return net, data
+
+
+def _adaptive(net: nn.Module, data: tuple[np.ndarray, ...], **kw: object) -> codegen.QuantizedModel:
+    x_train, y_train = data[0], data[1]
+    opts: dict[str, object] = {"acc_bits": 12, "epochs": 2, "progress": False}
+    opts.update(kw)
+    return codegen.quantize(net, x_train[:300], method="adaptive", train=(x_train, y_train), **opts)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", ["dyadic", "pow2"])
+def test_short_training_run_end_to_end(digits_net, scale: str) -> None:  # type: ignore[no-untyped-def]
+    from codegen.quant import training
+
+    net, (x_train, y_train, x_test, y_test) = digits_net
+    float_acc = training.accuracy(net, x_test, y_test)
+    qm = _adaptive(net, (x_train, y_train), scale=scale, acc_bits=12)
+    g = qm.graph
+    weighted = [n for n in g.nodes if n.op in ("conv2d", "dense")]
+    # INT4 weights everywhere, 4-bit input and hidden activations, 8-bit logits
+    for n in weighted:
+        assert n.attrs["weight_bits"] == 4 and np.abs(n.params["weight"]).max() <= 7
+    assert g.tensors[g.nodes[0].output].fmt.bits == 4  # type: ignore[union-attr]
+    assert g.tensors[g.input].fmt.bits == 4  # type: ignore[union-attr]
+    assert g.tensors[g.output].fmt.bits == 8  # type: ignore[union-attr]
+    # the accumulator constraint holds after training: every channel's exact bound fits
+    for n in weighted:
+        fi = g.tensors[n.inputs[0]].fmt
+        assert fi is not None
+        lo, hi = channel_bounds(
+            n.params["weight"], n.params["bias"], fi.qmin - fi.zero_point, fi.qmax - fi.zero_point
+        )
+        assert hi.max() <= 2**11 - 1 and lo.min() >= -(2**11), n.name
+        row = qm.report["adaptive"]["constraint"][n.name]
+        assert row["fits"] and row["l1_max"] <= row["a2q_plus_l1_cap"]
+    assert qm.report["adaptive"]["bound_fixups"] == 0
+    res = qm.run_reference(x_test)
+    assert all(v.events == 0 for v in res.overflow.values())
+    # dyadic scales: real multipliers; pow2: shift-only requantization
+    mults = np.concatenate([np.ravel(n.requant.mult) for n in weighted])  # type: ignore[union-attr]
+    assert (scale == "pow2") == bool(np.all(mults == 1))
+    # the integer model is accurate and agrees with the fake-quant network
+    acc = float(np.mean(res.output.argmax(1) == y_test))
+    assert acc >= float_acc - (0.05 if scale == "dyadic" else 0.1), (acc, float_acc)
+    # training and simulation go through the realised multipliers: the same predictions
+    assert qm.report["adaptive"]["fake_vs_integer_agreement_calib"] >= 0.999
+    sim = qm.simulate(x_test)
+    assert np.mean(sim.argmax(1) == res.output.argmax(1)) >= 0.999
+    codes = np.rint(sim / g.tensors[g.output].fmt.scale) + g.tensors[g.output].fmt.zero_point  # type: ignore[union-attr]
+    assert np.mean(codes == res.output) >= 0.999  # the logits themselves, code for code
+    assert len(qm.report["adaptive"]["history"]) == 2
+
+
+@pytest.mark.slow
+def test_adaptive_model_is_bit_exact_in_c_on_the_host(digits_net, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, y_train, x_test, _) = digits_net
+    qm = _adaptive(net, (x_train, y_train), epochs=1, a_bits={"default": 4, "c2": 3})
+    c = codegen.compile(qm, target="host", out_dir=tmp_path / "m", sanitize=True)
+    assert np.array_equal(c.run_int(x_test[:200]), qm.reference_int(x_test[:200]))
+    assert qm.graph.tensors[qm.graph.node("c2").output].fmt.bits == 3  # type: ignore[union-attr]
+    # the header gives the dyadic input scale exactly (FRAC would only be its nearest 2^-n)
+    header = (tmp_path / "m" / "tiny.h").read_text()
+    fmt = qm.graph.tensors[qm.graph.input].fmt
+    assert fmt is not None and not fmt.is_pow2
+    assert f"_INPUT_SCALE {fmt.scale!r} " in header
+
+
+@pytest.mark.slow
+@pytest.mark.qemu
+@pytest.mark.parametrize("target", ["cortex-a53", "cortex-m55"])
+@pytest.mark.parametrize("kind", ["tiny", "separable"])
+def test_adaptive_model_is_bit_exact_under_qemu(
+    digits_net, tmp_path, target: str, kind: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The demo's two architectures (plain convs + dense; depthwise-separable + global pool),
+    W4A4 with packed weights at a 12-bit accumulator, on the NEON and the MVE kernels."""
+    from codegen.data.models import FashionDSCNN
+
+    net, (x_train, y_train, x_test, _) = digits_net
+    if kind == "separable":
+        torch.manual_seed(0)
+        net = FashionDSCNN(width=8).eval()
+    qm = _adaptive(net, (x_train, y_train), epochs=1)
+    assert any(n.op == "conv2d" and n.attrs["groups"] > 1 for n in qm.graph.nodes) == (
+        kind == "separable"
+    )
+    c = codegen.compile(qm, target=target, out_dir=tmp_path / target)
+    weights_c = next((tmp_path / target).glob("*_weights.c")).read_text()
+    assert "packed" in weights_c  # 4-bit weights are stored two per byte
+    assert np.array_equal(c.run_int(x_test[:64]), qm.reference_int(x_test[:64]))
+
+
+def test_bad_options_are_one_line_errors(digits_net) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, y_train, *_) = digits_net
+    with pytest.raises(QaccError, match="needs train="):
+        codegen.quantize(net, x_train[:50], method="adaptive")
+    with pytest.raises(QaccError, match=r"2\.\.8"):
+        _adaptive(net, (x_train[:50], y_train[:50]), w_bits=1, epochs=0)
+    with pytest.raises(QaccError, match="unknown scale"):
+        _adaptive(net, (x_train[:50], y_train[:50]), scale="log", epochs=0)
+    with pytest.raises(QaccError, match="unknown layers"):
+        _adaptive(net, (x_train[:50], y_train[:50]), a_bits={"nope": 4}, epochs=0)
+    with pytest.raises(QaccError, match="guaranteed"):
+        _adaptive(net, (x_train[:50], y_train[:50]), overflow="profiled", epochs=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", ["dyadic", "pow2"])
+def test_every_op_through_adaptive_is_bit_exact_in_c(tmp_path, scale: str) -> None:  # type: ignore[no-untyped-def]
+    """Residual add, concat, depthwise, avg/max/global pooling: trained, exported, compiled."""
+    from tests.nets import Branchy
+
+    torch.manual_seed(0)
+    net = Branchy().eval()
+    rng = np.random.default_rng(0)
+    x = rng.random((96, 3, 12, 12), dtype=np.float32)
+    y = rng.integers(0, 5, 96)
+    qm = codegen.quantize(
+        net, x[:32], method="adaptive", train=(x, y), epochs=1, acc_bits=14, scale=scale,
+        progress=False,
+    )  # fmt: skip
+    ops = {n.op for n in qm.graph.nodes}
+    assert {"add", "concat", "avgpool2d", "global_avgpool", "maxpool2d"} <= ops
+    ref = qm.reference_int(x)
+    assert np.mean(qm.simulate(x).argmax(1) == ref.argmax(1)) >= 0.95
+    c = codegen.compile(qm, target="host", out_dir=tmp_path / "m", sanitize=True)
+    assert np.array_equal(c.run_int(x), ref)
+
+
+@pytest.mark.slow
+def test_sweep_ptq_against_adaptive_writes_table_plot_and_json(digits_net, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from codegen.tools import sweep
+
+    net, (x_train, y_train, x_test, y_test) = digits_net
+    res = sweep.run(
+        net,
+        x_train[:300],
+        y_train[:300],
+        (x_train, y_train),
+        (x_test, y_test),
+        widths=(16, 12),
+        epochs=1,
+        progress=False,
+        log=lambda *_: None,
+    )
+    series = {(r["method"], r["policy"]) for r in res["rows"]}
+    assert series == {("ptq", "guaranteed"), ("ptq", "profiled"), ("adaptive", "guaranteed")}
+    assert sorted({r["acc_bits"] for r in res["rows"]}) == [12, 16]
+    for r in res["rows"]:
+        if r["method"] == "adaptive":
+            assert r["overflow_events"] == 0 and r["fake_quant_agreement"] >= 0.99
+            assert 0.5 < r["accuracy"] <= 1.0
+    paths = sweep.write(res, tmp_path)
+    assert [p.name for p in paths] == ["sweep.json", "sweep.md", "sweep.png"]
+    assert json.loads(paths[0].read_text()) == json.loads(json.dumps(res))
+    assert "| adaptive | guaranteed | 12 |" in paths[1].read_text()
+    assert paths[2].read_bytes().startswith(b"\x89PNG")

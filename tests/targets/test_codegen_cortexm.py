@@ -1,0 +1,266 @@
+"""Generated C on Cortex-M (QEMU) == the NumPy integer reference, exactly.
+
+Every case of the host kernel table (tests/backend/test_codegen_host.py) is emitted in the target's
+dialect — DSP (SMLAD) kernels on cortex-m4/m7, Helium (MVE) kernels on cortex-m55, the portable C
+for kernels without a dialect version — and all cases of a target are linked into one runner
+executable (one CMake project, built once per session); each case runs under qemu-system-arm
+through files. A small network quantized with
+codegen.quantize at 16- and 32-bit accumulators is compiled for each target and compared with the
+model's integer reference. No tolerances anywhere; a missing toolchain or emulator fails (naming
+the Debian package), it never skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from codegen.backend.emit import c_identifier, emit, write_files
+from codegen.core import reference
+from codegen.core.ir import Graph
+from codegen.targets.build import ToolMissingError, resolve_target
+from codegen.targets.compiled import run_testbench
+from tests.backend.test_codegen_host import CASE_IDS, CASES
+from tests.shared_build import build_once, shared_dir
+
+CORTEX_M = ("cortex-m4", "cortex-m7", "cortex-m55")
+DIALECT_MARKERS = {"dsp": "__smlad(", "mve": "vmladavaq_s8("}
+"""A call that only the dialect's own kernels contain (proof that they were used)."""
+
+pytestmark = pytest.mark.qemu
+
+
+RUNNER_C = """\
+/* All kernel cases of one target in one executable: argv[1] names the case, argv[2] and argv[3]
+   are the input and output files (samples of int8 values, as the generated test benches). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+%(includes)s
+
+struct qacc_case {
+    const char *name;
+    int (*run)(const int8_t *, int8_t *);
+    size_t in_size, out_size;
+};
+
+static const struct qacc_case cases[] = {
+%(rows)s
+};
+
+int main(int argc, char **argv)
+{
+    const struct qacc_case *c = NULL;
+    size_t i;
+    FILE *fin;
+    FILE *fout;
+    int8_t *in;
+    int8_t *out;
+    int status = 0;
+
+    for (i = 0; argc == 4 && i < sizeof cases / sizeof cases[0]; ++i) {
+        if (strcmp(cases[i].name, argv[1]) == 0) {
+            c = &cases[i];
+        }
+    }
+    if (c == NULL) {
+        fprintf(stderr, "usage: %%s CASE INPUT.bin OUTPUT.bin (unknown case)\\n", argv[0]);
+        return 2;
+    }
+    fin = fopen(argv[2], "rb");
+    fout = fopen(argv[3], "wb");
+    in = (int8_t *)malloc(c->in_size);
+    out = (int8_t *)malloc(c->out_size);
+    if (fin == NULL || fout == NULL || in == NULL || out == NULL) {
+        fprintf(stderr, "cannot open files or allocate buffers\\n");
+        return 2;
+    }
+    while (fread(in, 1, c->in_size, fin) == c->in_size) {
+        if (c->run(in, out) != 0 || fwrite(out, 1, c->out_size, fout) != c->out_size) {
+            status = 1;
+            break;
+        }
+    }
+    free(in);
+    free(out);
+    fclose(fin);
+    if (fclose(fout) != 0) {
+        status = 1;
+    }
+    return status;
+}
+"""
+
+
+def build_cases(target: str, root: Path) -> dict[str, str]:
+    """Emit every case for `target` and link all of them into one runner executable (one CMake
+    project, one link: a Cortex-M link step compiles the start-up code, so 50 test benches would
+    cost 50 of those). Model symbols are prefixed with the model name, so they coexist.
+
+    case id -> runner path, or "ERROR <log>" for a case whose graph or build failed."""
+    t = resolve_target(target)
+    summary: dict[str, str] = {}
+    names: dict[str, str] = {}
+    for c in CASES:
+        try:
+            g, _ = c.build()
+        except Exception as e:  # a broken case fails its own test, not the others
+            summary[c.id] = f"ERROR building the graph: {e!r}"
+            continue
+        name = c_identifier(c.id).lower()
+        files = emit(g, c.id, dialect=t.dialect, align=t.align, target=t.name, neon=t.neon)
+        write_files(files, root / name)
+        names[c.id] = name
+    includes = "\n".join(f'#include "{n}.h"' for n in names.values())
+    rows = "\n".join(
+        f'    {{"{n}", qacc_{n}_run, QACC_{n.upper()}_INPUT_SIZE, QACC_{n.upper()}_OUTPUT_SIZE}},'
+        for n in names.values()
+    )
+    (root / "runner.c").write_text(RUNNER_C % {"includes": includes, "rows": rows})
+    sources = " ".join(f"{n}/{n}.c {n}/{n}_weights.c" for n in names.values())
+    dirs = " ".join(names.values())
+    (root / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.13)\nproject(qacc_cortexm_cases C)\n"
+        f"add_executable(runner runner.c {sources})\n"
+        f"target_include_directories(runner PRIVATE {dirs})\n"
+        "set_target_properties(runner PROPERTIES C_STANDARD 99 C_STANDARD_REQUIRED ON"
+        " C_EXTENSIONS OFF)\n"
+        "target_compile_options(runner PRIVATE -O2 -Wall -Wextra -Werror -pedantic)\n"
+    )
+    t.check()
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise ToolMissingError("cmake is not installed; install the Debian package 'cmake'")
+    defines = [f"-D{k}={v}" for k, v in t.cmake_defines.items()]
+    if t.toolchain_file is not None:
+        defines.append(f"-DCMAKE_TOOLCHAIN_FILE={Path(t.toolchain_file).resolve()}")
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    bdir = root / "build"
+    for cmd in (
+        [cmake, "-S", str(root), "-B", str(bdir), *gen, *defines],
+        [cmake, "--build", str(bdir), "-j", "2"],
+    ):
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            log = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-60:])
+            return {cid: f"ERROR {' '.join(cmd[:3])} failed:\n{log}" for cid in CASE_IDS}
+    runner = str(bdir / "runner")
+    for cid in names:
+        summary[cid] = f"{runner} {names[cid]}"
+    return summary
+
+
+@pytest.fixture(scope="session")
+def cortexm_builds(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict[str, str]]:
+    """target -> (case id -> test bench): each target is built once per session, on first use,
+    and shared by the pytest-xdist workers through a lock file (workers build targets in
+    parallel when their first tests are on different targets)."""
+    base = shared_dir(tmp_path_factory)
+    cache: dict[str, dict[str, str]] = {}
+
+    def build(target: str, root: Path) -> dict[str, str]:
+        try:
+            return build_cases(target, root)
+        except ToolMissingError as e:
+            return {cid: f"ERROR {e}" for cid in CASE_IDS}
+
+    def get(target: str) -> dict[str, str]:
+        if target not in cache:
+            cache[target] = build_once(
+                base, f"qacc-cortexm-{target}", lambda root: build(target, root)
+            )
+        return cache[target]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def graphs() -> dict[str, tuple[Graph, np.ndarray, np.ndarray]]:
+    out = {}
+    for c in CASES:
+        with contextlib.suppress(Exception):  # reported by build_cases
+            g, x = c.build()
+            out[c.id] = (g, x, reference.run(g, x).output)
+    return out
+
+
+@pytest.mark.parametrize("target", CORTEX_M)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cortexm_equals_reference(
+    target: str,
+    case: Any,
+    cortexm_builds: Callable[[str], dict[str, str]],
+    graphs: dict[str, Any],
+) -> None:
+    tb = cortexm_builds(target)[case.id]
+    if tb.startswith("ERROR "):
+        pytest.fail(f"{target} build failed: {tb}")
+    g, x, want = graphs[case.id]
+    t = resolve_target(target)
+    runner, name = tb.split(" ")
+
+    def launch(exe: str, args: Sequence[str]) -> list[str]:
+        return t.argv(exe, [name, *args])
+
+    got = run_testbench(runner, x, g.tensors[g.input].shape, g.tensors[g.output].shape, launch)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("target", CORTEX_M)
+def test_dialect_kernels_are_used(target: str, graphs: dict[str, Any]) -> None:
+    """conv2d, pointwise and dense get the dialect's kernels at both container widths."""
+    t = resolve_target(target)
+    marker = DIALECT_MARKERS[t.dialect]
+    for cid in (
+        "conv2d_acc32-groups2",
+        "conv2d_acc16-relu-clamp",
+        "conv2d_pointwise_acc16-stride2-wrap-acc10",
+        "conv2d_pointwise_acc32-c13to9",
+        "dense_acc16-wrap-acc13",
+        "dense_acc32-37to10",
+    ):
+        g = graphs[cid][0]
+        files = emit(g, cid, dialect=t.dialect, target=t.name, neon=t.neon)
+        src = files[f"{c_identifier(cid).lower()}.c"]
+        if t.dialect == "mve" and "_acc16" in cid:
+            assert "vmullbq_int_s8(" in src, cid
+        else:
+            assert marker in src, cid
+        assert "#else /* no " in src, cid  # the portable fallback is kept
+
+
+# ----------------------------------------------------------------------------- a quantized network
+
+
+@pytest.fixture(scope="module")
+def quantized_nets() -> dict[int, Any]:
+    import codegen
+    from tests.nets import Branchy, randomized
+
+    x = np.random.default_rng(0).standard_normal((16, 3, 10, 10)).astype(np.float32)
+    return {
+        acc: codegen.quantize(randomized(Branchy(), seed=1), x, acc_bits=acc, progress=False,
+                              name=f"branchy acc{acc}")
+        for acc in (16, 32)
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("target", CORTEX_M)
+@pytest.mark.parametrize("acc", [16, 32])
+def test_quantized_network(
+    target: str, acc: int, quantized_nets: dict[int, Any], tmp_path: Path
+) -> None:
+    import codegen
+
+    qm = quantized_nets[acc]
+    x = np.random.default_rng(1).standard_normal((3, 3, 10, 10)).astype(np.float32)
+    c = codegen.compile(qm, target=target, out_dir=tmp_path / "net")
+    assert np.array_equal(c.run_int(x), qm.reference_int(x))
