@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from codegen.core import lut as luts
 from codegen.core import reference
 from codegen.core.formats import IntArray, wrap
 from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, conv_out_size
@@ -336,6 +337,30 @@ class GraphBuilder:
         rq = Requant(mult, shift, zero_point, lo, hi)
         node = Node(self._name("concat", name), "concat", tuple(xs), out, attrs, {}, rq)
         return self._add_node(node)
+
+    def lut(
+        self,
+        x: str,
+        function: str,
+        args: Sequence[float] = (),
+        *,
+        out: QFormat | None = None,
+        lo: int | None = None,
+        hi: int | None = None,
+        name: str | None = None,
+    ) -> str:
+        """An element-wise function as its table from the input's format to `out` (default
+        s8.5), computed by `codegen.core.lut.table`; `lo`/`hi` saturate like a fused clamp."""
+        fin = self.tensors[x].fmt
+        assert fin is not None
+        fo = out or QFormat(8, True, 5)
+        lo = fo.qmin if lo is None else lo
+        hi = fo.qmax if hi is None else hi
+        t = self._tensor(self.tensors[x].shape, fo)
+        attrs = {"function": function, "args": tuple(float(a) for a in args)}
+        params = {"table": luts.table(function, args, fin, fo, lo, hi)}
+        rq = Requant(np.array([1]), np.array([0]), fo.zero_point, lo, hi)
+        return self._add_node(Node(self._name("lut", name), "lut", (x,), t, attrs, params, rq))
 
     def reshape(self, x: str, shape: Sequence[int], *, name: str | None = None) -> str:
         fmt = self.tensors[x].fmt

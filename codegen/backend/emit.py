@@ -408,6 +408,15 @@ class _Emitter:
             ma, mb = (int(v) for v in _ints(p["in_mult"]))
             za, zb = (int(v) for v in a.get("input_zero_points", (0, 0)))
             k.update(ma=f"{ma & mask}u", mb=f"{mb & mask}u", za=za, zb=zb)
+        if node.op == "lut":  # the table is the layer: stored whatever the dialect
+            k["size"] = out.size
+            k["table"] = self.add_array(
+                node,
+                "table",
+                "int8_t",
+                _ints(p["table"]),
+                f"{node.name}: {a['function']} table, output for input q at [q + 128]",
+            )
         if node.op == "concat":
             rq = node.requant
             assert rq is not None

@@ -26,7 +26,7 @@ ACC_OPS = frozenset({"conv2d", "dense", "avgpool2d", "global_avgpool", "add"})
 
 MAX_ACC_BITS = 32
 
-INPLACE_INPUTS: Mapping[str, tuple[int, ...]] = {"add": (0, 1)}
+INPLACE_INPUTS: Mapping[str, tuple[int, ...]] = {"add": (0, 1), "lut": (0,)}
 """Kernel templates whose output may overwrite the given inputs (elementwise kernels)."""
 
 
@@ -91,7 +91,7 @@ def choose_template(graph: Graph, node: Node) -> str:
         if groups > 1 and groups == cin and cin_g == 1:
             return "conv2d_depthwise"
         return "conv2d"
-    if node.op in ("dense", "maxpool2d", "avgpool2d", "global_avgpool", "add", "concat"):
+    if node.op in ("dense", "maxpool2d", "avgpool2d", "global_avgpool", "add", "concat", "lut"):
         return node.op
     raise LoweringError(f"op {node.op!r} of node {node.name!r} has no C kernel")
 
@@ -171,6 +171,12 @@ def _check_shapes(graph: Graph, node: Node) -> None:
             raise bad(f"inputs {ins} differ from the output {out} outside the channel axis")
         if sum(s[-1] for s in ins) != out[-1]:
             raise bad(f"channels of {ins} do not add up to {out[-1]}")
+    elif node.op == "lut":
+        if len(ins) != 1 or out != ins[0]:
+            raise bad(f"output shape {out} should be the input's {ins[0] if ins else ()}")
+        t = node.params.get("table")
+        if t is None or t.shape != (256,) or int(t.min()) < -128 or int(t.max()) > 127:
+            raise bad("params['table'] must hold 256 int8 values (indexed by input + 128)")
     if node.op in ("conv2d", "dense") and node.params.get("bias") is not None:
         bias = node.params["bias"]
         if bias.shape != (node.params["weight"].shape[0],):

@@ -17,6 +17,8 @@ the C templates and the test ids):
   add             two inputs, elementwise
   concat          inputs concatenated on the channel axis
   reshape         the NHWC memory order is kept; only the shape changes (flatten to (C,))
+  lut             an element-wise function (attrs function, args: `codegen.core.lut`); integer
+                  graphs carry its 256-entry int8 table, params table (indexed by q_in + 128)
 
 Float graphs carry `clamp` = (lo, hi) reals (fused ReLU, ReLU6, Hardtanh) in attrs. Integer graphs
 fold the clamp into `requant.lo`/`requant.hi` and carry `acc_bits` in attrs.
@@ -36,7 +38,17 @@ from codegen.core.formats import int_range
 
 WEIGHTED_OPS = frozenset({"conv2d", "dense"})
 OPS = frozenset(
-    {"conv2d", "dense", "maxpool2d", "avgpool2d", "global_avgpool", "add", "concat", "reshape"}
+    {
+        "conv2d",
+        "dense",
+        "maxpool2d",
+        "avgpool2d",
+        "global_avgpool",
+        "add",
+        "concat",
+        "reshape",
+        "lut",
+    }
 )
 
 

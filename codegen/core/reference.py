@@ -221,6 +221,13 @@ def concat(*xs: IntArray, node: Node) -> IntArray:
     return np.concatenate(parts, axis=-1)
 
 
+def lut(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    """The table lookup: out = table[x + 128] (the table holds the saturated outputs)."""
+    t = np.asarray(node.params["table"], dtype=np.int64)
+    assert t.shape == (256,), f"lut table of shape {t.shape}"
+    return t[x + 128]
+
+
 def reshape(x: IntArray, node: Node) -> IntArray:
     return x.reshape((x.shape[0], *node.attrs["shape"]))
 
@@ -232,6 +239,7 @@ KERNELS: dict[str, Callable[..., IntArray]] = {
     "avgpool2d": avgpool2d,
     "global_avgpool": global_avgpool,
     "add": add,
+    "lut": lut,
 }
 
 

@@ -9,6 +9,8 @@ gives the same float graph whichever way it arrives:
 - NCHW -> NHWC shapes and OHWI conv weights, zero biases for bias-less layers;
 - BatchNorm folded into the directly preceding conv/dense in float64;
 - ReLU/ReLU6/Hardtanh/clamp fused as a `clamp` attribute into the producer;
+- other element-wise activations (Hardswish, Sigmoid, ...) as one `lut` node each, named by
+  `codegen.core.lut` (the quantizer turns it into a table);
 - zero padding folded into the following conv (asymmetric padding kept);
 - flatten to (N, features) kept as a `reshape`, the following dense layer's columns permuted from
   (C, H, W) to the IR's (H, W, C) memory order;
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from codegen.core import lut
 from codegen.core.errors import InvalidModelError
 from codegen.core.ir import Graph, Node, Tensor
 
@@ -36,7 +39,7 @@ INF = math.inf
 Pad4 = tuple[int, int, int, int]
 """(top, bottom, left, right)"""
 
-CLAMP_OPS = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d")
+CLAMP_OPS = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d", "lut")
 """Ops an activation fuses into (and that carry a `clamp` attribute in the float graph)."""
 
 
@@ -264,6 +267,20 @@ class IRBuilder:
     ) -> None:
         x = self.tensor(x_value)
         self.emit(name, value, kind, [x], nchw, kernel=kernel, stride=stride, padding=padding)
+
+    def lut(
+        self,
+        name: str,
+        value: str,
+        x_value: str,
+        function: str,
+        args: tuple[float, ...],
+        nchw: tuple[int, ...],
+    ) -> None:
+        """An element-wise function (`codegen.core.lut.FUNCTIONS`) as a `lut` node."""
+        lut.check(function, args)
+        x = self.tensor(x_value)
+        self.emit(name, value, "lut", [x], nchw, function=function, args=tuple(map(float, args)))
 
     def global_avgpool(self, name: str, value: str, x_value: str, nchw: tuple[int, ...]) -> None:
         self.emit(name, value, "global_avgpool", [self.tensor(x_value)], nchw)

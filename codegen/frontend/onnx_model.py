@@ -43,8 +43,17 @@ MIN_OPSET = 11  # Clip bounds and Pad amounts as inputs
 SUPPORTED = (
     "Conv, Gemm, MatMul(+Add), BatchNormalization, Relu, Clip, MaxPool, AveragePool, "
     "GlobalAveragePool, ReduceMean(H, W), Flatten, Reshape, Add, Concat(axis 1), Pad, Dropout, "
-    "Identity"
+    "Identity, HardSwish, HardSigmoid, Sigmoid, Tanh, LeakyRelu, Gelu, x * Sigmoid(x) (SiLU), "
+    "x * HardSigmoid(x) (Hardswish)"
 )
+_LUT_OPS = {  # ONNX op -> the torch.fx name of the function (codegen.core.lut)
+    "HardSwish": "hardswish",
+    "HardSigmoid": "hardsigmoid",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "LeakyRelu": "leaky_relu",
+    "Gelu": "gelu",
+}
 _LEAF_MODULE_OPS = {
     "Conv",
     "Gemm",
@@ -55,6 +64,7 @@ _LEAF_MODULE_OPS = {
     "GlobalAveragePool",
     "Flatten",
     "Pad",
+    *_LUT_OPS,  # activations are usually modules (nn.Sigmoid)
 }
 _FUNCTION_NAMES = {  # the torch function an op comes from, when not from a leaf module
     "Add": "add",
@@ -68,6 +78,7 @@ _FUNCTION_NAMES = {  # the torch function an op comes from, when not from a leaf
     "ReduceMean": "mean",
     "Flatten": "flatten",
     "Reshape": "view",
+    **_LUT_OPS,
 }
 
 
@@ -155,6 +166,7 @@ class _Converter:
         )
         self.users.update(o.name for o in self.graph.output)
         self.names = Namespace()
+        self.fused: set[str] = set()  # outputs of nodes read as part of a pattern (SiLU's Mul)
         self.shapes, self.types = self._infer_shapes(chw)
         self.b = IRBuilder(c_identifier(name or self._model_name()), batch=1)
 
@@ -229,8 +241,9 @@ class _Converter:
                 return [str(v) for v in value] if isinstance(value, list) else []
         return []
 
-    def ir_name(self, node: onnx.NodeProto) -> str:
-        """The torch.fx name of the op this node came from, when the file says."""
+    def ir_name(self, node: onnx.NodeProto, function: str | None = None) -> str:
+        """The torch.fx name of the op this node came from, when the file says (`function`: the
+        torch function a pattern of ONNX ops comes from, for files that do not say)."""
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
             weight = re.fullmatch(r"([\w.]+)\.weight", node.input[1])
             if weight:  # the parameter's name survives exporters' fusions (Conv + BatchNorm)
@@ -249,7 +262,7 @@ class _Converter:
             parts = node.name.strip("/").split("/")
             if len(parts) > 1 and node.op_type in _LEAF_MODULE_OPS:
                 return self.names.create(parts[-2])
-            base = _FUNCTION_NAMES.get(node.op_type, node.op_type)
+            base = function or _FUNCTION_NAMES.get(node.op_type, node.op_type)
         else:
             base = node.name or node.op_type
         return self.names.create(re.sub(r"_\d+$", "", base))  # renumbered here, as fx does
@@ -448,6 +461,45 @@ class _Converter:
             self.shared(node),
         )
 
+    def lut(self, node: onnx.NodeProto) -> None:
+        """An element-wise function as a table node; Sigmoid(x) read only by Mul(x, Sigmoid(x))
+        is SiLU, HardSigmoid(x) (torch's) read only by Mul(x, HardSigmoid(x)) is Hardswish."""
+        a = self.attrs(node)
+        x = self.arg(node, 0)
+        function, value = _LUT_OPS[node.op_type], node.output[0]
+        args: tuple[float, ...] = ()
+        if node.op_type == "HardSigmoid":
+            alpha, beta = a.get("alpha", 0.2), a.get("beta", 0.5)
+            if np.float32(alpha) != np.float32(1 / 6) or np.float32(beta) != np.float32(0.5):
+                args = (_decimal(alpha), _decimal(beta))  # torch's is relu6(x + 3) / 6
+        elif node.op_type == "LeakyRelu":
+            args = (_decimal(a.get("alpha", 0.01)),)
+        elif node.op_type == "Gelu":
+            approximate = a.get("approximate", b"none")
+            approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+            if approximate not in ("none", "tanh"):
+                raise Reject(f"Gelu with approximate='{approximate}'")
+            function = "gelu_tanh" if approximate == "tanh" else "gelu"
+        times_x = {"sigmoid": "silu", "hardsigmoid": "hardswish"}.get(function)
+        if times_x is not None and not args and self.users[value] == 1:
+            mul = self.times_x(x, value)
+            if mul is not None:  # x * f(x): torch's export of SiLU (and of Hardswish, opset < 14)
+                self.fused.add(mul.output[0])
+                function, value = times_x, mul.output[0]
+        name = self.ir_name(node, function if value != node.output[0] else None)
+        self.b.lut(name, value, x, function, args, self.out(node))
+
+    def times_x(self, x: str, s: str) -> onnx.NodeProto | None:
+        """The Mul node of x * s, if any."""
+        for n in self.graph.node:
+            if n.op_type == "Mul" and x != s and sorted(n.input) == sorted((x, s)):
+                return n
+        return None
+
+    def mul(self, node: onnx.NodeProto) -> None:
+        if node.output[0] not in self.fused:  # only x * Sigmoid(x) etc., read with the function
+            raise self.fail(node)
+
     def pool(self, node: onnx.NodeProto) -> None:
         a = self.attrs(node)
         kind = "maxpool2d" if node.op_type == "MaxPool" else "avgpool2d"
@@ -564,6 +616,8 @@ class _Converter:
         "Pad": pad,
         "Dropout": identity,
         "Identity": identity,
+        "Mul": mul,
+        **dict.fromkeys(_LUT_OPS, lut),
     }
 
     # ------------------------------------------------------------------ driver

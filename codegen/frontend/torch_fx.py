@@ -64,7 +64,8 @@ class _Converter:
         what = what or f"unsupported op {_describe_target(node, self.modules)}"
         return UnsupportedModelError(
             f"{what} at node '{node.name}'; supported: Conv2d, Linear, BatchNorm, ReLU/ReLU6/"
-            "Hardtanh/clamp, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), flatten, add, cat(dim=1)"
+            "Hardtanh/clamp, Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/LeakyReLU/GELU, MaxPool2d, "
+            "AvgPool2d, AdaptiveAvgPool2d(1), flatten, add, cat(dim=1)"
         )
 
     def value(self, node: torch.fx.Node, arg: Any) -> str:
@@ -142,6 +143,17 @@ class _Converter:
 
     def clamp(self, node: torch.fx.Node, lo: float, hi: float) -> None:
         self.b.clamp(node.name, self.value(node, node.args[0]), lo, hi, self.shared(node))
+
+    def lut(self, node: torch.fx.Node, function: str, *args: Any) -> None:
+        x = self.value(node, node.args[0])
+        if function == "gelu" and args:  # GELU's `approximate`
+            if args[0] not in ("none", "tanh"):
+                raise self.fail(node, f"GELU with approximate={args[0]!r}")
+            function, args = ("gelu_tanh" if args[0] == "tanh" else "gelu"), ()
+        if any(isinstance(a, torch.fx.Node) for a in args):
+            raise self.fail(node, f"{_describe_target(node, self.modules)} with tensor arguments")
+        self.b.lut(node.name, node.name, x, function, tuple(float(a) for a in args),
+                   _shape(node)[1:])  # fmt: skip
 
     def pool(self, node: torch.fx.Node, kind: str, k: Any, s: Any, p: Any, **kw: Any) -> None:
         x = self.value(node, node.args[0])
@@ -273,6 +285,20 @@ class _Converter:
             self.clamp(node, 0.0, 6.0)
         elif isinstance(m, nn.Hardtanh):
             self.clamp(node, m.min_val, m.max_val)
+        elif isinstance(m, nn.Hardswish):
+            self.lut(node, "hardswish")
+        elif isinstance(m, nn.Hardsigmoid):
+            self.lut(node, "hardsigmoid")
+        elif isinstance(m, nn.SiLU):
+            self.lut(node, "silu")
+        elif isinstance(m, nn.Sigmoid):
+            self.lut(node, "sigmoid")
+        elif isinstance(m, nn.Tanh):
+            self.lut(node, "tanh")
+        elif isinstance(m, nn.LeakyReLU):
+            self.lut(node, "leaky_relu", m.negative_slope)
+        elif isinstance(m, nn.GELU):
+            self.lut(node, "gelu", m.approximate)
         elif isinstance(m, nn.MaxPool2d):
             self.pool(
                 node,
@@ -325,6 +351,20 @@ class _Converter:
             if isinstance(lo, torch.fx.Node) or isinstance(hi, torch.fx.Node):
                 raise self.fail(node, "clamp with tensor bounds")
             self.clamp(node, -INF if lo is None else lo, INF if hi is None else hi)
+        elif t is F.hardswish:
+            self.lut(node, "hardswish")
+        elif t is F.hardsigmoid:
+            self.lut(node, "hardsigmoid")
+        elif t is F.silu:
+            self.lut(node, "silu")
+        elif t in (torch.sigmoid, F.sigmoid) or method in ("sigmoid", "sigmoid_"):
+            self.lut(node, "sigmoid")
+        elif t in (torch.tanh, F.tanh) or method in ("tanh", "tanh_"):
+            self.lut(node, "tanh")
+        elif t is F.leaky_relu:
+            self.lut(node, "leaky_relu", arg(1, "negative_slope", 0.01))
+        elif t is F.gelu:
+            self.lut(node, "gelu", kw.get("approximate", "none"))
         elif t in (operator.add, operator.iadd, torch.add) or method in ("add", "add_"):
             self.add(node)
         elif t is torch.cat or t is torch.concat:

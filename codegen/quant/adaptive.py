@@ -42,9 +42,9 @@ from torch import nn
 from codegen.core import simulate
 from codegen.core.errors import QaccError
 from codegen.core.formats import int_range, round_half_up
-from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
+from codegen.core.ir import OPS, WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
 from codegen.quant.accumulator import channel_bounds
-from codegen.quant.ptq import tensor_classes
+from codegen.quant.ptq import refuse_unsupported, tensor_classes
 
 SCALES = ("dyadic", "pow2")
 MULT_BITS = 15
@@ -737,6 +737,7 @@ def quantize_adaptive(
     distill: bool = False,
 ) -> tuple[Graph, dict[str, Any]]:
     """Train, export and check; returns the integer graph and the method's report section."""
+    refuse_unsupported(graph, "adaptive", OPS - {"lut"})
     if scale not in SCALES:
         raise QaccError(f"unknown scale kind '{scale}'; choose dyadic or pow2")
     if epochs < 0:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from codegen.core import simulate
-from codegen.core.errors import InfeasibleAccumulatorError
+from codegen.core import lut, simulate
+from codegen.core.errors import InfeasibleAccumulatorError, UnsupportedModelError
 from codegen.core.formats import frac_for_range, round_half_up
 from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor, TensorUnion
 from codegen.core.progress import bar as progress_bar
@@ -78,6 +78,8 @@ def class_infos(graph: Graph, classes: TensorUnion, cal: Calibration) -> dict[st
             nonneg = True  # decided by the members that produce values
         else:
             nonneg = prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0
+            if prod.op == "lut" and lut.FUNCTIONS[prod.attrs["function"]].nonneg:
+                nonneg = True
         absmax = cal.absmax(t)
         clamp_hi = prod.attrs.get("clamp", (0, math.inf))[1] if prod is not None else math.inf
         absmax = min(absmax, max(abs(clamp_hi), 0.0)) if math.isfinite(clamp_hi) else absmax
@@ -338,10 +340,24 @@ def build_integer_graph(
             k = len(n.inputs)
             shifts = np.array([f.frac - fo.frac for f in fins], dtype=np.int64)
             rq = Requant(np.ones(k, dtype=np.int64), shifts, fo.zero_point, lo, hi)
+        elif n.op == "lut":  # the function is the table; nothing accumulates
+            table = lut.table(n.attrs["function"], n.attrs.get("args", ()), fins[0], fo, lo, hi)
+            params = {"table": table}
+            rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
         else:  # maxpool2d, reshape: the format is shared with the input
             rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
         nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
     return Graph(graph.name, tuple(nodes), tensors, graph.input, graph.output)
+
+
+def refuse_unsupported(graph: Graph, method: str, supported: frozenset[str]) -> None:
+    """A one-line error for the first node whose op `method` cannot quantize yet."""
+    for n in graph.nodes:
+        if n.op not in supported:
+            what = lut.FUNCTIONS[n.attrs["function"]].title if n.op == "lut" else n.op
+            raise UnsupportedModelError(
+                f"method '{method}' does not support {what} (node '{n.name}') yet; use method='ptq'"
+            )
 
 
 def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:

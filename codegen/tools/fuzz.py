@@ -5,13 +5,15 @@ Two kinds of cases, each a pure function of an integer seed (so a failure is rep
 * **integer graphs** (`random_graph`): built directly from the IR with random shapes, strides,
   padding, dilation, groups, weight bits (declared in attrs["weight_bits"] half of the time, so
   weights of <= 4 bits are stored packed), accumulator widths 8..32, input/output zero points,
-  clamps, requantization multipliers up to 33 bits, add and concat branches. Weights and inputs
+  clamps, requantization multipliers up to 33 bits, add and concat branches, element-wise
+  function tables (`lut`, from their own random stream). Weights and inputs
   are often drawn near the top of their range so that narrow accumulators wrap (the wrapped sum is
   the contract, so that is fine and tested).
 * **quantized torch models** (`random_model`): small random nn.Modules (conv/BN/ReLU/ReLU6,
-  depthwise, pools, residual add, concat, flatten, linear) through `codegen.quantize` with a random
-  accumulator width 8..32 and overflow policy. `InfeasibleAccumulatorError` is a valid answer
-  (counted as `infeasible`); any other exception is a failure.
+  Hardswish/SiLU/Sigmoid/Tanh/LeakyReLU, depthwise, pools, residual add, concat, flatten,
+  linear) through `codegen.quantize` with a random accumulator width 8..32 and overflow policy.
+  `InfeasibleAccumulatorError` is a valid answer (counted as `infeasible`); any other exception
+  is a failure.
 
 `run_campaign` builds many cases in one CMake project (`build.build_many`, -Werror, optionally
 ASan + UBSan) and runs each test bench on its sample inputs through the target's runner (QEMU for
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from codegen.backend.emit import emit, write_files
-from codegen.core import reference
+from codegen.core import lut, reference
 from codegen.core.errors import InfeasibleAccumulatorError
 from codegen.core.formats import IntArray, wrap
 from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, conv_out_size
@@ -301,9 +303,29 @@ def _flatten(b: _Builder, x: str) -> str:
     return b._add(node)
 
 
+def _lut(b: _Builder, x: str, rng: np.random.Generator) -> str:
+    """An element-wise function table, from the input's format to a random one."""
+    fin = b.tensors[x].fmt
+    assert fin is not None
+    function = str(rng.choice(sorted(lut.FUNCTIONS)))
+    args = {"leaky_relu": (float(rng.choice([0.01, 0.1, 0.3])),), "hardsigmoid": ()}
+    if rng.random() < 0.5:
+        fo = QFormat(8, True, int(rng.integers(2, 8)), int(rng.integers(-20, 21)))
+    else:
+        fo = QFormat(7, False, int(rng.integers(3, 8)))
+    table = lut.table(function, args.get(function, ()), fin, fo)
+    out = b._tensor(b.tensors[x].shape, fo)
+    rq = Requant(np.ones(1, np.int64), np.zeros(1, np.int64), fo.zero_point, fo.qmin, fo.qmax)
+    attrs = {"function": function, "args": args.get(function, ())}
+    return b._add(Node(f"lut{len(b.nodes)}", "lut", (x,), out, attrs, {"table": table}, rq))
+
+
 def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
-    """A random integer graph of 1..6 layers and its sample batch (quantized NHWC ints)."""
+    """A random integer graph of 1..6 layers and its sample batch (quantized NHWC ints); some
+    layers are followed by an element-wise table (drawn from their own stream, so a seed's other
+    layers do not depend on them)."""
     rng = np.random.default_rng([0x51ACC, seed])
+    lut_rng = np.random.default_rng([0x51ACC, seed, 1])
     b = _Builder(f"g{seed}", rng, batch)
     lo, hi = (0, 127) if rng.random() < 0.35 else (-128, 127)
     dist = str(rng.choice(["uniform", "uniform", "high", "low"]))
@@ -324,6 +346,8 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
                 t = _concat(b, [_dense(b, t), _dense(b, t)])
             else:
                 t = _add_op(b, t, _dense(b, t, shp[0]))
+            if lut_rng.random() < 0.2:
+                t = _lut(b, t, lut_rng)
             continue
         if r < 0.35:
             t = _conv(b, t)
@@ -342,6 +366,8 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
             t = _gap(b, t)
         else:
             t = _flatten(b, t)
+        if lut_rng.random() < 0.2:
+            t = _lut(b, t, lut_rng)
     if not b.nodes:
         t = _flatten(b, t)
     return b.graph()
@@ -356,12 +382,17 @@ def random_model(seed: int) -> tuple[Any, np.ndarray, np.ndarray, int, str]:
     from torch import nn
 
     rng = np.random.default_rng([0x70C4, seed])
+    lut_rng = np.random.default_rng([0x70C4, seed, 1])  # its own stream: other draws unchanged
     torch.manual_seed(int(rng.integers(0, 2**31)))
     cin = int(rng.integers(1, 5))
     size = int(rng.integers(4, 11))
 
     def act() -> nn.Module:
-        return [nn.ReLU(), nn.ReLU6(), nn.Identity()][int(rng.integers(0, 3))]
+        m = [nn.ReLU(), nn.ReLU6(), nn.Identity()][int(rng.integers(0, 3))]
+        if lut_rng.random() < 0.25:  # a table activation instead
+            luts = [nn.Hardswish(), nn.SiLU(), nn.Sigmoid(), nn.Tanh(), nn.LeakyReLU(0.1)]
+            return luts[int(lut_rng.integers(0, len(luts)))]
+        return m
 
     class Residual(nn.Module):
         def __init__(self, c: int):

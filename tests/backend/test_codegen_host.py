@@ -27,7 +27,7 @@ from codegen.backend.emit import RUNTIME, c_identifier, emit, write_files
 from codegen.backend.lower import LoweringError, lower
 from codegen.core import reference
 from codegen.core.formats import requantize, wrap
-from codegen.core.ir import Graph, Node, Tensor
+from codegen.core.ir import Graph, Node, QFormat, Tensor
 from codegen.targets.build import BuildResult, BuildTarget, build, build_many
 from codegen.targets.compiled import OutputDirError, compile, run_testbench
 from tests.graphs import GraphBuilder, overflowed
@@ -122,6 +122,15 @@ def _inception(b: GraphBuilder) -> None:
     f = b.conv2d(e, 15, (1, 1), acc_bits=20)
     t = b.add(e, f, acc_bits=20)  # e and f die here: the sum overwrites one of them
     b.conv2d(t, 3, (3, 3), (2, 2), acc_bits=20)
+
+
+def _conv_lut_chain(b: GraphBuilder) -> None:
+    """Tables after convolutions, in place over the conv outputs, and on a vector."""
+    x = b.input((7, 7, 3))
+    t = b.lut(b.conv2d(x, 6, (3, 3), padding=(1, 1, 1, 1), acc_bits=16), "hardswish")
+    t = b.lut(b.conv2d(t, 8, (3, 3), (2, 2), acc_bits=16), "silu")
+    t = b.lut(b.dense(b.flatten(t), 10, acc_bits=20), "tanh")
+    b.lut(t, "sigmoid", out=QFormat(7, False, 7))
 
 
 ACC_WIDTHS = range(8, 33)
@@ -336,6 +345,28 @@ CASES: list[Case] = [
     Case("concat-three-inputs-zero-points", _concat3),
     Case("concat-vectors", _concat_vectors),
     # networks
+    Case("lut-hardswish", lambda b: b.lut(b.input((6, 7, 5)), "hardswish")),
+    Case(
+        "lut-hardsigmoid-unsigned-out",
+        lambda b: b.lut(b.input((4, 5, 3)), "hardsigmoid", out=QFormat(7, False, 7)),
+    ),
+    Case(
+        "lut-hardsigmoid-affine-clamped",
+        lambda b: b.lut(b.input((4, 5, 3)), "hardsigmoid", (0.2, 0.5), lo=-100, hi=100),
+    ),
+    Case(
+        "lut-silu-zero-point",
+        lambda b: b.lut(b.input((5, 5, 4)), "silu", out=QFormat(8, True, 5, zero_point=-20)),
+    ),
+    Case("lut-sigmoid-unsigned-in", lambda b: b.lut(b.input((3, 9, 2), lo=0), "sigmoid")),
+    Case("lut-tanh-vector", lambda b: b.lut(b.input((37,)), "tanh", out=QFormat(8, True, 7))),
+    Case("lut-leaky-relu", lambda b: b.lut(b.input((5, 3, 6)), "leaky_relu", (0.01,))),
+    Case("lut-gelu", lambda b: b.lut(b.input((4, 4, 4)), "gelu")),
+    Case(
+        "lut-gelu-tanh-dyadic-out",
+        lambda b: b.lut(b.input((4, 4, 4)), "gelu_tanh", out=QFormat(8, True, 5, 3, step=0.0371)),
+    ),
+    Case("net-conv-lut-chain", _conv_lut_chain),
     Case("net-chain-cnn", _chain_net),
     Case("net-resnet-block", _resnet_block),
     Case("net-inception-inplace-add", _inception),

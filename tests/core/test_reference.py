@@ -194,3 +194,11 @@ def test_batching_does_not_change_results() -> None:
     a, b = reference.run(g, x, batch=1000), reference.run(g, x, batch=4)
     assert np.array_equal(a.output, b.output)
     assert a.overflow["c"].events == b.overflow["c"].events > 0
+
+
+def test_lut_is_the_table_at_input_plus_128() -> None:
+    table = np.arange(256, dtype=np.int64)[::-1] - 128  # out = -1 - q
+    node = Node("act", "lut", ("x",), "y", {"function": "tanh", "args": ()}, {"table": table})
+    x = np.array([[[[-128, -1, 0, 127]]]], dtype=np.int64)
+    assert np.array_equal(reference.run_node(node, [x]), -1 - x)
+    assert reference.KERNELS["lut"] is reference.lut

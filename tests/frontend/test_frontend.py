@@ -92,7 +92,80 @@ CASES = {
     ),
     "cat_dim1": lambda: Lambda(lambda s, x: torch.cat([s.a(x), x], dim=1), a=nn.Conv2d(C, 3, 1)),
     "cat_dim_neg3": lambda: Lambda(lambda s, x: torch.cat((x, s.a(x)), -3), a=nn.Conv2d(C, 2, 1)),
+    # element-wise functions: one `lut` node each (modules, functions, tensor methods)
+    "lut_modules": lambda: seq(
+        nn.Conv2d(C, 6, 3),
+        nn.Hardswish(),
+        nn.Hardsigmoid(),
+        nn.SiLU(),
+        nn.Sigmoid(),
+        nn.Tanh(),
+        nn.LeakyReLU(0.2),
+        nn.GELU(),
+        nn.GELU(approximate="tanh"),
+    ),
+    "lut_functions": lambda: Lambda(
+        lambda s, x: F.gelu(
+            F.leaky_relu(torch.tanh(F.silu(torch.sigmoid(F.hardsigmoid(F.hardswish(x)))))),
+            approximate="tanh",
+        )
+    ),
+    "lut_functions_2": lambda: Lambda(
+        lambda s, x: F.gelu(F.tanh(F.sigmoid(F.leaky_relu(x, negative_slope=0.3))))
+    ),
+    "lut_methods": lambda: Lambda(lambda s, x: x.sigmoid().tanh() + x.tanh().sigmoid()),
 }
+LUT_FUNCTIONS = {
+    "lut_modules": [
+        "hardswish",
+        "hardsigmoid",
+        "silu",
+        "sigmoid",
+        "tanh",
+        "leaky_relu",
+        "gelu",
+        "gelu_tanh",
+    ],
+    "lut_functions": [
+        "hardswish",
+        "hardsigmoid",
+        "sigmoid",
+        "silu",
+        "tanh",
+        "leaky_relu",
+        "gelu_tanh",
+    ],
+    "lut_functions_2": ["leaky_relu", "sigmoid", "tanh", "gelu"],
+    "lut_methods": ["sigmoid", "tanh", "tanh", "sigmoid"],
+}
+
+
+@pytest.mark.parametrize("case", list(LUT_FUNCTIONS))
+def test_activations_are_lut_nodes(case: str) -> None:
+    g = from_torch(CASES[case]().eval(), np.zeros((1, C, 8, 8), np.float32))
+    luts = [n for n in g.nodes if n.op == "lut"]
+    assert [n.attrs["function"] for n in luts] == LUT_FUNCTIONS[case]
+    slopes = [n.attrs["args"] for n in luts if n.attrs["function"] == "leaky_relu"]
+    want = {"lut_modules": [(0.2,)], "lut_functions": [(0.01,)], "lut_functions_2": [(0.3,)]}
+    assert slopes == want.get(case, [])
+    assert all(n.attrs["args"] == () for n in luts if n.attrs["function"] != "leaky_relu")
+
+
+def test_inplace_methods_are_lut_nodes() -> None:
+    g = from_torch(
+        Lambda(lambda s, x: s.c(x).sigmoid_().tanh_(), c=nn.Conv2d(C, 3, 1)),
+        np.zeros((1, C, 8, 8), np.float32),
+    )
+    assert [n.attrs.get("function") for n in g.nodes] == [None, "sigmoid", "tanh"]
+
+
+def test_clamp_after_lut_is_fused() -> None:
+    g = from_torch(
+        Lambda(lambda s, x: F.relu(torch.tanh(x))),
+        np.zeros((1, C, 8, 8), np.float32),
+    )
+    assert [n.op for n in g.nodes] == ["lut"]
+    assert g.nodes[0].attrs["clamp"] == (0.0, float("inf"))
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
@@ -123,7 +196,7 @@ def test_graph_is_nhwc_with_fusions() -> None:
             Lambda(lambda s, x: torch.topk(x.flatten(1), 3).values),
             "unsupported op torch.topk at node 'topk'",
         ),
-        (seq(nn.Conv2d(C, 3, 1), nn.Sigmoid()), "unsupported op Sigmoid (module '1') at node '_1'"),
+        (seq(nn.Conv2d(C, 3, 1), nn.ELU()), "unsupported op ELU (module '1') at node '_1'"),
         (Lambda(lambda s, x: x * 2), "at node 'mul'"),
         (seq(nn.Conv2d(C, 3, 1), nn.MaxPool2d(2, ceil_mode=True)), "MaxPool2d with ceil_mode=True"),
         (seq(nn.AdaptiveAvgPool2d(2)), "AdaptiveAvgPool2d to 2 (only to 1x1)"),

@@ -183,7 +183,17 @@ def _quantize(model: nn.Module | Path, calib: np.ndarray, acc: int) -> Quantized
 
 
 @pytest.mark.parametrize("acc", [16, 32])
-@pytest.mark.parametrize("key", [*WHOLE, "frontend_zeropad_asymmetric", "frontend_hardtanh"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        *WHOLE,
+        "frontend_zeropad_asymmetric",
+        "frontend_hardtanh",
+        "frontend_lut_modules",
+        "frontend_lut_functions",
+        "frontend_lut_functions_2",
+    ],
+)
 def test_integer_graph_and_outputs_are_the_torch_ones(
     exported: Exported, key: str, acc: int
 ) -> None:
@@ -232,12 +242,12 @@ def _opset_model(path: Path, src: Path, version: int) -> Path:
 def test_errors(tmp_path: Path, exported: Exported) -> None:
     _, calib = exported.model("plain")
     sig = export(
-        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid()).eval(),
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softmax(dim=1)).eval(),
         calib[:1],
         tmp_path / "sig.onnx",
         "dynamo",
     )
-    with pytest.raises(UnsupportedModelError, match=r"^unsupported ONNX op Sigmoid at node '\w+'"):
+    with pytest.raises(UnsupportedModelError, match=r"^unsupported ONNX op Softmax at node '\w+'"):
         from_onnx(sig, calib)
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(exported.file("plain", "dynamo").read_bytes()[:100])
@@ -296,7 +306,7 @@ def test_cli_errors_are_one_line(
     _, calib = exported.model("plain")
     np.save(tmp_path / "calib.npy", calib)
     sig = export(
-        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid()).eval(),
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softmax(dim=1)).eval(),
         calib[:1],
         tmp_path / "sig.onnx",
         "dynamo",
@@ -305,7 +315,7 @@ def test_cli_errors_are_one_line(
     broken.write_bytes(b"this is not a protobuf\x00\xff" * 10)
     old = _opset_model(tmp_path / "old.onnx", exported.file("plain", "dynamo"), 9)
     cases = [
-        (sig, "unsupported ONNX op Sigmoid at node"),
+        (sig, "unsupported ONNX op Softmax at node"),
         (broken, "is not a"),
         (old, "uses ONNX opset 9"),
         (tmp_path / "missing.onnx", "ONNX file '.*missing.onnx' does not exist"),
@@ -399,3 +409,82 @@ def test_hand_made_file_matches_onnx_semantics(tmp_path: Path) -> None:
     want = ReferenceEvaluator(str(path)).run(None, {"x": x})[0]
     got = simulate.nhwc_to_nchw(simulate.run(g, simulate.nchw_to_nhwc(x.astype(np.float64))))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # the reference runs float32
+
+
+@pytest.mark.parametrize("opset", [13, 20])
+def test_activation_patterns_of_older_opsets(tmp_path: Path, opset: int) -> None:
+    """Before opset 14 torch writes Hardswish as x * HardSigmoid(x), and SiLU is always
+    x * Sigmoid(x): each is read back as one table node, the torch one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(C, 5, 3), nn.Hardswish(), nn.SiLU(), nn.Hardsigmoid(), nn.LeakyReLU(0.3),
+        nn.Sigmoid(), nn.Tanh(),
+    ).eval()  # fmt: skip
+    calib = np.random.default_rng(1).standard_normal((4, C, 8, 8)).astype(np.float32)
+    path = export(model, calib[:1], tmp_path / "acts.onnx", "torchscript", opset_version=opset)
+    want = from_torch(model, calib)
+    assert_same_graph(want, from_onnx(path, calib, want.name))
+    qm = _quantize(model, calib, 16)
+    got = codegen.quantize(str(path), calib, acc_bits=16, progress=False, name=want.name)
+    assert_same_graph(qm.graph, got.graph)
+    assert np.array_equal(got.reference_int(calib), qm.reference_int(calib))
+
+
+def test_hand_made_activations_match_onnx_semantics(tmp_path: Path) -> None:
+    """HardSigmoid with its own alpha/beta, LeakyRelu's default alpha, a Sigmoid that is not SiLU
+    (its output is read twice), and Mul other than x * Sigmoid(x) refused in one line."""
+    from onnx.reference import ReferenceEvaluator
+
+    from codegen.core import simulate
+
+    h = onnx.helper
+
+    def save(nodes: list[onnx.NodeProto], name: str) -> Path:
+        graph = h.make_graph(
+            nodes,
+            name,
+            [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 4, 4])],
+            [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3, 4, 4])],
+        )
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 20)]), str(path))
+        return path
+
+    path = save(
+        [
+            h.make_node("HardSigmoid", ["x"], ["a"], alpha=0.3, beta=0.4),
+            h.make_node("LeakyRelu", ["x"], ["b"]),
+            h.make_node("Sigmoid", ["b"], ["s"]),
+            h.make_node("Tanh", ["s"], ["t"]),
+            h.make_node("Add", ["s", "t"], ["u"]),
+            h.make_node("Gelu", ["u"], ["v"], approximate="tanh"),
+            h.make_node("Add", ["a", "v"], ["y"]),
+        ],
+        "acts",
+    )
+    x = np.random.default_rng(1).standard_normal((3, 3, 4, 4)).astype(np.float32) * 3
+    g = from_onnx(path, x)
+    luts = [(n.attrs["function"], n.attrs["args"]) for n in g.nodes if n.op == "lut"]
+    assert luts == [
+        ("hardsigmoid", (0.3, 0.4)),
+        ("leaky_relu", (0.01,)),
+        ("sigmoid", ()),
+        ("tanh", ()),
+        ("gelu_tanh", ()),
+    ]
+    want = ReferenceEvaluator(str(path)).run(None, {"x": x})[0]
+    got = simulate.nhwc_to_nchw(simulate.run(g, simulate.nchw_to_nhwc(x.astype(np.float64))))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    mul = save(
+        [
+            h.make_node("Sigmoid", ["x"], ["s"]),
+            h.make_node("Tanh", ["x"], ["t"]),
+            h.make_node("Mul", ["t", "s"], ["y"]),
+        ],
+        "mul",
+    )
+    with pytest.raises(
+        UnsupportedModelError, match=r"^unsupported ONNX op Mul at node 'y' \(Mul\)"
+    ):
+        from_onnx(mul, x)

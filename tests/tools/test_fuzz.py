@@ -89,7 +89,7 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
         "conv2d_acc16", "conv2d_acc32", "conv2d_pointwise_acc16", "conv2d_pointwise_acc32",
         "conv2d_depthwise_acc16", "conv2d_depthwise_acc32", "dense_acc16", "dense_acc32",
         "maxpool2d", "avgpool2d_acc16", "avgpool2d_acc32", "global_avgpool_acc16",
-        "global_avgpool_acc32", "add_acc16", "add_acc32", "concat",
+        "global_avgpool_acc32", "add_acc16", "add_acc32", "concat", "lut",
     ):  # fmt: skip
         assert kernels[k] > 0, (k, kernels)
     assert set(range(8, 33)) <= widths
