@@ -35,30 +35,55 @@ class QuantizedModel:
     report: dict[str, Any] = field(default_factory=dict)
 
     # -- conversions between the user's float NCHW data and the integer graph's NHWC ints
+    # (a 1-D sequence model takes and gives (N, C, L) floats and (N, L, C) ints: the IR's
+    # (N, 1, L, C) images without H)
     def quantize_input(self, x: np.ndarray) -> IntArray:
-        return quantize_images(_check_images(x, self.float_graph, "inputs"), self.graph)
+        """Float inputs (N x C x H x W, N x C x L or N x F) to ints in the input format, in the
+        C's memory order (NHWC, NLC, NF)."""
+        x = to_ir_input(_check_images(x, self.float_graph, "inputs"), self.graph)
+        return self._user_int(quantize_images(x, self.graph), self.graph.input)
 
     def dequantize_output(self, q: np.ndarray) -> np.ndarray:
         fmt = self.graph.tensors[self.graph.output].fmt
         assert fmt is not None
-        return simulate.nhwc_to_nchw(dequantize(q, 0, fmt.zero_point) * fmt.scale)
+        y = dequantize(np.asarray(q), 0, fmt.zero_point) * fmt.scale
+        if self.graph.output in self.graph.sequences and y.ndim == 3:
+            return np.ascontiguousarray(y.transpose(0, 2, 1))  # (N, L, C) -> (N, C, L)
+        return simulate.nhwc_to_nchw(y)
+
+    def _user_int(self, q: IntArray, tensor: str) -> IntArray:
+        """An IR-shaped int batch as the user sees it: a sequence (N, 1, L, C) as (N, L, C)."""
+        return q[:, 0] if tensor in self.graph.sequences and q.ndim == 4 else q
+
+    def _user_float(self, y: np.ndarray) -> np.ndarray:
+        """An IR-shaped float output (NHWC) in the framework's layout (NCHW, NCL, NF)."""
+        if self.graph.output in self.graph.sequences and y.ndim == 4:
+            return np.ascontiguousarray(y[:, 0].transpose(0, 2, 1))
+        return simulate.nhwc_to_nchw(y)
+
+    def _ir_int(self, q: IntArray) -> IntArray:
+        return q.reshape((q.shape[0], *self.graph.tensors[self.graph.input].shape))
 
     # -- the integer reference
     def reference_int(self, x: np.ndarray) -> IntArray:
-        """Integer output of the last layer (NHWC order for image outputs, as the C writes it)."""
-        return reference.run(self.graph, self.quantize_input(x)).output
+        """Integer output of the last layer (NHWC order for image outputs, NLC for sequences,
+        as the C writes it)."""
+        return self.run_reference(x).output
 
     def reference(self, x: np.ndarray) -> np.ndarray:
         """The integer reference dequantized to floats (NCHW for images, like torch)."""
         return self.dequantize_output(self.reference_int(x))
 
     def run_reference(self, x: np.ndarray) -> RunResult:
-        """The integer reference with per-layer overflow statistics."""
-        return reference.run(self.graph, self.quantize_input(x))
+        """The integer reference with per-layer overflow statistics (`output` shaped like
+        `reference_int`'s, `tensors` in the IR's shapes)."""
+        res = reference.run(self.graph, self._ir_int(self.quantize_input(x)))
+        res.output = self._user_int(res.output, self.graph.output)
+        return res
 
     def simulate(self, x: np.ndarray) -> np.ndarray:
         """Float64 fake-quant simulation of the same formats (== `reference` when guaranteed)."""
-        x = _check_images(x, self.float_graph, "inputs")
+        x = to_ir_input(_check_images(x, self.float_graph, "inputs"), self.graph)
         formats = {t: v.fmt for t, v in self.graph.tensors.items() if v.fmt is not None}
         out = simulate.run(
             self.graph,
@@ -66,11 +91,11 @@ class QuantizedModel:
             formats=formats,
             overrides=fakequant_overrides(self.graph),
         )
-        return simulate.nhwc_to_nchw(out)
+        return self._user_float(out)
 
     def float_output(self, x: np.ndarray) -> np.ndarray:
-        x = _check_images(x, self.float_graph, "inputs")
-        return simulate.nhwc_to_nchw(simulate.run(self.float_graph, simulate.nchw_to_nhwc(x)))
+        x = to_ir_input(_check_images(x, self.float_graph, "inputs"), self.float_graph)
+        return self._user_float(simulate.run(self.float_graph, simulate.nchw_to_nhwc(x)))
 
     def overflow_report(self, x: np.ndarray) -> dict[str, dict[str, int]]:
         """Per weighted layer: accumulator values that overflowed and samples with any overflow."""
@@ -81,6 +106,11 @@ class QuantizedModel:
         }
 
 
+def to_ir_input(x: np.ndarray, graph: Graph) -> np.ndarray:
+    """Framework-layout inputs as the IR's: a sequence batch (N, C, L) is (N, C, 1, L)."""
+    return x[:, :, None, :] if graph.input in graph.sequences and x.ndim == 3 else x
+
+
 def _check_images(x: Any, graph: Graph, what: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise InvalidDataError(f"{what} must be a numpy array, got {type(x).__name__}")
@@ -89,7 +119,11 @@ def _check_images(x: Any, graph: Graph, what: str) -> np.ndarray:
             f"{what} must be float32 (got dtype {x.dtype}); convert with .astype('float32')"
         )
     shape = graph.tensors[graph.input].shape
-    want = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
+    want: tuple[int, ...]
+    if graph.input in graph.sequences:
+        want = (shape[2], shape[1])
+    else:
+        want = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
     if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != tuple(want):
         raise InvalidDataError(
             f"{what} have shape {tuple(x.shape)}, the model takes N x {' x '.join(map(str, want))}"
@@ -106,9 +140,10 @@ def _check_calib(calib: Any) -> np.ndarray:
         raise InvalidDataError(
             f"calibration data must be a numpy array, got {type(calib).__name__}"
         )
-    if calib.ndim != 4:
+    if not 2 <= calib.ndim <= 4:
         raise InvalidDataError(
-            f"calibration data must be N x C x H x W, got shape {tuple(calib.shape)}"
+            "calibration data must be N x C x H x W (images), N x C x L (sequences) or N x F "
+            f"(vectors), got shape {tuple(calib.shape)}"
         )
     if calib.dtype.kind != "f":
         raise InvalidDataError(
@@ -195,6 +230,7 @@ def quantize(
     `transform_deploy` "auto" (fewer flash bytes), "factored" (coefficient layer + 1x1 layer
     holding the transform) or "reconstructed" (weights U Y requantized to 8 bits);
     `transform="uniform"` is the baseline: every weight at the same bit depth per layer.
+
     """
     if method not in METHODS:
         raise QaccError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
@@ -203,6 +239,7 @@ def quantize(
     calib = _check_calib(calib)
     fg = float_graph(model, calib, name)
     _check_images(calib, fg, "calibration data")
+    calib_ir = to_ir_input(calib, fg)  # what the quantizers read (NCHW; a sequence as H = 1)
     out_shape = fg.tensors[fg.output].shape
     lab = _check_labels(labels, calib.shape[0], out_shape[-1])
     if acc_bits is None:
@@ -217,7 +254,7 @@ def quantize(
             raise QaccError("method 'adaptive' trains for overflow='guaranteed' only")
         graph, extra = quantize_adaptive(
             fg,
-            calib,
+            calib_ir,
             _check_train(train, fg, "adaptive"),
             accs,
             w_bits=w_bits,
@@ -233,7 +270,7 @@ def quantize(
 
         graph, extra = quantize_transform(
             fg,
-            calib,
+            calib_ir,
             None if train is None else _check_train(train, fg, "transform"),
             accs,
             policy=cast(Policy, overflow),
@@ -246,7 +283,7 @@ def quantize(
             labels=lab,
         )
     else:
-        res = search(fg, simulate.nchw_to_nhwc(calib), lab, accs, cast(Policy, overflow), margin,
+        res = search(fg, simulate.nchw_to_nhwc(calib_ir), lab, accs, cast(Policy, overflow), margin,
                      progress)  # fmt: skip
         graph = res.graph
     qm = QuantizedModel(fg.name, graph, fg, method, overflow)
@@ -278,6 +315,7 @@ def _check_train(train: Any, fg: Graph, method: str) -> tuple[np.ndarray, np.nda
             f"method '{method}' needs train=(x_train, y_train): inputs N x C x H x W and labels"
         )
     x = _check_images(train[0], fg, "training inputs").astype(np.float32, copy=False)
+    x = to_ir_input(x, fg)
     y = _check_labels(train[1], x.shape[0], fg.tensors[fg.output].shape[-1])
     assert y is not None
     return x, y
@@ -285,7 +323,7 @@ def _check_train(train: Any, fg: Graph, method: str) -> tuple[np.ndarray, np.nda
 
 def build_report(qm: QuantizedModel, res: PTQResult | None, calib: np.ndarray) -> dict[str, Any]:
     g = qm.graph
-    run = reference.run(g, qm.quantize_input(calib))
+    run = qm.run_reference(calib)
     layers = []
     total_macs = 0
     weight_bytes = 0

@@ -3,7 +3,7 @@
 One `Graph` type serves both the float graph (what the frontend produces: float weights, no
 formats) and the integer graph (what `quantize` produces: integer weights, a `QFormat` on every
 tensor, a `Requant` on every node that rescales). Layout is NHWC; tensor shapes exclude the batch
-dimension: (H, W, C) for images, (C,) for vectors.
+dimension: (H, W, C) for images, (C,) for vectors, (1, L, C) for 1-D sequences (`Graph.sequences`).
 
 Ops and their attributes (the integer kernels share these names with the reference functions,
 the C templates and the test ids):
@@ -17,7 +17,8 @@ the C templates and the test ids):
   add             two inputs, elementwise
   concat          inputs concatenated on the channel axis
   reshape         the NHWC memory order is kept; only the shape changes (flatten to (C,))
-  lut             an element-wise function (attrs function, args: `codegen.core.lut`); integer
+  lut             an element-wise function (attrs function, args: `codegen.core.lut`; also a
+                  ReLU/clamp that fuses into no producer, with its bounds as `clamp`); integer
                   graphs carry its 256-entry int8 table, params table (indexed by q_in + 128)
 
 Float graphs carry `clamp` = (lo, hi) reals (fused ReLU, ReLU6, Hardtanh) in attrs. Integer graphs
@@ -134,6 +135,10 @@ class Graph:
     tensors: Mapping[str, Tensor]
     input: str
     output: str
+    sequences: frozenset[str] = frozenset()
+    """Tensors that are 1-D sequences in the framework ((N, C, L), Conv1d and friends): their IR
+    shape is the image (1, L, C) (H = 1); the API shows them to users as (N, C, L) floats and
+    (N, L, C) integers."""
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

@@ -1,10 +1,10 @@
 """Element-wise nonlinearities as per-layer int8 lookup tables (the IR op `lut`).
 
 A `lut` node carries `attrs["function"]` (a name in `FUNCTIONS`) and `attrs["args"]` (its float
-parameters: LeakyReLU's negative slope, a non-default HardSigmoid's alpha and beta; empty
-otherwise). The float graph evaluates the real function (`apply`); the integer graph carries the
-256-entry table `params["table"]` that `table` computes from the real function and the input and
-output formats:
+parameters: LeakyReLU's negative slope, a non-default HardSigmoid's alpha and beta, clamp's lo
+and hi (either may be infinite); empty otherwise). The float graph evaluates the real function
+(`apply`); the integer graph carries the 256-entry table `params["table"]` that `table` computes
+from the real function and the input and output formats:
 
     table[q + 128] = saturate(round_half_up(f((q - zp_in) * scale_in) / scale_out) + zp_out, lo, hi)
 
@@ -57,6 +57,10 @@ FUNCTIONS: dict[str, Function] = {
     "leaky_relu": Function(lambda x, s: F.leaky_relu(x, s), "LeakyReLU", False, (1,)),
     "gelu": Function(lambda x: F.gelu(x), "GELU", False),
     "gelu_tanh": Function(lambda x: F.gelu(x, approximate="tanh"), "GELU(tanh)", False),
+    # ReLU/ReLU6/Hardtanh/clamp that cannot fuse into a producer (after a concat, on the input,
+    # after another table...): exact by construction, the table holds the clamped input
+    "relu": Function(lambda x: F.relu(x), "ReLU", True),
+    "clamp": Function(lambda x, lo, hi: x.clamp(lo, hi), "clamp", False, (2,)),
 }
 
 

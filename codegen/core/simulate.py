@@ -12,6 +12,7 @@ the float-side twin of `codegen.core.formats.requantize` (round half up, saturat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,7 +62,11 @@ def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> to
         return F.linear(x, _param(node, over, "weight", x), _param(node, over, "bias", x))
     if node.op == "maxpool2d":
         top, bottom, left, right = a["padding"]
-        return F.max_pool2d(x, a["kernel"], a["stride"], padding=(top, left))
+        if top == bottom and left == right:
+            return F.max_pool2d(x, a["kernel"], a["stride"], padding=(top, left))
+        # asymmetric (a ceil_mode pool's extra bottom/right): padding that never wins the max
+        xp = F.pad(x, (left, right, top, bottom), value=-math.inf)
+        return F.max_pool2d(xp, a["kernel"], a["stride"])
     if node.op == "avgpool2d":
         top, bottom, left, right = a["padding"]
         kh, kw = a["kernel"]

@@ -8,7 +8,11 @@ gives the same float graph whichever way it arrives:
 
 - NCHW -> NHWC shapes and OHWI conv weights, zero biases for bias-less layers;
 - BatchNorm folded into the directly preceding conv/dense in float64;
-- ReLU/ReLU6/Hardtanh/clamp fused as a `clamp` attribute into the producer;
+- ReLU/ReLU6/Hardtanh/clamp fused as a `clamp` attribute into the producer; one that cannot fuse
+  (after a concat, on the input, on a value read twice) as a `lut` node (`relu`, `clamp`);
+- a BatchNorm that does not follow a conv/dense (pre-activation networks) as a depthwise 1x1 conv
+  with bias (y = x * s + b per channel);
+- 1-D sequences (N, C, L) as images (N, C, 1, L): IR shape (1, L, C), listed in `Graph.sequences`;
 - other element-wise activations (Hardswish, Sigmoid, ...) as one `lut` node each, named by
   `codegen.core.lut` (the quantizer turns it into a table);
 - zero padding folded into the following conv (asymmetric padding kept);
@@ -26,6 +30,7 @@ import builtins
 import keyword
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +63,18 @@ class RawNode:
     params: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def as_image(nchw: tuple[int, ...]) -> tuple[int, ...]:
+    """A framework shape (no batch) as the builder records it: a sequence (C, L) is (C, 1, L)."""
+    shape = tuple(int(d) for d in nchw)
+    return (shape[0], 1, shape[1]) if len(shape) == 2 else shape
+
+
+def ceil_extra(size: int, k: int, s: int, p0: int, p1: int, out: int) -> int:
+    """Extra bottom/right padding that gives a ceil_mode max pool its last, partial window (the
+    framework's `out`; its last window always starts inside the input or the first padding)."""
+    return max(0, (out - 1) * s + k - (size + p0 + p1))
+
+
 def to_nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(shape) == 3:
         c, h, w = shape
@@ -82,6 +99,7 @@ class IRBuilder:
         self.src_shapes: dict[str, tuple[int, ...]] = {}  # IR tensor -> NCHW shape, no batch
         self.alias: dict[str, str] = {}  # frontend value -> IR tensor
         self.pending_pad: dict[str, tuple[str, Pad4]] = {}  # zero padding awaiting its conv
+        self.sequences: set[str] = set()  # IR tensors that are (C, L) sequences in the framework
         self.input_name = ""
         self.output_name = ""
 
@@ -101,8 +119,16 @@ class IRBuilder:
         self.alias[value] = self.tensor(src_value)
 
     def _record(self, tensor: str, nchw: tuple[int, ...]) -> None:
-        self.src_shapes[tensor] = tuple(int(d) for d in nchw)
-        self.shapes[tensor] = to_nhwc(self.src_shapes[tensor])
+        shape = as_image(nchw)
+        if len(nchw) == 2:  # a 1-D sequence (C, L): the image (C, 1, L)
+            self.sequences.add(tensor)
+        self.src_shapes[tensor] = shape
+        self.shapes[tensor] = to_nhwc(shape)
+
+    def framework_shape(self, tensor: str) -> tuple[int, ...]:
+        """The shape (no batch) the framework gives an IR tensor: (C, L) for a sequence."""
+        shape = self.src_shapes[tensor]
+        return (shape[0], shape[2]) if tensor in self.sequences else shape
 
     def set_input(self, name: str, value: str, nchw: tuple[int, ...]) -> None:
         if self.input_name:
@@ -222,12 +248,29 @@ class IRBuilder:
         eps: float,
         shared: bool,
         title: str,
+        name: str | Callable[[], str] | None = None,
     ) -> None:
-        """Fold an inference BatchNorm into the conv/dense that directly precedes it."""
+        """Fold an inference BatchNorm into the conv/dense that directly precedes it; any other
+        BatchNorm of an image or sequence (`name` given) is a depthwise 1x1 conv with bias."""
         x = self.tensor(x_value)
         prod = self._fusable(x, shared, ("conv2d", "dense"))
         if prod is None or "clamp" in prod.attrs:
-            raise Reject(f"{title} that does not directly follow a Conv2d/Linear")
+            if name is None or len(self.shapes[x]) != 3:
+                raise Reject(f"{title} of features that does not directly follow a Linear")
+            k = gamma / np.sqrt(var + eps)
+            self.conv(
+                name if isinstance(name, str) else name(),
+                value,
+                x_value,
+                k.reshape(-1, 1, 1, 1),
+                beta - mean * k,
+                stride=(1, 1),
+                padding=(0, 0, 0, 0),
+                dilation=(1, 1),
+                groups=int(k.shape[0]),
+                nchw=self.framework_shape(x),
+            )
+            return
         k = gamma / np.sqrt(var + eps)
         w = prod.params["weight"]
         prod.params["weight"] = w * k.reshape((-1,) + (1,) * (w.ndim - 1))
@@ -243,11 +286,34 @@ class IRBuilder:
         prod.params["bias"] = prod.params["bias"] + bias
         self.alias[value] = x
 
-    def clamp(self, value: str, x_value: str, lo: float, hi: float, shared: bool) -> None:
+    def clamp(
+        self,
+        value: str,
+        x_value: str,
+        lo: float,
+        hi: float,
+        shared: bool,
+        name: str | Callable[[], str] | None = None,
+    ) -> None:
+        """Fuse a clamp into its producer; else (`name` given) a `lut` node of `relu`/`clamp`."""
         x = self.tensor(x_value)
         prod = self._fusable(x, shared, CLAMP_OPS)
         if prod is None:
-            raise Reject("activation that does not directly follow a conv/linear/add/pool")
+            if name is None:
+                raise Reject("activation that does not directly follow a conv/linear/add/pool")
+            lo, hi = float(lo), float(hi)
+            function, args = ("relu", ()) if (lo, hi) == (0.0, INF) else ("clamp", (lo, hi))
+            r = self.emit(
+                name if isinstance(name, str) else name(),
+                value,
+                "lut",
+                [x],
+                self.framework_shape(x),
+                function=function,
+                args=args,
+            )
+            r.attrs["clamp"] = (lo, hi)
+            return
         old_lo, old_hi = prod.attrs.get("clamp", (-INF, INF))
         prod.attrs["clamp"] = (max(old_lo, float(lo)), min(old_hi, float(hi)))
         self.alias[value] = x
@@ -266,6 +332,9 @@ class IRBuilder:
         nchw: tuple[int, ...],
     ) -> None:
         x = self.tensor(x_value)
+        if kernel == (1, 1) and stride == (1, 1) and not any(padding):
+            self.alias[value] = x  # a 1x1 window (an adaptive pool to the input's own size)
+            return
         self.emit(name, value, kind, [x], nchw, kernel=kernel, stride=stride, padding=padding)
 
     def lut(
@@ -294,6 +363,16 @@ class IRBuilder:
             self.alias[value] = x
             return
         self.emit(name, value, "reshape", [x], out[1:], shape=(out[1],))
+
+    def view_as(self, value: str, x_value: str, nchw: tuple[int, ...]) -> None:
+        """A reshape that keeps the builder's image shape: a sequence (C, L) seen as the image
+        (C, 1, L) or back (ONNX Unsqueeze / Squeeze around a 1-D op)."""
+        x = self.tensor(x_value)
+        if as_image(nchw) != self.src_shapes[x]:
+            raise Reject(f"reshape to {tuple(nchw)} (only flatten to (N, features) is supported)")
+        if len(nchw) == 2:
+            self.sequences.add(x)
+        self.alias[value] = x
 
     def add(self, name: str, value: str, a_value: str, b_value: str, nchw: tuple[int, ...]) -> None:
         xa, xb = self.tensor(a_value), self.tensor(b_value)
@@ -327,7 +406,8 @@ class IRBuilder:
         tensors = {t: Tensor(t, self.shapes[t]) for t in self.shapes if t in live}
         if self.output_name == self.input_name or not nodes:
             raise InvalidModelError("the model computes nothing from its input")
-        return Graph(self.name, tuple(nodes), tensors, self.input_name, self.output_name)
+        seqs = frozenset(t for t in self.sequences if t in live)
+        return Graph(self.name, tuple(nodes), tensors, self.input_name, self.output_name, seqs)
 
 
 class Namespace:

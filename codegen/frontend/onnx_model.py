@@ -37,14 +37,24 @@ from onnx.reference import ReferenceEvaluator
 
 from codegen.core.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
 from codegen.core.ir import Graph
-from codegen.frontend.builder import INF, IRBuilder, Namespace, Pad4, Reject, c_identifier
+from codegen.frontend.builder import (
+    INF,
+    IRBuilder,
+    Namespace,
+    Pad4,
+    Reject,
+    as_image,
+    c_identifier,
+    ceil_extra,
+)
 
 MIN_OPSET = 11  # Clip bounds and Pad amounts as inputs
 SUPPORTED = (
-    "Conv, Gemm, MatMul(+Add), BatchNormalization, Relu, Clip, MaxPool, AveragePool, "
-    "GlobalAveragePool, ReduceMean(H, W), Flatten, Reshape, Add, Concat(axis 1), Pad, Dropout, "
-    "Identity, HardSwish, HardSigmoid, Sigmoid, Tanh, LeakyRelu, Gelu, x * Sigmoid(x) (SiLU), "
-    "x * HardSigmoid(x) (Hardswish)"
+    "Conv (1-D, 2-D), Gemm, MatMul(+Add), BatchNormalization, Relu, Clip, MaxPool, AveragePool, "
+    "GlobalAveragePool, GlobalMaxPool, ReduceMean/ReduceMax(H, W), Flatten, Reshape, Add, "
+    "Concat(axis 1), Pad, Dropout, Identity, Unsqueeze/Squeeze (around 1-D ops), HardSwish, "
+    "HardSigmoid, Sigmoid, Tanh, LeakyRelu, Gelu, x * Sigmoid(x) (SiLU), x * HardSigmoid(x) "
+    "(Hardswish)"
 )
 _LUT_OPS = {  # ONNX op -> the torch.fx name of the function (codegen.core.lut)
     "HardSwish": "hardswish",
@@ -62,8 +72,11 @@ _LEAF_MODULE_OPS = {
     "MaxPool",
     "AveragePool",
     "GlobalAveragePool",
+    "GlobalMaxPool",
     "Flatten",
     "Pad",
+    "Relu",
+    "Clip",
     *_LUT_OPS,  # activations are usually modules (nn.Sigmoid)
 }
 _FUNCTION_NAMES = {  # the torch function an op comes from, when not from a leaf module
@@ -75,7 +88,11 @@ _FUNCTION_NAMES = {  # the torch function an op comes from, when not from a leaf
     "MaxPool": "max_pool2d",
     "AveragePool": "avg_pool2d",
     "GlobalAveragePool": "adaptive_avg_pool2d",
+    "GlobalMaxPool": "adaptive_max_pool2d",
+    "Relu": "relu",
+    "Clip": "clamp",
     "ReduceMean": "mean",
+    "ReduceMax": "amax",
     "Flatten": "flatten",
     "Reshape": "view",
     **_LUT_OPS,
@@ -318,15 +335,23 @@ class _Converter:
         """(top, bottom, left, right) from `pads` or `auto_pad`."""
         auto = a.get("auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        one_d = len(self.shape(node.input[0])) == 3  # a sequence: the image (C, 1, L)
         if auto in ("NOTSET", "VALID"):
-            p = [int(v) for v in a.get("pads", [0, 0, 0, 0])] if auto == "NOTSET" else [0] * 4
+            p = (
+                [int(v) for v in a.get("pads", [0] * (2 if one_d else 4))]
+                if auto == "NOTSET"
+                else []
+            )
+            p = p or [0] * (2 if one_d else 4)
+            if one_d and len(p) == 2:
+                return (0, 0, p[0], p[1])
             if len(p) != 4:
-                raise Reject(f"{node.op_type} that is not 2-D")
+                raise Reject(f"{node.op_type} that is not 1-D or 2-D")
             return (p[0], p[2], p[1], p[3])
         # SAME_UPPER / SAME_LOWER: output = ceil(input / stride), the odd pixel after / before
-        h, w = self.shape(node.input[0])[2:]
-        sh, sw = _pair2(a.get("strides", [1, 1]))
-        dh, dw = _pair2(a.get("dilations", [1, 1]))
+        h, w = (1, *self.shape(node.input[0])[2:]) if one_d else self.shape(node.input[0])[2:]
+        sh, sw = _spatial2(a.get("strides"), one_d)
+        dh, dw = _spatial2(a.get("dilations"), one_d)
         pads = []
         for size, k, s, d in ((h, kernel[0], sh, dh), (w, kernel[1], sw, dw)):
             total = max((-(-size // s) - 1) * s + d * (k - 1) + 1 - size, 0)
@@ -375,8 +400,11 @@ class _Converter:
         a = self.attrs(node)
         w = self.weight(node, 1, "weight")
         assert w is not None  # the checker requires the operand
+        one_d = w.ndim == 3
+        if one_d:  # Conv1d: a sequence is the image (C, 1, L)
+            w = w[:, :, None, :]
         if w.ndim != 4:
-            raise Reject(f"Conv over {w.ndim - 2} dimension(s) (only 2-D)")
+            raise Reject(f"Conv over {w.ndim - 2} dimension(s) (only 1-D and 2-D)")
         kernel = (int(w.shape[2]), int(w.shape[3]))
         self.b.conv(
             self.ir_name(node),
@@ -384,9 +412,9 @@ class _Converter:
             self.arg(node, 0),
             w,
             self.weight(node, 2, "bias"),
-            stride=_pair2(a.get("strides", [1, 1])),
+            stride=_spatial2(a.get("strides"), one_d),
             padding=self.spatial(node, a, kernel),
-            dilation=_pair2(a.get("dilations", [1, 1])),
+            dilation=_spatial2(a.get("dilations"), one_d),
             groups=int(a.get("group", 1)),
             nchw=self.out(node),
         )
@@ -446,10 +474,12 @@ class _Converter:
             eps=_decimal(a.get("epsilon", 1e-5)),
             shared=self.shared(node),
             title="BatchNormalization",
+            name=lambda: self.ir_name(node),
         )
 
     def relu(self, node: onnx.NodeProto) -> None:
-        self.b.clamp(node.output[0], self.arg(node, 0), 0.0, INF, self.shared(node))
+        x = self.arg(node, 0)
+        self.b.clamp(node.output[0], x, 0.0, INF, self.shared(node), lambda: self.ir_name(node))
 
     def clip(self, node: onnx.NodeProto) -> None:
         lo, hi = self.const(node, 1, "minimum"), self.const(node, 2, "maximum")
@@ -459,6 +489,7 @@ class _Converter:
             -INF if lo is None else _decimal(lo.reshape(-1)[0]),
             INF if hi is None else _decimal(hi.reshape(-1)[0]),
             self.shared(node),
+            lambda: self.ir_name(node),
         )
 
     def lut(self, node: onnx.NodeProto) -> None:
@@ -504,24 +535,35 @@ class _Converter:
         a = self.attrs(node)
         kind = "maxpool2d" if node.op_type == "MaxPool" else "avgpool2d"
         kernel = a.get("kernel_shape", [])
-        if len(kernel) != 2:
-            raise Reject(f"{node.op_type} that is not 2-D")
-        if a.get("ceil_mode", 0):
+        one_d = len(kernel) == 1
+        if len(kernel) not in (1, 2):
+            raise Reject(f"{node.op_type} that is not 1-D or 2-D")
+        if a.get("ceil_mode", 0) and kind == "avgpool2d":
             raise Reject(f"{node.op_type} with ceil_mode=1")
         if any(d != 1 for d in a.get("dilations", [1, 1])):
             raise Reject(f"{node.op_type} with dilations")
         self.only_first_output(node)
-        k = _pair2(kernel)
+        k = _spatial2(kernel, one_d)
+        stride = _spatial2(a.get("strides"), one_d)
         pad = self.spatial(node, a, k)
         if kind == "avgpool2d" and any(pad) and not a.get("count_include_pad", 0):
             raise Reject("AveragePool with padding and count_include_pad=0")
+        if a.get("ceil_mode", 0):  # the last partial window: padding that never wins the max
+            _, ih, iw = as_image(self.shape(node.input[0])[1:])
+            _, oh, ow = as_image(self.out(node))
+            pad = (
+                pad[0],
+                pad[1] + ceil_extra(ih, k[0], stride[0], pad[0], pad[1], oh),
+                pad[2],
+                pad[3] + ceil_extra(iw, k[1], stride[1], pad[2], pad[3], ow),
+            )
         self.b.pool(
             self.ir_name(node),
             node.output[0],
             kind,
             self.arg(node, 0),
             kernel=k,
-            stride=_pair2(a.get("strides", [1, 1])),
+            stride=stride,
             padding=pad,
             nchw=self.out(node),
         )
@@ -529,22 +571,42 @@ class _Converter:
     def global_pool(self, node: onnx.NodeProto) -> None:
         self.b.global_avgpool(self.ir_name(node), node.output[0], self.arg(node, 0), self.out(node))
 
+    def global_max_pool(self, node: onnx.NodeProto) -> None:
+        """GlobalMaxPool (torch's AdaptiveMaxPool(1)): a max pool over the whole image."""
+        _, h, w = as_image(self.shape(node.input[0])[1:])
+        self.b.pool(self.ir_name(node), node.output[0], "maxpool2d", self.arg(node, 0),
+                    kernel=(h, w), stride=(h, w), padding=(0, 0, 0, 0),
+                    nchw=self.out(node))  # fmt: skip
+
     def reduce_mean(self, node: onnx.NodeProto) -> None:
+        """ReduceMean (a global average pool) or ReduceMax (a max pool over the whole image)
+        over H and W, or over L for a sequence."""
         a = self.attrs(node)
         axes = self.const(node, 1, "axes") if self.opset >= 18 else a.get("axes")
         rank = len(self.shape(node.input[0]))
-        if axes is None or rank != 4 or sorted(int(x) % rank for x in axes) != [2, 3]:
-            raise Reject("ReduceMean other than over H and W")
+        spatial = [2, 3] if rank == 4 else [2]  # over H and W, or over L for a sequence
+        if axes is None or rank not in (3, 4) or sorted(int(x) % rank for x in axes) != spatial:
+            raise Reject(f"{node.op_type} other than over H and W")
         x = self.arg(node, 0)
         name = self.ir_name(node)
-        if a.get("keepdims", 1):
-            self.b.global_avgpool(name, node.output[0], x, self.out(node))
+        keep = bool(a.get("keepdims", 1))
+        pooled = node.output[0] if keep else f"{node.output[0]}:keepdims"
+        nchw = self.out(node) if keep else (*self.out(node), *(1,) * (rank - 2))
+        if node.op_type == "ReduceMax":
+            _, h, w = as_image(self.shape(node.input[0])[1:])
+            self.b.pool(name, pooled, "maxpool2d", x, kernel=(h, w), stride=(h, w),
+                        padding=(0, 0, 0, 0), nchw=nchw)  # fmt: skip
+        else:
+            self.b.global_avgpool(name, pooled, x, nchw)
+        if keep:
             return
-        pooled = f"{node.output[0]}:keepdims"
-        self.b.global_avgpool(name, pooled, x, (*self.out(node), 1, 1))
         self.b.reshape(
             self.names.create(f"{name}_flatten"), node.output[0], pooled, self.shape(node.output[0])
         )
+
+    def view_as(self, node: onnx.NodeProto) -> None:
+        """Unsqueeze / Squeeze of the H axis of a sequence (exporters wrap 1-D pools in them)."""
+        self.b.view_as(node.output[0], self.arg(node, 0), self.out(node))
 
     def flatten(self, node: onnx.NodeProto) -> None:
         if self.attrs(node).get("axis", 1) != 1:
@@ -596,6 +658,10 @@ class _Converter:
 
     def identity(self, node: onnx.NodeProto) -> None:
         self.only_first_output(node)
+        if node.op_type == "Dropout":
+            training = self.const(node, 2, "training_mode")
+            if training is not None and bool(training.reshape(-1)[0]):
+                raise Reject("Dropout with training_mode=True")
         self.b.same(node.output[0], self.arg(node, 0))
 
     HANDLERS: ClassVar[dict[str, Callable[[_Converter, onnx.NodeProto], None]]] = {
@@ -608,7 +674,11 @@ class _Converter:
         "MaxPool": pool,
         "AveragePool": pool,
         "GlobalAveragePool": global_pool,
+        "GlobalMaxPool": global_max_pool,
         "ReduceMean": reduce_mean,
+        "ReduceMax": reduce_mean,
+        "Unsqueeze": view_as,
+        "Squeeze": view_as,
         "Flatten": flatten,
         "Reshape": reshape,
         "Add": add,
@@ -654,3 +724,10 @@ class _Converter:
 def _pair2(v: Any) -> tuple[int, int]:
     a, b = (int(x) for x in v)
     return (a, b)
+
+
+def _spatial2(v: Any, one_d: bool) -> tuple[int, int]:
+    """Strides, dilations or a kernel of a 2-D op, or of a 1-D op as (1, L) (default 1)."""
+    if one_d:
+        return (1, int(v[0]) if v else 1)
+    return _pair2(v if v else [1, 1])

@@ -1,11 +1,15 @@
 """PyTorch frontend: an eval-mode nn.Module, traced with torch.fx, to a float `ir.Graph` (NHWC).
 
 This module reads torch: modules and functions, their arguments, the shapes ShapeProp records. The
-normalisation (BatchNorm folded into the preceding conv/linear, ReLU/ReLU6/Hardtanh/clamp fused
-into the producer as a `clamp` attribute, Dropout/Identity removed, zero padding (ZeroPad2d, F.pad)
-folded into the following conv, flatten/view/reshape to 2-D kept as a `reshape` with the following
-Linear's columns permuted from CHW to HWC order) is `builder.IRBuilder`'s, shared with the ONNX
-frontend.
+normalisation (BatchNorm folded into the preceding conv/linear, or a depthwise 1x1 conv when it
+follows none; ReLU/ReLU6/Hardtanh/clamp fused into the producer as a `clamp` attribute, or a `lut`
+table when they fuse into nothing; Dropout/Identity/contiguous/eval StochasticDepth removed; zero
+padding (ZeroPad2d, F.pad) folded into the following conv; flatten/view/reshape to 2-D kept as a
+`reshape` with the following Linear's columns permuted from CHW to HWC order; 1-D sequences as
+images with H = 1) is `builder.IRBuilder`'s, shared with the ONNX frontend. Pools are mapped here:
+mean over H and W and adaptive average pooling to 1 as a global average pool, other adaptive pools
+to sizes dividing the input as ordinary pools (kernel = stride = input / output), a ceil_mode max
+pool's partial windows as extra bottom/right padding.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from codegen.core.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
 from codegen.core.ir import Graph
-from codegen.frontend.builder import INF, IRBuilder, Reject, c_identifier
+from codegen.frontend.builder import INF, IRBuilder, Reject, as_image, c_identifier, ceil_extra
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -32,6 +36,24 @@ def _pair(v: Any) -> tuple[int, int]:
         return (v, v)
     a, b = v
     return (int(a), int(b))
+
+
+def _one(v: Any) -> int:
+    """A 1-D size argument (int or a 1-tuple)."""
+    if isinstance(v, int):
+        return v
+    (a,) = v
+    return int(a)
+
+
+_DROPOUT_FUNCTIONS = (
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+)
 
 
 def _describe_target(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -63,9 +85,10 @@ class _Converter:
     def fail(self, node: torch.fx.Node, what: str | None = None) -> UnsupportedModelError:
         what = what or f"unsupported op {_describe_target(node, self.modules)}"
         return UnsupportedModelError(
-            f"{what} at node '{node.name}'; supported: Conv2d, Linear, BatchNorm, ReLU/ReLU6/"
-            "Hardtanh/clamp, Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/LeakyReLU/GELU, MaxPool2d, "
-            "AvgPool2d, AdaptiveAvgPool2d(1), flatten, add, cat(dim=1)"
+            f"{what} at node '{node.name}'; supported: Conv1d/2d, Linear, BatchNorm1d/2d, ReLU/"
+            "ReLU6/Hardtanh/clamp, Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/LeakyReLU/GELU, "
+            "MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvg/MaxPool (sizes dividing the input), "
+            "mean(H, W), flatten, add, cat(dim=1), Dropout, Identity, contiguous, StochasticDepth"
         )
 
     def value(self, node: torch.fx.Node, arg: Any) -> str:
@@ -76,6 +99,18 @@ class _Converter:
             )
         return arg.name
 
+    def batched(self, node: torch.fx.Node, d: int) -> None:
+        """A d-D conv/pool reads N x C x (d sizes): torch also runs it on one unbatched sample,
+        which is data of the wrong rank here (N x C x L given to a 2-D network)."""
+        src = node.args[0]
+        if isinstance(src, torch.fx.Node) and len(_shape(src)) != d + 2:
+            dims = " x ".join(map(str, self.example.shape[1:]))
+            what = _describe_target(node, self.modules)
+            raise InvalidDataError(
+                f"the model does not accept inputs of shape N x {dims} ({what} takes "
+                f"N x C x {'L' if d == 1 else 'H x W'}); give data of the shape it was trained on"
+            )
+
     @staticmethod
     def shared(node: torch.fx.Node) -> bool:
         """Whether the operand `node` would fuse into is also read by another node."""
@@ -84,11 +119,20 @@ class _Converter:
         return len(src.users) > 1
 
     # ------------------------------------------------------------------ ops
-    def conv(self, node: torch.fx.Node, m: nn.Conv2d) -> None:
+    def conv(self, node: torch.fx.Node, m: nn.Conv1d | nn.Conv2d) -> None:
         if m.padding_mode != "zeros":
-            raise self.fail(node, f"Conv2d padding_mode='{m.padding_mode}'")
-        kh, kw = _pair(m.kernel_size)
-        dh, dw = _pair(m.dilation)
+            raise self.fail(node, f"{type(m).__name__} padding_mode='{m.padding_mode}'")
+        self.batched(node, 1 if isinstance(m, nn.Conv1d) else 2)
+        weight = m.weight.detach().double().numpy()
+        if isinstance(m, nn.Conv1d):  # a sequence is the image (C, 1, L)
+            kh, kw = 1, _one(m.kernel_size)
+            dh, dw = 1, _one(m.dilation)
+            stride = (1, _one(m.stride))
+            weight = weight[:, :, None, :]
+        else:
+            kh, kw = _pair(m.kernel_size)
+            dh, dw = _pair(m.dilation)
+            stride = _pair(m.stride)
         if isinstance(m.padding, str):
             if m.padding == "valid":
                 pad = (0, 0, 0, 0)
@@ -96,15 +140,15 @@ class _Converter:
                 th, tw = dh * (kh - 1), dw * (kw - 1)
                 pad = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
         else:
-            ph, pw = _pair(m.padding)
+            ph, pw = (0, _one(m.padding)) if isinstance(m, nn.Conv1d) else _pair(m.padding)
             pad = (ph, ph, pw, pw)
         self.b.conv(
             node.name,
             node.name,
             self.value(node, node.args[0]),
-            m.weight.detach().double().numpy(),
+            weight,
             m.bias.detach().double().numpy() if m.bias is not None else None,
-            stride=_pair(m.stride),
+            stride=stride,
             padding=pad,
             dilation=(dh, dw),
             groups=int(m.groups),
@@ -139,10 +183,12 @@ class _Converter:
             eps=m.eps,
             shared=self.shared(node),
             title=type(m).__name__,
+            name=node.name,
         )
 
     def clamp(self, node: torch.fx.Node, lo: float, hi: float) -> None:
-        self.b.clamp(node.name, self.value(node, node.args[0]), lo, hi, self.shared(node))
+        x = self.value(node, node.args[0])
+        self.b.clamp(node.name, x, lo, hi, self.shared(node), name=node.name)
 
     def lut(self, node: torch.fx.Node, function: str, *args: Any) -> None:
         x = self.value(node, node.args[0])
@@ -155,40 +201,90 @@ class _Converter:
         self.b.lut(node.name, node.name, x, function, tuple(float(a) for a in args),
                    _shape(node)[1:])  # fmt: skip
 
-    def pool(self, node: torch.fx.Node, kind: str, k: Any, s: Any, p: Any, **kw: Any) -> None:
+    def pool(
+        self, node: torch.fx.Node, kind: str, k: Any, s: Any, p: Any, d: int = 2, **kw: Any
+    ) -> None:
+        """Max/average pooling, 2-D or (`d` = 1) 1-D over a sequence (the image (C, 1, L))."""
         x = self.value(node, node.args[0])
-        title = {"maxpool2d": "MaxPool2d", "avgpool2d": "AvgPool2d"}[kind]
-        if kw.get("ceil_mode"):
+        self.batched(node, d)
+        title = {"maxpool2d": "MaxPool", "avgpool2d": "AvgPool"}[kind] + f"{d}d"
+
+        def pair(v: Any) -> tuple[int, int]:
+            return (1, _one(v)) if d == 1 else _pair(v)
+
+        if kw.get("ceil_mode") and kind == "avgpool2d":
             raise self.fail(node, f"{title} with ceil_mode=True")
-        if kind == "maxpool2d" and _pair(kw.get("dilation", 1)) != (1, 1):
-            raise self.fail(node, "MaxPool2d with dilation")
+        if kind == "maxpool2d" and pair(kw.get("dilation", 1)) != (1, 1):
+            raise self.fail(node, f"{title} with dilation")
         if kind == "maxpool2d" and kw.get("return_indices"):
-            raise self.fail(node, "MaxPool2d with return_indices=True")
-        ph, pw = _pair(p)
+            raise self.fail(node, f"{title} with return_indices=True")
+        ph, pw = (0, _one(p)) if d == 1 else _pair(p)
         if kind == "avgpool2d" and (ph or pw) and not kw.get("count_include_pad", True):
-            raise self.fail(node, "AvgPool2d with padding and count_include_pad=False")
+            raise self.fail(node, f"{title} with padding and count_include_pad=False")
         if kind == "avgpool2d" and kw.get("divisor_override") is not None:
-            raise self.fail(node, "AvgPool2d with divisor_override")
+            raise self.fail(node, f"{title} with divisor_override")
+        kernel, stride = pair(k), pair(s if s else k)
+        pad = (ph, ph, pw, pw)
+        if kw.get("ceil_mode"):  # the last partial window: padding that never wins the max
+            _, ih, iw = self.b.src_shapes[self.b.tensor(x)]
+            _, oh, ow = as_image(_shape(node)[1:])
+            pad = (
+                ph,
+                ph + ceil_extra(ih, kernel[0], stride[0], ph, ph, oh),
+                pw,
+                pw + ceil_extra(iw, kernel[1], stride[1], pw, pw, ow),
+            )
         self.b.pool(
             node.name,
             node.name,
             kind,
             x,
-            kernel=_pair(k),
-            stride=_pair(s if s else k),
-            padding=(ph, ph, pw, pw),
+            kernel=kernel,
+            stride=stride,
+            padding=pad,
             nchw=_shape(node)[1:],
         )
 
-    def adaptive_avg(self, node: torch.fx.Node, size: Any) -> None:
+    def adaptive(self, node: torch.fx.Node, kind: str, size: Any, d: int = 2) -> None:
+        """An adaptive pool to a size that divides the input: a pool with kernel = stride =
+        input / output (a global average pool for 1x1, nothing for the input's own size)."""
         x = self.value(node, node.args[0])
-        if _pair(size) != (1, 1):
-            in_shape = self.b.src_shapes[self.b.tensor(x)]
-            if len(in_shape) == 3 and tuple(in_shape[1:]) == _pair(size):
-                self.b.same(node.name, x)
-                return
-            raise self.fail(node, f"AdaptiveAvgPool2d to {size} (only to 1x1)")
-        self.b.global_avgpool(node.name, node.name, x, _shape(node)[1:])
+        self.batched(node, d)
+        title = {"maxpool2d": "AdaptiveMaxPool", "avgpool2d": "AdaptiveAvgPool"}[kind] + f"{d}d"
+        _, ih, iw = self.b.src_shapes[self.b.tensor(x)]
+        if d == 1:
+            out = (1, iw if size is None else _one(size))
+        else:
+            sh, sw = (size, size) if not isinstance(size, (list, tuple)) else size
+            out = (ih if sh is None else int(sh), iw if sw is None else int(sw))
+        if out == (ih, iw):
+            self.b.same(node.name, x)
+            return
+        if ih % out[0] or iw % out[1]:
+            want = out[1] if d == 1 else out
+            raise self.fail(node, f"{title} to {want}: the size must divide the input's")
+        kernel = (ih // out[0], iw // out[1])
+        if out == (1, 1) and kind == "avgpool2d":
+            self.b.global_avgpool(node.name, node.name, x, _shape(node)[1:])
+            return
+        self.b.pool(node.name, node.name, kind, x, kernel=kernel, stride=kernel,
+                    padding=(0, 0, 0, 0), nchw=_shape(node)[1:])  # fmt: skip
+
+    def mean(self, node: torch.fx.Node, dims: Any, keepdim: bool) -> None:
+        """x.mean over H and W (over L for a sequence): a global average pool (+ flatten)."""
+        x = self.value(node, node.args[0])
+        rank = len(_shape(node.args[0]))  # type: ignore[arg-type]
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        spatial = [2, 3] if rank == 4 else [2]
+        if rank not in (3, 4) or sorted(int(v) % rank for v in dims) != spatial:
+            raise self.fail(node, "mean other than over H and W (dims (2, 3))")
+        out = _shape(node)
+        if keepdim:
+            self.b.global_avgpool(node.name, node.name, x, out[1:])
+            return
+        pooled = f"{node.name}:keepdims"
+        self.b.global_avgpool(node.name, pooled, x, (*out[1:], *(1,) * (rank - 2)))
+        self.b.reshape(f"{node.name}_flatten", node.name, pooled, out)
 
     def reshape(self, node: torch.fx.Node) -> None:
         self.b.reshape(node.name, node.name, self.value(node, node.args[0]), _shape(node))
@@ -273,7 +369,7 @@ class _Converter:
             raise self.fail(node)
 
     def visit_module(self, node: torch.fx.Node, m: nn.Module) -> None:
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Conv1d)):
             self.conv(node, m)
         elif isinstance(m, nn.Linear):
             self.linear(node, m)
@@ -299,33 +395,41 @@ class _Converter:
             self.lut(node, "leaky_relu", m.negative_slope)
         elif isinstance(m, nn.GELU):
             self.lut(node, "gelu", m.approximate)
-        elif isinstance(m, nn.MaxPool2d):
+        elif isinstance(m, (nn.MaxPool2d, nn.MaxPool1d)):
             self.pool(
                 node,
                 "maxpool2d",
                 m.kernel_size,
                 m.stride,
                 m.padding,
+                2 if isinstance(m, nn.MaxPool2d) else 1,
                 dilation=m.dilation,
                 ceil_mode=m.ceil_mode,
                 return_indices=m.return_indices,
             )
-        elif isinstance(m, nn.AvgPool2d):
+        elif isinstance(m, (nn.AvgPool2d, nn.AvgPool1d)):
             self.pool(
                 node,
                 "avgpool2d",
                 m.kernel_size,
                 m.stride,
                 m.padding,
+                2 if isinstance(m, nn.AvgPool2d) else 1,
                 ceil_mode=m.ceil_mode,
                 count_include_pad=m.count_include_pad,
-                divisor_override=m.divisor_override,
+                divisor_override=getattr(m, "divisor_override", None),
             )
-        elif isinstance(m, nn.AdaptiveAvgPool2d):
-            self.adaptive_avg(node, m.output_size)
+        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d)):
+            self.adaptive(node, "avgpool2d", m.output_size, 2 if "2d" in type(m).__name__ else 1)
+        elif isinstance(m, (nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool1d)):
+            if m.return_indices:
+                raise self.fail(node, f"{type(m).__name__} with return_indices=True")
+            self.adaptive(node, "maxpool2d", m.output_size, 2 if "2d" in type(m).__name__ else 1)
         elif isinstance(m, nn.Flatten):
             self.reshape(node)
-        elif isinstance(m, (nn.Dropout, nn.Dropout2d, nn.Identity)):
+        elif isinstance(m, (nn.modules.dropout._DropoutNd, nn.Identity)) or (
+            type(m).__name__ == "StochasticDepth" and not m.training
+        ):  # eval-mode identities (torchvision's StochasticDepth by name: it may be absent)
             self.b.same(node.name, self.value(node, node.args[0]))
         elif isinstance(m, nn.ZeroPad2d):
             self.zero_pad(node, m.padding)
@@ -393,9 +497,52 @@ class _Converter:
                 count_include_pad=arg(5, "count_include_pad", True),
                 divisor_override=arg(6, "divisor_override", None),
             )
-        elif t is F.adaptive_avg_pool2d:
-            self.adaptive_avg(node, arg(1, "output_size", None))
-        elif t in (F.dropout, F.dropout2d):
+        elif t is F.max_pool1d:
+            self.pool(
+                node,
+                "maxpool2d",
+                arg(1, "kernel_size", None),
+                arg(2, "stride", None),
+                arg(3, "padding", 0),
+                1,
+                dilation=arg(4, "dilation", 1),
+                ceil_mode=arg(5, "ceil_mode", False),
+                return_indices=arg(6, "return_indices", False),
+            )
+        elif t is F.avg_pool1d:
+            self.pool(
+                node,
+                "avgpool2d",
+                arg(1, "kernel_size", None),
+                arg(2, "stride", None),
+                arg(3, "padding", 0),
+                1,
+                ceil_mode=arg(4, "ceil_mode", False),
+                count_include_pad=arg(5, "count_include_pad", True),
+            )
+        elif t in (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d):
+            d = 2 if t is F.adaptive_avg_pool2d else 1
+            self.adaptive(node, "avgpool2d", arg(1, "output_size", None), d)
+        elif t in (F.adaptive_max_pool2d, F.adaptive_max_pool1d):
+            if arg(2, "return_indices", False):
+                raise self.fail(node, "adaptive max pooling with return_indices=True")
+            d = 2 if t is F.adaptive_max_pool2d else 1
+            self.adaptive(node, "maxpool2d", arg(1, "output_size", None), d)
+        elif t is torch.mean or method == "mean":
+            if arg(3, "dtype", None) is not None:
+                raise self.fail(node, "mean with a dtype")
+            self.mean(node, arg(1, "dim", None), bool(arg(2, "keepdim", False)))
+        elif t in _DROPOUT_FUNCTIONS:
+            alpha = t in (F.alpha_dropout, F.feature_alpha_dropout)
+            training = arg(2, "training", not alpha)  # torch's defaults
+            if training:
+                raise self.fail(node, f"{_describe_target(node, self.modules)} with training=True")
+            self.b.same(node.name, self.value(node, args[0]))
+        elif getattr(t, "__name__", None) == "stochastic_depth":  # torchvision.ops, by name
+            if arg(3, "training", True):
+                raise self.fail(node, "stochastic_depth with training=True")
+            self.b.same(node.name, self.value(node, args[0]))
+        elif method == "contiguous":
             self.b.same(node.name, self.value(node, args[0]))
         elif t is F.pad:
             mode = arg(2, "mode", "constant")

@@ -670,7 +670,7 @@ def export(net: QATNet) -> tuple[Graph, dict[str, Any]]:
         else:  # maxpool2d, reshape: the format is the input's
             rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
         nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
-    graph = Graph(g.name, tuple(nodes), tensors, g.input, g.output)
+    graph = g.with_nodes(tuple(nodes), tensors)
     return graph, {"layers": layers, "bound_fixups": fix.weights}
 
 

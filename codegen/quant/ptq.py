@@ -347,7 +347,7 @@ def build_integer_graph(
         else:  # maxpool2d, reshape: the format is shared with the input
             rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
         nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
-    return Graph(graph.name, tuple(nodes), tensors, graph.input, graph.output)
+    return graph.with_nodes(tuple(nodes), tensors)
 
 
 def refuse_unsupported(graph: Graph, method: str, supported: frozenset[str]) -> None:

@@ -308,7 +308,11 @@ def _lut(b: _Builder, x: str, rng: np.random.Generator) -> str:
     fin = b.tensors[x].fmt
     assert fin is not None
     function = str(rng.choice(sorted(lut.FUNCTIONS)))
-    args = {"leaky_relu": (float(rng.choice([0.01, 0.1, 0.3])),), "hardsigmoid": ()}
+    args = {
+        "leaky_relu": (float(rng.choice([0.01, 0.1, 0.3])),),
+        "hardsigmoid": (),
+        "clamp": (-0.5, 1.0),  # ReLU6/Hardtanh/clamp that fuse into nothing
+    }
     if rng.random() < 0.5:
         fo = QFormat(8, True, int(rng.integers(2, 8)), int(rng.integers(-20, 21)))
     else:

@@ -32,6 +32,9 @@ PLAIN = {
     ("leaky_relu", (0.1,)): lambda x: x if x >= 0 else 0.1 * x,
     ("gelu", ()): _erf_gelu,
     ("gelu_tanh", ()): _tanh_gelu,
+    ("relu", ()): lambda x: max(x, 0.0),
+    ("clamp", (0.0, 6.0)): lambda x: min(max(x, 0.0), 6.0),
+    ("clamp", (-0.5, math.inf)): lambda x: max(x, -0.5),
 }
 FORMATS = [
     (QFormat(8, True, 5), QFormat(8, True, 5)),
@@ -82,6 +85,17 @@ def test_table_equals_the_fake_quantized_float_function() -> None:
             y = simulate.fake_quant(lut.apply(function, args, x), fout).numpy()
             q = round_half_up(y / fout.scale) + fout.zero_point
             assert np.array_equal(q, lut.table(function, args, fin, fout)), function
+
+
+def test_relu_and_clamp_tables_are_exact_rescalings() -> None:
+    """A lone ReLU/clamp is exact: with the same format in and out the table is the clamp of
+    the input itself."""
+    f = QFormat(8, True, 4)
+    q = np.arange(-128, 128)
+    assert np.array_equal(lut.table("relu", (), f, f), np.maximum(q, 0))
+    assert np.array_equal(lut.table("clamp", (-1.0, 2.5), f, f), np.clip(q, -16, 40))
+    with pytest.raises(ValueError, match="takes"):
+        lut.check("clamp", (0.0,))
 
 
 def test_unknown_function_and_wrong_arguments() -> None:

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codegen.api import to_ir_input
 from codegen.core import simulate
 from codegen.core.errors import InvalidModelError, UnsupportedModelError
+from codegen.core.ir import Graph
 from codegen.frontend.torch_fx import from_torch
 
 
@@ -36,6 +38,30 @@ class Lambda(nn.Module):
 
 def seq(*mods: nn.Module) -> nn.Module:
     return nn.Sequential(*mods)
+
+
+def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """A stand-in for torchvision.ops.stochastic_depth (torchvision is not installed here): the
+    frontend recognises it by its name, as torch.fx records the wrapped function."""
+    if not training or p == 0.0:
+        return x
+    size = [x.shape[0]] + [1] * (x.ndim - 1) if mode == "row" else [1] * x.ndim
+    noise = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
+    return x * noise / (1.0 - p)
+
+
+torch.fx.wrap("stochastic_depth")  # as torchvision does: a leaf call in the traced graph
+
+
+class StochasticDepth(nn.Module):
+    """A stand-in for torchvision.ops.StochasticDepth (matched by class name)."""
+
+    def __init__(self, p: float, mode: str) -> None:
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stochastic_depth(x, self.p, self.mode, self.training)
 
 
 C = 4
@@ -114,7 +140,77 @@ CASES = {
         lambda s, x: F.gelu(F.tanh(F.sigmoid(F.leaky_relu(x, negative_slope=0.3))))
     ),
     "lut_methods": lambda: Lambda(lambda s, x: x.sigmoid().tanh() + x.tanh().sigmoid()),
+    # eval-mode identities, removed
+    "dropouts": lambda: seq(
+        nn.Conv2d(C, 3, 1), nn.Dropout2d(0.3), nn.AlphaDropout(0.2), nn.Identity(), nn.ReLU()
+    ),
+    "f_dropout_contiguous": lambda: Lambda(
+        lambda s, x: F.relu(F.dropout(s.c(x), 0.3, training=s.training).contiguous()),
+        c=nn.Conv2d(C, 3, 1),
+    ),
+    "stochastic_depth": lambda: Lambda(
+        lambda s, x: x + s.sd(s.c(x)),
+        c=nn.Conv2d(C, C, 3, padding=1),
+        sd=StochasticDepth(0.2, "row"),
+    ),
+    # activations that fuse into nothing: `lut` nodes (relu, clamp)
+    "act_on_input": lambda: seq(nn.ReLU6(), nn.Conv2d(C, 3, 1)),
+    "act_after_cat": lambda: Lambda(
+        lambda s, x: s.r(torch.cat([s.a(x), x], dim=1)), a=nn.Conv2d(C, 3, 1), r=nn.ReLU()
+    ),
+    "act_after_act": lambda: seq(nn.Hardtanh(-0.5, 0.75), nn.ReLU(), nn.Conv2d(C, 2, 1)),
+    "act_shared": lambda: Lambda(lambda s, x: F.relu(y := s.c(x)) + y, c=nn.Conv2d(C, C, 1)),
+    # BatchNorm that follows no conv: a depthwise 1x1 conv with bias
+    "bn2d_standalone": lambda: seq(_bn(C), nn.Conv2d(C, 3, 3, padding=1)),
+    "bn2d_preact": lambda: Lambda(
+        lambda s, x: x + s.c(s.r(s.bn(x))), bn=_bn(C), r=nn.ReLU(), c=nn.Conv2d(C, C, 3, padding=1)
+    ),
+    # mean over H and W: a global average pool (+ flatten)
+    "mean_hw": lambda: Lambda(
+        lambda s, x: s.fc(s.c(x).mean((2, 3))), c=nn.Conv2d(C, 3, 1), fc=nn.Linear(3, 2)
+    ),
+    "mean_neg_keepdim": lambda: Lambda(
+        lambda s, x: torch.mean(s.c(x), dim=[-2, -1], keepdim=True), c=nn.Conv2d(C, 3, 1)
+    ),
+    # pools
+    "maxpool_ceil": lambda: seq(nn.Conv2d(C, 3, 1), nn.MaxPool2d(3, stride=2, ceil_mode=True)),
+    "maxpool_ceil_pad": lambda: seq(nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)),
+    "adaptive_avgpool_2": lambda: seq(nn.Conv2d(C, 3, 1), nn.AdaptiveAvgPool2d((2, 4))),
+    "adaptive_avgpool_same": lambda: seq(nn.Conv2d(C, 3, 1), nn.AdaptiveAvgPool2d(8)),
+    "adaptive_maxpool_1": lambda: seq(nn.Conv2d(C, 3, 1), nn.AdaptiveMaxPool2d(1), nn.Flatten()),
+    "adaptive_maxpool_2": lambda: seq(nn.Conv2d(C, 3, 1), nn.AdaptiveMaxPool2d(2)),
+    # inputs of other ranks: sequences (N, C, L) and vectors (N, F)
+    "seq_conv1d": lambda: seq(
+        nn.Conv1d(C, 5, 3, stride=2, padding=1),
+        _bn(5, 1),
+        nn.ReLU(),
+        nn.MaxPool1d(2, ceil_mode=True),
+        nn.AvgPool1d(2),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    ),
+    "seq_out": lambda: seq(_bn(C, 1), nn.ReLU(), nn.Conv1d(C, 4, 3, padding=1), nn.MaxPool1d(3)),
+    "seq_flatten_linear": lambda: seq(
+        nn.Conv1d(C, 3, 3, dilation=2), nn.Dropout1d(0.2), nn.Flatten(), nn.Linear(3 * 8, 4)
+    ),
+    "vector_mlp": lambda: seq(
+        nn.Linear(24, 16), _bn(16, 1), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 24)
+    ),
 }
+SHAPES = {
+    "seq_conv1d": (C, 17),
+    "seq_out": (C, 12),
+    "seq_flatten_linear": (C, 12),
+    "vector_mlp": (24,),
+}
+"""Input shapes (without batch) of the cases that do not take C x 8 x 8 images."""
+
+
+def shape(case: str) -> tuple[int, ...]:
+    return SHAPES.get(case, (C, 8, 8))
+
+
 LUT_FUNCTIONS = {
     "lut_modules": [
         "hardswish",
@@ -172,12 +268,78 @@ def test_clamp_after_lut_is_fused() -> None:
 def test_op_matches_torch(case: str) -> None:
     torch.manual_seed(0)
     model = CASES[case]().double().eval()
-    x = np.random.default_rng(0).standard_normal((3, C, 8, 8))
+    x = np.random.default_rng(0).standard_normal((3, *shape(case)))
     graph = from_torch(model, x.astype(np.float32))
-    got = simulate.run(graph, simulate.nchw_to_nhwc(x))
+    got = simulate.run(graph, simulate.nchw_to_nhwc(to_ir_input(x, graph)))
+    if graph.output in graph.sequences:  # (N, 1, L, C) -> (N, C, L)
+        got = got[:, 0].transpose(0, 2, 1)
     with torch.no_grad():
         want = model(torch.as_tensor(x)).numpy()
     np.testing.assert_allclose(simulate.nhwc_to_nchw(got), want, rtol=1e-9, atol=1e-9)
+
+
+NEW_OPS = {  # the ops each normalised pattern becomes
+    "dropouts": ["conv2d"],
+    "f_dropout_contiguous": ["conv2d"],
+    "stochastic_depth": ["conv2d", "add"],
+    "act_on_input": ["lut", "conv2d"],
+    "act_after_cat": ["conv2d", "concat", "lut"],
+    "act_after_act": ["lut", "conv2d"],
+    "act_shared": ["conv2d", "lut", "add"],
+    "bn2d_standalone": ["conv2d", "conv2d"],
+    "bn2d_preact": ["conv2d", "conv2d", "add"],
+    "mean_hw": ["conv2d", "global_avgpool", "reshape", "dense"],
+    "mean_neg_keepdim": ["conv2d", "global_avgpool"],
+    "maxpool_ceil": ["conv2d", "maxpool2d"],
+    "maxpool_ceil_pad": ["maxpool2d"],
+    "adaptive_avgpool_2": ["conv2d", "avgpool2d"],
+    "adaptive_avgpool_same": ["conv2d"],
+    "adaptive_maxpool_1": ["conv2d", "maxpool2d", "reshape"],
+    "adaptive_maxpool_2": ["conv2d", "maxpool2d"],
+    "seq_conv1d": ["conv2d", "maxpool2d", "avgpool2d", "global_avgpool", "reshape", "dense"],
+    "seq_out": ["conv2d", "conv2d", "maxpool2d"],
+    "seq_flatten_linear": ["conv2d", "reshape", "dense"],  # columns permuted from (C, L) to (L, C)
+    "vector_mlp": ["dense", "dense"],
+}
+
+
+@pytest.mark.parametrize("case", list(NEW_OPS))
+def test_patterns_are_normalised(case: str) -> None:
+    g = from_torch(CASES[case]().eval(), np.zeros((1, *shape(case)), np.float32))
+    assert [n.op for n in g.nodes] == NEW_OPS[case]
+
+
+def test_normalised_attributes() -> None:
+    def graph(case: str) -> Graph:
+        return from_torch(CASES[case]().eval(), np.zeros((1, *shape(case)), np.float32))
+
+    g = graph("act_on_input")  # ReLU6 on the input: a table, its bounds as a clamp
+    assert g.nodes[0].attrs["function"] == "clamp" and g.nodes[0].attrs["args"] == (0.0, 6.0)
+    assert g.nodes[0].attrs["clamp"] == (0.0, 6.0)
+    g = graph("act_after_act")  # the ReLU after the Hardtanh table fuses into it
+    assert g.nodes[0].attrs["clamp"] == (0.0, 0.75)
+    g = graph("act_after_cat")
+    assert g.nodes[-1].attrs["function"] == "relu" and g.nodes[-1].attrs["args"] == ()
+    bn = graph("bn2d_standalone").nodes[0]  # depthwise 1x1 with bias
+    assert bn.attrs["groups"] == C and bn.params["weight"].shape == (C, 1, 1, 1)
+    assert bn.name == "_0"
+    pool = graph("maxpool_ceil").nodes[1]  # 8 -> ceil(5 / 2) + 1 = 4: one extra bottom/right row
+    assert pool.attrs["padding"] == (0, 1, 0, 1)
+    pool = graph("maxpool_ceil_pad").nodes[0]  # 8 + 2 -> ceil(7 / 2) + 1 = 5
+    assert pool.attrs["padding"] == (1, 2, 1, 2)
+    pool = graph("adaptive_avgpool_2").nodes[1]
+    assert pool.attrs["kernel"] == pool.attrs["stride"] == (4, 2)
+    pool = graph("adaptive_maxpool_1").nodes[1]
+    assert pool.attrs["kernel"] == pool.attrs["stride"] == (8, 8)
+    g = graph("seq_conv1d")
+    assert g.tensors[g.input].shape == (1, 17, C) and g.input in g.sequences
+    assert g.nodes[0].params["weight"].shape == (5, 1, 3, C)
+    assert g.nodes[0].attrs["stride"] == (1, 2) and g.nodes[0].attrs["padding"] == (0, 0, 1, 1)
+    assert g.output not in g.sequences and g.tensors[g.output].shape == (3,)
+    g = graph("seq_out")
+    assert g.output in g.sequences and g.tensors[g.output].shape == (1, 4, 4)
+    g = graph("vector_mlp")
+    assert g.tensors[g.input].shape == (24,) and not g.sequences
 
 
 def test_graph_is_nhwc_with_fusions() -> None:
@@ -198,9 +360,13 @@ def test_graph_is_nhwc_with_fusions() -> None:
         ),
         (seq(nn.Conv2d(C, 3, 1), nn.ELU()), "unsupported op ELU (module '1') at node '_1'"),
         (Lambda(lambda s, x: x * 2), "at node 'mul'"),
-        (seq(nn.Conv2d(C, 3, 1), nn.MaxPool2d(2, ceil_mode=True)), "MaxPool2d with ceil_mode=True"),
-        (seq(nn.AdaptiveAvgPool2d(2)), "AdaptiveAvgPool2d to 2 (only to 1x1)"),
-        (seq(nn.ReLU()), "activation that does not directly follow"),
+        (seq(nn.Conv2d(C, 3, 1), nn.AvgPool2d(3, 2, ceil_mode=True)), "AvgPool2d with ceil_mode"),
+        (seq(nn.AdaptiveAvgPool2d(3)), "AdaptiveAvgPool2d to (3, 3): the size must divide"),
+        (seq(nn.AdaptiveMaxPool2d((2, 3))), "AdaptiveMaxPool2d to (2, 3): the size must divide"),
+        (Lambda(lambda s, x: F.dropout(x, 0.5)), "dropout with training=True"),
+        (Lambda(lambda s, x: stochastic_depth(x, 0.5, "row")), "stochastic_depth with training"),
+        (Lambda(lambda s, x: x.mean(1)), "mean other than over H and W"),
+        (seq(nn.Flatten(), _bn(C * 64, 1)), "BatchNorm1d of features that does not directly"),
         (Lambda(lambda s, x: torch.cat([x, x], dim=2)), "channel dimension"),
     ],
 )
@@ -213,8 +379,9 @@ def test_unsupported_ops_are_named(model: nn.Module, message: str) -> None:
 
 def test_relu_not_fused_into_shared_tensor() -> None:
     m = Lambda(lambda s, x: torch.relu(y := s.c(x)) + y, c=nn.Conv2d(C, C, 1))
-    with pytest.raises(UnsupportedModelError, match="activation that does not directly follow"):
-        from_torch(m, np.zeros((1, C, 8, 8), np.float32))
+    g = from_torch(m, np.zeros((1, C, 8, 8), np.float32))
+    assert [n.op for n in g.nodes] == ["conv2d", "lut", "add"]  # a table: y is read twice
+    assert g.nodes[0].attrs["clamp"] == (-float("inf"), float("inf"))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -38,7 +38,7 @@ from codegen.core.ir import WEIGHTED_OPS, Graph
 from codegen.data.models import FashionCNN, ResDWNet
 from codegen.frontend.onnx_model import from_onnx
 from codegen.frontend.torch_fx import from_torch
-from tests.frontend.test_frontend import CASES, C
+from tests.frontend.test_frontend import CASES, C, shape
 from tests.nets import Branchy, Plain, randomized
 
 
@@ -47,13 +47,13 @@ def _case(key: str) -> nn.Module:
     return CASES[key]().eval()
 
 
-NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {
+NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "branchy": (lambda: randomized(Branchy(), seed=3), (3, 8, 8)),
     "branchy_w8": (lambda: randomized(Branchy(cin=3, w=8, classes=5), seed=1), (3, 8, 8)),
     "plain": (lambda: randomized(Plain(), seed=1), (1, 8, 8)),
     "fashion_cnn": (lambda: randomized(FashionCNN(width=6), seed=0), (1, 28, 28)),
     "resdw": (lambda: randomized(ResDWNet(width=6), seed=0), (1, 12, 12)),
-    **{f"frontend_{k}": (lambda k=k: _case(k), (C, 8, 8)) for k in CASES},
+    **{f"frontend_{k}": (lambda k=k: _case(k), shape(k)) for k in CASES},
 }
 WHOLE = ["branchy", "branchy_w8", "plain", "fashion_cnn", "resdw"]
 RENAMED = {"flatten": "view", "reshape": "view", "adaptive_avg_pool2d": "mean"}
@@ -192,6 +192,17 @@ def _quantize(model: nn.Module | Path, calib: np.ndarray, acc: int) -> Quantized
         "frontend_lut_modules",
         "frontend_lut_functions",
         "frontend_lut_functions_2",
+        "frontend_stochastic_depth",
+        "frontend_act_after_cat",
+        "frontend_act_shared",
+        "frontend_bn2d_preact",
+        "frontend_mean_hw",
+        "frontend_maxpool_ceil_pad",
+        "frontend_adaptive_maxpool_2",
+        "frontend_seq_conv1d",
+        "frontend_seq_out",
+        "frontend_seq_flatten_linear",
+        "frontend_vector_mlp",
     ],
 )
 def test_integer_graph_and_outputs_are_the_torch_ones(
@@ -409,6 +420,62 @@ def test_hand_made_file_matches_onnx_semantics(tmp_path: Path) -> None:
     want = ReferenceEvaluator(str(path)).run(None, {"x": x})[0]
     got = simulate.nhwc_to_nchw(simulate.run(g, simulate.nchw_to_nhwc(x.astype(np.float64))))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # the reference runs float32
+
+
+def test_hand_made_sequence_file_matches_onnx_semantics(tmp_path: Path) -> None:
+    """1-D forms on a 3-D input: a standalone BatchNormalization (a depthwise conv) with a Relu
+    fused into it, Conv with a 1-D kernel (SAME_UPPER, stride 2), MaxPool with ceil_mode=1,
+    AveragePool, Dropout and Identity, ReduceMax over L; a Dropout in training mode refused."""
+    from onnx.reference import ReferenceEvaluator
+
+    from codegen.core import simulate
+
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+
+    def init(name: str, *shape: int, lo: float = -1.0) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(rng.uniform(lo, 1.0, shape).astype(np.float32), name)
+
+    def save(nodes: list[onnx.NodeProto], name: str) -> Path:
+        graph = h.make_graph(
+            nodes,
+            name,
+            [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 19])],
+            [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4, 1])],
+            [init("w", 4, 3, 3), init("b", 4), init("g", 3), init("be", 3), init("m", 3),
+             init("v", 3, lo=0.5), onnx.numpy_helper.from_array(np.array([2], np.int64), "ax"),
+             onnx.numpy_helper.from_array(np.array(True), "train")],
+        )  # fmt: skip
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]), str(path))
+        return path
+
+    nodes = [
+        h.make_node("BatchNormalization", ["x", "g", "be", "m", "v"], ["bn"]),
+        h.make_node("Relu", ["bn"], ["r"]),
+        h.make_node("Conv", ["r", "w", "b"], ["c"], auto_pad="SAME_UPPER", strides=[2]),
+        h.make_node("MaxPool", ["c"], ["mp"], kernel_shape=[3], strides=[2], ceil_mode=1),
+        h.make_node("Dropout", ["mp"], ["d"]),
+        h.make_node("Identity", ["d"], ["i"]),
+        h.make_node("AveragePool", ["i"], ["ap"], kernel_shape=[2], strides=[1]),
+        h.make_node("ReduceMax", ["ap", "ax"], ["y"], keepdims=1),
+    ]
+    path = save(nodes, "seq")
+    x = np.random.default_rng(1).standard_normal((3, 3, 19)).astype(np.float32)
+    g = from_onnx(path, x)
+    assert [n.op for n in g.nodes] == ["conv2d", "conv2d", "maxpool2d", "avgpool2d", "maxpool2d"]
+    assert g.nodes[0].attrs["groups"] == 3 and g.tensors[g.input].shape == (1, 19, 3)
+    assert g.nodes[0].attrs["clamp"] == (0.0, float("inf"))  # the Relu fuses into the BN conv
+    assert g.nodes[1].attrs["padding"] == (0, 0, 1, 1)  # SAME_UPPER, 19 -> 10 at stride 2
+    assert g.nodes[2].attrs["padding"] == (0, 0, 0, 1)  # ceil_mode: 10 -> 5, not 4
+    assert g.output in g.sequences and g.tensors[g.output].shape == (1, 1, 4)
+    want = ReferenceEvaluator(str(path)).run(None, {"x": x})[0]
+    got = simulate.run(g, simulate.nchw_to_nhwc(x[:, :, None, :].astype(np.float64)))
+    np.testing.assert_allclose(got[:, 0].transpose(0, 2, 1), want, rtol=1e-5, atol=1e-5)
+
+    nodes[4] = h.make_node("Dropout", ["mp", "", "train"], ["d"])
+    with pytest.raises(UnsupportedModelError, match="Dropout with training_mode=True at node"):
+        from_onnx(save(nodes, "seq_train"), x)
 
 
 @pytest.mark.parametrize("opset", [13, 20])

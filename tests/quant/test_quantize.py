@@ -157,7 +157,8 @@ def test_report_contents() -> None:
 @pytest.mark.parametrize(
     ("calib", "labels", "message"),
     [
-        (np.zeros((4, 1, 8), np.float32), None, "must be N x C x H x W"),
+        (np.zeros((4, 1, 8), np.float32), None, "does not accept inputs of shape N x 1 x 8"),
+        (np.zeros((4, 1, 8, 8, 1), np.float32), None, "must be N x C x H x W"),
         (np.zeros((4, 1, 8, 8), np.int32), None, "must be float32"),
         (np.zeros((0, 1, 8, 8), np.float32), None, "empty"),
         (np.full((4, 1, 8, 8), np.nan, np.float32), None, "NaN or Inf"),

@@ -1,0 +1,236 @@
+"""Patterns of real networks (torchvision, pre-activation DenseNet/ResNet, MLPerf Tiny), normalised
+by the frontends onto the existing ops and kernels, end to end: codegen.quantize (PTQ, 16-bit
+guaranteed accumulators) -> codegen.compile -> the C output equals qm.reference_int bit for bit.
+
+- eval-mode identities (Dropout family, F.dropout(training=False), Identity, contiguous(),
+  StochasticDepth) removed;
+- activations that fuse into nothing (on the input, after a concat or a standalone BatchNorm,
+  on a value read twice) as `lut` tables (relu, clamp);
+- a BatchNorm that follows no conv as a depthwise 1x1 conv with bias;
+- mean over H and W as a global average pool (+ flatten);
+- MaxPool ceil_mode (extra bottom/right padding), adaptive pools to sizes dividing the input;
+- (N, F) vectors and (N, C, L) sequences (Conv1d, MaxPool1d, AvgPool1d, AdaptiveAvgPool1d,
+  BatchNorm1d) as images with H = 1; the API takes and gives the model's own rank.
+
+The ONNX exports of the same patterns are compared with these graphs in test_onnx.py (the CASES of
+test_frontend.py); the QEMU tests run two of the networks on cortex-a53 (NEON) and cortex-m55
+(MVE).
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import codegen
+from codegen.api import QuantizedModel
+from codegen.core.errors import InvalidDataError
+from codegen.targets.table import TargetError, check_tools, get_target
+from tests.frontend.test_frontend import StochasticDepth, _bn
+
+
+class EvalIdentities(nn.Module):
+    """torchvision-style blocks with everything that is the identity in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.drop2d = nn.Dropout2d(0.2)
+        self.alpha = nn.AlphaDropout(0.1)
+        self.ident = nn.Identity()
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.sd = StochasticDepth(0.2, "row")
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.drop2d(self.stem(x)))
+        x = x + self.sd(self.alpha(self.block(x)))
+        x = F.dropout(self.ident(x), 0.3, training=self.training).contiguous()
+        return self.head(x.mean((2, 3)))
+
+
+class ActivationsAnywhere(nn.Module):
+    """ReLU6 on the input, ReLU after a concat, a clamp after a table, ReLU on a shared value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 5, 3, padding=1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.c = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(x)  # ReLU6 on the input: a table
+        y = F.relu(torch.cat([self.a(x), x], dim=1))  # after a concat: a table
+        z = torch.tanh(self.b(y)).clamp(min=-0.5)  # a clamp after a table fuses into it
+        w = self.c(z)
+        return F.relu(w) + w  # w is read twice: the ReLU is a table
+
+
+class PreActDense(nn.Module):
+    """Pre-activation DenseNet/ResNet: BN -> ReLU -> conv, standalone BNs, concat, ceil_mode max
+    pool, adaptive pools, mean(keepdim) + flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn0 = _bn(3)
+        self.c0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = _bn(6)
+        self.c1 = nn.Conv2d(6, 4, 3, padding=1)
+        self.bn2 = _bn(10)
+        self.c2 = nn.Conv2d(10, 8, 1)
+        self.pool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.apool = nn.AdaptiveAvgPool2d((3, 3))
+        self.mpool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c0(F.relu(self.bn0(x)))  # BN on the input: a depthwise 1x1 (+ fused ReLU)
+        y = torch.cat([x, self.c1(F.relu(self.bn1(x)))], dim=1)  # a dense block
+        y = self.c2(F.relu(self.bn2(y)))  # the transition
+        y = self.pool(y)  # 12 x 12 -> 6 x 6 (ceil; 5 x 5 without)
+        a = torch.mean(self.apool(y), dim=(2, 3), keepdim=True).flatten(1)
+        m = self.mpool(y).flatten(1)
+        return self.fc(torch.cat([a, m], dim=1))
+
+
+def fc_autoencoder(features: int = 640) -> nn.Module:
+    """MLPerf Tiny's anomaly-detection autoencoder, narrowed: Linear/BatchNorm1d/ReLU on (N, F)."""
+    layers: list[nn.Module] = []
+    widths = [features, 128, 8, 128]
+    for i, o in itertools.pairwise(widths):
+        layers += [nn.Linear(i, o), _bn(o, 1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(128, features))
+
+
+def conv1d_classifier() -> nn.Module:
+    """A keyword-spotting-like 1-D CNN on (N, C, L)."""
+    return nn.Sequential(
+        _bn(6, 1),  # standalone: a depthwise 1x1 conv
+        nn.Conv1d(6, 12, 5, stride=2, padding=2),
+        _bn(12, 1),
+        nn.ReLU(),
+        nn.MaxPool1d(3, stride=2, ceil_mode=True),
+        nn.Conv1d(12, 12, 3, padding=1, groups=12),
+        nn.ReLU(),
+        nn.AvgPool1d(2),
+        nn.Conv1d(12, 16, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(16, 4),
+    )
+
+
+def conv1d_sequence_out() -> nn.Module:
+    """A sequence in, a sequence out (N, C, L): the API's outputs keep the rank."""
+    return nn.Sequential(
+        nn.Conv1d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        _bn(8, 1),  # after the ReLU: standalone
+        nn.ReLU6(),  # fuses into the BN's conv
+        nn.Conv1d(8, 5, 3, padding=1),
+        nn.MaxPool1d(2),
+    )
+
+
+NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "eval_identities": (EvalIdentities, (3, 8, 8)),
+    "activations_anywhere": (ActivationsAnywhere, (3, 8, 8)),
+    "preact_dense": (PreActDense, (3, 12, 12)),
+    "fc_autoencoder": (fc_autoencoder, (640,)),
+    "conv1d_classifier": (conv1d_classifier, (6, 49)),
+    "conv1d_sequence_out": (conv1d_sequence_out, (4, 20)),
+}
+
+
+def _build(key: str) -> tuple[nn.Module, np.ndarray, np.ndarray]:
+    make, shape = NETWORKS[key]
+    torch.manual_seed(0)
+    model = make().eval()
+    rng = np.random.default_rng(1)
+    calib = rng.standard_normal((32, *shape)).astype(np.float32)
+    x = rng.standard_normal((6, *shape)).astype(np.float32)
+    return model, calib, x
+
+
+def _quantize(key: str) -> tuple[nn.Module, QuantizedModel, np.ndarray]:
+    model, calib, x = _build(key)
+    qm = codegen.quantize(
+        model, calib, acc_bits=16, overflow="guaranteed", progress=False, name=key
+    )
+    return model, qm, x
+
+
+@pytest.mark.parametrize("key", list(NETWORKS))
+def test_network_is_bit_exact_on_the_host(key: str, tmp_path: Path) -> None:
+    model, qm, x = _quantize(key)
+    with torch.no_grad():
+        want_float = model(torch.as_tensor(x)).numpy()
+    # the API speaks the model's own rank: floats like torch, ints in the C's memory order
+    assert qm.reference(x).shape == want_float.shape
+    assert qm.float_output(x).shape == want_float.shape
+    np.testing.assert_allclose(qm.float_output(x), want_float, rtol=1e-4, atol=1e-4)
+    assert qm.quantize_input(x).ndim == x.ndim
+    want = qm.reference_int(x)
+    assert want.ndim == want_float.ndim
+    assert all(r["bound_fits"] for r in qm.report["layers"] if "bound_fits" in r)
+    c = codegen.compile(qm, target="host", out_dir=tmp_path / key)
+    assert np.array_equal(c.run_int(x), want)
+    assert np.array_equal(c.run_int_q(qm.quantize_input(x[:1])[0]), want[0])  # one sample
+    assert len(np.unique(want)) > 3  # not a constant output
+
+
+def test_sequence_layouts() -> None:
+    """(N, C, L) floats in and out, (N, L, C) ints: the IR's (N, 1, L, C) images without H."""
+    _, qm, x = _quantize("conv1d_sequence_out")
+    g = qm.graph
+    assert g.tensors[g.input].shape == (1, 20, 4) and g.input in g.sequences
+    assert g.tensors[g.output].shape == (1, 10, 5) and g.output in g.sequences
+    xq = qm.quantize_input(x)
+    assert xq.shape == (6, 20, 4)
+    fmt = g.tensors[g.input].fmt
+    assert fmt is not None
+    manual = np.clip(np.floor(x.transpose(0, 2, 1) / fmt.scale + 0.5), fmt.qmin, fmt.qmax)
+    assert np.array_equal(xq, manual)
+    y = qm.reference_int(x)
+    assert y.shape == (6, 10, 5)
+    assert np.array_equal(qm.dequantize_output(y), qm.reference(x))
+    assert qm.reference(x).shape == (6, 5, 10)
+    with pytest.raises(InvalidDataError, match=r"the model takes N x 4 x 20"):
+        qm.reference_int(x[:, :, None, :])
+
+
+def test_calibration_of_the_wrong_rank_is_one_line() -> None:
+    with pytest.raises(InvalidDataError, match=r"N x C x H x W \(images\), N x C x L"):
+        codegen.quantize(fc_autoencoder(), np.zeros((4, 1, 1, 1, 640), np.float32))
+
+
+def _require(target: str) -> None:
+    try:
+        check_tools(get_target(target))
+    except TargetError as e:
+        pytest.fail(str(e))
+    if shutil.which("cmake") is None:
+        pytest.fail("cmake is not installed: apt-get install cmake")
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("target", ["cortex-a53", "cortex-m55"])
+@pytest.mark.parametrize("key", ["preact_dense", "conv1d_classifier", "activations_anywhere"])
+def test_network_is_bit_exact_under_qemu(key: str, target: str, tmp_path: Path) -> None:
+    """The new lowerings (tables for lone activations, depthwise 1x1 for standalone BatchNorm,
+    padded ceil_mode max pools, adaptive pools, 1-D ops as H = 1 images) on the NEON and MVE
+    dialects."""
+    _require(target)
+    _, qm, x = _quantize(key)
+    c = codegen.compile(qm, target=target, out_dir=tmp_path / target)
+    assert np.array_equal(c.run_int(x), qm.reference_int(x))
