@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import numpy as np
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from codegen.core import reference, simulate
 from codegen.core.errors import InvalidDataError, InvalidModelError, QaccError
@@ -17,7 +18,9 @@ from codegen.core.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
 from codegen.core.reference import RunResult, quantize_images
 from codegen.frontend.torch_fx import from_torch
 from codegen.quant.accumulator import POLICIES, Policy, channel_bounds
+from codegen.quant.distributed import resolve_device
 from codegen.quant.ptq import PTQResult, fakequant_overrides, search
+from codegen.quant.training import TrainData
 from codegen.targets.compiled import compile as compile
 
 METHODS = ("ptq", "adaptive", "transform")
@@ -208,10 +211,11 @@ def quantize(
     bits_per_weight: float = 2.0,
     transform: str = "klt",
     transform_deploy: str = "auto",
-    train: tuple[np.ndarray, np.ndarray] | None = None,
+    train: TrainData | None = None,
     epochs: int = 2,
     distill: bool = False,
     seed: int = 0,
+    device: str = "cpu",
 ) -> QuantizedModel:
     """Quantize an eval-mode nn.Module for accumulators of `acc_bits` bits.
 
@@ -231,11 +235,17 @@ def quantize(
     holding the transform) or "reconstructed" (weights U Y requantized to 8 bits);
     `transform="uniform"` is the baseline: every weight at the same bit depth per layer.
 
+    `train` is arrays (x_train, y_train), a torch Dataset of (x, y) pairs or a DataLoader
+    (calibration data stays an array). `device` ("cpu" or "cuda") runs calibration, training and
+    the fake-quant simulation there; the integer reference stays NumPy on the CPU. Under
+    torchrun (torch.distributed initialised) training is DistributedDataParallel and the
+    calibration ranges are all-reduced: see docs/distributed.md.
     """
     if method not in METHODS:
         raise QaccError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     if overflow not in POLICIES:
         raise QaccError(f"unknown overflow policy '{overflow}'; choose guaranteed or profiled")
+    dev = resolve_device(device)  # before any work: "cuda" without CUDA is a one-line error
     calib = _check_calib(calib)
     fg = float_graph(model, calib, name)
     _check_images(calib, fg, "calibration data")
@@ -264,6 +274,7 @@ def quantize(
             seed=seed,
             progress=progress,
             distill=distill,
+            device=dev,
         )
     elif method == "transform":
         from codegen.quant.transform import quantize_transform
@@ -281,10 +292,11 @@ def quantize(
             seed=seed,
             progress=progress,
             labels=lab,
+            device=dev,
         )
     else:
         res = search(fg, simulate.nchw_to_nhwc(calib_ir), lab, accs, cast(Policy, overflow), margin,
-                     progress)  # fmt: skip
+                     progress, device=dev)  # fmt: skip
         graph = res.graph
     qm = QuantizedModel(fg.name, graph, fg, method, overflow)
     qm.report = build_report(qm, res, calib) | extra
@@ -308,11 +320,15 @@ def float_graph(
     return from_torch(model, calib, name)
 
 
-def _check_train(train: Any, fg: Graph, method: str) -> tuple[np.ndarray, np.ndarray]:
-    """The (inputs, labels) training pair of the methods that (re)train."""
+def _check_train(train: Any, fg: Graph, method: str) -> TrainData:
+    """The (inputs, labels) training pair of the methods that (re)train, or the user's torch
+    Dataset of (x, y) pairs or DataLoader (used as given: qacc does not read it ahead)."""
+    if isinstance(train, (Dataset, DataLoader)):
+        return train
     if not (isinstance(train, tuple) and len(train) == 2):
         raise InvalidDataError(
-            f"method '{method}' needs train=(x_train, y_train): inputs N x C x H x W and labels"
+            f"method '{method}' needs train=(x_train, y_train) (inputs N x C x H x W and labels), "
+            "a torch Dataset of (x, y) pairs or a DataLoader"
         )
     x = _check_images(train[0], fg, "training inputs").astype(np.float32, copy=False)
     x = to_ir_input(x, fg)

@@ -27,9 +27,16 @@ TICK_SECONDS = 0.5
 
 
 def enabled(progress: bool = True) -> bool:
-    """Whether a bar would show: progress was asked for and stderr is a terminal."""
+    """Whether a bar would show: progress was asked for, stderr is a terminal, and this process
+    is rank 0 when torch.distributed is initialised (under torchrun only rank 0 prints)."""
     isatty = getattr(sys.stderr, "isatty", None)
-    return bool(progress and isatty is not None and isatty())
+    return bool(progress and isatty is not None and isatty() and _main_rank())
+
+
+def _main_rank() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def bar(

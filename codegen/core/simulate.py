@@ -38,8 +38,8 @@ def fake_quant(v: torch.Tensor, fmt: QFormat) -> torch.Tensor:
 def _param(node: Node, over: Mapping[str, Any], key: str, like: torch.Tensor) -> torch.Tensor:
     v = over.get(key, node.params[key])
     if isinstance(v, torch.Tensor):  # differentiable parameters (quantization-aware training)
-        return v.to(like.dtype)
-    return torch.as_tensor(np.asarray(v), dtype=like.dtype)
+        return v.to(like.device, like.dtype)
+    return torch.as_tensor(np.asarray(v), dtype=like.dtype, device=like.device)
 
 
 def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> torch.Tensor:
@@ -98,6 +98,7 @@ def run(
     batch: int = 2048,
     state: Mapping[str, torch.Tensor] | None = None,
     start: int = 0,
+    device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """Run the graph on a float NHWC batch; returns the output (NHWC for images) as float64.
 
@@ -105,18 +106,23 @@ def run(
     `overrides` replaces node parameters (weight, bias, scale) by their quantized values.
     `observe(node, inputs, pre_activation)` sees NCHW / (N, C) tensors (channel axis 1).
     `state` (from `prefix`) holds the tensors of nodes before index `start`, for a whole batch.
+    `device` is where the batches are computed (the result is always a CPU NumPy array).
     """
     if state is not None:
         return _finish(graph, dict(state), start, formats or {}, overrides or {}, observe)
     formats = formats or {}
     overrides = overrides or {}
-    x_all = torch.as_tensor(np.asarray(x_nhwc), dtype=dtype)
+    if isinstance(x_nhwc, torch.Tensor):
+        x_all = x_nhwc.to(dtype=dtype)
+    else:
+        x_all = torch.as_tensor(np.asarray(x_nhwc), dtype=dtype)
     if x_all.ndim == 4:
         x_all = x_all.permute(0, 3, 1, 2)
     outs = []
     with torch.no_grad():
         for i in range(0, x_all.shape[0], batch):
-            env: dict[str, torch.Tensor] = {graph.input: x_all[i : i + batch].contiguous()}
+            xb = x_all[i : i + batch].to(device).contiguous()
+            env: dict[str, torch.Tensor] = {graph.input: xb}
             if graph.input in formats:
                 env[graph.input] = fake_quant(env[graph.input], formats[graph.input])
             outs.append(_finish(graph, env, 0, formats, overrides, observe))
@@ -146,7 +152,7 @@ def _finish(
     if stop is not None:
         return np.empty(0)
     out = env[graph.output]
-    return (out.permute(0, 2, 3, 1) if out.ndim == 4 else out).double().numpy()
+    return (out.permute(0, 2, 3, 1) if out.ndim == 4 else out).double().cpu().numpy()
 
 
 def prefix(

@@ -43,8 +43,10 @@ from codegen.core import simulate
 from codegen.core.errors import QaccError
 from codegen.core.formats import int_range, round_half_up
 from codegen.core.ir import OPS, WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
+from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import channel_bounds
 from codegen.quant.ptq import refuse_unsupported, tensor_classes
+from codegen.quant.training import TrainData, fit
 
 SCALES = ("dyadic", "pow2")
 MULT_BITS = 15
@@ -202,7 +204,7 @@ class WeightQuant(nn.Module):
         o = self.w.shape[0]
         shape = (o,) + (1,) * (self.w.ndim - 1)
         base = self.s_param.detach().clone()
-        best = torch.full((o,), math.inf, dtype=torch.float64)
+        best = torch.full((o,), math.inf, dtype=torch.float64, device=self.w.device)
         chosen = base.clone()
         for k in range(STEP_SEARCH):
             cand = base + (k if self.pow2 else k * math.log2(1.25))
@@ -243,9 +245,9 @@ def _fits(
     """Per channel, whether the integer weights q and bias keep the exact sum
     (`channel_bounds`) inside [-limit - 1, limit] for every input code offset in [xlo, xhi]."""
     lo, hi = channel_bounds(
-        q.numpy().astype(np.int64), bias.numpy().astype(np.int64), int(xlo), int(xhi)
+        q.cpu().numpy().astype(np.int64), bias.cpu().numpy().astype(np.int64), int(xlo), int(xhi)
     )
-    return torch.as_tensor((hi <= limit) & (lo >= -limit - 1))
+    return torch.as_tensor((hi <= limit) & (lo >= -limit - 1), device=q.device)
 
 
 def project(
@@ -296,7 +298,7 @@ def _l1_ball(v: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
     d = flat.detach()
     c = cap.detach().clamp_min(0.0)
     u = torch.sort(d, dim=1, descending=True).values
-    k = torch.arange(1, u.shape[1] + 1, dtype=d.dtype)
+    k = torch.arange(1, u.shape[1] + 1, dtype=d.dtype, device=d.device)
     n_kept = (u * k > u.cumsum(1) - c[:, None]).sum(1)  # the condition holds for k = 1..rho
     css = u.cumsum(1).gather(1, (n_kept - 1).clamp_min(0)[:, None])[:, 0]
     t_det = (css - c) / n_kept.clamp_min(1)
@@ -373,20 +375,22 @@ class QATNet(nn.Module):
         a_bits: Mapping[str, int],
         acc_bits: Mapping[str, int],
         pow2: bool,
+        device: torch.device | str = "cpu",
     ):
         super().__init__()
         self.pow2 = pow2
+        self.device = torch.device(device)
         self.graph = graph
         self.rep = _rep_tensors(graph)
         self.acts = nn.ModuleDict()
         self.layers = nn.ModuleDict()
         self.keys: dict[str, str] = {}
         with torch.no_grad():
-            x = torch.as_tensor(x_calib[:INIT_SAMPLES], dtype=torch.float32)
+            x = torch.as_tensor(x_calib[:INIT_SAMPLES], dtype=torch.float32).to(self.device)
             env = {graph.input: self._init_act(graph.input, x, a_bits)(x)}
             for n in graph.nodes:
                 if n.op in WEIGHTED_OPS:
-                    wq = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2)
+                    wq = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2).to(self.device)
                     wq.fit_steps(self.act(n.inputs[0]))
                     self.layers[n.name] = wq
                 y = self._node(n, [env[t] for t in n.inputs])
@@ -402,11 +406,12 @@ class QATNet(nn.Module):
             members = [m for m, mr in self.rep.items() if mr == r]
             nonneg = all(_nonneg(self.graph, m) for m in members)
             numel = self.graph.tensors[r].size
-            sample = v.detach().double().numpy().ravel()
+            sample = v.detach().double().cpu().numpy().ravel()
             if sample.size > INIT_VALUES:
                 sample = np.random.default_rng(0).choice(sample, INIT_VALUES, replace=False)
             s, zp = init_act_quant(sample, a_bits[r], self.pow2, numel, nonneg)
-            self.acts[self.keys[r]] = ActQuant(a_bits[r], self.pow2, s, zp, numel)
+            act = ActQuant(a_bits[r], self.pow2, s, zp, numel).to(self.device)
+            self.acts[self.keys[r]] = act
         return self.act(tensor)
 
     def act(self, tensor: str) -> ActQuant:
@@ -479,8 +484,8 @@ def _pool_count(graph: Graph, n: Node) -> int:
 
 def _realised(m: torch.Tensor) -> torch.Tensor:
     """mult * 2^-shift of `dyadic(m)` (float64)."""
-    mult, shift = dyadic(m.numpy())
-    return torch.as_tensor(mult * np.exp2(-shift.astype(np.float64)))
+    mult, shift = dyadic(m.detach().cpu().numpy())
+    return torch.as_tensor(mult * np.exp2(-shift.astype(np.float64)), device=m.device)
 
 
 def _nonneg(graph: Graph, tensor: str) -> bool:
@@ -553,8 +558,7 @@ def _check_keys(m: Mapping[str, int], allowed: set[str], what: str) -> None:
 
 def train_qat(
     net: QATNet,
-    x: np.ndarray,
-    y: np.ndarray,
+    train: TrainData,
     epochs: int,
     seed: int,
     progress: bool,
@@ -562,16 +566,19 @@ def train_qat(
     distill: bool = False,
 ) -> list[dict[str, float]]:
     """Fine-tune every parameter (weights, biases, steps, offsets): Adam, cosine decay; with
-    `distill`, the float network is the teacher (knowledge distillation)."""
-    from codegen.quant.training import fit
+    `distill`, the float network is the teacher (knowledge distillation). `train` is arrays
+    (x, y), a Dataset or a DataLoader; under torchrun, DistributedDataParallel (see `fit`)."""
 
     def teacher(xb: torch.Tensor) -> torch.Tensor:  # the float network the training started from
-        out = simulate.run(net.graph, simulate.nchw_to_nhwc(xb.numpy()), dtype=torch.float32)
-        return torch.as_tensor(out, dtype=torch.float32).reshape(len(xb), -1)
+        x_nhwc = xb.permute(0, 2, 3, 1) if xb.ndim == 4 else xb
+        out = simulate.run(net.graph, x_nhwc, dtype=torch.float32, device=xb.device)
+        return torch.as_tensor(out, dtype=torch.float32, device=xb.device).reshape(len(xb), -1)
 
     history: list[dict[str, float]] = []
+    x, y = train if isinstance(train, tuple) else (train, None)
     fit(net, x, y, epochs, lr=lr, seed=seed, progress=progress, schedule="cosine",
-        desc="adaptive QAT", history=history, teacher=teacher if distill else None)  # fmt: skip
+        desc="adaptive QAT", history=history, teacher=teacher if distill else None,
+        device=net.device)  # fmt: skip
     return history
 
 
@@ -629,9 +636,9 @@ def export(net: QATNet) -> tuple[Graph, dict[str, Any]]:
             wq = net.layer(n.name)
             with torch.no_grad():
                 lay = wq.forward(net.act(n.inputs[0]))
-            q = lay.q.double().numpy().astype(np.int64)
-            bias = lay.bias.double().numpy().astype(np.int64)
-            sw = lay.w_step.double().numpy()
+            q = lay.q.double().cpu().numpy().astype(np.int64)
+            bias = lay.bias.double().cpu().numpy().astype(np.int64)
+            sw = lay.w_step.double().cpu().numpy()
             q = _enforce_bounds(q, bias, fi, wq.acc_bits, fix)
             m = fi.scale * sw / fo.scale
             mult, shift = _requant_of(m, pow2)
@@ -724,7 +731,7 @@ def _constraint_row(
 def quantize_adaptive(
     graph: Graph,
     calib: np.ndarray,
-    train: tuple[np.ndarray, np.ndarray],
+    train: TrainData,
     acc_bits: Mapping[str, int],
     *,
     w_bits: int | Mapping[str, int] = 4,
@@ -735,8 +742,13 @@ def quantize_adaptive(
     progress: bool = True,
     lr: float = 1e-3,
     distill: bool = False,
+    device: torch.device | str = "cpu",
 ) -> tuple[Graph, dict[str, Any]]:
-    """Train, export and check; returns the integer graph and the method's report section."""
+    """Train, export and check; returns the integer graph and the method's report section.
+
+    Under torchrun every rank initialises from its own first calibration samples and
+    DistributedDataParallel then broadcasts rank 0's parameters, so the initialisation is rank
+    0's; the training is data parallel and every rank exports the same integer graph."""
     refuse_unsupported(graph, "adaptive", OPS - {"lut"})
     if scale not in SCALES:
         raise QaccError(f"unknown scale kind '{scale}'; choose dyadic or pow2")
@@ -744,9 +756,8 @@ def quantize_adaptive(
         raise QaccError(f"epochs must be >= 0, got {epochs}")
     wb, ab = resolve_bits(graph, w_bits, a_bits)
     torch.manual_seed(seed)
-    net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2")
-    x, y = train
-    history = train_qat(net, x, y, epochs, seed, progress, lr=lr, distill=distill)
+    net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device)
+    history = train_qat(net, train, epochs, seed, progress, lr=lr, distill=distill)
     qgraph, details = export(net)
     agree = fake_vs_integer(net, qgraph, calib)
     extra = {
@@ -771,9 +782,14 @@ def fake_vs_integer(net: QATNet, qgraph: Graph, x: np.ndarray) -> float:
 
     with torch.no_grad():
         fake = np.concatenate(
-            [net(torch.as_tensor(x[i : i + 512])).numpy() for i in range(0, len(x), 512)]
+            [
+                net(torch.as_tensor(x[i : i + 512]).to(net.device)).cpu().numpy()
+                for i in range(0, len(x), 512)
+            ]
         )
     xq = reference.quantize_images(x, qgraph)
     out = reference.run(qgraph, xq).output
     fake2 = fake.reshape(len(x), -1)
-    return float(np.mean(fake2.argmax(1) == out.reshape(len(x), -1).argmax(1)))
+    agree = int(np.sum(fake2.argmax(1) == out.reshape(len(x), -1).argmax(1)))
+    agree, total = ddp.all_reduce(np.array([agree, len(x)]), "sum")  # over all ranks' samples
+    return float(agree / total)

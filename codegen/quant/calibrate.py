@@ -1,4 +1,10 @@
-"""Calibration: observe the float graph on sample inputs."""
+"""Calibration: observe the float graph on sample inputs.
+
+Under torchrun each rank calibrates on its own part of the calibration set and the ranges are
+all-reduced (MIN / MAX: exact, so the formats are the same whatever the number of ranks, and a
+calibration set larger than one machine's memory can be spread over several). The float logits
+(`Calibration.output`) stay per rank: they belong to that rank's samples.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch
 from codegen.core import simulate
 from codegen.core.ir import WEIGHTED_OPS, Graph, Node
 from codegen.core.progress import bar
+from codegen.quant import distributed as ddp
 
 
 @dataclass
@@ -25,7 +32,10 @@ class Calibration:
         return max(abs(self.tensor_min[tensor]), abs(self.tensor_max[tensor]))
 
 
-def calibrate(graph: Graph, x_nhwc: np.ndarray, progress: bool = True) -> Calibration:
+def calibrate(
+    graph: Graph, x_nhwc: np.ndarray, progress: bool = True, device: torch.device | str = "cpu"
+) -> Calibration:
+    """Ranges of every tensor and per-channel pre-activation maxima, over all ranks."""
     cal = Calibration()
 
     def seen(name: str, v: torch.Tensor) -> None:
@@ -39,14 +49,28 @@ def calibrate(graph: Graph, x_nhwc: np.ndarray, progress: bool = True) -> Calibr
         lo, hi = node.attrs.get("clamp", (-np.inf, np.inf))
         seen(node.output, pre.clamp(lo, hi) if (lo, hi) != (-np.inf, np.inf) else pre)
         if node.op in WEIGHTED_OPS:
-            m = pre.abs().transpose(0, 1).reshape(pre.shape[1], -1).amax(dim=1).double().numpy()
+            m = (
+                pre.abs()
+                .transpose(0, 1)
+                .reshape(pre.shape[1], -1)
+                .amax(dim=1)
+                .double()
+                .cpu()
+                .numpy()
+            )
             old = cal.preact_absmax.get(node.name)
             cal.preact_absmax[node.name] = m if old is None else np.maximum(old, m)
 
     chunk = 512
     outs = [
-        simulate.run(graph, x_nhwc[i : i + chunk], observe=observe, dtype=torch.float32)
+        simulate.run(
+            graph, x_nhwc[i : i + chunk], observe=observe, dtype=torch.float32, device=device
+        )
         for i in bar(range(0, len(x_nhwc), chunk), "calibration", progress=progress, unit="batch")
     ]
     cal.output = np.concatenate(outs, axis=0)
+    if ddp.active():
+        cal.tensor_min = ddp.all_reduce_dict(cal.tensor_min, "min")
+        cal.tensor_max = ddp.all_reduce_dict(cal.tensor_max, "max")
+        cal.preact_absmax = ddp.all_reduce_dict(cal.preact_absmax, "max")
     return cal

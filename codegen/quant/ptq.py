@@ -27,6 +27,7 @@ from codegen.core.errors import InfeasibleAccumulatorError, UnsupportedModelErro
 from codegen.core.formats import frac_for_range, round_half_up
 from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor, TensorUnion
 from codegen.core.progress import bar as progress_bar
+from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import (
     MIN_BITS,
     Policy,
@@ -108,11 +109,19 @@ class PTQResult:
 
 
 def _score(out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> tuple[float, ...]:
-    mse = float(np.mean((out - ref) ** 2))
+    """(accuracy, -mse) with labels, else (-mse); under torchrun over every rank's samples (the
+    sums are all-reduced: counts exactly, squared errors in float64)."""
+    sse = float(np.sum((out - ref) ** 2))
+    correct = 0.0
+    if labels is not None:
+        correct = float(np.sum(out.reshape(out.shape[0], -1).argmax(axis=1) == labels))
+    sse, values, correct, samples = ddp.all_reduce(
+        np.array([sse, out.size, correct, out.shape[0]], dtype=np.float64), "sum"
+    )
+    mse = float(sse / values)
     if labels is None:
         return (-mse,)
-    acc = float(np.mean(out.reshape(out.shape[0], -1).argmax(axis=1) == labels))
-    return (acc, -mse)
+    return (float(correct / samples), -mse)
 
 
 def _layer_weights(
@@ -166,8 +175,12 @@ def search(
     policy: Policy,
     margin: float = 2.0,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> PTQResult:
-    cal = calibrate(graph, x_nhwc, progress)
+    """Under torchrun the ranges are all-reduced (`calibrate`) and the candidates are ranked on
+    the first RANK_SAMPLES samples of every rank, their scores summed over the ranks
+    (`_score`): every rank builds the same graph."""
+    cal = calibrate(graph, x_nhwc, progress, device)
     classes = tensor_classes(graph)
     infos = class_infos(graph, classes, cal)
     rank_x = x_nhwc[:RANK_SAMPLES]

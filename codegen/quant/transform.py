@@ -47,6 +47,7 @@ from codegen.core import simulate
 from codegen.core.errors import InfeasibleAccumulatorError, QaccError
 from codegen.core.formats import IntArray, round_half_up
 from codegen.core.ir import OPS, WEIGHTED_OPS, Graph, Node, QFormat, Tensor
+from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import Policy, WeightQuant, acc_limits, channel_bounds
 from codegen.quant.calibrate import calibrate
 from codegen.quant.ptq import (
@@ -55,6 +56,7 @@ from codegen.quant.ptq import (
     refuse_unsupported,
     tensor_classes,
 )
+from codegen.quant.training import TrainData, fit
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -159,10 +161,20 @@ def row_energy(y: FloatArray, g: FloatArray | None) -> FloatArray:
 
 
 def input_moments(
-    fg: Graph, x_nhwc: np.ndarray, names: list[str], progress: bool = False
+    fg: Graph,
+    x_nhwc: np.ndarray,
+    names: list[str],
+    progress: bool = False,
+    device: torch.device | str = "cpu",
 ) -> dict[str, FloatArray]:
     """E[x x^T] of the input patches (im2col rows in (kh, kw, c) order) of each named layer,
-    normalised to trace K."""
+    normalised to trace K.
+
+    The sums of x x^T are float64 (products of float32 values, summed per batch and over the
+    batches); under torchrun they and the counts are all-reduced (SUM, float64), so every rank
+    gets the same bytes. Against one process holding all the samples, only the order of the
+    float64 additions differs: relative differences around 1e-16, far below what moves a bit
+    allocation (the ELT's eigenvectors and the water-filling compare values, not bits)."""
     acc: dict[str, FloatArray] = {}
     count: dict[str, int] = {}
     wanted = set(names)
@@ -171,13 +183,15 @@ def input_moments(
         if node.name not in wanted:
             return
         p = _patches(node, xs[0].double())
-        acc[node.name] = acc.get(node.name, 0) + (p.T @ p).numpy()
+        acc[node.name] = acc.get(node.name, 0) + (p.T @ p).cpu().numpy()
         count[node.name] = count.get(node.name, 0) + p.shape[0]
 
-    simulate.run(fg, x_nhwc, observe=observe, dtype=torch.float32, batch=250)
+    simulate.run(fg, x_nhwc, observe=observe, dtype=torch.float32, batch=250, device=device)
+    sums = ddp.all_reduce_dict({n: np.asarray(acc[n], dtype=np.float64) for n in names}, "sum")
+    counts = ddp.all_reduce_dict({n: np.array([count[n]], dtype=np.float64) for n in names}, "sum")
     out = {}
     for name in names:
-        m = acc[name] / count[name]
+        m = sums[name] / float(counts[name][0])
         tr = float(np.trace(m))
         out[name] = m * (m.shape[0] / tr) if tr > 0 else np.eye(m.shape[0])
     return out
@@ -197,22 +211,33 @@ def _patches(node: Node, x: torch.Tensor) -> torch.Tensor:
 
 
 def sensitivities(
-    fg: Graph, nodes: list[Node], x_nhwc: np.ndarray, seed: int = 0
+    fg: Graph,
+    nodes: list[Node],
+    x_nhwc: np.ndarray,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Squared logit error per unit of weight error energy, per layer: the layer's weights get
     small white noise (NOISE times their RMS) and the network output moves; this puts the
-    distortions of all layers on one scale (the network's output) for the global allocation."""
+    distortions of all layers on one scale (the network's output) for the global allocation.
+    Under torchrun the noise is the same on every rank (same seed) and the per-sample errors
+    are summed over the ranks (float64 all-reduce)."""
     rng = np.random.default_rng(seed)
-    ref = simulate.run(fg, x_nhwc, dtype=torch.float32)
-    out = {}
+    ref = simulate.run(fg, x_nhwc, dtype=torch.float32, device=device)
+    sums: dict[str, float] = {}
+    energy: dict[str, float] = {}
     for n in nodes:
         w = np.asarray(n.params["weight"], dtype=np.float64)
         sigma = NOISE * math.sqrt(float((w**2).mean())) or 1.0
         noisy = w + sigma * rng.standard_normal(w.shape)
-        y = simulate.run(fg, x_nhwc, overrides={n.name: {"weight": noisy}}, dtype=torch.float32)
-        err = float(((y - ref) ** 2).reshape(len(y), -1).sum(axis=1).mean())
-        out[n.name] = max(err / float(((noisy - w) ** 2).sum()), 1e-30)
-    return out
+        y = simulate.run(
+            fg, x_nhwc, overrides={n.name: {"weight": noisy}}, dtype=torch.float32, device=device
+        )
+        sums[n.name] = float(((y - ref) ** 2).reshape(len(y), -1).sum(axis=1).sum())
+        energy[n.name] = float(((noisy - w) ** 2).sum())
+    total = ddp.all_reduce_dict(sums, "sum")
+    count = float(ddp.all_reduce(np.array([float(len(x_nhwc))]), "sum")[0])
+    return {k: max(total[k] / count / energy[k], 1e-30) for k in sums}
 
 
 # ----------------------------------------------------------------------------- water-filling
@@ -464,7 +489,7 @@ def uniform_bits(ns: list[int], bits_per_weight: float) -> list[int]:
 def quantize_transform(
     fg: Graph,
     calib: np.ndarray,
-    train: tuple[np.ndarray, np.ndarray] | None,
+    train: TrainData | None,
     accs: Mapping[str, int],
     *,
     policy: Policy,
@@ -475,6 +500,7 @@ def quantize_transform(
     progress: bool,
     labels: np.ndarray | None = None,
     deploy: str = "auto",
+    device: torch.device | str = "cpu",
 ) -> tuple[Graph, dict[str, Any]]:
     """The integer graph of `fg` coded at `bits_per_weight`, and the report's extra entries."""
     refuse_unsupported(fg, "transform", OPS - {"lut"})
@@ -492,7 +518,7 @@ def quantize_transform(
     nodes = [n for n in fg.nodes if n.op in WEIGHTED_OPS]
     n_weights = sum(int(n.params["weight"].size) for n in nodes)
     budget = bits_per_weight * n_weights
-    codes, alloc_info = code_layers(fg, nodes, x_nhwc, transform, budget, progress)
+    codes, alloc_info = code_layers(fg, nodes, x_nhwc, transform, budget, progress, device)
     total = _rate(codes)
     if transform != "uniform" and total["total"] > budget:
         raise QaccError(
@@ -501,8 +527,10 @@ def quantize_transform(
         )
     history: list[dict[str, float]] = []
     if train is not None and epochs > 0:
-        history = retrain(fg, codes, train, epochs=epochs, seed=seed, progress=progress)
-    graph, deployed = lower(fg, codes, x_nhwc, accs, policy, deploy, progress)
+        history = retrain(
+            fg, codes, train, epochs=epochs, seed=seed, progress=progress, device=device
+        )
+    graph, deployed = lower(fg, codes, x_nhwc, accs, policy, deploy, progress, device)
     layers = []
     for c in codes:
         w = layer_matrix(fg.node(c.name))
@@ -557,6 +585,7 @@ def code_layers(
     transform: str,
     budget: float,
     progress: bool,
+    device: torch.device | str = "cpu",
 ) -> tuple[list[LayerCode], dict[str, dict[str, Any]]]:
     """Choose transform/identity, bit depths and steps for every weighted layer."""
     ws = [layer_matrix(n) for n in nodes]
@@ -574,8 +603,8 @@ def code_layers(
         moments: dict[str, FloatArray] = {}
         if transform == "elt":
             names = [n.name for n, g in zip(nodes, groups, strict=True) if g == 1]
-            moments = input_moments(fg, x_nhwc[:STAT_SAMPLES], names, progress)
-        sens = sensitivities(fg, nodes, x_nhwc[:STAT_SAMPLES])
+            moments = input_moments(fg, x_nhwc[:STAT_SAMPLES], names, progress, device)
+        sens = sensitivities(fg, nodes, x_nhwc[:STAT_SAMPLES], device=device)
         options = []
         for n, w, grp in zip(nodes, ws, groups, strict=True):
             gm, s = moments.get(n.name), sens[n.name]
@@ -652,7 +681,7 @@ def _limits(bits: IntArray) -> tuple[torch.Tensor, torch.Tensor]:
 class _Coded(torch.nn.Module):
     """The float IR with every weighted layer computed from its fake-quantized code."""
 
-    def __init__(self, fg: Graph, codes: list[LayerCode]):
+    def __init__(self, fg: Graph, codes: list[LayerCode], device: torch.device | str = "cpu"):
         super().__init__()
         self.fg = fg
         self.codes = {c.name: c for c in codes}
@@ -670,7 +699,7 @@ class _Coded(torch.nn.Module):
                 self.u[key] = torch.nn.Parameter(torch.tensor(c.u, dtype=torch.float32))
                 ulo, uhi = _limits(np.full(c.o, MAX_BITS, dtype=np.int64))
                 fixed += [torch.tensor(c.u_frac, dtype=torch.float32), ulo, uhi]
-            self.fixed[key] = tuple(fixed)
+            self.fixed[key] = tuple(t.to(device) for t in fixed)
 
     def weight(self, name: str) -> torch.Tensor:
         f = self.fixed[name]
@@ -694,10 +723,10 @@ class _Coded(torch.nn.Module):
     def export(self) -> None:
         """Write the trained latent values back into the codes."""
         for name, c in self.codes.items():
-            c.y = self.y[name].detach().double().numpy()
-            c.bias = self.b[name].detach().double().numpy()
+            c.y = self.y[name].detach().double().cpu().numpy()
+            c.bias = self.b[name].detach().double().cpu().numpy()
             if name in self.u:
-                c.u = self.u[name].detach().double().numpy()
+                c.u = self.u[name].detach().double().cpu().numpy()
 
 
 def _weighted(node: Node, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -713,21 +742,21 @@ def _weighted(node: Node, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> 
 def retrain(
     fg: Graph,
     codes: list[LayerCode],
-    train: tuple[np.ndarray, np.ndarray],
+    train: TrainData,
     *,
     epochs: int,
     seed: int = 0,
     lr: float = 3e-4,
     batch: int = 128,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> list[dict[str, float]]:
     """Adam on the fake-quantized codes (bit depths and steps fixed, cosine-decayed LR); the
-    codes are updated in place. Returns the loss and accuracy of each epoch."""
-    from codegen.quant.training import fit
-
-    model = _Coded(fg, codes)
+    codes are updated in place. Returns the loss and accuracy of each epoch. `train` is arrays
+    (x, y), a Dataset or a DataLoader; under torchrun, DistributedDataParallel (see `fit`)."""
+    model = _Coded(fg, codes, device).to(device)
     history: list[dict[str, float]] = []
-    x, y = train
+    x, y = train if isinstance(train, tuple) else (train, None)
     fit(
         model,
         x,
@@ -740,6 +769,7 @@ def retrain(
         schedule="cosine",
         desc="transform retraining",
         history=history,
+        device=device,
     )
     model.export()
     return history
@@ -872,12 +902,13 @@ def lower(
     policy: Policy,
     deploy: str,
     progress: bool,
+    device: torch.device | str = "cpu",
 ) -> tuple[Graph, dict[str, dict[str, Any]]]:
     """The integer graph: activation formats calibrated on the deployed float graph (widest
     widths: 8 bits signed, 7 unsigned), weights frozen at their codes, bias in accumulator units.
     An input width is narrowed only if the exact bound does not fit the accumulator."""
     dg, ints, origin, report = _deployed_graph(fg, codes, deploy)
-    cal = calibrate(dg, x_nhwc, progress)
+    cal = calibrate(dg, x_nhwc, progress, device)
     classes = tensor_classes(dg)
     infos = class_infos(dg, classes, cal)
     bits = {c: info.max_bits for c, info in infos.items()}
