@@ -41,8 +41,9 @@ def seq(*mods: nn.Module) -> nn.Module:
 
 
 def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
-    """A stand-in for torchvision.ops.stochastic_depth (torchvision is not installed here): the
-    frontend recognises it by its name, as torch.fx records the wrapped function."""
+    """A stand-in for torchvision.ops.stochastic_depth (torchvision imports only through
+    tests/zoo.py's workaround): the frontend recognises it by its name, as torch.fx records the
+    wrapped function."""
     if not training or p == 0.0:
         return x
     size = [x.shape[0]] + [1] * (x.ndim - 1) if mode == "row" else [1] * x.ndim

@@ -19,7 +19,7 @@ convs) quantize 87 s + compile 26 s.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +72,6 @@ REFUSED: dict[str, str] = {
 
 HEAVY: tuple[str, ...] = ("resnet50", "densenet121")
 """Accepted and bit-exact, too slow for `make test` (figures in the module docstring)."""
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread per test: under `pytest -n 2` on 2 cores, two workers with torch's
-    default of one thread per core are oversubscribed and these models run up to 10x slower
-    (mobilenet_v2: 197 s instead of 17 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(name: str) -> nn.Module:
