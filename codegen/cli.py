@@ -160,15 +160,16 @@ def _verify(args: argparse.Namespace) -> int:
     bench = out / "build" / f"{report['name']}_testbench"
     if not bench.is_file():
         raise QaccError(f"{bench} is missing; run qacc compile again")
-    xq = qm.quantize_input(x)
+    in_shape = qm.graph.tensors[qm.graph.input].shape
+    xq = qm.quantize_input(x).reshape((len(x), *in_shape))  # a sequence's (N, L, C): (N, 1, L, C)
+    want = qm.reference_int(x)
     got = run_testbench(
         bench,
         xq,
-        qm.graph.tensors[qm.graph.input].shape,
+        in_shape,
         qm.graph.tensors[qm.graph.output].shape,
         getattr(target, "launcher", None),
-    )
-    want = qm.reference_int(x)
+    ).reshape(want.shape)
     bad = np.any((got != want).reshape(len(x), -1), axis=1)
     print(
         f"qacc verify: {len(x)} inputs on {data['target']}: {len(x) - int(bad.sum())} bit-exact, "

@@ -26,6 +26,13 @@ def not_a_module():
 
 def broken():
     raise RuntimeError("checkpoint missing")
+
+def sequence():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv1d(2, 6, 3, padding=1), nn.BatchNorm1d(6), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(6, 4, 3),
+    ).eval()
 """
 
 
@@ -95,6 +102,19 @@ def test_compile_then_verify(work: Path) -> None:
 
 
 @pytest.mark.slow
+def test_compile_then_verify_a_sequence_model(work: Path) -> None:
+    """(N, C, L) inputs: verify feeds the test bench the IR's (N, 1, L, C) and compares the C's
+    output with reference_int's (N, L, C)."""
+    rng = np.random.default_rng(1)
+    np.save(work / "calib1d.npy", rng.random((32, 2, 16), dtype=np.float32))
+    np.save(work / "x1d.npy", rng.random((10, 2, 16), dtype=np.float32))
+    r = qacc("compile", "net.py:sequence", "--calib", "calib1d.npy", "--out", "out1d", cwd=work)
+    assert r.returncode == 0, r.stderr
+    v = qacc("verify", "out1d", "--inputs", "x1d.npy", cwd=work)
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert "10 bit-exact, 0 differ" in v.stdout
+
+
 def test_compile_adaptive_then_verify(work: Path) -> None:
     """--method adaptive: trained W4A4 at a 12-bit accumulator, packed weights, bit-exact."""
     r = qacc(
