@@ -1,4 +1,5 @@
-# qacc: `make demo` runs the main job end to end, `make test` runs the tests.
+# qacc: `make demo` runs the main job end to end in a few minutes, `make paper` the full-length
+# version of it (about 40 minutes on 2 cores), `make test` runs the tests.
 # Both install everything they need first (Debian packages through apt, a pinned .venv).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-done
 JOBS ?= 2
 
-.PHONY: setup apt venv demo test lint fuzz bench clean
+.PHONY: setup apt venv demo paper test lint fuzz bench clean
 
 setup: apt $(SETUP_STAMP) plugin xnnpack
 
@@ -33,6 +34,10 @@ venv: $(SETUP_STAMP)
 
 demo: setup
 	$(BIN)/qacc demo
+
+# The full-length demo: width sweeps on both networks, 6-epoch adaptive training, QEMU on 500 images.
+paper: setup
+	$(BIN)/qacc demo --full
 
 test: setup lint
 	$(BIN)/pytest -n $(JOBS) -q
