@@ -475,50 +475,33 @@ class _Converter:
             self.cat(node)
         elif t in (torch.flatten, torch.reshape) or method in ("flatten", "view", "reshape"):
             self.reshape(node)
-        elif t is F.max_pool2d:
+        elif t in (F.max_pool2d, F.max_pool1d):
             self.pool(
                 node,
                 "maxpool2d",
                 arg(1, "kernel_size", None),
                 arg(2, "stride", None),
                 arg(3, "padding", 0),
+                2 if t is F.max_pool2d else 1,
                 dilation=arg(4, "dilation", 1),
                 ceil_mode=arg(5, "ceil_mode", False),
                 return_indices=arg(6, "return_indices", False),
             )
-        elif t is F.avg_pool2d:
+        elif t in (F.avg_pool2d, F.avg_pool1d):
+            # F.avg_pool1d has no divisor_override
+            extra = (
+                {"divisor_override": arg(6, "divisor_override", None)} if t is F.avg_pool2d else {}
+            )
             self.pool(
                 node,
                 "avgpool2d",
                 arg(1, "kernel_size", None),
                 arg(2, "stride", None),
                 arg(3, "padding", 0),
+                2 if t is F.avg_pool2d else 1,
                 ceil_mode=arg(4, "ceil_mode", False),
                 count_include_pad=arg(5, "count_include_pad", True),
-                divisor_override=arg(6, "divisor_override", None),
-            )
-        elif t is F.max_pool1d:
-            self.pool(
-                node,
-                "maxpool2d",
-                arg(1, "kernel_size", None),
-                arg(2, "stride", None),
-                arg(3, "padding", 0),
-                1,
-                dilation=arg(4, "dilation", 1),
-                ceil_mode=arg(5, "ceil_mode", False),
-                return_indices=arg(6, "return_indices", False),
-            )
-        elif t is F.avg_pool1d:
-            self.pool(
-                node,
-                "avgpool2d",
-                arg(1, "kernel_size", None),
-                arg(2, "stride", None),
-                arg(3, "padding", 0),
-                1,
-                ceil_mode=arg(4, "ceil_mode", False),
-                count_include_pad=arg(5, "count_include_pad", True),
+                **extra,
             )
         elif t in (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d):
             d = 2 if t is F.adaptive_avg_pool2d else 1

@@ -198,8 +198,16 @@ CASES = {
     "vector_mlp": lambda: seq(
         nn.Linear(24, 16), _bn(16, 1), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 24)
     ),
+    "seq_f_pools": lambda: Lambda(
+        lambda s, x: F.avg_pool1d(F.max_pool1d(s.c(x), 3, 1, 1, ceil_mode=True), 2),
+        c=nn.Conv1d(C, 4, 3),
+    ),
+    "f_avgpool_pad": lambda: Lambda(
+        lambda s, x: F.avg_pool2d(s.c(x), 3, 2, 1), c=nn.Conv2d(C, 3, 1)
+    ),
 }
 SHAPES = {
+    "seq_f_pools": (C, 13),
     "seq_conv1d": (C, 17),
     "seq_out": (C, 12),
     "seq_flatten_linear": (C, 12),

@@ -56,7 +56,14 @@ NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     **{f"frontend_{k}": (lambda k=k: _case(k), shape(k)) for k in CASES},
 }
 WHOLE = ["branchy", "branchy_w8", "plain", "fashion_cnn", "resdw"]
-RENAMED = {"flatten": "view", "reshape": "view", "adaptive_avg_pool2d": "mean"}
+RENAMED = {
+    "flatten": "view",
+    "reshape": "view",
+    "adaptive_avg_pool2d": "mean",
+    # the torchscript exporter runs 1-D pools as 2-D ones and records that name
+    "max_pool1d": "max_pool2d",
+    "avg_pool1d": "avg_pool2d",
+}
 
 
 def export(model: nn.Module, x: np.ndarray, path: Path, exporter: str, **kw: object) -> Path:
