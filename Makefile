@@ -1,5 +1,5 @@
 # qacc: `make demo` runs the main job end to end in a few minutes, `make paper` the full-length
-# version of it (about 40 minutes on 2 cores), `make test` runs the tests.
+# version of it (tens of minutes on 2 cores), `make test` runs the tests.
 # Both install everything they need first (Debian packages through apt, a pinned .venv).
 SHELL := /bin/bash
 PYTHON ?= python3

@@ -7,9 +7,9 @@ scripts/train-checkpoints.py), on Fashion-MNIST:
 2. post-training quantization at 32, 16, 14 and 12-bit accumulators, policy `guaranteed` (no
    input can overflow): accuracy drop against float and overflow count per width;
 3. SHORT fine-tunes that fit the time budget (one pass over a subset of the training set):
-   adaptive W4A4 accumulator-aware training at 12 bits, which wins back most of what PTQ loses
-   there, and transform quantization at 2 bits per weight (on FashionCNN: FashionDSCNN has too
-   few weights per layer to code at 2 bits);
+   adaptive W4A4 accumulator-aware training at 12 bits, which wins back about half of what PTQ
+   loses there (6 full epochs: nearly all of it, `--full`), and transform quantization at 2 bits
+   per weight (on FashionCNN: FashionDSCNN has too few weights per layer to code at 2 bits);
 4. the generated C of the adaptive model (packed 4-bit weights) bit-exact against the NumPy
    integer reference on the host (every test image) and under QEMU on cortex-a53 and cortex-m55;
 5. instructions per inference on cortex-a53 at 16 against 32-bit accumulators (the speedup),
@@ -172,10 +172,6 @@ def _network(name: str, epochs: int, x: np.ndarray, y: np.ndarray) -> tuple[torc
     return net, f"trained or reloaded from the cache ({epochs} epochs, {time.time() - t0:.0f} s)"
 
 
-def _accuracy(out: np.ndarray, y: np.ndarray) -> float:
-    return sweep.accuracy(out, y)
-
-
 def _memory(c: Compiled, row: Row) -> dict[str, Any]:
     mem: dict[str, Any] = c.report["memory"]
     row.flash, row.arena = int(mem["flash_weight_bytes"]), int(mem["arena_bytes"])
@@ -216,7 +212,7 @@ def short(out: Path) -> int:
         t = time.time()
         qm = api.quantize(net, calib, acc_bits=a, overflow="guaranteed", labels=calib_labels)
         c = api.compile(qm, target="host", out_dir=out / f"{STORY_MODEL}-ptq{a}-host")
-        acc = _accuracy(c_outputs(c, qm, x_test, f"PTQ {a}-bit C on the host"), y_test)
+        acc = sweep.accuracy(c_outputs(c, qm, x_test, f"PTQ {a}-bit C on the host"), y_test)
         events = int(qm.report["calibration_overflow_events"])
         ptq[a] = qm
         ptq_rows[a] = Row(f"{name} PTQ W8A8", str(a), acc, float_acc, events)
@@ -236,7 +232,7 @@ def short(out: Path) -> int:
     )  # fmt: skip
     t_train = time.time() - t
     ref_a, events_a = reference_outputs(qa, x_test, f"adaptive {a}-bit integer reference")
-    acc_a = _accuracy(ref_a, y_test)
+    acc_a = sweep.accuracy(ref_a, y_test)
     row_a = Row(f"{name} adaptive W4A4", str(a), acc_a, float_acc, events_a)
     rows.append(row_a)
     print(
@@ -259,7 +255,7 @@ def short(out: Path) -> int:
         train=(x_train[sub_t], y_train[sub_t]), epochs=FINETUNE_EPOCHS,
     )  # fmt: skip
     c_t = api.compile(qt, target="host", out_dir=out / f"{TRANSFORM_MODEL}-transform")
-    acc_t = _accuracy(c_outputs(c_t, qt, x_test, "transform C on the host"), y_test)
+    acc_t = sweep.accuracy(c_outputs(c_t, qt, x_test, "transform C on the host"), y_test)
     events_t = int(qt.report["calibration_overflow_events"])
     bpw = float(qt.report["weight_bits_per_param"])
     n_weights = _weights(net_t)
@@ -273,8 +269,9 @@ def short(out: Path) -> int:
         f"to code at {TRANSFORM_BITS:g} bits),\n"
         f"   float {_pct(float_t)}; retrained on {len(sub_t)} training images "
         f"({time.time() - t:.0f} s): {_pct(acc_t, float_t)},\n"
-        f"   {events_t} overflows; {bpw:.3f} bits/weight with side information: "
-        f"{mem_t['flash_weight_bytes']:,} B of weights (float32: {4 * n_weights:,} B)"
+        f"   {events_t} overflows; coded at {bpw:.3f} bits/weight (side information included), "
+        f"stored\n   packed in {mem_t['flash_weight_bytes']:,} B of flash (float32: "
+        f"{4 * n_weights:,} B)"
     )
 
     print(
@@ -289,7 +286,7 @@ def short(out: Path) -> int:
     ok &= same
     print(
         f"   host         bit-exact {'yes' if same else 'NO'} ({n_test} images; C accuracy "
-        f"{_pct(_accuracy(c_out, y_test))}; {time.time() - t:.0f} s)"
+        f"{_pct(sweep.accuracy(c_out, y_test))}; {time.time() - t:.0f} s)"
     )
     compiled_a: dict[str, Compiled] = {}
     for target in QEMU_TARGETS:

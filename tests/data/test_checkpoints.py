@@ -4,7 +4,9 @@ test set as checkpoints.json records; `train.trained` returns them instead of tr
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from codegen.core.errors import QaccError
 from codegen.data import datasets, models, train
 
 NAMES = sorted(train.RECIPES)
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +84,14 @@ def test_shipped_checkpoint_only_for_its_architecture_and_recipe() -> None:
 def test_pretrained_of_a_network_without_checkpoint_is_a_one_line_error() -> None:
     with pytest.raises(QaccError, match="no shipped checkpoint for network 'resdw'"):
         train.pretrained("resdw")
+
+
+def test_the_wheel_and_the_sdist_carry_every_checkpoint_file() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = cfg["tool"]["setuptools"]["package-data"]["codegen.data"]
+    files = [p.name for p in train.CHECKPOINT_DIR.iterdir() if p.is_file()]
+    assert {info["file"] for info in train.checkpoint_info().values()} <= set(files)
+    for name in files:
+        assert any(fnmatch.fnmatch(f"checkpoints/{name}", p) for p in patterns), name
+    assert "graft codegen/data/checkpoints" in (REPO / "MANIFEST.in").read_text()

@@ -71,7 +71,7 @@ def test_short_demo_runs_end_to_end_in_miniature(
     )
     assert re.search(
         r"transform quantization .*?, 2 bits/weight, 16-bit accumulators,.*?: +\d+\.\d\d% "
-        r"\( *[-+]\d+\.\d\d pt vs float\),\s+0 overflows; \d\.\d+ bits/weight",
+        r"\( *[-+]\d+\.\d\d pt vs float\),\s+0 overflows; coded at \d\.\d+ bits/weight",
         out,
         re.S,
     )
