@@ -49,10 +49,9 @@ class QuantizedModel:
     def dequantize_output(self, q: np.ndarray) -> np.ndarray:
         fmt = self.graph.tensors[self.graph.output].fmt
         assert fmt is not None
-        y = dequantize(np.asarray(q), 0, fmt.zero_point) * fmt.scale
-        if self.graph.output in self.graph.sequences and y.ndim == 3:
-            return np.ascontiguousarray(y.transpose(0, 2, 1))  # (N, L, C) -> (N, C, L)
-        return simulate.nhwc_to_nchw(y)
+        q = np.asarray(q)
+        q = q.reshape((len(q), *self.graph.tensors[self.graph.output].shape))  # the IR's shape
+        return self._user_float(dequantize(q, 0, fmt.zero_point) * fmt.scale)
 
     def _user_int(self, q: IntArray, tensor: str) -> IntArray:
         """An IR-shaped int batch as the user sees it: a sequence (N, 1, L, C) as (N, L, C)."""

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jinja2
 import numpy as np
@@ -647,39 +647,48 @@ class _Emitter:
         }
 
 
+class KernelTarget(Protocol):
+    """What the backend reads of a target: the name the report states, the kernel dialect, the
+    arena alignment and the core's NEON features. The targets stage's BuildTarget is one."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dialect(self) -> str: ...
+    @property
+    def align(self) -> int: ...
+    @property
+    def neon(self) -> layouts.NeonTarget: ...
+
+
+@dataclass(frozen=True)
+class PortableTarget:
+    """Portable C for the build machine: what `emit` generates when no target is given."""
+
+    name: str = "host"
+    dialect: str = "c"
+    align: int = 1
+    neon: layouts.NeonTarget = layouts.A64
+
+
+PORTABLE = PortableTarget()
+
+
 def emit_lowered(
-    lowered: Lowered,
-    model: str | None = None,
-    target: str = "host",
-    neon: layouts.NeonTarget | None = None,
+    lowered: Lowered, model: str | None = None, target: KernelTarget = PORTABLE
 ) -> dict[str, str]:
-    """Render an already lowered graph."""
-    if neon is None:
-        if lowered.dialect == "neon":
-            raise ValueError(
-                f"emit: the neon dialect needs the NEON features of {target} (neon=...: the "
-                "targets stage gives them, e.g. codegen.targets.build.resolve_target(name).neon)"
-            )
-        neon = layouts.A64  # read by no other dialect
-    return _Emitter(lowered, model or lowered.graph.name, target, neon).files()
+    """Render an already lowered graph (lowered for `target`'s dialect)."""
+    return _Emitter(lowered, model or lowered.graph.name, target.name, target.neon).files()
 
 
-def emit(
-    graph: Graph,
-    model: str | None = None,
-    *,
-    dialect: str = "c",
-    align: int = 1,
-    target: str = "host",
-    neon: layouts.NeonTarget | None = None,
-) -> dict[str, str]:
+def emit(graph: Graph, model: str | None = None, target: KernelTarget = PORTABLE) -> dict[str, str]:
     """All files of the generated model directory, {relative path: text}, deterministic.
 
-    `model` names the model (default: graph.name); the C name is derived from it. `target` is
-    the name the report states; `neon` the core's NEON features, which the neon dialect's
-    kernel choice needs (a ValueError without them: a wrong core would build wrong code).
+    `model` names the model (default: graph.name); the C name is derived from it. `target`
+    gives the kernel dialect, the arena alignment and the NEON features the kernel choice
+    reads (codegen.targets.build.resolve_target(name) for a target of the table).
     """
-    return emit_lowered(lower(graph, dialect=dialect, align=align), model, target, neon)
+    return emit_lowered(lower(graph, dialect=target.dialect, align=target.align), model, target)
 
 
 def model_c_name(graph: Graph, model: str | None = None) -> str:

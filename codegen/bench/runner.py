@@ -118,7 +118,7 @@ _LAYER_RE = re.compile(r"layer '([^']+)'")
 def quantize_net(
     name: str, width: int, model: Any, calib: np.ndarray, log: TextIO | None = None
 ) -> _Quantized:
-    """api.quantize at `width` bits (guaranteed); layers that cannot fit fall back to 32."""
+    """codegen.quantize at `width` bits (guaranteed); layers that cannot fit fall back to 32."""
     from codegen import api
 
     fallback: list[str] = []

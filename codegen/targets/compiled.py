@@ -370,7 +370,7 @@ def compile(
     graph = qm if isinstance(qm, Graph) else qm.graph
     model = graph.name if isinstance(qm, Graph) else (qm.name or graph.name)
     tgt = resolve_target(target)
-    files = emit(graph, model, dialect=tgt.dialect, align=tgt.align, target=tgt.name, neon=tgt.neon)
+    files = emit(graph, model, tgt)
     quant_report = getattr(qm, "report", None)
     if quant_report:  # the quantizer's per-layer formats, bounds and overflow counts
         merged = {**json.loads(files["report.json"]), "quantization": quant_report}

@@ -489,7 +489,7 @@ class FuzzStats:
     """Cases whose C ran and was compared with the reference."""
     mismatches: int = 0
     infeasible: int = 0
-    """Torch models for which api.quantize answered InfeasibleAccumulatorError (valid)."""
+    """Torch models for which codegen.quantize answered InfeasibleAccumulatorError (valid)."""
     wrapped: int = 0
     """Compared cases in which the reference saw the accumulator wrap (narrow widths at work)."""
     errors: int = 0
@@ -572,9 +572,7 @@ def run_cases(
                 continue
             try:
                 d = root / "models" / case.id
-                files = emit(case.graph, case.id, dialect=tgt.dialect, align=tgt.align,
-                             target=tgt.name, neon=tgt.neon)  # fmt: skip
-                write_files(files, d)
+                write_files(emit(case.graph, case.id, tgt), d)
                 cases[d] = case
             except Exception as e:
                 stats.errors += 1

@@ -184,8 +184,8 @@ def test_flash_counts_packed_bytes(
 ) -> None:
     g = graphs[acc][0]
     t = resolve_target(target)
-    files = emit(g, dialect=t.dialect, target=t.name, neon=t.neon)
-    plain = emit(_unpacked(g), dialect=t.dialect, target=t.name, neon=t.neon)
+    files = emit(g, target=t)
+    plain = emit(_unpacked(g), target=t)
     name = g.name
     got, want = _arrays(files, name), _arrays(plain, name)
     assert got.keys() == want.keys()

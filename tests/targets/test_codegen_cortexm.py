@@ -116,7 +116,7 @@ def build_cases(target: str, root: Path) -> dict[str, str]:
             summary[c.id] = f"ERROR building the graph: {e!r}"
             continue
         name = c_identifier(c.id).lower()
-        files = emit(g, c.id, dialect=t.dialect, align=t.align, target=t.name, neon=t.neon)
+        files = emit(g, c.id, t)
         write_files(files, root / name)
         names[c.id] = name
     includes = "\n".join(f'#include "{n}.h"' for n in names.values())
@@ -228,7 +228,7 @@ def test_dialect_kernels_are_used(target: str, graphs: dict[str, Any]) -> None:
         "dense_acc32-37to10",
     ):
         g = graphs[cid][0]
-        files = emit(g, cid, dialect=t.dialect, target=t.name, neon=t.neon)
+        files = emit(g, cid, t)
         src = files[f"{c_identifier(cid).lower()}.c"]
         if t.dialect == "mve" and "_acc16" in cid:
             assert "vmullbq_int_s8(" in src, cid

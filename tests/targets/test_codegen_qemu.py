@@ -104,7 +104,7 @@ def test_neon_kernels_are_chosen(tmp_path: Path) -> None:
     b.dense(b.flatten(b.conv2d(t, 4, (1, 1), acc_bits=24)), 5, acc_bits=14)
     g, _ = b.result()
     for target, sdot in (("cortex-a53", False), ("cortex-a76", True), ("cortex-a7", False)):
-        files = emit(g, "choice", dialect="neon", target=target, neon=resolve_target(target).neon)
+        files = emit(g, "choice", resolve_target(target))
         src = files["choice.c"]
         assert ("QACC_MLA16(a0_0," in src) != sdot  # dotprod: SDOT for the acc16 layers too
         assert ("vdotq_laneq_s32" in src) == sdot
