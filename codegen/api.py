@@ -55,7 +55,7 @@ class QuantizedModel:
 
     def _user_int(self, q: IntArray, tensor: str) -> IntArray:
         """An IR-shaped int batch as the user sees it: a sequence (N, 1, L, C) as (N, L, C)."""
-        return q[:, 0] if tensor in self.graph.sequences and q.ndim == 4 else q
+        return q.reshape((len(q), *self.graph.user_shape(tensor)))
 
     def _user_float(self, y: np.ndarray) -> np.ndarray:
         """An IR-shaped float output (NHWC) in the framework's layout (NCHW, NCL, NF)."""

@@ -162,6 +162,12 @@ class Graph:
     def with_nodes(self, nodes: tuple[Node, ...], tensors: Mapping[str, Tensor]) -> Graph:
         return replace(self, nodes=nodes, tensors=dict(tensors))
 
+    def user_shape(self, tensor: str) -> tuple[int, ...]:
+        """A tensor's shape (without batch) as the API and the generated C's callers hold its
+        integers: the IR's, but (L, C) for a 1-D sequence (the IR's (1, L, C), the same bytes)."""
+        shape = tuple(self.tensors[tensor].shape)
+        return shape[1:] if tensor in self.sequences else shape
+
 
 class TensorUnion:
     """Union-find over tensor names. The representative of a set is its first tensor in `order`

@@ -194,19 +194,13 @@ class Compiled:
         data: dict[str, Any] = json.loads((self.out_dir / "report.json").read_text())
         return data
 
-    def _user_shape(self, tensor: str) -> tuple[int, ...]:
-        """A tensor's shape as `run_int_q` takes and gives it: the IR's (NHWC), but (L, C) for
-        a 1-D sequence (the IR's (1, L, C); the same bytes)."""
-        shape = tuple(self.graph.tensors[tensor].shape)
-        return shape[1:] if tensor in self.graph.sequences else shape
-
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return self._user_shape(self.graph.input)
+        return self.graph.user_shape(self.graph.input)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
-        return self._user_shape(self.graph.output)
+        return self.graph.user_shape(self.graph.output)
 
     # -- running
 
