@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = datasets.fashion_mnist()
-    index_path = out / "checkpoints.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    index = train.checkpoint_info(directory=out)
     for name in args.names:
         recipe = train.RECIPES[name]
         torch.manual_seed(recipe["seed"])
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             f"trained in {seconds:.0f} s",
             flush=True,
         )
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (out / "checkpoints.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return 0
 
 

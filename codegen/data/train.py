@@ -54,10 +54,11 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def checkpoint_info(name: str | None = None) -> dict[str, Any]:
+def checkpoint_info(name: str | None = None, directory: Path = CHECKPOINT_DIR) -> dict[str, Any]:
     """checkpoints.json: {name: {"file", "architecture", "epochs", "train_samples",
-    "float_test_accuracy", ...}}, or the entry of `name` ({} when none ships)."""
-    path = CHECKPOINT_DIR / "checkpoints.json"
+    "float_test_accuracy", ...}}, or the entry of `name` ({} when none ships); `directory`: where
+    the checkpoints are (scripts/train-checkpoints.py --out)."""
+    path = directory / "checkpoints.json"
     info: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     return info if name is None else dict(info.get(name, {}))
 

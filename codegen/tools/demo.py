@@ -28,7 +28,7 @@ Everything goes to `build/demo/`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,10 +172,21 @@ def _network(name: str, epochs: int, x: np.ndarray, y: np.ndarray) -> tuple[torc
     return net, f"trained or reloaded from the cache ({epochs} epochs, {time.time() - t0:.0f} s)"
 
 
-def _memory(c: Compiled, row: Row) -> dict[str, Any]:
-    mem: dict[str, Any] = c.report["memory"]
+def _memory(c: Compiled, row: Row) -> None:
+    """The flash (weights) and arena bytes of build `c` into `row`."""
+    mem = c.report["memory"]
     row.flash, row.arena = int(mem["flash_weight_bytes"]), int(mem["arena_bytes"])
-    return mem
+
+
+def _count(c: Compiled, row: Row, label: str, x: np.ndarray) -> int:
+    """Instructions of one inference (x[:1]) of build `c` under QEMU, with its flash and arena
+    bytes, into `row` and one line; returns the instructions."""
+    row.instructions = n = int(c.count_instructions(x[:1])["total"])
+    _memory(c, row)
+    print(
+        f"   {label + ':':<31}{n:>10,} instructions, weights {row.flash:,} B, arena {row.arena:,} B"
+    )
+    return n
 
 
 def _weights(net: torch.nn.Module) -> int:
@@ -260,7 +271,7 @@ def short(out: Path) -> int:
     bpw = float(qt.report["weight_bits_per_param"])
     n_weights = _weights(net_t)
     row_t = Row(f"{name_t} transform", str(TRANSFORM_ACC_BITS), acc_t, float_t, events_t)
-    mem_t = _memory(c_t, row_t)
+    _memory(c_t, row_t)
     rows += [Row(f"{name_t} float", "-", float_t, float_t), row_t]
     print(
         f"   transform quantization (KLT + bit allocation), {TRANSFORM_BITS:g} bits/weight, "
@@ -270,7 +281,7 @@ def short(out: Path) -> int:
         f"   float {_pct(float_t)}; retrained on {len(sub_t)} training images "
         f"({time.time() - t:.0f} s): {_pct(acc_t, float_t)},\n"
         f"   {events_t} overflows; coded at {bpw:.3f} bits/weight (side information included), "
-        f"stored\n   packed in {mem_t['flash_weight_bytes']:,} B of flash (float32: "
+        f"stored\n   packed in {row_t.flash:,} B of flash (float32: "
         f"{4 * n_weights:,} B)"
     )
 
@@ -278,28 +289,17 @@ def short(out: Path) -> int:
         f"\n4. Generated C, adaptive W4A4 at {a}-bit accumulators (packed 4-bit weights), "
         "against\n   the NumPy integer reference:"
     )
-    ok = True
     t = time.time()
-    host = api.compile(qa, target="host", out_dir=out / f"{STORY_MODEL}-adaptive{a}")
+    dest = out / f"{STORY_MODEL}-adaptive{a}"
+    host = api.compile(qa, target="host", out_dir=dest)
     c_out = c_outputs(host, qa, x_test, "adaptive C on the host")
-    same = bool(np.array_equal(c_out, ref_a))
-    ok &= same
+    ok = bool(np.array_equal(c_out, ref_a))
     print(
-        f"   host         bit-exact {'yes' if same else 'NO'} ({n_test} images; C accuracy "
+        f"   host         bit-exact {'yes' if ok else 'NO'} ({n_test} images; C accuracy "
         f"{_pct(sweep.accuracy(c_out, y_test))}; {time.time() - t:.0f} s)"
     )
-    compiled_a: dict[str, Compiled] = {}
-    for target in QEMU_TARGETS:
-        t = time.time()
-        n = SHORT_QEMU_IMAGES[target]
-        c = api.compile(qa, target=target, out_dir=out / f"{STORY_MODEL}-adaptive{a}-{target}")
-        compiled_a[target] = c
-        same = bool(np.array_equal(c_outputs(c, qa, x_test[:n], f"{target} QEMU"), ref_a[:n]))
-        ok &= same
-        print(
-            f"   {target:<12} bit-exact {'yes' if same else 'NO'} ({n} images under QEMU; "
-            f"{time.time() - t:.0f} s)"
-        )
+    same, compiled_a = check_under_qemu(qa, dest, x_test, ref_a, SHORT_QEMU_IMAGES, "   ", 12)
+    ok &= same
     row_a.bit_exact = (
         f"host {n_test}, " + ", ".join(f"{tg} {SHORT_QEMU_IMAGES[tg]}" for tg in QEMU_TARGETS)
         if ok
@@ -313,20 +313,8 @@ def short(out: Path) -> int:
     counts: dict[int, int] = {}
     for w in COUNT_WIDTHS:
         c = api.compile(ptq[w], target=COUNT_TARGET, out_dir=out / f"{STORY_MODEL}-ptq{w}")
-        counts[w] = int(c.count_instructions(x_test[:1])["total"])
-        ptq_rows[w].instructions = counts[w]
-        mem = _memory(c, ptq_rows[w])
-        print(
-            f"   PTQ W8A8, {w}-bit accumulators: {counts[w]:>10,} instructions, weights "
-            f"{mem['flash_weight_bytes']:,} B, arena {mem['arena_bytes']:,} B"
-        )
-    c = compiled_a[COUNT_TARGET]
-    row_a.instructions = int(c.count_instructions(x_test[:1])["total"])
-    mem = _memory(c, row_a)
-    print(
-        f"   adaptive W4A4, {a}-bit:         {row_a.instructions:>10,} instructions, weights "
-        f"{mem['flash_weight_bytes']:,} B, arena {mem['arena_bytes']:,} B"
-    )
+        counts[w] = _count(c, ptq_rows[w], f"PTQ W8A8, {w}-bit accumulators", x_test)
+    _count(compiled_a[COUNT_TARGET], row_a, f"adaptive W4A4, {a}-bit", x_test)
     lo, hi = min(COUNT_WIDTHS), max(COUNT_WIDTHS)
     print(
         f"   speedup of {lo}-bit over {hi}-bit accumulators: {counts[hi] / counts[lo]:.2f}x "
@@ -402,27 +390,38 @@ def compile_and_check(
     return same
 
 
-def check_under_qemu(qm: api.QuantizedModel, out: Path, x: np.ndarray) -> bool:
-    """Cross-compile for each QEMU_TARGETS core, run `x` under QEMU, compare with the reference."""
-    ref = qm.reference_int(x)
+def check_under_qemu(
+    qm: api.QuantizedModel,
+    out: Path,
+    x: np.ndarray,
+    ref: np.ndarray,
+    images: Mapping[str, int],
+    indent: str = "  ",
+    width: int = 17,
+) -> tuple[bool, dict[str, Compiled]]:
+    """Cross-compile for each QEMU_TARGETS core (into <out>-<target>), run the first
+    images[target] inputs of `x` under QEMU and compare with `ref` (the reference's outputs on
+    `x`), one line per target. Returns whether all were bit-exact, and the builds."""
     ok = True
+    builds: dict[str, Compiled] = {}
     for target in QEMU_TARGETS:
         t0 = time.time()
-        compiled = api.compile(qm, target=target, out_dir=out.with_name(f"{out.name}-{target}"))
-        same = bool(np.array_equal(compiled.run_int(x), ref))
+        n = images[target]
+        c = api.compile(qm, target=target, out_dir=out.with_name(f"{out.name}-{target}"))
+        builds[target] = c
+        same = bool(np.array_equal(c_outputs(c, qm, x[:n], f"{target} QEMU"), ref[:n]))
         ok &= same
         print(
-            f"  {target:<17} bit-exact {'yes' if same else 'NO'} ({len(x)} images under QEMU, "
-            f"{time.time() - t0:.0f} s)"
+            f"{indent}{target:<{width}} bit-exact {'yes' if same else 'NO'} ({n} images under "
+            f"QEMU; {time.time() - t0:.0f} s)"
         )
-    return ok
+    return ok, builds
 
 
 def full(model_name: str = "fashion_cnn", epochs: int = 4, out_dir: Path | None = None) -> int:
     """The full-length demo (`qacc demo --full`, `make paper`)."""
     t0 = time.time()
     preflight(QEMU_TARGETS, count=False)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = out_dir or OUT
     x_train, y_train, x_test, y_test = datasets.fashion_mnist()
     idx = np.random.default_rng(0).choice(len(x_train), CALIB, replace=False)
@@ -473,7 +472,11 @@ def full(model_name: str = "fashion_cnn", epochs: int = 4, out_dir: Path | None 
         qa.report["sweep"] = result
         dest = out / f"{ADAPTIVE_MODEL}-adaptive{a}"
         ok &= compile_and_check(qa, dest, x_test, y_test)
-        ok &= check_under_qemu(qa, dest, x_test[:QEMU_IMAGES])
+        x = x_test[:QEMU_IMAGES]
+        same, _ = check_under_qemu(
+            qa, dest, x, qa.reference_int(x), dict.fromkeys(QEMU_TARGETS, len(x))
+        )
+        ok &= same
     print(f"\ndone in {time.time() - t0:.0f} s")
     return 0 if ok else 1
 

@@ -51,7 +51,7 @@ def test_checkpoint_gives_the_recorded_float_accuracy(name: str, fashion: datase
 
 
 def test_trained_returns_the_shipped_checkpoint_without_training(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: object, fashion: datasets.Split
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fashion: datasets.Split
 ) -> None:
     x, y, _, _ = fashion
     monkeypatch.setenv("QACC_CACHE", str(tmp_path))
@@ -87,8 +87,10 @@ def test_pretrained_of_a_network_without_checkpoint_is_a_one_line_error() -> Non
 
 
 def test_the_wheel_and_the_sdist_carry_every_checkpoint_file() -> None:
-    tomllib = pytest.importorskip("tomllib")
-    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
+    # pyproject.toml as setuptools reads it (tomllib is Python 3.11+; qacc supports 3.10)
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    cfg = read_configuration(REPO / "pyproject.toml", expand=False)
     patterns = cfg["tool"]["setuptools"]["package-data"]["codegen.data"]
     files = [p.name for p in train.CHECKPOINT_DIR.iterdir() if p.is_file()]
     assert {info["file"] for info in train.checkpoint_info().values()} <= set(files)
