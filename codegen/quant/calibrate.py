@@ -69,8 +69,7 @@ def calibrate(
         for i in bar(range(0, len(x_nhwc), chunk), "calibration", progress=progress, unit="batch")
     ]
     cal.output = np.concatenate(outs, axis=0)
-    if ddp.active():
-        cal.tensor_min = ddp.all_reduce_dict(cal.tensor_min, "min")
-        cal.tensor_max = ddp.all_reduce_dict(cal.tensor_max, "max")
-        cal.preact_absmax = ddp.all_reduce_dict(cal.preact_absmax, "max")
+    cal.tensor_min = ddp.all_reduce_dict(cal.tensor_min, "min")
+    cal.tensor_max = ddp.all_reduce_dict(cal.tensor_max, "max")
+    cal.preact_absmax = ddp.all_reduce_dict(cal.preact_absmax, "max")
     return cal

@@ -106,9 +106,9 @@ def fit(
             loss_sum += float(loss.detach()) * len(yb)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
         bar.close()
-        if ddp.active():  # the epoch's figures over all ranks (the same on every rank)
-            tot = ddp.all_reduce(np.array([loss_sum, seen, correct], dtype=np.float64), "sum")
-            loss_sum, seen, correct = float(tot[0]), int(tot[1]), int(tot[2])
+        # the epoch's figures over all ranks (the same on every rank)
+        tot = ddp.all_reduce(np.array([loss_sum, seen, correct], dtype=np.float64), "sum")
+        loss_sum, seen, correct = float(tot[0]), int(tot[1]), int(tot[2])
         row = {
             "epoch": epoch + 1,
             "loss": loss_sum / max(1, seen),
@@ -143,16 +143,6 @@ class _Batches:
 def _batches(
     x: np.ndarray | Dataset[Any] | DataLoader[Any], y: np.ndarray | None, batch: int, seed: int
 ) -> _Batches:
-    if isinstance(x, DataLoader):
-        loader = x
-
-        def from_loader(e: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-            sampler = getattr(loader, "sampler", None)
-            if isinstance(sampler, DistributedSampler):
-                sampler.set_epoch(e)
-            return _pairs(loader)
-
-        return _Batches(_sized(loader), from_loader)
     if isinstance(x, np.ndarray):
         if y is None:
             raise QaccError("training arrays need labels: pass (x_train, y_train)")
@@ -169,24 +159,28 @@ def _batches(
 
             return _Batches((n + batch - 1) // batch, from_arrays)
         x = TensorDataset(xt, yt)
-    if not isinstance(x, Dataset):
+    if isinstance(x, DataLoader):
+        loader = x
+    elif isinstance(x, Dataset):
+        if ddp.active():
+            sampler: Any = DistributedSampler(x, ddp.world(), ddp.rank(), shuffle=True, seed=seed)
+            loader = DataLoader(x, batch_size=max(1, batch // ddp.world()), sampler=sampler)
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            loader = DataLoader(x, batch_size=batch, shuffle=True, generator=gen)
+    else:
         raise QaccError(
             f"training data must be arrays (x, y), a torch Dataset or a DataLoader, "
             f"got {type(x).__name__}"
         )
-    ds = x
-    if ddp.active():
-        sampler: Any = DistributedSampler(ds, ddp.world(), ddp.rank(), shuffle=True, seed=seed)
-        loader = DataLoader(ds, batch_size=max(1, batch // ddp.world()), sampler=sampler)
 
-        def from_sampler(e: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def from_loader(e: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):  # ours, or one the user's DataLoader has
             sampler.set_epoch(e)
-            return _pairs(loader)
+        return _pairs(loader)
 
-        return _Batches(_sized(loader), from_sampler)
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ds, batch_size=batch, shuffle=True, generator=gen)
-    return _Batches(_sized(loader), lambda e: _pairs(loader))
+    return _Batches(_sized(loader), from_loader)
 
 
 def _sized(loader: DataLoader[Any]) -> int:

@@ -187,11 +187,11 @@ def input_moments(
         count[node.name] = count.get(node.name, 0) + p.shape[0]
 
     simulate.run(fg, x_nhwc, observe=observe, dtype=torch.float32, batch=250, device=device)
-    sums = ddp.all_reduce_dict({n: np.asarray(acc[n], dtype=np.float64) for n in names}, "sum")
-    counts = ddp.all_reduce_dict({n: np.array([count[n]], dtype=np.float64) for n in names}, "sum")
+    sums = ddp.all_reduce_dict(acc, "sum")
+    counts = ddp.all_reduce_dict(count, "sum")
     out = {}
     for name in names:
-        m = sums[name] / float(counts[name][0])
+        m = sums[name] / counts[name]
         tr = float(np.trace(m))
         out[name] = m * (m.shape[0] / tr) if tr > 0 else np.eye(m.shape[0])
     return out

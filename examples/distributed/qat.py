@@ -66,7 +66,9 @@ def model(name: str, checkpoint: Path | None) -> nn.Module:
     return net.eval()
 
 
-def save_params(qm: codegen.QuantizedModel, path: Path) -> None:
+def graph_arrays(qm: codegen.QuantizedModel) -> dict[str, np.ndarray]:
+    """The integer graph as named arrays (to compare ranks, or runs, bit for bit): every node's
+    parameters, requantization and float weight steps, every tensor's format."""
     arrays: dict[str, np.ndarray] = {}
     for n in qm.graph.nodes:
         for k, v in n.params.items():
@@ -78,8 +80,9 @@ def save_params(qm: codegen.QuantizedModel, path: Path) -> None:
             arrays[f"{n.name}.weight_scale"] = np.asarray(n.attrs["weight_scale"])
     for t, v in qm.graph.tensors.items():
         if v.fmt is not None:
-            arrays[f"{t}.scale"] = np.array([v.fmt.scale, v.fmt.zero_point], dtype=np.float64)
-    np.savez(path, **arrays)
+            arrays[f"{t}.format"] = np.array([v.fmt.bits, v.fmt.frac, v.fmt.zero_point])
+            arrays[f"{t}.format_scale"] = np.array(v.fmt.scale, dtype=np.float64)
+    return arrays
 
 
 def main() -> int:
@@ -120,7 +123,8 @@ def main() -> int:
     )
     seconds = time.perf_counter() - start
     if args.save_params is not None:
-        save_params(qm, args.save_params.with_name(f"{args.save_params.name}.rank{rank}.npz"))
+        path = args.save_params.with_name(f"{args.save_params.name}.rank{rank}.npz")
+        np.savez(path, **graph_arrays(qm))
     if rank == 0:
         summary = {
             "world_size": dist.get_world_size() if distributed else 1,

@@ -2,10 +2,11 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 ddp_worker.py MODE OUT
 
-MODE "qat": adaptive W4A4 QAT at 12 bits of a tiny CNN on 1024 8x8 digits, global batch 128
-(every rank the same calibration set, the training set sharded by qacc). Every rank saves its
-integer graph's parameters and its trained float parameters to OUT/rank<r>.npz; rank 0
-compiles the graph for the host and writes OUT/result.json (C == reference, bit for bit).
+MODE "qat": adaptive W4A4 QAT at 12 bits of a tiny CNN (the one of examples/distributed/qat.py)
+on 1024 8x8 digits, global batch 128 (every rank the same calibration set, the training set
+sharded by qacc). Every rank saves its integer graph's parameters and its trained float
+parameters to OUT/rank<r>.npz; rank 0 compiles the graph for the host and writes
+OUT/result.json (C == reference, bit for bit).
 MODE "ptq": PTQ at 12 bits; rank r calibrates on its contiguous share of 600 images (with
 labels) and saves the integer graph to OUT/rank<r>.npz.
 MODE "transform": ELT at 2 bits per weight, retrained one epoch; saves like "ptq".
@@ -19,6 +20,7 @@ import io
 import json
 import logging
 import os
+import runpy
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,41 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import codegen
 from codegen.core import progress
 from codegen.data import datasets
 from codegen.quant import adaptive
+from codegen.quant import distributed as ddp
 
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.c1(x))
-        x = torch.relu(self.c2(x))
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-def graph_arrays(qm: codegen.QuantizedModel) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for n in qm.graph.nodes:
-        for k, v in n.params.items():
-            out[f"g:{n.name}.{k}"] = np.asarray(v)
-        if n.requant is not None:
-            out[f"g:{n.name}.mult"] = np.asarray(n.requant.mult)
-            out[f"g:{n.name}.shift"] = np.asarray(n.requant.shift)
-        if "weight_scale" in n.attrs:
-            out[f"g:{n.name}.weight_scale"] = np.asarray(n.attrs["weight_scale"])
-    for t, v in qm.graph.tensors.items():
-        if v.fmt is not None:
-            out[f"g:{t}.format"] = np.array([v.fmt.bits, v.fmt.frac, v.fmt.zero_point, v.fmt.scale])
-    return out
+# The example's network and integer-graph arrays (examples/distributed/qat.py), not copies of them.
+EXAMPLE = runpy.run_path(str(Path(__file__).resolve().parents[2] / "examples/distributed/qat.py"))
+graph_arrays = EXAMPLE["graph_arrays"]
 
 
 class _Tty(io.StringIO):
@@ -74,11 +51,9 @@ def main() -> int:
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("gloo")
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
+    rank, world = ddp.rank(), ddp.world()
     xtr, ytr, _, _ = datasets.digits()
-    torch.manual_seed(0)
-    model = Tiny().eval()
+    model = EXAMPLE["model"]("tiny", None)  # seeded: the same on every rank
     arrays: dict[str, Any] = {}
     if mode == "qat":
         states: list[dict[str, torch.Tensor]] = []
@@ -121,7 +96,7 @@ def main() -> int:
                 model, calib[mine], method="transform", transform="elt", bits_per_weight=2.0,
                 train=(xtr[:512], ytr[:512]), epochs=1, progress=False,
             )  # fmt: skip
-    arrays.update(graph_arrays(qm))
+    arrays.update({f"g:{k}": v for k, v in graph_arrays(qm).items()})
     np.savez(out / f"rank{rank}.npz", **arrays)
     if distributed:
         dist.destroy_process_group()
