@@ -10,7 +10,8 @@ from the real function and the input and output formats:
 
 for every int8 q (entries outside the input format's range are never read). The float function is
 evaluated in float64 by the same torch code the float simulation runs, and the rounding is
-`formats.round_half_up`, so the fake-quantized simulation, the table and the C agree exactly.
+`formats.quantize` (round half up, saturate), so the fake-quantized simulation, the table and the C
+agree exactly.
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from codegen.core.formats import IntArray, round_half_up, saturate
+from codegen.core.formats import IntArray, quantize
 from codegen.core.ir import QFormat
-
-TABLE_SIZE = 256
-"""Entries of a table: one per int8 value, indexed by q + 128."""
 
 
 def _hardsigmoid(x: torch.Tensor, *args: float) -> torch.Tensor:
@@ -92,5 +90,5 @@ def table(
     q = np.arange(-128, 128, dtype=np.int64)
     x = (q - fin.zero_point).astype(np.float64) * fin.scale
     y = apply(function, args, torch.as_tensor(x, dtype=torch.float64)).numpy()
-    v = round_half_up(y / fout.scale) + fout.zero_point
-    return saturate(v, fout.qmin if lo is None else lo, fout.qmax if hi is None else hi)
+    lo, hi = fout.qmin if lo is None else lo, fout.qmax if hi is None else hi
+    return quantize(y / fout.scale, 0, lo, hi, fout.zero_point)

@@ -15,7 +15,10 @@ gives the same float graph whichever way it arrives:
 - 1-D sequences (N, C, L) as images (N, C, 1, L): IR shape (1, L, C), listed in `Graph.sequences`;
 - other element-wise activations (Hardswish, Sigmoid, ...) as one `lut` node each, named by
   `codegen.core.lut` (the quantizer turns it into a table);
-- zero padding folded into the following conv (asymmetric padding kept);
+- zero padding folded into the following conv (asymmetric padding kept); a ceil_mode max pool's
+  last, partial windows as extra bottom/right padding;
+- a mean or max over H and W (over L) as a global average pool or a max pool over the whole
+  image (+ a flatten when the framework drops the reduced axes);
 - flatten to (N, features) kept as a `reshape`, the following dense layer's columns permuted from
   (C, H, W) to the IR's (H, W, C) memory order;
 - identities (Dropout, Identity, a folded BatchNorm, a fused activation) as aliases.
@@ -248,16 +251,17 @@ class IRBuilder:
         eps: float,
         shared: bool,
         title: str,
-        name: str | Callable[[], str] | None = None,
+        name: str | Callable[[], str],
     ) -> None:
         """Fold an inference BatchNorm into the conv/dense that directly precedes it; any other
-        BatchNorm of an image or sequence (`name` given) is a depthwise 1x1 conv with bias."""
+        BatchNorm of an image or sequence is a depthwise 1x1 conv with bias named `name` (or
+        `name()`: called only then)."""
         x = self.tensor(x_value)
+        k = gamma / np.sqrt(var + eps)
         prod = self._fusable(x, shared, ("conv2d", "dense"))
         if prod is None or "clamp" in prod.attrs:
-            if name is None or len(self.shapes[x]) != 3:
+            if len(self.shapes[x]) != 3:
                 raise Reject(f"{title} of features that does not directly follow a Linear")
-            k = gamma / np.sqrt(var + eps)
             self.conv(
                 name if isinstance(name, str) else name(),
                 value,
@@ -271,7 +275,6 @@ class IRBuilder:
                 nchw=self.framework_shape(x),
             )
             return
-        k = gamma / np.sqrt(var + eps)
         w = prod.params["weight"]
         prod.params["weight"] = w * k.reshape((-1,) + (1,) * (w.ndim - 1))
         prod.params["bias"] = (prod.params["bias"] - mean) * k + beta
@@ -293,14 +296,13 @@ class IRBuilder:
         lo: float,
         hi: float,
         shared: bool,
-        name: str | Callable[[], str] | None = None,
+        name: str | Callable[[], str],
     ) -> None:
-        """Fuse a clamp into its producer; else (`name` given) a `lut` node of `relu`/`clamp`."""
+        """Fuse a clamp into its producer; else a `lut` node of `relu`/`clamp` named `name` (or
+        `name()`: called only then)."""
         x = self.tensor(x_value)
         prod = self._fusable(x, shared, CLAMP_OPS)
         if prod is None:
-            if name is None:
-                raise Reject("activation that does not directly follow a conv/linear/add/pool")
             lo, hi = float(lo), float(hi)
             function, args = ("relu", ()) if (lo, hi) == (0.0, INF) else ("clamp", (lo, hi))
             r = self.emit(
@@ -330,8 +332,21 @@ class IRBuilder:
         stride: tuple[int, int],
         padding: Pad4,
         nchw: tuple[int, ...],
+        ceil_mode: bool = False,
     ) -> None:
+        """Max/average pooling (`nchw`: the framework's output shape); a `ceil_mode` max pool's
+        last, partial windows as extra bottom/right padding (padding never wins the max)."""
         x = self.tensor(x_value)
+        if ceil_mode:
+            _, ih, iw = self.src_shapes[x]
+            _, oh, ow = as_image(nchw)
+            top, bottom, left, right = padding
+            padding = (
+                top,
+                bottom + ceil_extra(ih, kernel[0], stride[0], top, bottom, oh),
+                left,
+                right + ceil_extra(iw, kernel[1], stride[1], left, right, ow),
+            )
         if kernel == (1, 1) and stride == (1, 1) and not any(padding):
             self.alias[value] = x  # a 1x1 window (an adaptive pool to the input's own size)
             return
@@ -353,6 +368,33 @@ class IRBuilder:
 
     def global_avgpool(self, name: str, value: str, x_value: str, nchw: tuple[int, ...]) -> None:
         self.emit(name, value, "global_avgpool", [self.tensor(x_value)], nchw)
+
+    def global_maxpool(self, name: str, value: str, x_value: str, nchw: tuple[int, ...]) -> None:
+        """The max over H and W (over L for a sequence): a max pool whose window is the image."""
+        _, h, w = self.src_shapes[self.tensor(x_value)]
+        self.pool(name, value, "maxpool2d", x_value, kernel=(h, w), stride=(h, w),
+                  padding=(0, 0, 0, 0), nchw=nchw)  # fmt: skip
+
+    def reduce(
+        self,
+        name: str,
+        value: str,
+        kind: str,
+        x_value: str,
+        out: tuple[int, ...],
+        flatten: str | None,
+    ) -> None:
+        """A mean (`kind` "avgpool2d") or max ("maxpool2d") over H and W (over L for a sequence)
+        to the framework's `out` (with batch). With the reduced axes dropped, `flatten` names the
+        reshape to (N, C) that follows the pool; None when the framework keeps them."""
+        pool = self.global_avgpool if kind == "avgpool2d" else self.global_maxpool
+        if flatten is None:
+            pool(name, value, x_value, out[1:])
+            return
+        pooled = f"{value}:keepdims"
+        spatial = len(self.framework_shape(self.tensor(x_value))) - 1
+        pool(name, pooled, x_value, (*out[1:], *(1,) * spatial))
+        self.reshape(flatten, value, pooled, out)
 
     def reshape(self, name: str, value: str, x_value: str, out: tuple[int, ...]) -> None:
         """A reshape to `out` (the full shape, with batch): only a flatten to (N, features)."""

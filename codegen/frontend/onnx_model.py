@@ -43,9 +43,7 @@ from codegen.frontend.builder import (
     Namespace,
     Pad4,
     Reject,
-    as_image,
     c_identifier,
-    ceil_extra,
 )
 
 MIN_OPSET = 11  # Clip bounds and Pad amounts as inputs
@@ -544,28 +542,19 @@ class _Converter:
             raise Reject(f"{node.op_type} with dilations")
         self.only_first_output(node)
         k = _spatial2(kernel, one_d)
-        stride = _spatial2(a.get("strides"), one_d)
         pad = self.spatial(node, a, k)
         if kind == "avgpool2d" and any(pad) and not a.get("count_include_pad", 0):
             raise Reject("AveragePool with padding and count_include_pad=0")
-        if a.get("ceil_mode", 0):  # the last partial window: padding that never wins the max
-            _, ih, iw = as_image(self.shape(node.input[0])[1:])
-            _, oh, ow = as_image(self.out(node))
-            pad = (
-                pad[0],
-                pad[1] + ceil_extra(ih, k[0], stride[0], pad[0], pad[1], oh),
-                pad[2],
-                pad[3] + ceil_extra(iw, k[1], stride[1], pad[2], pad[3], ow),
-            )
         self.b.pool(
             self.ir_name(node),
             node.output[0],
             kind,
             self.arg(node, 0),
             kernel=k,
-            stride=stride,
+            stride=_spatial2(a.get("strides"), one_d),
             padding=pad,
             nchw=self.out(node),
+            ceil_mode=bool(a.get("ceil_mode", 0)),
         )
 
     def global_pool(self, node: onnx.NodeProto) -> None:
@@ -573,10 +562,7 @@ class _Converter:
 
     def global_max_pool(self, node: onnx.NodeProto) -> None:
         """GlobalMaxPool (torch's AdaptiveMaxPool(1)): a max pool over the whole image."""
-        _, h, w = as_image(self.shape(node.input[0])[1:])
-        self.b.pool(self.ir_name(node), node.output[0], "maxpool2d", self.arg(node, 0),
-                    kernel=(h, w), stride=(h, w), padding=(0, 0, 0, 0),
-                    nchw=self.out(node))  # fmt: skip
+        self.b.global_maxpool(self.ir_name(node), node.output[0], self.arg(node, 0), self.out(node))
 
     def reduce_mean(self, node: onnx.NodeProto) -> None:
         """ReduceMean (a global average pool) or ReduceMax (a max pool over the whole image)
@@ -589,20 +575,9 @@ class _Converter:
             raise Reject(f"{node.op_type} other than over H and W")
         x = self.arg(node, 0)
         name = self.ir_name(node)
-        keep = bool(a.get("keepdims", 1))
-        pooled = node.output[0] if keep else f"{node.output[0]}:keepdims"
-        nchw = self.out(node) if keep else (*self.out(node), *(1,) * (rank - 2))
-        if node.op_type == "ReduceMax":
-            _, h, w = as_image(self.shape(node.input[0])[1:])
-            self.b.pool(name, pooled, "maxpool2d", x, kernel=(h, w), stride=(h, w),
-                        padding=(0, 0, 0, 0), nchw=nchw)  # fmt: skip
-        else:
-            self.b.global_avgpool(name, pooled, x, nchw)
-        if keep:
-            return
-        self.b.reshape(
-            self.names.create(f"{name}_flatten"), node.output[0], pooled, self.shape(node.output[0])
-        )
+        flatten = None if a.get("keepdims", 1) else self.names.create(f"{name}_flatten")
+        kind = "maxpool2d" if node.op_type == "ReduceMax" else "avgpool2d"
+        self.b.reduce(name, node.output[0], kind, x, self.shape(node.output[0]), flatten)
 
     def view_as(self, node: onnx.NodeProto) -> None:
         """Unsqueeze / Squeeze of the H axis of a sequence (exporters wrap 1-D pools in them)."""

@@ -6,10 +6,10 @@ follows none; ReLU/ReLU6/Hardtanh/clamp fused into the producer as a `clamp` att
 table when they fuse into nothing; Dropout/Identity/contiguous/eval StochasticDepth removed; zero
 padding (ZeroPad2d, F.pad) folded into the following conv; flatten/view/reshape to 2-D kept as a
 `reshape` with the following Linear's columns permuted from CHW to HWC order; 1-D sequences as
-images with H = 1) is `builder.IRBuilder`'s, shared with the ONNX frontend. Pools are mapped here:
-mean over H and W and adaptive average pooling to 1 as a global average pool, other adaptive pools
-to sizes dividing the input as ordinary pools (kernel = stride = input / output), a ceil_mode max
-pool's partial windows as extra bottom/right padding.
+images with H = 1; a ceil_mode max pool's partial windows as extra bottom/right padding; mean over
+H and W as a global average pool) is `builder.IRBuilder`'s, shared with the ONNX frontend. Adaptive
+pools are mapped here: to 1 (average) as a global average pool, to other sizes dividing the input
+as ordinary pools (kernel = stride = input / output).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from codegen.core.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
 from codegen.core.ir import Graph
-from codegen.frontend.builder import INF, IRBuilder, Reject, as_image, c_identifier, ceil_extra
+from codegen.frontend.builder import INF, IRBuilder, Reject, c_identifier
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -188,7 +188,7 @@ class _Converter:
 
     def clamp(self, node: torch.fx.Node, lo: float, hi: float) -> None:
         x = self.value(node, node.args[0])
-        self.b.clamp(node.name, x, lo, hi, self.shared(node), name=node.name)
+        self.b.clamp(node.name, x, lo, hi, self.shared(node), node.name)
 
     def lut(self, node: torch.fx.Node, function: str, *args: Any) -> None:
         x = self.value(node, node.args[0])
@@ -223,26 +223,16 @@ class _Converter:
             raise self.fail(node, f"{title} with padding and count_include_pad=False")
         if kind == "avgpool2d" and kw.get("divisor_override") is not None:
             raise self.fail(node, f"{title} with divisor_override")
-        kernel, stride = pair(k), pair(s if s else k)
-        pad = (ph, ph, pw, pw)
-        if kw.get("ceil_mode"):  # the last partial window: padding that never wins the max
-            _, ih, iw = self.b.src_shapes[self.b.tensor(x)]
-            _, oh, ow = as_image(_shape(node)[1:])
-            pad = (
-                ph,
-                ph + ceil_extra(ih, kernel[0], stride[0], ph, ph, oh),
-                pw,
-                pw + ceil_extra(iw, kernel[1], stride[1], pw, pw, ow),
-            )
         self.b.pool(
             node.name,
             node.name,
             kind,
             x,
-            kernel=kernel,
-            stride=stride,
-            padding=pad,
+            kernel=pair(k),
+            stride=pair(s if s else k),
+            padding=(ph, ph, pw, pw),
             nchw=_shape(node)[1:],
+            ceil_mode=bool(kw.get("ceil_mode")),
         )
 
     def adaptive(self, node: torch.fx.Node, kind: str, size: Any, d: int = 2) -> None:
@@ -278,13 +268,8 @@ class _Converter:
         spatial = [2, 3] if rank == 4 else [2]
         if rank not in (3, 4) or sorted(int(v) % rank for v in dims) != spatial:
             raise self.fail(node, "mean other than over H and W (dims (2, 3))")
-        out = _shape(node)
-        if keepdim:
-            self.b.global_avgpool(node.name, node.name, x, out[1:])
-            return
-        pooled = f"{node.name}:keepdims"
-        self.b.global_avgpool(node.name, pooled, x, (*out[1:], *(1,) * (rank - 2)))
-        self.b.reshape(f"{node.name}_flatten", node.name, pooled, out)
+        flatten = None if keepdim else f"{node.name}_flatten"
+        self.b.reduce(node.name, node.name, "avgpool2d", x, _shape(node), flatten)
 
     def reshape(self, node: torch.fx.Node) -> None:
         self.b.reshape(node.name, node.name, self.value(node, node.args[0]), _shape(node))

@@ -310,17 +310,16 @@ def _lut(b: _Builder, x: str, rng: np.random.Generator) -> str:
     function = str(rng.choice(sorted(lut.FUNCTIONS)))
     args = {
         "leaky_relu": (float(rng.choice([0.01, 0.1, 0.3])),),
-        "hardsigmoid": (),
         "clamp": (-0.5, 1.0),  # ReLU6/Hardtanh/clamp that fuse into nothing
-    }
+    }.get(function, ())
     if rng.random() < 0.5:
         fo = QFormat(8, True, int(rng.integers(2, 8)), int(rng.integers(-20, 21)))
     else:
         fo = QFormat(7, False, int(rng.integers(3, 8)))
-    table = lut.table(function, args.get(function, ()), fin, fo)
+    table = lut.table(function, args, fin, fo)
     out = b._tensor(b.tensors[x].shape, fo)
     rq = Requant(np.ones(1, np.int64), np.zeros(1, np.int64), fo.zero_point, fo.qmin, fo.qmax)
-    attrs = {"function": function, "args": args.get(function, ())}
+    attrs = {"function": function, "args": args}
     return b._add(Node(f"lut{len(b.nodes)}", "lut", (x,), out, attrs, {"table": table}, rq))
 
 

@@ -327,6 +327,8 @@ def test_normalised_attributes() -> None:
     assert g.nodes[0].attrs["clamp"] == (0.0, 6.0)
     g = graph("act_after_act")  # the ReLU after the Hardtanh table fuses into it
     assert g.nodes[0].attrs["clamp"] == (0.0, 0.75)
+    g = graph("act_shared")  # y is read twice: the ReLU is a table, not fused into the conv
+    assert g.nodes[0].attrs["clamp"] == (-float("inf"), float("inf"))
     g = graph("act_after_cat")
     assert g.nodes[-1].attrs["function"] == "relu" and g.nodes[-1].attrs["args"] == ()
     bn = graph("bn2d_standalone").nodes[0]  # depthwise 1x1 with bias
@@ -384,13 +386,6 @@ def test_unsupported_ops_are_named(model: nn.Module, message: str) -> None:
         UnsupportedModelError, match="^.*" + message.replace("(", r"\(").replace(")", r"\)")
     ):
         from_torch(model, np.zeros((1, C, 8, 8), np.float32))
-
-
-def test_relu_not_fused_into_shared_tensor() -> None:
-    m = Lambda(lambda s, x: torch.relu(y := s.c(x)) + y, c=nn.Conv2d(C, C, 1))
-    g = from_torch(m, np.zeros((1, C, 8, 8), np.float32))
-    assert [n.op for n in g.nodes] == ["conv2d", "lut", "add"]  # a table: y is read twice
-    assert g.nodes[0].attrs["clamp"] == (-float("inf"), float("inf"))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -20,7 +20,6 @@ test_frontend.py); the QEMU tests run two of the networks on cortex-a53 (NEON) a
 from __future__ import annotations
 
 import itertools
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from torch import nn
 import codegen
 from codegen.api import QuantizedModel
 from codegen.core.errors import InvalidDataError
-from codegen.targets.table import TargetError, check_tools, get_target
 from tests.frontend.test_frontend import StochasticDepth, _bn
+from tests.targets.test_codegen_qemu import _require
 
 
 class EvalIdentities(nn.Module):
@@ -212,15 +211,6 @@ def test_sequence_layouts() -> None:
 def test_calibration_of_the_wrong_rank_is_one_line() -> None:
     with pytest.raises(InvalidDataError, match=r"N x C x H x W \(images\), N x C x L"):
         codegen.quantize(fc_autoencoder(), np.zeros((4, 1, 1, 1, 640), np.float32))
-
-
-def _require(target: str) -> None:
-    try:
-        check_tools(get_target(target))
-    except TargetError as e:
-        pytest.fail(str(e))
-    if shutil.which("cmake") is None:
-        pytest.fail("cmake is not installed: apt-get install cmake")
 
 
 @pytest.mark.qemu
