@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-done
 JOBS ?= 2
 
-.PHONY: setup apt venv demo paper test lint fuzz bench clean
+.PHONY: setup apt venv demo paper test lint fuzz bench zoo clean
 
 setup: apt $(SETUP_STAMP) plugin xnnpack
 
@@ -46,6 +46,11 @@ test: setup lint
 N ?= 10000
 fuzz: setup
 	$(BIN)/python scripts/fuzz.py -n $(N)
+
+# torchvision's zoo (random weights): every accepted model quantized, compiled, C == reference,
+# and the same through torch.onnx.export (tens of minutes on 2 cores): build/zoo.json.
+zoo: setup
+	$(BIN)/python scripts/zoo.py --onnx --json build/zoo.json
 
 # Instruction counts per target and accumulator width, with the XNNPACK peer: build/bench.json.
 bench: setup xnnpack
