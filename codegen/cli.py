@@ -49,7 +49,15 @@ def _int_list(text: str, what: str) -> list[int]:
 def _bench(args: argparse.Namespace) -> int:
     from codegen.bench import runner
 
-    return runner.main_cli(args.targets, args.widths, args.networks, args.json, not args.no_peer)
+    return runner.main_cli(
+        args.targets,
+        args.widths,
+        args.networks,
+        args.json,
+        not args.no_peer,
+        cmsis_nn=args.peers,
+        cmsis_nn_dir=args.cmsis_nn,
+    )
 
 
 def _rate(args: argparse.Namespace) -> int:
@@ -347,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="instructions per inference under QEMU per target and accumulator width, with XNNPACK",
+        help="instructions per inference under QEMU per target and accumulator width, with XNNPACK "
+        "(AArch64) and CMSIS-NN (Cortex-M, --peers)",
         formatter_class=HelpFormatter,
     )
     b.add_argument(
@@ -359,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--networks",
         default="all",
-        help="conv3x3,demo,resnet8,ds_cnn,mobilenet_v1,allcnn_c (commas) or 'all'",
+        help="conv3x3,demo,resnet8,ds_cnn,mobilenet_v1,allcnn_c (commas) or 'all'; 'layers' (or "
+        "conv3x3_16,dw3x3,pw1x1,dense256,maxpool,avgpool,gap,add): single layers",
     )
     b.add_argument(
         "--json",
@@ -368,6 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the results as JSON (default: no JSON file)",
     )
     b.add_argument("--no-peer", action="store_true", help="skip the XNNPACK peer rows")
+    b.add_argument(
+        "--peers",
+        action="store_true",
+        help="also run CMSIS-NN beside qacc on Cortex-M targets (per layer, and the ratio)",
+    )
+    b.add_argument(
+        "--cmsis-nn",
+        default=None,
+        metavar="DIR",
+        help="CMSIS-NN source tree for --peers (default: third_party/CMSIS-NN of the checkout)",
+    )
     b.set_defaults(func=_bench)
 
     r = sub.add_parser(

@@ -55,6 +55,7 @@ REQUIRED_IN_WHEEL = (
     "runtime_c/cortexm/qacc_cycles.c",
     "runtime_c/qemu_plugin/insn_count.c",
     "runtime_c/peers/xnnpack_conv.c",
+    "runtime_c/peers/cmsis_nn_layers.c",
     "toolchains/cortex-m.cmake",
     "toolchains/aarch64-linux.cmake",
     "toolchains/armhf-linux.cmake",
@@ -131,6 +132,8 @@ def test_wheel_ships_templates_runtime_toolchains_and_plugin_source(wheel: Path)
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = [p for p in REQUIRED_IN_WHEEL if f"codegen/_data/{p}" not in names]
     assert not missing, f"not in {wheel.name}: {missing}"
+    # the vendored CMSIS-NN (a benchmark peer; `qacc bench --cmsis-nn DIR`) stays in the checkout
+    assert not any(n.startswith("codegen/_data/third_party/") for n in names)
     # every file of every shipped tree, not only the ones named above
     for rel in SHIPPED:
         path = REPO / rel

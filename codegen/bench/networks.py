@@ -14,6 +14,11 @@ with a cumulative average), so every folded layer sees normalised activations, a
 - ``conv3x3``: a single 3x3 conv, 32x32x32 -> 32, padding 1 (9.44 M MACs).
 - ``demo``: the demo network (codegen.data.models.FashionCNN), 28x28x1.
 
+Single layers (``LAYERS``, selected with ``--networks layers`` or by name, not part of ``all``): the
+layer shapes of the Cortex-M comparison with CMSIS-NN (conv3x3 16x16x16->16 and the 32-channel
+``conv3x3`` above, depthwise 3x3 and pointwise 1x1 on DS-CNN's 25x5x64, dense 256->64, 2x2 max and
+average pooling on 32x32x16, global average pooling on 8x8x64, a residual add on 16x16x32).
+
 TensorFlow's 'same' padding with stride 2 pads one pixel more at the bottom/right than at the
 top/left; it is written here as nn.ZeroPad2d before a conv with padding 0, as Keras does.
 """
@@ -170,6 +175,50 @@ class SingleConv(nn.Module):
         return y
 
 
+class MaxPool(nn.Module):
+    """A 2x2 stride-2 max pool (one layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.max_pool2d(x, 2)
+
+
+class AvgPool(nn.Module):
+    """A 2x2 stride-2 average pool (one layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 2)
+
+
+class GlobalAvgPool(nn.Module):
+    """A global average pool (one layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, 1)
+
+
+class Residual(nn.Module):
+    """A 1x1 conv and the residual add of its input (the add is the layer of interest)."""
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x) + x)
+
+
+class Dense(nn.Module):
+    """One fully connected layer on a flattened 256-vector."""
+
+    def __init__(self, cin: int = 256, cout: int = 64):
+        super().__init__()
+        self.fc = nn.Linear(cin, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.fc(torch.flatten(x, 1))
+        return y
+
+
 @dataclass(frozen=True)
 class BenchNet:
     """A benchmark network: constructor, input shape (C, H, W) and a one-line description."""
@@ -193,6 +242,33 @@ NETWORKS: dict[str, BenchNet] = {
 }
 
 
+LAYERS: dict[str, BenchNet] = {
+    n.name: n
+    for n in (
+        BenchNet(
+            "conv3x3_16", lambda: SingleConv(16), (16, 16, 16), "3x3 conv 16x16x16->16, pad 1"
+        ),
+        BenchNet(
+            "dw3x3", lambda: conv_bn(64, 64, 3, groups=64), (64, 25, 5), "depthwise 3x3, 25x5x64"
+        ),
+        BenchNet("pw1x1", lambda: conv_bn(64, 64, 1), (64, 25, 5), "pointwise 1x1, 25x5x64->64"),
+        BenchNet("dense256", Dense, (256, 1, 1), "dense 256->64"),
+        BenchNet("maxpool", MaxPool, (16, 32, 32), "max pool 2x2 stride 2, 32x32x16"),
+        BenchNet("avgpool", AvgPool, (16, 32, 32), "average pool 2x2 stride 2, 32x32x16"),
+        BenchNet("gap", GlobalAvgPool, (64, 8, 8), "global average pool, 8x8x64"),
+        BenchNet("add", Residual, (32, 16, 16), "1x1 conv + residual add, 16x16x32"),
+    )
+}
+"""Single layers, compared with CMSIS-NN on Cortex-M; "layers" names them all with conv3x3."""
+
+LAYER_GROUP = ("conv3x3_16", "conv3x3", *(n for n in LAYERS if n != "conv3x3_16"))
+
+
+def get(name: str) -> BenchNet:
+    """A network of NETWORKS or a single layer of LAYERS."""
+    return NETWORKS[name] if name in NETWORKS else LAYERS[name]
+
+
 def calibration_data(net: BenchNet, samples: int = 16, seed: int = 0) -> np.ndarray:
     """Random calibration images in [0, 1], N x C x H x W float32."""
     rng = np.random.default_rng(seed)
@@ -202,7 +278,7 @@ def calibration_data(net: BenchNet, samples: int = 16, seed: int = 0) -> np.ndar
 def build(name: str, calib: np.ndarray, seed: int = 0) -> nn.Module:
     """The network `name` with seeded random weights and BatchNorm statistics taken from `calib`;
     returned in eval mode."""
-    net = NETWORKS[name]
+    net = get(name)
     torch.manual_seed(seed)
     model = net.make()
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -217,6 +293,8 @@ def build(name: str, calib: np.ndarray, seed: int = 0) -> nn.Module:
 
 __all__ = [
     "DSCNN",
+    "LAYERS",
+    "LAYER_GROUP",
     "NETWORKS",
     "AllCNNC",
     "BenchNet",
@@ -226,4 +304,5 @@ __all__ = [
     "build",
     "calibration_data",
     "conv_bn",
+    "get",
 ]

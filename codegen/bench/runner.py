@@ -11,6 +11,10 @@ and per layer, and read the arena and flash sizes. Instruction counts are determ
 Side by side, on AArch64 targets, the peer: XNNPACK's qs8 convolution (codegen.bench.peers) on every
 conv layer shape of the same network, under the same QEMU CPU and the same plugin. The peer row
 of a network sums its conv layers; qacc's figures for the same layers are summed next to it.
+On Cortex-M targets, with `cmsis_nn` (`qacc bench --peers`), the peer is Arm's CMSIS-NN
+(codegen.bench.cmsis_nn): one call of the s8 function TFLite Micro calls for each conv, depthwise,
+dense, pooling and add layer, under the same QEMU board; per layer, its count beside qacc's at
+every width and at the best one, and the ratio CMSIS-NN / qacc-best.
 
 Returns (and writes as JSON) {"rows": [...], "peers": [...], "ratios": [...], "goals": [...]}
 and prints the tables.
@@ -92,13 +96,19 @@ def resolve_networks(spec: str | Sequence[str]) -> list[str]:
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:
         return list(DEFAULT_NETWORKS)
-    unknown = [n for n in names if n not in bench_networks.NETWORKS]
-    if unknown or not names:
+    out: list[str] = []
+    for n in names:
+        for m in bench_networks.LAYER_GROUP if n == "layers" else (n,):
+            if m not in out:
+                out.append(m)
+    known = {**bench_networks.NETWORKS, **bench_networks.LAYERS}
+    unknown = [n for n in out if n not in known]
+    if unknown or not out:
         raise BenchError(
             f"unknown network(s) {', '.join(unknown) or '(none)'}; "
-            f"choose from {', '.join(bench_networks.NETWORKS)} or all"
+            f"choose from {', '.join(known)}, all or layers"
         )
-    return names
+    return out
 
 
 def resolve_widths(spec: str | Sequence[int]) -> list[int]:
@@ -204,7 +214,7 @@ def _measure(
 ) -> dict[str, Any]:
     from codegen import api
 
-    net = bench_networks.NETWORKS[q.name]
+    net = bench_networks.get(q.name)
     row: dict[str, Any] = {
         "network": q.name,
         "description": net.description,
@@ -249,9 +259,10 @@ def _measure(
         flash_bytes=flash_bytes(target, c.static_lib),
         layers=rows,
     )
+    per_mac = row["instructions_per_mac"]
     _log(
-        f"  {q.name} {target} acc{q.width}: {total:,} instructions "
-        f"({row['instructions_per_mac']} per MAC)",
+        f"  {q.name} {target} acc{q.width}: {total:,} instructions"
+        + (f" ({per_mac} per MAC)" if per_mac is not None else ""),
         log,
     )
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -292,6 +303,92 @@ def _peer(
     )
     _log(f"  {name} {target} xnnpack: {total:,} instructions over {len(shapes)} conv layers", log)
     return row
+
+
+def _cmsis_peer(
+    name: str,
+    target: str,
+    graph: Any,
+    rows: list[dict[str, Any]],
+    tree: Path,
+    log: TextIO | None,
+) -> dict[str, Any]:
+    """CMSIS-NN on the layers of `graph` that it has a kernel for, beside qacc's measured rows."""
+    from codegen.bench import cmsis_nn as cmsis
+
+    row: dict[str, Any] = {"network": name, "target": target, "peer": "cmsis-nn"}
+    layers = cmsis.layers_of(graph)
+    try:
+        counts = cmsis.instructions(list(layers.values()), target, tree)
+    except (QaccError, RuntimeError, OSError, subprocess.SubprocessError) as e:
+        row["error"] = _one_line(e)
+        _log(f"  {name} {target} cmsis-nn: FAILED: {row['error']}", log)
+        return row
+    measured = {
+        r["acc_bits"]: {x["name"]: x for x in r["layers"]}
+        for r in rows
+        if r["network"] == name and r["target"] == target and "error" not in r
+    }
+    per_layer: dict[str, Any] = {}
+    for (lname, layer), n in zip(layers.items(), counts, strict=True):
+        entry: dict[str, Any] = {
+            "kind": layer.kind,
+            "function": layer.function,
+            "macs": layer.macs,
+            "instructions": n,
+            "instructions_per_mac": _per_mac(n, layer.macs),
+        }
+        qacc = {
+            w: by[lname]["instructions"]
+            for w, by in sorted(measured.items())
+            if lname in by and by[lname]["instructions"]
+        }
+        for w, v in qacc.items():
+            entry[f"qacc_acc{w}"] = v
+        if qacc:
+            best_w = min(qacc, key=lambda w: (qacc[w], w))
+            entry.update(
+                qacc_best=qacc[best_w],
+                qacc_best_acc_bits=best_w,
+                qacc_best_per_mac=_per_mac(qacc[best_w], layer.macs),
+                cmsis_nn_over_qacc_best=round(n / qacc[best_w], 3),
+            )
+        per_layer[lname] = entry
+    total = sum(counts)
+    macs = sum(x.macs for x in layers.values())
+    row.update(
+        layers_covered=len(layers),
+        macs=macs,
+        instructions=total,
+        instructions_per_mac=_per_mac(total, macs),
+        layers=per_layer,
+    )
+    subtotals = {
+        w: s for w in sorted(measured) if (s := _subtotal(measured[w], list(layers))) is not None
+    }
+    for w, v in subtotals.items():
+        row[f"qacc_acc{w}_instructions"] = v
+    if subtotals and total:
+        best_w = min(subtotals, key=lambda w: (subtotals[w], w))
+        row.update(
+            qacc_best_acc_bits=best_w,
+            qacc_best_instructions=subtotals[best_w],
+            cmsis_nn_over_qacc_best=round(total / subtotals[best_w], 3),
+        )
+    _log(
+        f"  {name} {target} cmsis-nn: {total:,} instructions over {len(layers)} layer"
+        + ("s" if len(layers) != 1 else "")
+        + (f"; cmsis-nn/qacc-best {row['cmsis_nn_over_qacc_best']:.2f}" if subtotals else ""),
+        log,
+    )
+    return row
+
+
+def _subtotal(layers: dict[str, Any], names: Sequence[str]) -> int | None:
+    vals = [layers[n]["instructions"] for n in names if n in layers]
+    if len(vals) != len(names) or any(v is None for v in vals):
+        return None
+    return int(sum(vals))
 
 
 def _ratios(rows: list[dict[str, Any]], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -371,9 +468,13 @@ def run_bench(
     log: TextIO | None = sys.stderr,
     calib_samples: int = CALIB_SAMPLES,
     progress: bool = True,
+    cmsis_nn: bool = False,
+    cmsis_nn_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Count, per network x target x width, and the XNNPACK peer; print tables, write JSON.
+    """Count, per network x target x width, and the peers; print tables, write JSON.
 
+    `peer`: XNNPACK on AArch64 targets. `cmsis_nn`: CMSIS-NN on Cortex-M targets, built from
+    `cmsis_nn_dir` (default: the tree vendored in the checkout, third_party/CMSIS-NN).
     `progress`: a bar over the measurements (and the builds and runs inside them) on stderr,
     when it is a terminal."""
     tgts = resolve_targets(targets)
@@ -383,6 +484,13 @@ def run_bench(
         from codegen.bench import peers
 
         peers.check_xnnpack()  # fail early, naming the package, rather than after an hour
+    cmsis_tree: Path | None = None
+    if cmsis_nn_dir is not None or (
+        cmsis_nn and any(get_target(t).family == "cortex-m" for t in tgts)
+    ):
+        from codegen.bench import cmsis_nn as cmsis
+
+        cmsis_tree = cmsis.check_tree(cmsis_nn_dir)
     rows: list[dict[str, Any]] = []
     peer_rows: list[dict[str, Any]] = []
     with (
@@ -397,7 +505,7 @@ def run_bench(
     ):
         work = Path(tmp)
         for name in nets:
-            net = bench_networks.NETWORKS[name]
+            net = bench_networks.get(name)
             _log(f"{name}: {net.description}", log)
             calib = bench_networks.calibration_data(net, calib_samples)
             model = bench_networks.build(name, calib)
@@ -409,6 +517,10 @@ def run_bench(
                     bench_bar.set_postfix_str(f"{name} {t} acc{q.width}")
                     rows.append(_measure(q, t, xq, work, log, progress))
                     bench_bar.update()
+                if cmsis_nn and cmsis_tree is not None and get_target(t).family == "cortex-m":
+                    peer_rows.append(
+                        _cmsis_peer(name, t, quantized[0].qm.graph, rows, cmsis_tree, log)
+                    )
                 if peer:
                     p = _peer(name, t, shapes, log)
                     if p is not None:
@@ -422,7 +534,7 @@ def run_bench(
     result: dict[str, Any] = {
         "targets": tgts,
         "widths": ws,
-        "networks": {n: bench_networks.NETWORKS[n].description for n in nets},
+        "networks": {n: bench_networks.get(n).description for n in nets},
         "rows": rows,
         "peers": peer_rows,
         "ratios": ratios,
@@ -521,12 +633,13 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
         )
         p = peers.get((r["network"], r["target"]))
         if last and p is not None:
+            label = "xnnpack" if p.get("peer") != "cmsis-nn" else "cmsis-nn"
             if "error" in p:
                 table.append(
                     [
                         r["network"],
                         r["target"],
-                        "xnnpack",
+                        label,
                         "-",
                         "-",
                         "",
@@ -536,15 +649,24 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
                     ]
                 )
             else:
-                q16 = p.get("qacc_acc16_conv_instructions")
-                vs = f"conv layers only ({p['conv_layers']})"
-                if q16:
-                    vs += f"; xnnpack/qacc-acc16 {p['instructions'] / q16:.2f}"
+                if label == "cmsis-nn":
+                    n_l = p["layers_covered"]
+                    vs = f"{n_l} layer{'s' if n_l != 1 else ''}"
+                    if "cmsis_nn_over_qacc_best" in p:
+                        vs += (
+                            f"; cmsis-nn/qacc (acc{p['qacc_best_acc_bits']}) "
+                            f"{p['cmsis_nn_over_qacc_best']:.2f}"
+                        )
+                else:
+                    q16 = p.get("qacc_acc16_conv_instructions")
+                    vs = f"conv layers only ({p['conv_layers']})"
+                    if q16:
+                        vs += f"; xnnpack/qacc-acc16 {p['instructions'] / q16:.2f}"
                 table.append(
                     [
                         r["network"],
                         r["target"],
-                        "xnnpack",
+                        label,
                         _fmt_int(p["instructions"]),
                         _fmt_f(p["instructions_per_mac"]),
                         "",
@@ -571,6 +693,7 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
         note=True,
     )
     _print_layers(result, out)
+    _print_cmsis_nn(result, out)
     if result["goals"]:
         print("\nGoals (benchmark figures, not asserted)\n", file=out)
         for g in result["goals"]:
@@ -595,8 +718,9 @@ def _print_layers(result: dict[str, Any], out: TextIO) -> None:
             head += [f"acc{w}", "/MAC", "path"]
         if 16 in by_w and 32 in by_w:
             head.append("32/16")
+        cmsis = p is not None and p.get("peer") == "cmsis-nn"
         if p is not None:
-            head += ["xnnpack", "/MAC"]
+            head += ["cmsis-nn", "/MAC", "best", "cmsis/best"] if cmsis else ["xnnpack", "/MAC"]
         table = []
         first = by_w[ws[0]]
         named = {w: {x["name"]: x for x in by_w[w]["layers"]} for w in ws}
@@ -621,12 +745,52 @@ def _print_layers(result: dict[str, Any], out: TextIO) -> None:
                     if pl
                     else ["", ""]
                 )
+                if cmsis:
+                    best = pl.get("qacc_best_acc_bits") if pl else None
+                    cells += (
+                        [f"acc{best}", _fmt_f(pl["cmsis_nn_over_qacc_best"], 2)]
+                        if pl and best
+                        else ["", ""]
+                    )
             table.append(cells)
         _table(head, table, out, left=2)
 
 
+def _print_cmsis_nn(result: dict[str, Any], out: TextIO) -> None:
+    """One line per network and Cortex-M target: CMSIS-NN against qacc's best width."""
+    peers = [p for p in result["peers"] if p.get("peer") == "cmsis-nn"]
+    if not peers:
+        return
+    print("\nCMSIS-NN vs qacc (same layers, one call each; ratio > 1: qacc is ahead)\n", file=out)
+    ws = result["widths"]
+    table = []
+    for p in peers:
+        if "error" in p:
+            table.append([p["network"], p["target"], "-", "-", "-", *["-"] * len(ws), "-", "-"])
+            continue
+        cells = [
+            p["network"],
+            p["target"],
+            str(p["layers_covered"]),
+            _fmt_int(p["instructions"]),
+            _fmt_f(p["instructions_per_mac"]),
+        ]
+        cells += [_fmt_int(p.get(f"qacc_acc{w}_instructions")) for w in ws]
+        best = p.get("qacc_best_acc_bits")
+        cells += [f"acc{best}" if best else "-", _fmt_f(p.get("cmsis_nn_over_qacc_best"), 2)]
+        table.append(cells)
+    head = ["network", "target", "layers", "cmsis-nn", "/MAC", *[f"qacc acc{w}" for w in ws]]
+    _table([*head, "best", "cmsis/best"], table, out, left=2)
+
+
 def main_cli(
-    targets: str, widths: str, networks: str, json_path: str | None, peer: bool = True
+    targets: str,
+    widths: str,
+    networks: str,
+    json_path: str | None,
+    peer: bool = True,
+    cmsis_nn: bool = False,
+    cmsis_nn_dir: str | None = None,
 ) -> int:
     """Entry point of `qacc bench`."""
     run_bench(
@@ -635,6 +799,8 @@ def main_cli(
         resolve_networks(networks),
         json_path,
         peer=peer,
+        cmsis_nn=cmsis_nn or cmsis_nn_dir is not None,
+        cmsis_nn_dir=cmsis_nn_dir,
     )
     return 0
 
