@@ -313,6 +313,27 @@ class GraphBuilder:
             per_channel=per_channel, mult_bits=12,
         )  # fmt: skip
 
+    def mul(
+        self,
+        a: str,
+        b: str,
+        *,
+        acc_bits: int = 16,
+        input_zero_points: tuple[int, int] = (0, 0),
+        lo: int = -128,
+        hi: int = 127,
+        per_channel: bool = False,
+        name: str | None = None,
+    ) -> str:
+        """a * b; `b` of `a`'s shape or one value per channel ((1, 1, C) or (C,))."""
+        attrs: dict[str, Any] = {"acc_bits": acc_bits}
+        if any(input_zero_points):
+            attrs["input_zero_points"] = input_zero_points
+        return self._finish(
+            "mul", [a, b], self.tensors[a].shape, attrs, {}, name=name, lo=lo, hi=hi,
+            zero_point=0, per_channel=per_channel, mult_bits=12,
+        )  # fmt: skip
+
     def concat(
         self,
         xs: Sequence[str],
@@ -361,6 +382,29 @@ class GraphBuilder:
         params = {"table": luts.table(function, args, fin, fo, lo, hi)}
         rq = Requant(np.array([1]), np.array([0]), fo.zero_point, lo, hi)
         return self._add_node(Node(self._name("lut", name), "lut", (x,), t, attrs, params, rq))
+
+    def softmax(
+        self,
+        x: str,
+        *,
+        out: QFormat | None = None,
+        lo: int | None = None,
+        hi: int | None = None,
+        name: str | None = None,
+    ) -> str:
+        """Softmax over the channels, to `out` (default u7.7), with the exp table of the input's
+        scale (`reference.softmax_table`)."""
+        fin = self.tensors[x].fmt
+        assert fin is not None
+        fo = out or QFormat(7, False, 7)
+        lo = fo.qmin if lo is None else lo
+        hi = fo.qmax if hi is None else hi
+        t = self._tensor(self.tensors[x].shape, fo)
+        params = {"exp_table": reference.softmax_table(fin.scale)}
+        rq = Requant(np.array([1]), np.array([0]), fo.zero_point, lo, hi)
+        node = Node(self._name("softmax", name), "softmax", (x,), t, {"out_frac": fo.frac},
+                    params, rq)  # fmt: skip
+        return self._add_node(node)
 
     def reshape(self, x: str, shape: Sequence[int], *, name: str | None = None) -> str:
         fmt = self.tensors[x].fmt

@@ -43,6 +43,7 @@ _CTYPES: dict[str, tuple[int, int, int]] = {
     # name: (bytes, min, max)
     "uint8_t": (1, 0, (1 << 8) - 1),
     "int8_t": (1, -(1 << 7), (1 << 7) - 1),
+    "uint16_t": (2, 0, (1 << 16) - 1),
     "int16_t": (2, -(1 << 15), (1 << 15) - 1),
     "int32_t": (4, -(1 << 31), (1 << 31) - 1),
     "int64_t": (8, -(1 << 63), (1 << 63) - 1),
@@ -408,6 +409,19 @@ class _Emitter:
             ma, mb = (int(v) for v in _ints(p["in_mult"]))
             za, zb = (int(v) for v in a.get("input_zero_points", (0, 0)))
             k.update(ma=f"{ma & mask}u", mb=f"{mb & mask}u", za=za, zb=zb)
+        if node.op == "mul":
+            za, zb = (int(v) for v in a.get("input_zero_points", (0, 0)))
+            per_channel = ins[1].size != out.size  # the second operand: one value per channel
+            k.update(za=za, zb=zb, b_stride=0 if per_channel else oc)
+        if node.op == "softmax":
+            k["norm_shift"] = int(a["out_frac"]) + 1
+            k["exp_table"] = self.add_array(
+                node,
+                "exp",
+                "uint16_t",
+                _ints(p["exp_table"]),
+                f"{node.name}: exp(-d * input scale) in units of 2^-15, at [d] = max - input",
+            )
         if node.op == "lut":  # the table is the layer: stored whatever the dialect
             k["size"] = out.size
             k["table"] = self.add_array(

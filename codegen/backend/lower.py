@@ -21,12 +21,17 @@ from codegen.core.ir import Graph, Node, conv_out_size
 DIALECTS = ("c", "neon", "dsp", "mve")
 """Kernel dialects; a dialect without its own template of a kernel uses the portable C one."""
 
-ACC_OPS = frozenset({"conv2d", "dense", "avgpool2d", "global_avgpool", "add"})
+ACC_OPS = frozenset({"conv2d", "dense", "avgpool2d", "global_avgpool", "add", "mul"})
 """Ops whose accumulator width (attrs["acc_bits"]) is part of the semantics."""
 
 MAX_ACC_BITS = 32
 
-INPLACE_INPUTS: Mapping[str, tuple[int, ...]] = {"add": (0, 1), "lut": (0,)}
+INPLACE_INPUTS: Mapping[str, tuple[int, ...]] = {
+    "add": (0, 1),
+    "lut": (0,),
+    "mul": (0, 1),
+    "softmax": (0,),
+}
 """Kernel templates whose output may overwrite the given inputs (elementwise kernels)."""
 
 
@@ -91,7 +96,18 @@ def choose_template(graph: Graph, node: Node) -> str:
         if groups > 1 and groups == cin and cin_g == 1:
             return "conv2d_depthwise"
         return "conv2d"
-    if node.op in ("dense", "maxpool2d", "avgpool2d", "global_avgpool", "add", "concat", "lut"):
+    if node.op in (
+        "dense",
+        "maxpool2d",
+        "avgpool2d",
+        "global_avgpool",
+        "add",
+        "concat",
+        "lut",
+        "mul",
+    ):
+        return node.op
+    if node.op == "softmax":
         return node.op
     raise LoweringError(f"op {node.op!r} of node {node.name!r} has no C kernel")
 
@@ -166,6 +182,18 @@ def _check_shapes(graph: Graph, node: Node) -> None:
     elif node.op == "add":
         if len(ins) != 2 or ins[0] != ins[1] or out != ins[0]:
             raise bad(f"operands {ins} and output {out} must have one shape")
+    elif node.op == "mul":
+        scale = (out[-1],) if out else ()
+        if len(ins) != 2 or ins[0] != out or ins[1] not in (out, scale, (1, 1, *scale)):
+            raise bad(f"operands {ins} must be the output's shape {out}, the second may be {scale}")
+    elif node.op == "softmax":
+        if len(ins) != 1 or out != ins[0] or not 1 <= out[-1] <= 1 << 16:
+            raise bad(f"output {out} should be the input's {ins}, with 1..65536 channels")
+        t = node.params.get("exp_table")
+        if t is None or t.shape != (256,) or int(t.min()) < 0 or int(t.max()) > 1 << 15:
+            raise bad("params['exp_table'] must hold 256 values in [0, 2^15]")
+        if not 0 <= int(a.get("out_frac", -1)) <= 40:
+            raise bad("attrs['out_frac'] must be in [0, 40]")
     elif node.op == "concat":
         if any(len(s) != len(out) or s[:-1] != out[:-1] for s in ins):
             raise bad(f"inputs {ins} differ from the output {out} outside the channel axis")

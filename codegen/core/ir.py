@@ -15,7 +15,12 @@ the C templates and the test ids):
   avgpool2d       kernel, stride, padding (count_include_pad semantics: divisor kh*kw)
   global_avgpool  mean over H and W
   add             two inputs, elementwise
+  mul             two inputs, elementwise product; the second may be one value per channel
+                  ((1, 1, C) or (C,)) broadcast over the first's pixels (squeeze-excitation)
   concat          inputs concatenated on the channel axis
+  softmax         softmax over the channel axis, per pixel (classifier heads: (C,) or (1, 1, C));
+                  integer graphs carry params exp_table (256 entries, 2^15 exp(-d * scale_in),
+                  indexed by the distance d to the pixel's maximum) and attrs out_frac
   reshape         the NHWC memory order is kept; only the shape changes (flatten to (C,))
   lut             an element-wise function (attrs function, args: `codegen.core.lut`; also a
                   ReLU/clamp that fuses into no producer, with its bounds as `clamp`); integer
@@ -46,7 +51,9 @@ OPS = frozenset(
         "avgpool2d",
         "global_avgpool",
         "add",
+        "mul",
         "concat",
+        "softmax",
         "reshape",
         "lut",
     }

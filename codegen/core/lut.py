@@ -1,10 +1,10 @@
 """Element-wise nonlinearities as per-layer int8 lookup tables (the IR op `lut`).
 
 A `lut` node carries `attrs["function"]` (a name in `FUNCTIONS`) and `attrs["args"]` (its float
-parameters: LeakyReLU's negative slope, a non-default HardSigmoid's alpha and beta, clamp's lo
-and hi (either may be infinite); empty otherwise). The float graph evaluates the real function
-(`apply`); the integer graph carries the 256-entry table `params["table"]` that `table` computes
-from the real function and the input and output formats:
+parameters: LeakyReLU's negative slope, a non-default HardSigmoid's alpha and beta, clamp's lo and
+hi (either may be infinite), the constant of `scale` (x * constant); empty otherwise). The float
+graph evaluates the real function (`apply`); the integer graph carries the 256-entry table
+`params["table"]` that `table` computes from the real function and the input and output formats:
 
     table[q + 128] = saturate(round_half_up(f((q - zp_in) * scale_in) / scale_out) + zp_out, lo, hi)
 
@@ -59,6 +59,8 @@ FUNCTIONS: dict[str, Function] = {
     # after another table...): exact by construction, the table holds the clamped input
     "relu": Function(lambda x: F.relu(x), "ReLU", True),
     "clamp": Function(lambda x, lo, hi: x.clamp(lo, hi), "clamp", False, (2,)),
+    # x * a constant scalar (its one argument)
+    "scale": Function(lambda x, s: x * s, "multiplication by a constant", False, (1,)),
 }
 
 

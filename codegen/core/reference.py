@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from codegen.core import simulate
-from codegen.core.formats import IntArray, quantize, requantize, wrap
+from codegen.core.formats import IntArray, quantize, requantize, round_half_up, saturate, wrap
 from codegen.core.ir import Graph, Node, Requant
 
 # Keep each im2col block (float64) under this many elements.
@@ -209,6 +209,45 @@ def add(a: IntArray, b: IntArray, node: Node, stats: OverflowStats | None = None
     return _requant(_wrap_and_count(acc, node, stats), node.requant)
 
 
+def mul(a: IntArray, b: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    """The exact product of the zero-point-corrected inputs, wrapped and requantized; `b` may
+    hold one value per channel ((N, 1, 1, C) or (N, C)), broadcast over `a`'s pixels."""
+    za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
+    if b.shape != a.shape:  # the same bytes, or a per-channel scale (N, C) -> (N, 1, .., 1, C)
+        full = b[0].size == a[0].size
+        b = b.reshape(a.shape if full else (b.shape[0],) + (1,) * (a.ndim - 2) + (a.shape[-1],))
+    acc = (a - za) * (b - zb)
+    return _requant(_wrap_and_count(acc, node, stats), node.requant)
+
+
+SOFTMAX_ONE_BITS = 15
+"""The softmax exp table is in units of 2^-15: exp(0) = 1 is 2^15 (it fits a uint16_t)."""
+
+
+def softmax_table(in_scale: float) -> IntArray:
+    """exp(-d * in_scale) in units of 2^-SOFTMAX_ONE_BITS for every distance d = 0..255 (round
+    half up): the softmax's whole use of exp, computed once when the graph is quantized."""
+    d = np.arange(256, dtype=np.float64)
+    return round_half_up(np.exp(-d * in_scale) * (1 << SOFTMAX_ONE_BITS))
+
+
+def softmax(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    """Softmax over the last (channel) axis: e = exp_table[max - x], s = sum(e) (exact, in 2^-15
+    units: s <= C * 2^15), out = saturate(round_half_up(e * 2^out_frac / s) + zero_point, lo, hi)
+    with the rounding done exactly in integers: floor((e * 2^(out_frac + 1) + s) / (2 s)).
+
+    Integer with a LUT exp, not a float or polynomial exp: an int8 input has only 256 distances to
+    its maximum, so a table makes exp exact for it, and a table read, a sum and an integer division
+    have one result on every core (the C equals this by construction, without floating point)."""
+    rq = node.requant
+    assert rq is not None
+    table = np.asarray(node.params["exp_table"], dtype=np.int64)
+    e = table[x.max(axis=-1, keepdims=True) - x]
+    s = e.sum(axis=-1, keepdims=True)  # >= 2^15: the maximum's own term
+    q = ((e << (int(node.attrs["out_frac"]) + 1)) + s) // (2 * s)
+    return saturate(q + rq.zero_point, rq.lo, rq.hi)
+
+
 def concat(*xs: IntArray, node: Node) -> IntArray:
     """Each input rescaled to the output format: requant.mult/shift are indexed by input."""
     rq = node.requant
@@ -239,7 +278,9 @@ KERNELS: dict[str, Callable[..., IntArray]] = {
     "avgpool2d": avgpool2d,
     "global_avgpool": global_avgpool,
     "add": add,
+    "mul": mul,
     "lut": lut,
+    "softmax": softmax,
 }
 
 

@@ -77,8 +77,23 @@ def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> to
         return x.sum(dim=(2, 3), keepdim=True) * float(over.get("scale", 1.0 / n))
     if node.op == "add":
         return xs[0] + xs[1]
+    if node.op == "mul":  # a per-channel scale (N, C) or (N, C, 1, 1) broadcasts over H, W
+        b = xs[1]
+        if b.shape != x.shape:  # the same values ((N, C) and (N, C, 1, 1)), or a scale
+            full = b[0].numel() == x[0].numel()
+            b = b.reshape(x.shape if full else (b.shape[0], x.shape[1], *(1,) * (x.ndim - 2)))
+        return x * b
     if node.op == "concat":
         return torch.cat(xs, dim=1)
+    if node.op == "softmax":
+        if "exp_table" not in over:
+            return torch.softmax(x, dim=1)
+        # the integer graph's: its exp table at the distances of the (fake-quantized) input;
+        # the output's fake quantization rounds e / s as the integer division does
+        q = torch.round(x / float(over["in_scale"]))
+        d = (q.amax(dim=1, keepdim=True) - q).long()
+        e = _param(node, over, "exp_table", x)[d]
+        return e / e.sum(dim=1, keepdim=True)
     if node.op == "lut":  # the real function; its table agrees (codegen.core.lut.table)
         return lut.apply(a["function"], a.get("args", ()), x)
     if node.op == "reshape":  # flatten in NHWC memory order

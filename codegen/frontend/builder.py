@@ -14,7 +14,11 @@ gives the same float graph whichever way it arrives:
   with bias (y = x * s + b per channel);
 - 1-D sequences (N, C, L) as images (N, C, 1, L): IR shape (1, L, C), listed in `Graph.sequences`;
 - other element-wise activations (Hardswish, Sigmoid, ...) as one `lut` node each, named by
-  `codegen.core.lut` (the quantizer turns it into a table);
+  `codegen.core.lut` (the quantizer turns it into a table), and so is a multiplication by a
+  constant scalar (`scale`);
+- a softmax over the channels as a `softmax` node;
+- an element-wise product as a `mul` node; a per-channel scale (squeeze-excitation's gate,
+  (N, C, 1, 1)) times a tensor is a `mul` whose second input is the scale;
 - zero padding folded into the following conv (asymmetric padding kept); a ceil_mode max pool's
   last, partial windows as extra bottom/right padding;
 - a mean or max over H and W (over L) as a global average pool or a max pool over the whole
@@ -47,7 +51,7 @@ INF = math.inf
 Pad4 = tuple[int, int, int, int]
 """(top, bottom, left, right)"""
 
-CLAMP_OPS = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d", "lut")
+CLAMP_OPS = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d", "lut", "mul")
 """Ops an activation fuses into (and that carry a `clamp` attribute in the float graph)."""
 
 
@@ -421,6 +425,28 @@ class IRBuilder:
         if self.shapes[xa] != self.shapes[xb]:
             raise Reject("add with broadcasting")
         self.emit(name, value, "add", [xa, xb], nchw)
+
+    def mul(self, name: str, value: str, a_value: str, b_value: str, nchw: tuple[int, ...]) -> None:
+        """An element-wise product; a per-channel scale (N, C, 1, 1) or (N, C) times a tensor of
+        C channels (squeeze-excitation, in either order) becomes the node's second input."""
+        xa, xb = self.tensor(a_value), self.tensor(b_value)
+        sa, sb = self.src_shapes[xa], self.src_shapes[xb]
+        if sa != sb:
+            if sa != as_image(nchw):
+                xa, xb, sa, sb = xb, xa, sb, sa  # the scale second
+            if math.prod(sb) != sb[0] or sa != as_image(nchw) or sb[0] != sa[0]:
+                raise Reject("mul with broadcasting other than one value per channel (N, C, 1, 1)")
+        self.emit(name, value, "mul", [xa, xb], nchw)
+
+    def softmax(
+        self, name: str, value: str, x_value: str, axis: int, nchw: tuple[int, ...]
+    ) -> None:
+        """Softmax over `axis` of the framework's shape (with batch): only the channel axis."""
+        x = self.tensor(x_value)
+        rank = 1 + len(self.framework_shape(x))
+        if axis % rank != 1:
+            raise Reject(f"softmax over dim {axis} (only over the channels, dim=1)")
+        self.emit(name, value, "softmax", [x], nchw)
 
     def concat(self, name: str, value: str, x_values: list[str], nchw: tuple[int, ...]) -> None:
         self.emit(name, value, "concat", [self.tensor(v) for v in x_values], nchw)

@@ -23,6 +23,7 @@ calibration data's C x H x W.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -50,6 +51,7 @@ MIN_OPSET = 11  # Clip bounds and Pad amounts as inputs
 SUPPORTED = (
     "Conv (1-D, 2-D), Gemm, MatMul(+Add), BatchNormalization, Relu, Clip, MaxPool, AveragePool, "
     "GlobalAveragePool, GlobalMaxPool, ReduceMean/ReduceMax(H, W), Flatten, Reshape, Add, "
+    "Mul (same shape, per-channel scale, constant scalar), Softmax (axis 1), "
     "Concat(axis 1), Pad, Dropout, Identity, Unsqueeze/Squeeze (around 1-D ops), HardSwish, "
     "HardSigmoid, Sigmoid, Tanh, LeakyRelu, Gelu, x * Sigmoid(x) (SiLU), x * HardSigmoid(x) "
     "(Hardswish)"
@@ -75,11 +77,14 @@ _LEAF_MODULE_OPS = {
     "Pad",
     "Relu",
     "Clip",
+    "Softmax",
     *_LUT_OPS,  # activations are usually modules (nn.Sigmoid)
 }
 _FUNCTION_NAMES = {  # the torch function an op comes from, when not from a leaf module
     "Add": "add",
+    "Mul": "mul",
     "Concat": "cat",
+    "Softmax": "softmax",
     "Conv": "conv2d",
     "Gemm": "linear",
     "MatMul": "linear",
@@ -526,8 +531,22 @@ class _Converter:
         return None
 
     def mul(self, node: onnx.NodeProto) -> None:
-        if node.output[0] not in self.fused:  # only x * Sigmoid(x) etc., read with the function
-            raise self.fail(node)
+        """A product of two tensors (one may be a per-channel scale (N, C, 1, 1)), or of a tensor
+        and a constant scalar (a `scale` table); x * Sigmoid(x) was read with the function."""
+        if node.output[0] in self.fused:
+            return
+        consts = [i for i in (0, 1) if node.input[i] in self.consts]
+        if consts:
+            c = self.weight(node, consts[0], "factor")
+            assert c is not None
+            if c.size != 1:
+                raise Reject(f"Mul by a constant of shape {tuple(c.shape)} (only a scalar)")
+            x = self.arg(node, 1 - consts[0])
+            factor = (_decimal(c.reshape(-1)[0]),)
+            self.b.lut(self.ir_name(node), node.output[0], x, "scale", factor, self.out(node))
+            return
+        a, b = self.arg(node, 0), self.arg(node, 1)
+        self.b.mul(self.ir_name(node), node.output[0], a, b, self.out(node))
 
     def pool(self, node: onnx.NodeProto) -> None:
         a = self.attrs(node)
@@ -606,6 +625,15 @@ class _Converter:
         a, b = self.arg(node, 0), self.arg(node, 1)
         self.b.add(self.ir_name(node), node.output[0], a, b, self.out(node))
 
+    def softmax(self, node: onnx.NodeProto) -> None:
+        """Softmax over the channel axis (before opset 13, `axis` flattens the trailing axes:
+        the same only when they are all 1)."""
+        shape = self.shape(node.input[0])
+        axis = int(self.attrs(node).get("axis", -1 if self.opset >= 13 else 1))
+        if self.opset < 13 and math.prod(shape[2:]) != 1:
+            raise Reject("Softmax (opset < 13) over more than the channels")
+        self.b.softmax(self.ir_name(node), node.output[0], self.arg(node, 0), axis, self.out(node))
+
     def concat(self, node: onnx.NodeProto) -> None:
         rank = len(self.shape(node.output[0]))
         if int(self.attrs(node)["axis"]) % rank != 1:
@@ -658,6 +686,7 @@ class _Converter:
         "Reshape": reshape,
         "Add": add,
         "Concat": concat,
+        "Softmax": softmax,
         "Pad": pad,
         "Dropout": identity,
         "Identity": identity,

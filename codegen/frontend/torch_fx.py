@@ -7,7 +7,8 @@ table when they fuse into nothing; Dropout/Identity/contiguous/eval StochasticDe
 padding (ZeroPad2d, F.pad) folded into the following conv; flatten/view/reshape to 2-D kept as a
 `reshape` with the following Linear's columns permuted from CHW to HWC order; 1-D sequences as
 images with H = 1; a ceil_mode max pool's partial windows as extra bottom/right padding; mean over
-H and W as a global average pool) is `builder.IRBuilder`'s, shared with the ONNX frontend. Adaptive
+H and W as a global average pool; products, including squeeze-excitation's per-channel scale)
+is `builder.IRBuilder`'s, shared with the ONNX frontend. Adaptive
 pools are mapped here: to 1 (average) as a global average pool, to other sizes dividing the input
 as ordinary pools (kernel = stride = input / output).
 """
@@ -88,7 +89,9 @@ class _Converter:
             f"{what} at node '{node.name}'; supported: Conv1d/2d, Linear, BatchNorm1d/2d, ReLU/"
             "ReLU6/Hardtanh/clamp, Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/LeakyReLU/GELU, "
             "MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvg/MaxPool (sizes dividing the input), "
-            "mean(H, W), flatten, add, cat(dim=1), Dropout, Identity, contiguous, StochasticDepth"
+            "mean(H, W), flatten, add, mul (same shape, per-channel scale, constant), "
+            "Softmax(dim=1), cat(dim=1), "
+            "Dropout, Identity, contiguous, StochasticDepth"
         )
 
     def value(self, node: torch.fx.Node, arg: Any) -> str:
@@ -280,6 +283,29 @@ class _Converter:
         a, b = (self.value(node, t) for t in node.args[:2])
         self.b.add(node.name, node.name, a, b, _shape(node)[1:])
 
+    def mul(self, node: torch.fx.Node) -> None:
+        """A product of two tensors (one may be a per-channel scale), or by a constant scalar."""
+        a = node.args[0]
+        b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node):
+            self.b.mul(node.name, node.name, self.value(node, a), self.value(node, b),
+                       _shape(node)[1:])  # fmt: skip
+            return
+        x, c = (a, b) if isinstance(a, torch.fx.Node) else (b, a)
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            raise self.fail(node, f"{_describe_target(node, self.modules)} by {c!r}")
+        self.b.lut(node.name, node.name, self.value(node, x), "scale", (float(c),),
+                   _shape(node)[1:])  # fmt: skip
+
+    def softmax(self, node: torch.fx.Node, dim: Any) -> None:
+        if not isinstance(dim, int):
+            raise self.fail(node, f"{_describe_target(node, self.modules)} without an int dim")
+        x = self.value(node, node.args[0])
+        try:
+            self.b.softmax(node.name, node.name, x, dim, _shape(node)[1:])
+        except Reject as e:
+            raise self.fail(node, f"{_describe_target(node, self.modules)}: {e}") from None
+
     def cat(self, node: torch.fx.Node) -> None:
         seq = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -380,6 +406,8 @@ class _Converter:
             self.lut(node, "leaky_relu", m.negative_slope)
         elif isinstance(m, nn.GELU):
             self.lut(node, "gelu", m.approximate)
+        elif isinstance(m, nn.Softmax):
+            self.softmax(node, m.dim)
         elif isinstance(m, (nn.MaxPool2d, nn.MaxPool1d)):
             self.pool(
                 node,
@@ -456,6 +484,12 @@ class _Converter:
             self.lut(node, "gelu", kw.get("approximate", "none"))
         elif t in (operator.add, operator.iadd, torch.add) or method in ("add", "add_"):
             self.add(node)
+        elif t in (operator.mul, operator.imul, torch.mul) or method in ("mul", "mul_"):
+            self.mul(node)
+        elif t in (F.softmax, torch.softmax) or method == "softmax":
+            if arg(3 if t is F.softmax else 2, "dtype", None) is not None:
+                raise self.fail(node, "softmax with a dtype")
+            self.softmax(node, arg(1, "dim", None))
         elif t is torch.cat or t is torch.concat:
             self.cat(node)
         elif t in (torch.flatten, torch.reshape) or method in ("flatten", "view", "reshape"):

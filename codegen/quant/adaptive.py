@@ -749,7 +749,7 @@ def quantize_adaptive(
     Under torchrun every rank initialises from its own first calibration samples and
     DistributedDataParallel then broadcasts rank 0's parameters, so the initialisation is rank
     0's; the training is data parallel and every rank exports the same integer graph."""
-    refuse_unsupported(graph, "adaptive", OPS - {"lut"})
+    refuse_unsupported(graph, "adaptive", OPS - {"lut", "mul", "softmax"})
     if scale not in SCALES:
         raise QaccError(f"unknown scale kind '{scale}'; choose dyadic or pow2")
     if epochs < 0:

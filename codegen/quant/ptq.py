@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from codegen.core import lut, simulate
+from codegen.core import lut, reference, simulate
 from codegen.core.errors import InfeasibleAccumulatorError, UnsupportedModelError
 from codegen.core.formats import frac_for_range, round_half_up
 from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor, TensorUnion
@@ -68,6 +68,23 @@ class ClassInfo:
         return DEFAULT_SIGNED_BITS if self.signed else DEFAULT_UNSIGNED_BITS
 
 
+def _nonneg(graph: Graph, cal: Calibration, t: str) -> bool:
+    """Whether tensor `t` is >= 0 by construction (a clamp at >= 0, a nonnegative function, a
+    product of such tensors, or a pool/concat/reshape of them)."""
+    prod = graph.producer(t)
+    if prod is None:
+        return bool(cal.tensor_min[t] >= 0)
+    if prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0:
+        return True
+    if prod.op == "softmax" or (prod.op == "lut" and lut.FUNCTIONS[prod.attrs["function"]].nonneg):
+        return True
+    if prod.op == "mul" and prod.inputs[0] == prod.inputs[1]:  # a square
+        return True
+    if prod.op in ("mul", "maxpool2d", "reshape", "concat"):
+        return all(_nonneg(graph, cal, i) for i in prod.inputs)
+    return False
+
+
 def class_infos(graph: Graph, classes: TensorUnion, cal: Calibration) -> dict[str, ClassInfo]:
     infos: dict[str, ClassInfo] = {}
     for t in graph.tensors:
@@ -81,6 +98,8 @@ def class_infos(graph: Graph, classes: TensorUnion, cal: Calibration) -> dict[st
             nonneg = prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0
             if prod.op == "lut" and lut.FUNCTIONS[prod.attrs["function"]].nonneg:
                 nonneg = True
+            if prod.op in ("mul", "softmax"):
+                nonneg = _nonneg(graph, cal, t)
         absmax = cal.absmax(t)
         clamp_hi = prod.attrs.get("clamp", (0, math.inf))[1] if prod is not None else math.inf
         absmax = min(absmax, max(abs(clamp_hi), 0.0)) if math.isfinite(clamp_hi) else absmax
@@ -349,6 +368,21 @@ def build_integer_graph(
             rq = Requant(one, one * (fm - fo.frac), fo.zero_point, lo, hi)
             peak = sum(m * max(-f.qmin, f.qmax) for m, f in zip(mult, fins, strict=True))
             attrs["acc_bits"] = _container_bits(peak)
+        elif n.op == "mul":  # one exact product, requantized once: shift fa + fb - fo
+            if not all(f.is_pow2 for f in (*fins, fo)):
+                raise UnsupportedModelError(f"mul '{n.name}' needs power-of-two formats")
+            zps = tuple(f.zero_point for f in fins)
+            if any(zps):
+                attrs["input_zero_points"] = zps
+            rq = Requant(one, one * (fins[0].frac + fins[1].frac - fo.frac), fo.zero_point, lo, hi)
+            span = [max(f.qmax - f.zero_point, f.zero_point - f.qmin) for f in fins]
+            attrs["acc_bits"] = _container_bits(span[0] * span[1])
+        elif n.op == "softmax":  # an exp table and an exact rounded division (reference.softmax)
+            if not fo.is_pow2 or fo.frac < 0:
+                raise UnsupportedModelError(f"softmax '{n.name}' needs a power-of-two output")
+            params = {"exp_table": reference.softmax_table(fins[0].scale)}
+            attrs["out_frac"] = fo.frac
+            rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
         elif n.op == "concat":
             k = len(n.inputs)
             shifts = np.array([f.frac - fo.frac for f in fins], dtype=np.int64)
@@ -395,4 +429,6 @@ def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:
         elif n.op in ("avgpool2d", "global_avgpool"):
             m, s = int(n.requant.mult[0]), int(n.requant.shift[0])
             out[n.name] = {"scale": m * 2.0**-s * fo.scale / fi.scale}
+        elif n.op == "softmax":  # the integer exp table, at the input's scale
+            out[n.name] = {"exp_table": n.params["exp_table"], "in_scale": fi.scale}
     return out

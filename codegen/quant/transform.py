@@ -503,7 +503,7 @@ def quantize_transform(
     device: torch.device | str = "cpu",
 ) -> tuple[Graph, dict[str, Any]]:
     """The integer graph of `fg` coded at `bits_per_weight`, and the report's extra entries."""
-    refuse_unsupported(fg, "transform", OPS - {"lut"})
+    refuse_unsupported(fg, "transform", OPS - {"lut", "mul", "softmax"})
     if transform not in TRANSFORMS:
         raise QaccError(f"unknown transform '{transform}'; choose one of {', '.join(TRANSFORMS)}")
     if deploy not in DEPLOYMENTS:

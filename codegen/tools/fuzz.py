@@ -6,12 +6,14 @@ Two kinds of cases, each a pure function of an integer seed (so a failure is rep
   padding, dilation, groups, weight bits (declared in attrs["weight_bits"] half of the time, so
   weights of <= 4 bits are stored packed), accumulator widths 8..32, input/output zero points,
   clamps, requantization multipliers up to 33 bits, add and concat branches, element-wise
-  function tables (`lut`, from their own random stream). Weights and inputs
+  function tables (`lut`, from their own random stream), products (`mul`: a squeeze-excitation
+  gate, a square, two branches) and softmax (from a third stream). Weights and inputs
   are often drawn near the top of their range so that narrow accumulators wrap (the wrapped sum is
   the contract, so that is fine and tested).
 * **quantized torch models** (`random_model`): small random nn.Modules (conv/BN/ReLU/ReLU6,
   Hardswish/SiLU/Sigmoid/Tanh/LeakyReLU, depthwise, pools, residual add, concat, flatten,
-  linear) through `codegen.quantize` with a random accumulator width 8..32 and overflow policy.
+  squeeze-excitation, linear, a softmax head) through `codegen.quantize` with a random
+  accumulator width 8..32 and overflow policy.
   `InfeasibleAccumulatorError` is a valid answer (counted as `infeasible`); any other exception
   is a failure.
 
@@ -311,6 +313,7 @@ def _lut(b: _Builder, x: str, rng: np.random.Generator) -> str:
     args = {
         "leaky_relu": (float(rng.choice([0.01, 0.1, 0.3])),),
         "clamp": (-0.5, 1.0),  # ReLU6/Hardtanh/clamp that fuse into nothing
+        "scale": (float(rng.choice([-1.5, 0.3, 2.0])),),  # x * a constant
     }.get(function, ())
     if rng.random() < 0.5:
         fo = QFormat(8, True, int(rng.integers(2, 8)), int(rng.integers(-20, 21)))
@@ -323,12 +326,56 @@ def _lut(b: _Builder, x: str, rng: np.random.Generator) -> str:
     return b._add(Node(f"lut{len(b.nodes)}", "lut", (x,), out, attrs, {"table": table}, rq))
 
 
+def _mul(b: _Builder, x: str, rng: np.random.Generator) -> str:
+    """x times a per-channel gate computed from x (squeeze-excitation: pooled, dense, as (C,) or
+    (1, 1, C)), or times a tensor of its shape (x itself, or a same-size layer of x). The draws
+    come from `rng` (its own stream: the graph's other layers do not depend on them)."""
+    saved, b.rng = b.rng, rng
+    try:
+        shape = b.tensors[x].shape
+        if len(shape) == 3 and rng.random() < 0.6:
+            gate = _dense(b, _gap(b, x), shape[-1])
+            if rng.random() < 0.5:  # the gate as the image (1, 1, C)
+                fmt = b.tensors[gate].fmt
+                assert fmt is not None
+                out = b._tensor((1, 1, shape[-1]), fmt)
+                attrs: dict[str, Any] = {"shape": (1, 1, shape[-1])}
+                gate = b._add(Node(f"reshape{len(b.nodes)}", "reshape", (gate,), out, attrs))
+        elif rng.random() < 0.3:
+            gate = x  # a square
+        else:
+            gate = _conv(b, x, shape[-1], same=True) if len(shape) == 3 else _dense(b, x, shape[0])
+        attrs = {"acc_bits": _acc(rng)}
+        zps = (b.in_zp(x), b.in_zp(gate))
+        if any(zps):
+            attrs["input_zero_points"] = zps
+        return b.finish("mul", [x, gate], shape, attrs, {}, bool(rng.random() < 0.3), 12)
+    finally:
+        b.rng = saved
+
+
+def _softmax(b: _Builder, x: str, rng: np.random.Generator) -> str:
+    """A softmax over the channels (of a vector or of every pixel) to a random output format."""
+    fin = b.tensors[x].fmt
+    assert fin is not None
+    if rng.random() < 0.5:
+        fo = QFormat(7, False, int(rng.integers(4, 8)))
+    else:
+        fo = QFormat(8, True, int(rng.integers(5, 9)), int(rng.integers(-100, 1)))
+    out = b._tensor(b.tensors[x].shape, fo)
+    rq = Requant(np.ones(1, np.int64), np.zeros(1, np.int64), fo.zero_point, fo.qmin, fo.qmax)
+    params = {"exp_table": reference.softmax_table(fin.scale)}
+    node = Node(f"softmax{len(b.nodes)}", "softmax", (x,), out, {"out_frac": fo.frac}, params, rq)
+    return b._add(node)
+
+
 def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
     """A random integer graph of 1..6 layers and its sample batch (quantized NHWC ints); some
     layers are followed by an element-wise table (drawn from their own stream, so a seed's other
     layers do not depend on them)."""
     rng = np.random.default_rng([0x51ACC, seed])
     lut_rng = np.random.default_rng([0x51ACC, seed, 1])
+    mul_rng = np.random.default_rng([0x51ACC, seed, 2])  # products and softmax
     b = _Builder(f"g{seed}", rng, batch)
     lo, hi = (0, 127) if rng.random() < 0.35 else (-128, 127)
     dist = str(rng.choice(["uniform", "uniform", "high", "low"]))
@@ -351,6 +398,8 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
                 t = _add_op(b, t, _dense(b, t, shp[0]))
             if lut_rng.random() < 0.2:
                 t = _lut(b, t, lut_rng)
+            if mul_rng.random() < 0.15:
+                t = _mul(b, t, mul_rng)
             continue
         if r < 0.35:
             t = _conv(b, t)
@@ -371,8 +420,12 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
             t = _flatten(b, t)
         if lut_rng.random() < 0.2:
             t = _lut(b, t, lut_rng)
+        if mul_rng.random() < 0.2 and len(b.tensors[t].shape) == 3:
+            t = _mul(b, t, mul_rng)
     if not b.nodes:
         t = _flatten(b, t)
+    if mul_rng.random() < 0.2:
+        t = _softmax(b, t, mul_rng)
     return b.graph()
 
 
@@ -386,6 +439,7 @@ def random_model(seed: int) -> tuple[Any, np.ndarray, np.ndarray, int, str]:
 
     rng = np.random.default_rng([0x70C4, seed])
     lut_rng = np.random.default_rng([0x70C4, seed, 1])  # its own stream: other draws unchanged
+    mul_rng = np.random.default_rng([0x70C4, seed, 2])  # squeeze-excitation, softmax head
     torch.manual_seed(int(rng.integers(0, 2**31)))
     cin = int(rng.integers(1, 5))
     size = int(rng.integers(4, 11))
@@ -405,6 +459,22 @@ def random_model(seed: int) -> tuple[Any, np.ndarray, np.ndarray, int, str]:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.act(x + self.conv(x))
+
+    class SqueezeExcitation(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            mid = int(mul_rng.integers(1, c + 1))
+            self.down, self.up = nn.Conv2d(c, mid, 1), nn.Conv2d(mid, c, 1)
+            self.gate = [nn.Sigmoid(), nn.Hardsigmoid()][int(mul_rng.integers(0, 2))]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.gate(self.up(torch.relu(self.down(x.mean((2, 3), keepdim=True)))))
+
+    def squeeze_excitation(c: int) -> nn.Module:
+        """Its weights from their own torch stream: the other layers' do not change."""
+        with torch.random.fork_rng():
+            torch.manual_seed(int(mul_rng.integers(0, 2**31)))
+            return SqueezeExcitation(c)
 
     class Concat(nn.Module):
         def __init__(self, c: int, a: int, b: int):
@@ -430,6 +500,8 @@ def random_model(seed: int) -> tuple[Any, np.ndarray, np.ndarray, int, str]:
                 layers.append(nn.BatchNorm2d(cout))
             layers.append(act())
             c, h = cout, (h + 2 * p - k) // s + 1
+            if mul_rng.random() < 0.25:
+                layers.append(squeeze_excitation(c))
         elif r < 0.6 and h >= 2:
             layers.append(nn.MaxPool2d(2) if rng.random() < 0.5 else nn.AvgPool2d(2))
             h = h // 2
@@ -446,6 +518,8 @@ def random_model(seed: int) -> tuple[Any, np.ndarray, np.ndarray, int, str]:
         layers.append(nn.Flatten())
         feat = c * h * h
     layers.append(nn.Linear(feat, int(rng.integers(1, 8))))
+    if mul_rng.random() < 0.2:
+        layers.append(nn.Softmax(dim=1))
     model = nn.Sequential(*layers).eval()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

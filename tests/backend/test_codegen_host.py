@@ -69,6 +69,24 @@ def _wide_add(b: GraphBuilder) -> None:
     b.add(x, y, acc_bits=32, in_mult=(1 << 24, (1 << 25) + 12345))
 
 
+def _squeeze_excitation(b: GraphBuilder, image_gate: bool = False, **mul: Any) -> None:
+    """x * gate(x): a per-channel scale from the pooled features, broadcast over the pixels
+    (the gate a (C,) vector, or with `image_gate` the (1, 1, C) image)."""
+    x = b.input((6, 5, 8))
+    g = b.dense(b.global_avgpool(x, acc_bits=16), 8, acc_bits=16, lo=0)
+    b.mul(x, b.reshape(g, (1, 1, 8)) if image_gate else g, **mul)
+
+
+def _mul_same_shape(b: GraphBuilder) -> None:
+    x = b.input((4, 5, 6))
+    b.mul(x, b.conv2d(x, 6, (3, 3), padding=(1, 1, 1, 1), acc_bits=18))
+
+
+def _mul_wrap(b: GraphBuilder) -> None:
+    x = b.input((3, 4, 5), dist="high")
+    b.mul(x, x, acc_bits=12)  # 127 * 127 leaves a 12-bit accumulator
+
+
 def _branches_concat(b: GraphBuilder) -> None:
     x = b.input((6, 5, 4))
     a = b.conv2d(x, 3, (3, 3), padding=(1, 1, 1, 1), acc_bits=18)
@@ -340,6 +358,23 @@ CASES: list[Case] = [
         wraps=True,
     ),
     Case("add_acc32-wrap-acc32", _wide_add, wraps=True),
+    # mul: elementwise, or by one value per channel (squeeze-excitation)
+    Case("mul_acc16-same-shape", _mul_same_shape),
+    Case("mul_acc16-squeeze-excitation", _squeeze_excitation),
+    Case(
+        "mul_acc32-zero-points-per-channel-clamped",
+        lambda b: _squeeze_excitation(
+            b, True, acc_bits=32, input_zero_points=(-5, 7), per_channel=True, lo=-20, hi=90
+        ),
+    ),
+    Case("mul_acc16-vectors-square", lambda b: b.mul(*[b.dense(b.input((9,)), 7)] * 2)),
+    Case("mul_acc16-wrap-acc12", _mul_wrap, wraps=True),
+    # softmax over the channels (of a vector, or of every pixel)
+    Case("softmax-classifier", lambda b: b.softmax(b.dense(b.input((12,)), 10, acc_bits=20))),
+    Case(
+        "softmax-pixels-signed-zero-point-clamped",
+        lambda b: b.softmax(b.input((3, 4, 7)), out=QFormat(8, True, 8, -100), lo=-120, hi=100),
+    ),
     # concat
     Case("concat-two-branches", _branches_concat),
     Case("concat-three-inputs-zero-points", _concat3),

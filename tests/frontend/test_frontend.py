@@ -51,6 +51,16 @@ def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True
     return x * noise / (1.0 - p)
 
 
+def _mul_forms(s: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Spellings of a product: same shape, a per-channel scale on either side, and by constants
+    (which become `scale` tables); in-place forms: test_inplace_products."""
+    z = torch.mul(s.a(x), s.b(x))
+    z = z.mul(torch.sigmoid(s.g(s.p(z))))  # squeeze-excitation: x * gate(x), (N, C, 1, 1)
+    w = s.c(x) * 2.5 * z
+    w = F.hardsigmoid(s.g(s.p(w))) * w  # the scale first
+    return 0.5 * w
+
+
 torch.fx.wrap("stochastic_depth")  # as torchvision does: a leaf call in the traced graph
 
 
@@ -154,6 +164,23 @@ CASES = {
         c=nn.Conv2d(C, C, 3, padding=1),
         sd=StochasticDepth(0.2, "row"),
     ),
+    # products: `mul` (same shape, or a per-channel scale), or a `scale` table for a constant
+    "mul_forms": lambda: Lambda(
+        _mul_forms,
+        a=nn.Conv2d(C, 3, 1),
+        b=nn.Conv2d(C, 3, 3, padding=1),
+        c=nn.Conv2d(C, 3, 1),
+        p=nn.AdaptiveAvgPool2d(1),
+        g=nn.Conv2d(3, 3, 1),
+    ),
+    "mul_vectors": lambda: Lambda(lambda s, x: (y := s.fc(x)) * y.relu(), fc=nn.Linear(24, 6)),
+    # softmax over the channels: of every pixel, of a vector (module, function, method)
+    "softmax_forms": lambda: Lambda(
+        lambda s, x: torch.softmax(s.fc(s.sm(F.softmax(s.c(x), 1).softmax(-3)).mean((2, 3))), -1),
+        c=nn.Conv2d(C, 4, 1),
+        sm=nn.Softmax(dim=1),
+        fc=nn.Linear(4, 5),
+    ),
     # activations that fuse into nothing: `lut` nodes (relu, clamp)
     "act_on_input": lambda: seq(nn.ReLU6(), nn.Conv2d(C, 3, 1)),
     "act_after_cat": lambda: Lambda(
@@ -212,6 +239,7 @@ SHAPES = {
     "seq_out": (C, 12),
     "seq_flatten_linear": (C, 12),
     "vector_mlp": (24,),
+    "mul_vectors": (24,),
 }
 """Input shapes (without batch) of the cases that do not take C x 8 x 8 images."""
 
@@ -309,7 +337,50 @@ NEW_OPS = {  # the ops each normalised pattern becomes
     "seq_out": ["conv2d", "conv2d", "maxpool2d"],
     "seq_flatten_linear": ["conv2d", "reshape", "dense"],  # columns permuted from (C, L) to (L, C)
     "vector_mlp": ["dense", "dense"],
+    "mul_forms": [
+        *("conv2d", "conv2d", "mul"),
+        *("global_avgpool", "conv2d", "lut", "mul"),
+        *("conv2d", "lut", "mul"),
+        *("global_avgpool", "conv2d", "lut", "mul", "lut"),
+    ],
+    "mul_vectors": ["dense", "lut", "mul"],
+    "softmax_forms": [
+        *("conv2d", "softmax", "softmax", "softmax"),
+        *("global_avgpool", "reshape", "dense", "softmax"),
+    ],
 }
+
+
+def test_inplace_products() -> None:
+    def forward(s: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w = s.c(x)
+        w *= 2.5
+        return w.mul_(torch.sigmoid(w))  # fx records the call, not the mutation: its result
+
+    model = Lambda(forward, c=nn.Conv2d(C, 3, 1)).double().eval()
+    x = np.random.default_rng(0).standard_normal((2, C, 8, 8))
+    g = from_torch(model, x.astype(np.float32))
+    assert [(n.name, n.op) for n in g.nodes] == [
+        ("c", "conv2d"), ("mul", "lut"), ("sigmoid", "lut"), ("mul_", "mul")
+    ]  # fmt: skip
+    got = simulate.nhwc_to_nchw(simulate.run(g, simulate.nchw_to_nhwc(x)))
+    with torch.no_grad():
+        want = model(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_products_keep_the_scale_second() -> None:
+    g = from_torch(CASES["mul_forms"]().eval(), np.zeros((1, C, 8, 8), np.float32))
+    muls = [n for n in g.nodes if n.op == "mul"]
+    assert [g.tensors[n.inputs[1]].shape for n in muls] == [
+        (8, 8, 3),
+        (1, 1, 3),
+        (8, 8, 3),
+        (1, 1, 3),
+    ]
+    assert all(g.tensors[n.inputs[0]].shape == (8, 8, 3) for n in muls)
+    scales = [n.attrs["args"] for n in g.nodes if n.attrs.get("function") == "scale"]
+    assert scales == [(2.5,), (0.5,)]
 
 
 @pytest.mark.parametrize("case", list(NEW_OPS))
@@ -370,7 +441,13 @@ def test_graph_is_nhwc_with_fusions() -> None:
             "unsupported op torch.topk at node 'topk'",
         ),
         (seq(nn.Conv2d(C, 3, 1), nn.ELU()), "unsupported op ELU (module '1') at node '_1'"),
-        (Lambda(lambda s, x: x * 2), "at node 'mul'"),
+        (
+            Lambda(lambda s, x: x * s.p(x), p=nn.MaxPool2d((1, 8))),
+            "mul with broadcasting other than one value per channel (N, C, 1, 1) at node 'mul'",
+        ),
+        (Lambda(lambda s, x: x * True), "operator.mul by True at node 'mul'"),
+        (Lambda(lambda s, x: F.softmax(x, dim=2)), "softmax over dim 2 (only over the channels"),
+        (Lambda(lambda s, x: x.softmax(1, torch.float64)), "softmax with a dtype"),
         (seq(nn.Conv2d(C, 3, 1), nn.AvgPool2d(3, 2, ceil_mode=True)), "AvgPool2d with ceil_mode"),
         (seq(nn.AdaptiveAvgPool2d(3)), "AdaptiveAvgPool2d to (3, 3): the size must divide"),
         (seq(nn.AdaptiveMaxPool2d((2, 3))), "AdaptiveMaxPool2d to (2, 3): the size must divide"),

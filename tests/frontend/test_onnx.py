@@ -210,6 +210,9 @@ def _quantize(model: nn.Module | Path, calib: np.ndarray, acc: int) -> Quantized
         "frontend_seq_out",
         "frontend_seq_flatten_linear",
         "frontend_vector_mlp",
+        "frontend_mul_forms",
+        "frontend_mul_vectors",
+        "frontend_softmax_forms",
     ],
 )
 def test_integer_graph_and_outputs_are_the_torch_ones(
@@ -260,12 +263,12 @@ def _opset_model(path: Path, src: Path, version: int) -> Path:
 def test_errors(tmp_path: Path, exported: Exported) -> None:
     _, calib = exported.model("plain")
     sig = export(
-        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softmax(dim=1)).eval(),
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ELU()).eval(),
         calib[:1],
         tmp_path / "sig.onnx",
         "dynamo",
     )
-    with pytest.raises(UnsupportedModelError, match=r"^unsupported ONNX op Softmax at node '\w+'"):
+    with pytest.raises(UnsupportedModelError, match=r"^unsupported ONNX op Elu at node '\w+'"):
         from_onnx(sig, calib)
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(exported.file("plain", "dynamo").read_bytes()[:100])
@@ -324,7 +327,7 @@ def test_cli_errors_are_one_line(
     _, calib = exported.model("plain")
     np.save(tmp_path / "calib.npy", calib)
     sig = export(
-        nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softmax(dim=1)).eval(),
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.ELU()).eval(),
         calib[:1],
         tmp_path / "sig.onnx",
         "dynamo",
@@ -333,7 +336,7 @@ def test_cli_errors_are_one_line(
     broken.write_bytes(b"this is not a protobuf\x00\xff" * 10)
     old = _opset_model(tmp_path / "old.onnx", exported.file("plain", "dynamo"), 9)
     cases = [
-        (sig, "unsupported ONNX op Softmax at node"),
+        (sig, "unsupported ONNX op Elu at node"),
         (broken, "is not a"),
         (old, "uses ONNX opset 9"),
         (tmp_path / "missing.onnx", "ONNX file '.*missing.onnx' does not exist"),
@@ -506,7 +509,8 @@ def test_activation_patterns_of_older_opsets(tmp_path: Path, opset: int) -> None
 
 def test_hand_made_activations_match_onnx_semantics(tmp_path: Path) -> None:
     """HardSigmoid with its own alpha/beta, LeakyRelu's default alpha, a Sigmoid that is not SiLU
-    (its output is read twice), and Mul other than x * Sigmoid(x) refused in one line."""
+    (its output is read twice); Mul other than x * Sigmoid(x) is a product (or a `scale` table
+    by a scalar), by a constant tensor refused in one line; Softmax over the channels only."""
     from onnx.reference import ReferenceEvaluator
 
     from codegen.core import simulate
@@ -550,15 +554,43 @@ def test_hand_made_activations_match_onnx_semantics(tmp_path: Path) -> None:
     got = simulate.nhwc_to_nchw(simulate.run(g, simulate.nchw_to_nhwc(x.astype(np.float64))))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return h.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(value))
+
     mul = save(
         [
             h.make_node("Sigmoid", ["x"], ["s"]),
             h.make_node("Tanh", ["x"], ["t"]),
-            h.make_node("Mul", ["t", "s"], ["y"]),
+            h.make_node("Mul", ["t", "s"], ["m"]),
+            const("k", np.array(0.3, np.float32)),
+            h.make_node("Mul", ["k", "m"], ["y0"]),
+            h.make_node("GlobalAveragePool", ["y0"], ["g"]),
+            h.make_node("Mul", ["g", "y0"], ["y1"]),  # a per-channel scale, first
+            h.make_node("Softmax", ["y1"], ["y"], axis=1),  # of every pixel
         ],
         "mul",
     )
-    with pytest.raises(
-        UnsupportedModelError, match=r"^unsupported ONNX op Mul at node 'y' \(Mul\)"
-    ):
-        from_onnx(mul, x)
+    g = from_onnx(mul, x)
+    assert [n.op for n in g.nodes] == [
+        "lut",
+        "lut",
+        "mul",
+        "lut",
+        "global_avgpool",
+        "mul",
+        "softmax",
+    ]
+    assert g.nodes[3].attrs["args"] == (0.3,) and g.nodes[5].inputs[1] == g.nodes[4].output
+    want = ReferenceEvaluator(str(mul)).run(None, {"x": x})[0]
+    got = simulate.nhwc_to_nchw(simulate.run(g, simulate.nchw_to_nhwc(x.astype(np.float64))))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    for nodes, message in [
+        (
+            [const("k", np.ones((3, 1, 1), np.float32)), h.make_node("Mul", ["x", "k"], ["y"])],
+            r"Mul by a constant of shape \(3, 1, 1\) \(only a scalar\) at node 'y' \(Mul\)",
+        ),
+        ([h.make_node("Softmax", ["x"], ["y"])], r"softmax over dim -1 \(only over the channels"),
+    ]:
+        with pytest.raises(UnsupportedModelError, match=message):
+            from_onnx(save(nodes, "refused"), x)

@@ -9,6 +9,8 @@ guaranteed accumulators) -> codegen.compile -> the C output equals qm.reference_
 - a BatchNorm that follows no conv as a depthwise 1x1 conv with bias;
 - mean over H and W as a global average pool (+ flatten);
 - MaxPool ceil_mode (extra bottom/right padding), adaptive pools to sizes dividing the input;
+- products (`mul`: squeeze-excitation's per-channel gate, two branches; a `scale` table for a
+  constant factor) and a softmax classifier head;
 - (N, F) vectors and (N, C, L) sequences (Conv1d, MaxPool1d, AvgPool1d, AdaptiveAvgPool1d,
   BatchNorm1d) as images with H = 1; the API takes and gives the model's own rank.
 
@@ -100,6 +102,37 @@ class PreActDense(nn.Module):
         return self.fc(torch.cat([a, m], dim=1))
 
 
+class SqueezeExcitation(nn.Module):
+    """MobileNetV3 / EfficientNet blocks: squeeze-excitation (a per-channel gate from the pooled
+    features times the features, `mul`), a product of two branches, a scaled residual (a
+    `scale` table) and a softmax classifier head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.se1 = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 8, 1),
+            nn.Hardsigmoid(),
+        )  # fmt: skip
+        self.se2 = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 2, 1), nn.SiLU(), nn.Conv2d(2, 8, 1),
+            nn.Sigmoid(),
+        )  # fmt: skip
+        self.a = nn.Conv2d(8, 8, 1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.hardswish(self.stem(x))
+        y = F.hardswish(self.dw(x))
+        y = self.se1(y) * y  # the gate first, as torchvision writes it
+        x = x + 0.5 * y
+        z = F.silu(self.a(x)) * torch.tanh(self.b(x))
+        z = z.mul(self.se2(z))
+        return F.softmax(self.head(z.mean((2, 3))), dim=1)
+
+
 def fc_autoencoder(features: int = 640) -> nn.Module:
     """MLPerf Tiny's anomaly-detection autoencoder, narrowed: Linear/BatchNorm1d/ReLU on (N, F)."""
     layers: list[nn.Module] = []
@@ -148,6 +181,7 @@ NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "fc_autoencoder": (fc_autoencoder, (640,)),
     "conv1d_classifier": (conv1d_classifier, (6, 49)),
     "conv1d_sequence_out": (conv1d_sequence_out, (4, 20)),
+    "squeeze_excitation": (SqueezeExcitation, (3, 12, 12)),
 }
 
 
@@ -215,11 +249,13 @@ def test_calibration_of_the_wrong_rank_is_one_line() -> None:
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("target", ["cortex-a53", "cortex-m55"])
-@pytest.mark.parametrize("key", ["preact_dense", "conv1d_classifier", "activations_anywhere"])
+@pytest.mark.parametrize(
+    "key", ["preact_dense", "conv1d_classifier", "activations_anywhere", "squeeze_excitation"]
+)
 def test_network_is_bit_exact_under_qemu(key: str, target: str, tmp_path: Path) -> None:
     """The new lowerings (tables for lone activations, depthwise 1x1 for standalone BatchNorm,
-    padded ceil_mode max pools, adaptive pools, 1-D ops as H = 1 images) on the NEON and MVE
-    dialects."""
+    padded ceil_mode max pools, adaptive pools, 1-D ops as H = 1 images, products and softmax)
+    on the NEON and MVE dialects."""
     _require(target)
     _, qm, x = _quantize(key)
     c = codegen.compile(qm, target=target, out_dir=tmp_path / target)

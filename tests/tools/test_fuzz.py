@@ -89,13 +89,17 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
         "conv2d_acc16", "conv2d_acc32", "conv2d_pointwise_acc16", "conv2d_pointwise_acc32",
         "conv2d_depthwise_acc16", "conv2d_depthwise_acc32", "dense_acc16", "dense_acc32",
         "maxpool2d", "avgpool2d_acc16", "avgpool2d_acc32", "global_avgpool_acc16",
-        "global_avgpool_acc32", "add_acc16", "add_acc32", "concat", "lut",
+        "global_avgpool_acc32", "add_acc16", "add_acc32", "concat", "lut", "mul_acc16",
+        "mul_acc32", "softmax",
     ):  # fmt: skip
         assert kernels[k] > 0, (k, kernels)
     assert set(range(8, 33)) <= widths
     assert min(attrs.values()) > 10 and len(attrs) == 6, attrs
-    policies = Counter(fuzz.random_model(s)[4] for s in range(40))
+    models = [fuzz.random_model(s) for s in range(40)]
+    policies = Counter(m[4] for m in models)
     assert policies["guaranteed"] > 5 and policies["profiled"] > 5
+    layers = Counter(type(m).__name__ for model, *_ in models for m in model.modules())
+    assert layers["SqueezeExcitation"] > 3 and layers["Softmax"] > 3, layers
 
 
 # ----------------------------------------------------------------------------- host
