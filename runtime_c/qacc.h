@@ -98,6 +98,26 @@ static inline int8_t qacc_requantize(int64_t acc, int64_t mult, int shift, int32
     return (int8_t)qacc_saturate(qacc_add64(v, zero_point), lo, hi); /* saturate(v + zp) */
 }
 
+/*
+ * qacc_requantize in 32-bit arithmetic, for cores without cheap 64-bit shifts (Cortex-M4/M7).
+ * Equal to qacc_requantize when |acc * mult| = P satisfies (codegen/backend/layouts.py
+ * requant32_fits checks it per layer): shift > 0: P + 2^(shift-1) <= 2^31 - 1; shift <= 0:
+ * shift > -31 and P * 2^-shift + 128 <= 2^31 - 1. No intermediate then leaves int32.
+ */
+static inline int8_t qacc_requantize32(int32_t acc, int32_t mult, int shift, int32_t zero_point,
+                                       int32_t lo, int32_t hi)
+{
+    int32_t v = acc * mult;
+    if (shift > 0) {
+        v += (int32_t)1 << (shift - 1);
+        v = v < 0 ? ~(~v >> shift) : v >> shift; /* floor division, no shift of a negative */
+    } else {
+        v *= (int32_t)1 << -shift;
+    }
+    v += zero_point;
+    return (int8_t)(v < lo ? lo : v > hi ? hi : v);
+}
+
 /* ------------------------------------------------------------------ accumulator containers */
 
 /* Products and sums in the container, modulo 2^16 / 2^32 (no promotion to signed int overflow). */

@@ -472,8 +472,51 @@ class _Emitter:
                     call.node, what, ctype, vals, comment, bits=bits
                 ),
             )
-        ctx = self.kernel_context(call, own_params=neon is None)
+        mve = None
+        if self.lowered.dialect == "mve" and call.template == "conv2d_depthwise":
+            mve = layouts.mve_depthwise_context(
+                self.graph,
+                call,
+                lambda what, ctype, vals, comment, bits=0: self.add_array(
+                    call.node, what, ctype, vals, comment, bits=bits
+                ),
+            )
+        dsp = None
+        if self.lowered.dialect == "dsp" and call.template in ("conv2d_pointwise", "dense"):
+            dsp = layouts.dsp_gemm_context(
+                call,
+                lambda what, ctype, vals, comment, bits=0: self.add_array(
+                    call.node, what, ctype, vals, comment, bits=bits
+                ),
+            )
+        if self.lowered.dialect == "dsp" and call.template == "conv2d_depthwise":
+            dsp = layouts.dsp_depthwise_context(
+                self.graph,
+                call,
+                lambda what, ctype, vals, comment, bits=0: self.add_array(
+                    call.node, what, ctype, vals, comment, bits=bits
+                ),
+            )
+        mvq = None
+        if self.lowered.dialect == "mve":
+            mvq = layouts.mve_requant_context(
+                call,
+                lambda what, ctype, vals, comment, bits=0: self.add_array(
+                    call.node, what, ctype, vals, comment, bits=bits
+                ),
+            )
+        own = neon is None and mve is None and dsp is None
+        ctx = self.kernel_context(call, own_params=own and not (mvq and mvq["standalone"]))
+        if dsp is not None and call.node.requant is not None:  # scalar requantization
+            ctx.update(self.requant_context(call.node, int(ctx["oc"])))
         ctx["neon"] = neon
+        ctx["mve"] = mve
+        # DSP: 32-bit requantization where the layer's bounds allow it (no cheap 64-bit shifts)
+        ctx["rq32"] = self.lowered.dialect == "dsp" and layouts.requant32_ok(call)
+        # DSP conv: the 4 weight rows are read at LDR immediate offsets (imm12) from one pointer
+        ctx["ldr_rows"] = 3 * int(ctx.get("w_stride", 0)) <= 4095
+        ctx["dsp"] = dsp
+        ctx["mvq"] = mvq
         if neon is not None:
             self.scratch_elems = max(self.scratch_elems, int(neon.get("scratch_elems", 0)))
         elif ctx.get("wbits"):

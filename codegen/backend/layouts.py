@@ -164,7 +164,40 @@ def path(call: KernelCall, dialect: str, neon: NeonTarget) -> str | None:
         and _sdot_pays(call)
     ):
         return f"{name}-sdot"
-    return name
+    return name + _cortexm_suffix(call, dialect)
+
+
+def _no_array(what: str, ctype: str, values: Sequence[int], comment: str, bits: int = 0) -> str:
+    """An AddArray that stores nothing (asking a context function which kernel it picks)."""
+    return what
+
+
+def _cortexm_suffix(call: KernelCall, dialect: str) -> str:
+    """How the Cortex-M kernels of a layer accumulate (report.json "path"): every width sums
+    in 32 bits and wraps once at the end (-vmladava on Helium, -wlstp: pointwise / dense with one
+    weight stream and a tail-predicated loop; -smlad on the DSP extension, -w16: pointwise / dense
+    with weights stored as int16), except the Helium depthwise kernel, which sums in int16 lanes
+    when the width is <= 16 or the weights bound the sum (-lanes16), else in int32 lanes
+    (-lanes32); the DSP depthwise kernel uses SMLABB/SMLATT (-smlabb). Kernels that fall back to
+    portable C get no suffix."""
+    node = call.node
+    if dialect not in ("dsp", "mve") or call.acc_bits is None:
+        return ""
+    w = node.params.get("weight")
+    if call.template in GEMM_TEMPLATES and dialect == "mve":
+        stream = mve_requant_context(call, _no_array)
+        return "-vmladava-wlstp" if stream is not None and stream["packed"] else "-vmladava"
+    if call.template in GEMM_TEMPLATES:
+        return "-smlad-w16" if dsp_gemm_context(call, _no_array) is not None else "-smlad"
+    if call.template != "conv2d_depthwise" or w is None or weight_storage_bits(node):
+        return ""
+    w = np.asarray(w, dtype=np.int64)
+    if int(w.shape[0]) != int(node.attrs.get("groups", 1)):  # channel multiplier > 1
+        return ""
+    if dialect == "dsp":
+        return "-smlabb"
+    taps = w.reshape(w.shape[0], -1).T
+    return "-lanes16" if call.acc_bits <= 16 or _taps_fit_int16(taps) else "-lanes32"
 
 
 def _sdot_pays(call: KernelCall) -> bool:
@@ -526,3 +559,390 @@ def neon_context(
     if call.template == "conv2d_depthwise":
         return depthwise_context(graph, call, neon, add)
     return None
+
+
+# ----------------------------------------------------------------------------- Helium depthwise
+
+MVE_DW_PERM = (0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15)
+"""Channel (within a block of 16) of each int32 lane of the MVE depthwise kernel's four int32
+accumulator vectors: VMULLB/VMULLT split 16 int8 lanes into the even / odd channels (int16), and
+VMOVLB/VMOVLT split each again, so vector v lane j holds channel MVE_DW_PERM[4 v + j]."""
+
+
+def _taps_fit_int16(w: np.ndarray) -> bool:
+    """Whether the sum over all taps of int8 inputs times the weights w (taps, channels) stays
+    inside int16: an int8 input times a weight is at most 128 |w| in magnitude."""
+    return int((128 * np.abs(w).sum(axis=0)).max(initial=0)) <= (1 << 15) - 1
+
+
+def mve_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict[str, Any] | None:
+    """Constants and plan of the Helium (MVE) depthwise kernel (None: the portable C kernel).
+
+    16 channels per vector (NHWC keeps them contiguous). Per output pixel the kernel points every
+    tap at its input pixel, or at a row of CP copies of the input zero point when the tap lies in
+    the padding, so the channel loop has no bounds checks. The input zero point is folded into
+    the bias, bias - IZP * sum(w): a padding tap adds w * IZP, which the fold cancels, as the
+    reference's (x - IZP) = 0 there; inputs are used raw (int8).
+
+    "lanes16", 16 channels per vector: products are exact in int16 (VMULLB/VMULLT.S8) and every
+    tap sums in int16 lanes, modulo 2^16 when acc_bits <= 16 (wrapping to A <= 16 bits then
+    reduces it exactly), or exactly when the weights bound the sum (_taps_fit_int16); the lanes
+    are then widened (VMOVLB/VMOVLT) to int32. "lanes32", 8 channels per vector: int8 inputs and
+    weights widened on load, VMULLB/VMULLT.S16 products summed in int32 lanes modulo 2^32. The
+    final wrap to A bits is a shift pair on the int32 lanes, skipped when no sum can reach
+    2^(A-1) (the lanes then hold the reference's exact sum). Requantization runs on the int32
+    lanes (VMUL, VRSHL, VQADD, VMAX, VMIN) when acc * mult << left stays inside int32 for every
+    channel (_vec_requant_ok), else through qacc_requantize lane by lane."""
+    if not depthwise_supported(graph, call) or weight_storage_bits(call.node):
+        return None
+    node = call.node
+    rq = node.requant
+    assert rq is not None and call.acc_bits is not None
+    a = node.attrs
+    in_zp = int(a.get("input_zero_point", 0))
+    if not -128 <= in_zp <= 127:
+        return None  # the padding row holds IZP as int8
+    acc = int(call.acc_bits)
+    w = np.asarray(node.params["weight"], dtype=np.int64)  # (C, kh, kw, 1)
+    c = int(w.shape[0])
+    kh, kw = int(w.shape[1]), int(w.shape[2])
+    taps = kh * kw
+    cp = _ceil_to(c, 16)
+    wt = np.zeros((taps, cp), dtype=np.int64)
+    wt[:, :c] = w.reshape(c, taps).T
+    bias = np.asarray(node.params.get("bias", np.zeros(c, np.int64)), dtype=np.int64)
+    wsum = w.reshape(c, taps).sum(axis=1)
+    xmax = max(abs(-128 - in_zp), abs(127 - in_zp))
+    bound = np.abs(bias) + xmax * np.abs(w).reshape(c, taps).sum(axis=1)  # |reference sum|
+    exact = bool(np.all(bound < (1 << (acc - 1))))  # no sum wraps: the lanes hold it exactly
+    bf = bias - in_zp * wsum
+    if not exact:
+        bf = wrap(bf, acc)
+    # int16 lanes: all taps summed modulo 2^16 (acc_bits <= 16), or exactly (the bound allows)
+    lanes16 = acc <= 16 or _taps_fit_int16(wt)
+    bias16 = acc <= 16
+    wrap_shift = 0 if exact or acc == 32 else 32 - acc
+    # requantization on int32 lanes (see _vec_requant_ok)
+    lane_bound = bound if exact else np.full(c, 1 << (acc - 1), dtype=np.int64)
+    mult = np.broadcast_to(np.asarray(rq.mult, dtype=np.int64).reshape(-1), (c,))
+    shift = np.broadcast_to(np.asarray(rq.shift, dtype=np.int64).reshape(-1), (c,))
+    vec_rq = _vec_requant_ok(node, lane_bound)
+    # the channel of each int32 lane: blocks of 16 (int16 lanes widened twice) or of 8 channels
+    # (int16 operands, VMULLB/VMULLT.S16 into even / odd channels)
+    lane_perm = MVE_DW_PERM if lanes16 else (0, 2, 4, 6, 1, 3, 5, 7)
+    n = len(lane_perm)
+    perm = np.array([n * b + p for b in range(cp // n) for p in lane_perm], dtype=np.int64)
+
+    def padded(v: np.ndarray, fill: int = 0) -> np.ndarray:
+        out = np.full(cp, fill, dtype=np.int64)
+        out[:c] = v
+        return out
+
+    name = node.name
+    pad = any(int(p) for p in a.get("padding", (0, 0, 0, 0)))
+    dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
+    how = "exact" if exact else f"wrapped to {acc} bits"
+    ctx: dict[str, Any] = {
+        "CP": cp,
+        "pad": pad,
+        "taps": [{"t": ky * kw + kx, "dy": ky * dh, "dx": kx * dw}
+                 for ky in range(kh) for kx in range(kw)],
+        "lanes16": lanes16,
+        "bias16_init": bias16,
+        "wrap_shift": wrap_shift,
+        "vec_rq": vec_rq,
+        "use_mult": bool(np.any(mult != 1)),
+        "perm": list(lane_perm),
+        "BLK": n,
+        "FULL": c // n * n,
+        "TAIL": c % n,
+        "weights": add(
+            "wdw", "int8_t", [int(v) for v in wt.reshape(-1)],
+            f"{name}: depthwise weights for the Helium kernel, [tap][channel], {cp} channels",
+        ),
+    }  # fmt: skip
+    if pad:
+        ctx["zpad"] = add(
+            "zpad", "int8_t", [in_zp] * cp,
+            f"{name}: the input zero point, read by the taps that fall in the padding",
+        )  # fmt: skip
+    bp = padded(bf)
+    if bias16:
+        # int16 lanes: per block of 16, the even channels then the odd ones (VMULLB, VMULLT)
+        order = np.array(
+            [16 * b + j for b in range(cp // 16) for j in (*range(0, 16, 2), *range(1, 16, 2))]
+        )
+        ctx["bias16"] = add(
+            "bias16", "int16_t", [int(v) for v in bp[order]],
+            f"{name}: bias minus IZP times the weight sum ({how}),"
+            " even then odd channels of each block of 16",
+        )  # fmt: skip
+    if not bias16:
+        ctx["bias32"] = add(
+            "bias32", "int32_t", [int(v) for v in bp[perm]],
+            f"{name}: bias minus IZP times the weight sum ({how}),"
+            " in the int32 lanes' channel order",
+        )  # fmt: skip
+    if vec_rq:
+        if ctx["use_mult"]:
+            ctx["rq_mult"] = add(
+                "vmult", "int32_t", [int(v) for v in padded(mult, 1)[perm]],
+                f"{name}: requantization multiplier, in the int32 lanes' channel order",
+            )  # fmt: skip
+        ctx["rq_rshift"] = add(
+            "vrshift", "int32_t", [int(v) for v in padded(-shift)[perm]],
+            f"{name}: minus the requantization shift (a VRSHL amount),"
+            " in the int32 lanes' channel order",
+        )  # fmt: skip
+    else:
+        ctx["rq_mult64"] = add(
+            "mult", "int64_t", [int(v) for v in mult],
+            f"{name}: requantization multiplier per output channel",
+        )  # fmt: skip
+        ctx["rq_shift"] = add(
+            "shift", "int8_t", [int(v) for v in shift],
+            f"{name}: requantization shift per output channel",
+        )  # fmt: skip
+    return ctx
+
+
+# ----------------------------------------------------------------------------- DSP depthwise
+
+
+def dsp_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict[str, Any] | None:
+    """Constants of the Cortex-M DSP-extension depthwise kernel (None: the portable C kernel).
+
+    Four channels per step: one word of four int8 inputs split by SXTB16 into channels (0, 2)
+    and, rotated by 8, (1, 3); the weights are stored pre-widened in the same order, two int16 per
+    word, so SMLABB / SMLATT add each channel's exact product to its 32-bit sum (modulo 2^32,
+    reduced to the container and to A bits once at the end). As in the Helium kernel, every tap
+    points at its input pixel or at a row of input zero points (padding), and the zero point is
+    folded into the bias, wrap(bias - IZP * sum(w), A): inputs are used raw. The last C % 4
+    channels are summed one by one."""
+    if not depthwise_supported(graph, call) or weight_storage_bits(call.node):
+        return None
+    node = call.node
+    assert call.acc_bits is not None
+    a = node.attrs
+    in_zp = int(a.get("input_zero_point", 0))
+    if not -128 <= in_zp <= 127:
+        return None
+    w = np.asarray(node.params["weight"], dtype=np.int64)  # (C, kh, kw, 1)
+    c = int(w.shape[0])
+    kh, kw = int(w.shape[1]), int(w.shape[2])
+    taps = kh * kw
+    cp = _ceil_to(c, 4)
+    wt = np.zeros((taps, cp), dtype=np.int64)
+    wt[:, :c] = w.reshape(c, taps).T
+    # [group of 4][tap][w0, w2, w1, w3]: the SXTB16 order
+    packed = wt.reshape(taps, cp // 4, 4)[:, :, [0, 2, 1, 3]].transpose(1, 0, 2)
+    bias = np.asarray(node.params.get("bias", np.zeros(c, np.int64)), dtype=np.int64)
+    bf = wrap(bias - in_zp * w.reshape(c, taps).sum(axis=1), call.acc_bits)
+    name = node.name
+    pad = any(int(p) for p in a.get("padding", (0, 0, 0, 0)))
+    dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
+    ctx: dict[str, Any] = {
+        "CP": cp,
+        "FULL": c // 4 * 4,
+        "pad": pad,
+        "taps": [{"t": ky * kw + kx, "dy": ky * dh, "dx": kx * dw}
+                 for ky in range(kh) for kx in range(kw)],
+        "unroll": taps <= 16,
+        "weights": add(
+            "wdw16", "int16_t", [int(v) for v in packed.reshape(-1)],
+            f"{name}: depthwise weights for the DSP kernel, int16, [4 channels][tap][0, 2, 1, 3]",
+        ),
+        "weights8": add(
+            "wdw", "int8_t", [int(v) for v in wt.reshape(-1)],
+            f"{name}: depthwise weights, [tap][channel] (the last C % 4 channels read these)",
+        ) if c % 4 else None,
+        "bias": add(
+            "fbias", "int32_t", [int(v) for v in bf],
+            f"{name}: bias minus IZP times the weight sum, wrapped to {call.acc_bits} bits",
+        ),
+    }  # fmt: skip
+    if pad:
+        ctx["zpad"] = add(
+            "zpad", "int8_t", [in_zp] * cp,
+            f"{name}: the input zero point, read by the taps that fall in the padding",
+        )  # fmt: skip
+    return ctx
+
+
+# ------------------------------------------------------------------------ Helium requantization
+
+
+def _acc_bound(node: Node, channels: int) -> np.ndarray:
+    """Per output channel, a bound on |the reference's exact sum| (bias + sum w (x - IZP)) of a
+    conv2d or dense node: |bias| + sum |w| * max |x - IZP| over int8 inputs x."""
+    w = np.abs(np.asarray(node.params["weight"], dtype=np.int64)).reshape(channels, -1)
+    bias = np.asarray(node.params.get("bias", np.zeros(channels, np.int64)), dtype=np.int64)
+    zp = int(node.attrs.get("input_zero_point", 0))
+    return np.abs(bias) + max(abs(-128 - zp), abs(127 - zp)) * w.sum(axis=1)
+
+
+def _vec_requant_ok(node: Node, lane_bound: np.ndarray) -> bool:
+    """Whether the int32-lane requantization (VMUL, VRSHL, VQADD, VMAX, VMIN) equals
+    formats.requantize on every accumulator of magnitude <= lane_bound: acc * mult << left must
+    stay inside int32 (or mult is 1 without left shift). VRSHL's rounding right shift computes
+    (v + 2^(s-1)) >> s without overflow, which is round_shift; a saturating VQADD of the zero
+    point keeps every value on its side of [lo, hi], so clamping afterwards is exact."""
+    rq = node.requant
+    assert rq is not None
+    n = len(lane_bound)
+    mult = np.broadcast_to(np.asarray(rq.mult, dtype=np.int64).reshape(-1), (n,))
+    shift = np.broadcast_to(np.asarray(rq.shift, dtype=np.int64).reshape(-1), (n,))
+    return all(
+        (m == 1 and s >= 0) or (s > -31 and abs(m) * b << max(0, -s) < (1 << 31))
+        for m, s, b in zip(
+            (int(v) for v in mult),
+            (int(v) for v in shift),
+            (int(v) for v in lane_bound),
+            strict=True,
+        )
+    )  # Python integers: no int64 overflow in the test itself
+
+
+def mve_requant_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
+    """The vector requantization of the Helium conv2d / pointwise / dense kernels: the four
+    32-bit sums of a block of output channels go into one int32x4 vector, get the bias (and the
+    zero point correction), the wrap to A bits (a shift pair; skipped when no sum can reach
+    2^(A-1), the lanes then hold the exact sum) and the requantization of `_vec_requant_ok`.
+    None: requantize lane by lane with qacc_requantize."""
+    if call.template not in GEMM_TEMPLATES or call.container_bits is None:
+        return None
+    node = call.node
+    assert call.acc_bits is not None and node.requant is not None
+    acc = int(call.acc_bits)
+    oc = int(node.params["weight"].shape[0])
+    bound = _acc_bound(node, oc)
+    exact = bool(np.all(bound < (1 << (acc - 1))))
+    lane_bound = bound if exact else np.full(oc, 1 << (acc - 1), dtype=np.int64)
+    if not _vec_requant_ok(node, lane_bound):
+        return None
+    rq = node.requant
+    n = _ceil_to(oc, 4)
+    mult = np.ones(n, dtype=np.int64)
+    mult[:oc] = np.broadcast_to(np.asarray(rq.mult, dtype=np.int64).reshape(-1), (oc,))
+    rshift = np.zeros(n, dtype=np.int64)
+    rshift[:oc] = -np.broadcast_to(np.asarray(rq.shift, dtype=np.int64).reshape(-1), (oc,))
+    bias = np.zeros(n, dtype=np.int64)
+    b = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
+    bias[:oc] = wrap(b, acc)
+    name = node.name
+    ctx: dict[str, Any] = {
+        "wrap_shift": 0 if exact or acc == 32 else 32 - acc,
+        "use_mult": bool(np.any(mult != 1)),
+        "bias32": add(
+            "vbias", "int32_t", [int(v) for v in bias],
+            f"{name}: bias in accumulator units (wrapped to {acc} bits), int32 lanes",
+        ),
+        "rshift": add(
+            "vrshift", "int32_t", [int(v) for v in rshift],
+            f"{name}: minus the requantization shift per output channel (a VRSHL amount)",
+        ),
+    }  # fmt: skip
+    if ctx["use_mult"]:
+        ctx["mult"] = add(
+            "vmult", "int32_t", [int(v) for v in mult],
+            f"{name}: requantization multiplier per output channel, int32 lanes",
+        )  # fmt: skip
+    ctx["packed"] = None
+    ctx["standalone"] = False
+    if call.template in ("conv2d_pointwise", "dense") and not weight_storage_bits(node) and oc >= 4:
+        # one weight stream for the blocks of 4 output channels: [block][16 inputs][channel][16],
+        # inputs padded with zero weights to a multiple of 16; the zero point folded into the
+        # bias (no padding taps: every weight meets an input), bias - IZP * sum(w)
+        w = np.asarray(node.params["weight"], dtype=np.int64).reshape(oc, -1)
+        ic = int(w.shape[1])
+        icp = _ceil_to(ic, 16)
+        nb = oc // 4
+        wp = np.zeros((nb * 4, icp), dtype=np.int64)
+        wp[:, :ic] = w[: nb * 4]
+        packed = wp.reshape(nb, 4, icp // 16, 16).transpose(0, 2, 1, 3)
+        zp = int(node.attrs.get("input_zero_point", 0))
+        fb = bias.copy()
+        fb[:oc] = wrap(fb[:oc] - zp * w.sum(axis=1), acc) if not exact else b - zp * w.sum(axis=1)
+        ctx["packed"] = add(
+            "wblk", "int8_t", [int(v) for v in packed.reshape(-1)],
+            f"{name}: weights of the blocks of 4 output channels, [block][16 inputs][channel][16]",
+        )  # fmt: skip
+        ctx["fbias"] = add(
+            "vfbias", "int32_t", [int(v) for v in fb],
+            f"{name}: bias minus the input zero point times the weight sum"
+            f" ({'exact' if exact else f'wrapped to {acc} bits'}), int32 lanes",
+        )  # fmt: skip
+        # every output channel in blocks of 4: the kernel needs no other weights or constants
+        ctx["standalone"] = oc % 4 == 0
+        ctx["ICP"] = icp
+        ctx["IFULL"] = ic // 16
+        ctx["ITAIL"] = ic % 16
+    return ctx
+
+
+def dsp_gemm_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
+    """The DSP-extension pointwise / dense kernel with pre-widened weights (None: the generic
+    DSP kernel). Used when the input and output channel counts are multiples of 4 and the
+    weights are not stored packed: the weights are stored as int16 in the order the inner loop
+    reads them, [block of 4 outputs][4 inputs][output][w0, w2, w1, w3] (the SXTB16 order of the
+    input word), so each SMLAD pair needs one LDRD and no sign extension of weights; this doubles
+    the layer's weight flash. The input zero point is folded into the bias,
+    wrap(bias - IZP * sum(w), A) (no padding: every weight meets an input)."""
+    if call.template not in ("conv2d_pointwise", "dense") or call.container_bits is None:
+        return None
+    node = call.node
+    if weight_storage_bits(node):
+        return None
+    w = np.asarray(node.params["weight"], dtype=np.int64)
+    oc = int(w.shape[0])
+    w2 = w.reshape(oc, -1)
+    ic = int(w2.shape[1])
+    if oc % 4 or ic % 4 or not oc or not ic:
+        return None
+    assert call.acc_bits is not None
+    packed = w2.reshape(oc // 4, 4, ic // 4, 4)[:, :, :, [0, 2, 1, 3]].transpose(0, 2, 1, 3)
+    bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
+    zp = int(node.attrs.get("input_zero_point", 0))
+    fb = wrap(bias - zp * w2.sum(axis=1), call.acc_bits)
+    name = node.name
+    return {
+        "weights": add(
+            "w16", "int16_t", [int(v) for v in packed.reshape(-1)],
+            f"{name}: weights for the DSP kernel, int16, [4 outputs][4 inputs][output][0, 2, 1, 3]",
+        ),
+        "bias": add(
+            "fbias", "int32_t", [int(v) for v in fb],
+            f"{name}: bias minus IZP times the weight sum, wrapped to {call.acc_bits} bits",
+        ),
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------ 32-bit requantization
+
+
+def requant32_fits(bound: int, mult: int, shift: int) -> bool:
+    """Whether qacc_requantize32 (runtime_c/qacc.h) equals formats.requantize for every
+    accumulator of magnitude <= bound with this multiplier and shift (no int32 overflow)."""
+    p = abs(int(bound)) * abs(int(mult))
+    if shift > 0:
+        return p + (1 << (shift - 1)) <= (1 << 31) - 1
+    return shift > -31 and (p << -shift) + 128 <= (1 << 31) - 1
+
+
+def requant32_ok(call: KernelCall) -> bool:
+    """A conv2d / dense layer whose requantization may use qacc_requantize32: every channel's
+    accumulator (wrapped to A bits, or bounded by the weights when no sum can wrap) fits."""
+    node = call.node
+    if node.op not in ("conv2d", "dense") or call.acc_bits is None or node.requant is None:
+        return False
+    oc = int(node.params["weight"].shape[0])
+    bound = _acc_bound(node, oc)
+    acc = int(call.acc_bits)
+    if not bool(np.all(bound < (1 << (acc - 1)))):
+        bound = np.full(oc, 1 << (acc - 1), dtype=np.int64)
+    rq = node.requant
+    mult = np.broadcast_to(np.asarray(rq.mult, dtype=np.int64).reshape(-1), (oc,))
+    shift = np.broadcast_to(np.asarray(rq.shift, dtype=np.int64).reshape(-1), (oc,))
+    return all(
+        requant32_fits(int(b), int(m), int(s)) for b, m, s in zip(bound, mult, shift, strict=True)
+    )

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from codegen.backend import memory
+from codegen.backend import layouts, memory
 from codegen.backend.emit import RUNTIME, c_identifier, emit, write_files
 from codegen.backend.lower import LoweringError, lower
 from codegen.core import reference
@@ -281,7 +281,74 @@ CASES: list[Case] = [
         ),
         wraps=True,
     ),
+    # the Helium (MVE) and DSP depthwise kernels: tails (C % 16, C % 8, C % 4), both requantization
+    # paths (int32 lanes with mult 1 or a small multiplier, lane by lane), int16 lanes (A <= 16,
+    # or exact sums with small weights), wrapping at narrow and full width, input zero point
+    Case(
+        "conv2d_depthwise_acc32-c19-same-mult1",
+        lambda b: b.conv2d(b.input((6, 5, 19)), 19, padding=(1,) * 4, groups=19, mult_bits=1),
+    ),
+    Case(
+        "conv2d_depthwise_acc16-c21-wrap-acc12-zp",
+        lambda b: b.conv2d(
+            b.input((5, 6, 21), dist="high"),
+            21,
+            (3, 3),
+            padding=(0, 1, 1, 0),
+            groups=21,
+            acc_bits=12,
+            w_dist="positive",
+            input_zero_point=-3,
+            mult_bits=4,
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_depthwise_acc32-k5-stride2-smallw-acc24",
+        lambda b: b.conv2d(
+            b.input((9, 8, 16)),
+            16,
+            (5, 5),
+            (2, 2),
+            (2, 2, 2, 1),
+            groups=16,
+            acc_bits=24,
+            w_bits=4,
+            mult_bits=1,
+        ),
+    ),
+    Case(
+        "conv2d_depthwise_acc32-c17-wrap-acc32",
+        lambda b: b.conv2d(
+            b.input((4, 4, 17), dist="high"),
+            17,
+            (3, 3),
+            padding=(1,) * 4,
+            groups=17,
+            acc_bits=32,
+            w_dist="positive",
+            bias=((1 << 31) - 3000, (1 << 31) - 1),
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_pointwise_acc32-c70to13-zp-mult1",
+        lambda b: b.conv2d(
+            b.input((3, 4, 70), lo=-100, hi=127), 13, (1, 1), input_zero_point=-100, mult_bits=1
+        ),
+    ),
+    Case(
+        "conv2d_acc32-c20-k3-same-mult1",
+        lambda b: b.conv2d(b.input((5, 6, 20)), 8, (3, 3), padding=(1,) * 4, mult_bits=1),
+    ),
     # dense
+    Case(
+        "dense_acc16-wrap-acc11-mult3",
+        lambda b: b.dense(
+            b.input((37,), dist="high"), 8, acc_bits=11, w_dist="positive", mult_bits=3
+        ),
+        wraps=True,
+    ),
     Case("dense_acc32-37to10", lambda b: b.dense(b.input((37,)), 10)),
     Case(
         "dense_acc16-wrap-acc13",
@@ -505,6 +572,10 @@ def runtime_lib(tmp_path_factory: pytest.TempPathFactory) -> Any:
         "        int32_t zp, int32_t lo, int32_t hi, int8_t *out)\n"
         "{ long i; for (i = 0; i < n; ++i)"
         " out[i] = qacc_requantize(acc[i], mult[i], shift[i], zp, lo, hi); }\n"
+        "void rq32(const int32_t *acc, const int32_t *mult, const int32_t *shift, long n,\n"
+        "          int32_t zp, int32_t lo, int32_t hi, int8_t *out)\n"
+        "{ long i; for (i = 0; i < n; ++i)"
+        " out[i] = qacc_requantize32(acc[i], mult[i], shift[i], zp, lo, hi); }\n"
         "void w16(const uint16_t *acc, long n, int bits, int32_t *out)\n"
         "{ long i; for (i = 0; i < n; ++i) out[i] = qacc_wrap16(acc[i], bits); }\n"
         "void w32(const uint32_t *acc, long n, int bits, int32_t *out)\n"
@@ -518,6 +589,8 @@ def runtime_lib(tmp_path_factory: pytest.TempPathFactory) -> Any:
     ffi = cffi.FFI()
     ffi.cdef(
         "void rq(const int64_t *, const int64_t *, const int32_t *, long, int32_t, int32_t,"
+        " int32_t, int8_t *);"
+        "void rq32(const int32_t *, const int32_t *, const int32_t *, long, int32_t, int32_t,"
         " int32_t, int8_t *);"
         "void w16(const uint16_t *, long, int, int32_t *);"
         "void w32(const uint32_t *, long, int, int32_t *);"
@@ -549,6 +622,47 @@ def test_qacc_requantize_equals_formats(runtime_lib: Any) -> None:
             ffi.from_buffer("int64_t[]", mult),
             ffi.from_buffer("int32_t[]", shift),
             m,
+            zp,
+            lo,
+            hi,
+            ffi.from_buffer("int8_t[]", got),
+        )
+        assert np.array_equal(got.astype(np.int64), want), (zp, lo, hi)
+
+
+def test_qacc_requantize32_equals_formats(runtime_lib: Any) -> None:
+    """qacc_requantize32 (the DSP kernels' 32-bit requantization) equals formats.requantize on
+    every (acc, mult, shift) that layouts.requant32_fits admits, including its edges."""
+    ffi, lib = runtime_lib
+    rng = np.random.default_rng(8)
+    n = 60000
+    acc = np.where(
+        rng.random(n) < 0.5, rng.integers(-(1 << 31), 1 << 31, n), rng.integers(-3000, 3000, n)
+    )
+    mult = np.where(rng.random(n) < 0.5, 1, rng.integers(-(1 << 15), 1 << 15, n))
+    shift = rng.integers(-31, 40, n)
+    ok = np.array(
+        [
+            layouts.requant32_fits(abs(int(a)), int(m), int(s))
+            for a, m, s in zip(acc, mult, shift, strict=True)
+        ]
+    )
+    edges = [((1 << 31) - 2, 1, 1), (-(1 << 31) + 2, 1, 1), ((1 << 30) - 1, 1, 31), (-1, 1, 31)]
+    edges += [(1 << 24, 1, -6), (-(1 << 24), 1, -6), (0, 0, 0), (-(1 << 31) + 2, -1, 1)]
+    assert all(layouts.requant32_fits(abs(a), m, s) for a, m, s in edges)
+    assert not layouts.requant32_fits((1 << 31) - 1, 1, 1)  # + 2^0 would leave int32
+    acc = np.concatenate([acc[ok], [a for a, _, _ in edges]]).astype(np.int32)
+    mult = np.concatenate([mult[ok], [m for _, m, _ in edges]]).astype(np.int32)
+    shift = np.concatenate([shift[ok], [s for _, _, s in edges]]).astype(np.int32)
+    assert acc.size > n // 4
+    for zp, lo, hi in ((0, -128, 127), (-7, 0, 127), (5, -20, 90)):
+        want = requantize(acc, mult, shift, zp, lo, hi)
+        got = np.empty(acc.size, dtype=np.int8)
+        lib.rq32(
+            ffi.from_buffer("int32_t[]", acc),
+            ffi.from_buffer("int32_t[]", mult),
+            ffi.from_buffer("int32_t[]", shift),
+            acc.size,
             zp,
             lo,
             hi,
