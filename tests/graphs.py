@@ -22,6 +22,8 @@ from codegen.core import lut as luts
 from codegen.core import reference
 from codegen.core.formats import IntArray, wrap
 from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, conv_out_size
+from codegen.frontend.builder import adaptive_windows
+from codegen.quant.ptq import _divide_by as divide_by
 
 WIDE = Requant(np.array([1]), np.array([0]), 0, -(1 << 62), 1 << 62)
 """Identity requantization: returns the wrapped accumulator itself."""
@@ -404,6 +406,61 @@ class GraphBuilder:
         rq = Requant(np.array([1]), np.array([0]), fo.zero_point, lo, hi)
         node = Node(self._name("softmax", name), "softmax", (x,), t, {"out_frac": fo.frac},
                     params, rq)  # fmt: skip
+        return self._add_node(node)
+
+    def adaptive_pool(
+        self,
+        x: str,
+        out: tuple[int, int],
+        *,
+        kind: str = "avg",
+        acc_bits: int = 16,
+        input_zero_point: int = 0,
+        lo: int = -128,
+        hi: int = 127,
+        windows: tuple[Any, Any] | None = None,
+        name: str | None = None,
+    ) -> str:
+        """`adaptive_avgpool2d` / `adaptive_maxpool2d` over PyTorch's adaptive windows to `out`
+        (or the given (rows, cols) windows); an average divides by each window's size with one
+        mult/shift per output pixel, as the quantizer does (output in the input's format)."""
+        h, w, c = self.tensors[x].shape
+        rows, cols = windows or (adaptive_windows(h, out[0]), adaptive_windows(w, out[1]))
+        attrs: dict[str, Any] = {"rows": tuple(rows), "cols": tuple(cols)}
+        op = f"adaptive_{kind}pool2d"
+        fmt = self.tensors[x].fmt
+        assert fmt is not None
+        t = self._tensor((len(rows), len(cols), c), _fmt(lo, hi) if kind == "avg" else fmt)
+        if kind == "max":
+            rq = Requant(np.array([1]), np.array([0]), fmt.zero_point, lo, hi)
+            return self._add_node(Node(self._name(op, name), op, (x,), t, attrs, {}, rq))
+        counts = [(r1 - r0) * (c1 - c0) for r0, r1 in rows for c0, c1 in cols]
+        attrs.update(counts=tuple(counts), acc_bits=acc_bits)
+        if input_zero_point:
+            attrs["input_zero_point"] = input_zero_point
+        divs = [divide_by(n, 4, 4) for n in counts]
+        mult, shift = (np.array(v, dtype=np.int64) for v in zip(*divs, strict=True))
+        rq = Requant(mult, shift, 0, lo, hi)
+        return self._add_node(Node(self._name(op, name), op, (x,), t, attrs, {}, rq))
+
+    def gather(
+        self,
+        x: str,
+        index: Sequence[int],
+        *,
+        lo: int | None = None,
+        hi: int | None = None,
+        name: str | None = None,
+    ) -> str:
+        """Channels picked by `index` (channel shuffle, chunk); `lo`/`hi` saturate like a clamp."""
+        fmt = self.tensors[x].fmt
+        assert fmt is not None
+        out = self._tensor((*self.tensors[x].shape[:-1], len(index)), fmt)
+        lo = fmt.qmin if lo is None else lo
+        hi = fmt.qmax if hi is None else hi
+        rq = Requant(np.array([1]), np.array([0]), fmt.zero_point, lo, hi)
+        attrs = {"index": tuple(int(i) for i in index)}
+        node = Node(self._name("gather", name), "gather", (x,), out, attrs, {}, rq)
         return self._add_node(node)
 
     def reshape(self, x: str, shape: Sequence[int], *, name: str | None = None) -> str:

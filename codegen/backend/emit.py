@@ -255,7 +255,9 @@ class _Emitter:
 
     # -- kernels
 
-    def requant_context(self, node: Node, channels: int) -> dict[str, Any]:
+    def requant_context(
+        self, node: Node, channels: int, per: str = "output channel"
+    ) -> dict[str, Any]:
         rq = node.requant
         assert rq is not None
         mult, shift = _ints(rq.mult), _ints(rq.shift)
@@ -283,7 +285,7 @@ class _Emitter:
                     what,
                     _ctype_for(vals, ctypes),
                     vals,
-                    f"{node.name}: requantization {what}, per output channel",
+                    f"{node.name}: requantization {what}, per {per}",
                 )
         return ctx
 
@@ -431,6 +433,27 @@ class _Emitter:
                 _ints(p["table"]),
                 f"{node.name}: {a['function']} table, output for input q at [q + 128]",
             )
+        if node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):  # the windows
+            for axis, what in (("rows", "row"), ("cols", "col")):
+                for i, end in ((0, "start"), (1, "end")):
+                    vals = [int(w[i]) for w in a[axis]]
+                    k[f"{what}_{end}"] = self.add_array(
+                        node,
+                        f"{what}_{end}",
+                        _ctype_for(vals, ("uint8_t", "int16_t", "int32_t")),
+                        vals,
+                        f"{node.name}: the window of each output {what}: its {end}"
+                        f" ({'exclusive' if i else 'inclusive'}) in the input",
+                    )
+        if node.op == "gather":  # the input channel of every output channel
+            index = [int(i) for i in a["index"]]
+            k["index"] = self.add_array(
+                node,
+                "index",
+                _ctype_for(index, ("uint8_t", "int16_t", "int32_t")),
+                index,
+                f"{node.name}: the input channel of each output channel",
+            )
         if node.op == "concat":
             rq = node.requant
             assert rq is not None
@@ -455,6 +478,8 @@ class _Emitter:
                 )
                 offset += c
             k.update(inputs=xs, zp=rq.zero_point, lo=rq.lo, hi=rq.hi)
+        elif node.op == "adaptive_avgpool2d":  # one divisor per output pixel
+            k.update(self.requant_context(node, oh * ow, "output pixel"))
         elif node.requant is not None and own_params:
             k.update(self.requant_context(node, oc))
         elif node.requant is not None:

@@ -21,7 +21,9 @@ from codegen.core.ir import Graph, Node, conv_out_size
 DIALECTS = ("c", "neon", "dsp", "mve")
 """Kernel dialects; a dialect without its own template of a kernel uses the portable C one."""
 
-ACC_OPS = frozenset({"conv2d", "dense", "avgpool2d", "global_avgpool", "add", "mul"})
+ACC_OPS = frozenset(
+    {"conv2d", "dense", "avgpool2d", "global_avgpool", "add", "mul", "adaptive_avgpool2d"}
+)
 """Ops whose accumulator width (attrs["acc_bits"]) is part of the semantics."""
 
 MAX_ACC_BITS = 32
@@ -105,9 +107,11 @@ def choose_template(graph: Graph, node: Node) -> str:
         "concat",
         "lut",
         "mul",
+        "softmax",
+        "gather",
+        "adaptive_avgpool2d",
+        "adaptive_maxpool2d",
     ):
-        return node.op
-    if node.op == "softmax":
         return node.op
     raise LoweringError(f"op {node.op!r} of node {node.name!r} has no C kernel")
 
@@ -205,6 +209,23 @@ def _check_shapes(graph: Graph, node: Node) -> None:
         t = node.params.get("table")
         if t is None or t.shape != (256,) or int(t.min()) < -128 or int(t.max()) > 127:
             raise bad("params['table'] must hold 256 int8 values (indexed by input + 128)")
+    elif node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):
+        rows, cols = list(a["rows"]), list(a["cols"])
+        if len(ins[0]) != 3 or out != (len(rows), len(cols), ins[0][2]):
+            raise bad(f"output shape {out} should be ({len(rows)}, {len(cols)}, C of {ins[0]})")
+        for windows, size in ((rows, ins[0][0]), (cols, ins[0][1])):
+            if any(not 0 <= int(lo) < int(hi) <= size for lo, hi in windows):
+                raise bad(f"a window of {windows} is empty or leaves the input (size {size})")
+        rq = node.requant
+        sizes = {len(rq.mult), len(rq.shift)} if rq is not None else set()
+        if node.op == "adaptive_avgpool2d" and sizes - {1, len(rows) * len(cols)}:
+            raise bad("requant.mult/shift must have one value per output pixel")
+    elif node.op == "gather":
+        index = [int(i) for i in node.attrs.get("index", ())]
+        if len(ins) != 1 or not index or len(out) != len(ins[0]) or out[:-1] != ins[0][:-1]:
+            raise bad(f"output shape {out} should be the input's {ins[0]} but for channels")
+        if out[-1] != len(index) or min(index) < 0 or max(index) >= ins[0][-1]:
+            raise bad(f"index must name {out[-1]} channels of the input's {ins[0][-1]}")
     if node.op in ("conv2d", "dense") and node.params.get("bias") is not None:
         bias = node.params["bias"]
         if bias.shape != (node.params["weight"].shape[0],):

@@ -25,6 +25,14 @@ the C templates and the test ids):
   lut             an element-wise function (attrs function, args: `codegen.core.lut`; also a
                   ReLU/clamp that fuses into no producer, with its bounds as `clamp`); integer
                   graphs carry its 256-entry int8 table, params table (indexed by q_in + 128)
+  adaptive_avgpool2d  windows given per output row and column: rows, cols ((start, end) in input
+                  coordinates, clipped to the input) and counts (the divisor of each output pixel,
+                  row-major): adaptive pools to any size, ceil_mode / count_include_pad=False
+                  average pools; integer graphs requantize per output pixel (requant.mult/shift
+                  have one value per pixel, realising 1 / count)
+  adaptive_maxpool2d  the max over the same windows (rows, cols)
+  gather          channels picked by index (attrs index: the input channel of each output
+                  channel): channel shuffle, chunk/split, any channel permutation or slice
 
 Float graphs carry `clamp` = (lo, hi) reals (fused ReLU, ReLU6, Hardtanh) in attrs. Integer graphs
 fold the clamp into `requant.lo`/`requant.hi` and carry `acc_bits` in attrs.
@@ -56,6 +64,9 @@ OPS = frozenset(
         "softmax",
         "reshape",
         "lut",
+        "gather",
+        "adaptive_avgpool2d",
+        "adaptive_maxpool2d",
     }
 )
 

@@ -267,6 +267,48 @@ def lut(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray
     return t[x + 128]
 
 
+def window_sums(x: IntArray, rows: Any, cols: Any) -> IntArray:
+    """Exact sums of an NHWC batch over windows [r0, r1) x [c0, c1) (one per output row and
+    column), from the integral image: (N, len(rows), len(cols), C)."""
+    n, h, w, c = x.shape
+    s = np.zeros((n, h + 1, w + 1, c), dtype=np.int64)
+    s[:, 1:, 1:] = x.astype(np.int64).cumsum(axis=1).cumsum(axis=2)
+    r0, r1 = (np.array([r[i] for r in rows], dtype=np.intp) for i in (0, 1))
+    c0, c1 = (np.array([q[i] for q in cols], dtype=np.intp) for i in (0, 1))
+    return s[:, r1][:, :, c1] - s[:, r0][:, :, c1] - s[:, r1][:, :, c0] + s[:, r0][:, :, c0]
+
+
+def adaptive_avgpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    """Sums over the windows; the requantization (one mult/shift per output pixel) divides."""
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    rows, cols = node.attrs["rows"], node.attrs["cols"]
+    acc = _wrap_and_count(window_sums(x - in_zp, rows, cols), node, stats)
+    rq = node.requant
+    assert rq is not None
+    per_pixel = (1, len(rows), len(cols), 1)
+    m, s = (np.broadcast_to(v, (len(rows) * len(cols),)).reshape(per_pixel)
+            for v in (rq.mult, rq.shift))  # fmt: skip
+    return requantize(acc, m, s, rq.zero_point, rq.lo, rq.hi)
+
+
+def adaptive_maxpool2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    rq = node.requant
+    assert rq is not None
+    rows, cols = node.attrs["rows"], node.attrs["cols"]
+    out = np.empty((x.shape[0], len(rows), len(cols), x.shape[3]), dtype=np.int64)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            out[:, i, j] = x[:, r0:r1, c0:c1].max(axis=(1, 2))
+    return np.clip(out, rq.lo, rq.hi)
+
+
+def gather(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    """Channels picked by index (channel shuffle, chunk, split): out[..., j] = x[..., index[j]]."""
+    rq = node.requant
+    assert rq is not None
+    return np.clip(x[..., list(node.attrs["index"])], rq.lo, rq.hi)
+
+
 def reshape(x: IntArray, node: Node) -> IntArray:
     return x.reshape((x.shape[0], *node.attrs["shape"]))
 
@@ -281,6 +323,9 @@ KERNELS: dict[str, Callable[..., IntArray]] = {
     "mul": mul,
     "lut": lut,
     "softmax": softmax,
+    "gather": gather,
+    "adaptive_avgpool2d": adaptive_avgpool2d,
+    "adaptive_maxpool2d": adaptive_maxpool2d,
 }
 
 

@@ -96,6 +96,20 @@ def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> to
         return e / e.sum(dim=1, keepdim=True)
     if node.op == "lut":  # the real function; its table agrees (codegen.core.lut.table)
         return lut.apply(a["function"], a.get("args", ()), x)
+    if node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):  # windows per row and column
+        reduce = torch.amax if node.op == "adaptive_maxpool2d" else torch.sum
+        rows = [
+            torch.stack([reduce(x[:, :, r0:r1, c0:c1], dim=(2, 3)) for c0, c1 in a["cols"]], -1)
+            for r0, r1 in a["rows"]
+        ]
+        y = torch.stack(rows, -2)  # (N, C, OH, OW)
+        if node.op == "adaptive_maxpool2d":
+            return y
+        default = 1.0 / np.asarray(a["counts"], dtype=np.float64)
+        scale = np.asarray(over.get("scale", default), dtype=np.float64)
+        return y * torch.as_tensor(scale.reshape(y.shape[2:]), dtype=y.dtype, device=y.device)
+    if node.op == "gather":  # channels picked by index (channel axis 1)
+        return x[:, list(a["index"])]
     if node.op == "reshape":  # flatten in NHWC memory order
         src = x.permute(0, 2, 3, 1) if x.ndim == 4 else x
         return src.reshape(x.shape[0], *a["shape"])

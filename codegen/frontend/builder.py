@@ -25,7 +25,11 @@ gives the same float graph whichever way it arrives:
   image (+ a flatten when the framework drops the reduced axes);
 - flatten to (N, features) kept as a `reshape`, the following dense layer's columns permuted from
   (C, H, W) to the IR's (H, W, C) memory order;
-- identities (Dropout, Identity, a folded BatchNorm, a fused activation) as aliases.
+- identities (Dropout, Identity, a folded BatchNorm, a fused activation) as aliases;
+- views (view/reshape to any shape, transpose/permute, chunk/split: `view`, `permute`, `slice`)
+  tracked as an index array per element until something reads them: a result that is the source
+  again is an alias, one that picks whole channels (channel shuffle's view -> transpose -> view,
+  a chunk of channels) is one `gather` node; anything else is refused.
 
 `Reject` is raised for a configuration that cannot be lowered; the frontend adds the node's name
 and its own vocabulary of supported ops to the user's one-line error.
@@ -51,7 +55,8 @@ INF = math.inf
 Pad4 = tuple[int, int, int, int]
 """(top, bottom, left, right)"""
 
-CLAMP_OPS = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d", "lut", "mul")
+CLAMP_OPS = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d", "lut", "mul",
+             "adaptive_avgpool2d", "adaptive_maxpool2d")  # fmt: skip
 """Ops an activation fuses into (and that carry a `clamp` attribute in the float graph)."""
 
 
@@ -82,6 +87,31 @@ def ceil_extra(size: int, k: int, s: int, p0: int, p1: int, out: int) -> int:
     return max(0, (out - 1) * s + k - (size + p0 + p1))
 
 
+Windows = tuple[tuple[int, int], ...]
+"""(start, end) of each output row (or column) in the input."""
+
+
+def adaptive_windows(size: int, out: int) -> Windows:
+    """PyTorch's adaptive pool windows: [floor(i * size / out), ceil((i + 1) * size / out))."""
+    return tuple((i * size // out, -(-(i + 1) * size // out)) for i in range(out))
+
+
+def pool_windows(
+    size: int, k: int, s: int, p0: int, p1: int, out: int, include_pad: bool
+) -> tuple[Windows, tuple[int, ...]]:
+    """An average pool's windows clipped to the input and their divisors along one axis (as
+    PyTorch computes them: the window clipped to the padded input when padding counts, to the
+    input when it does not; ceil_mode's last window may be partial)."""
+    windows, divisors = [], []
+    for i in range(out):
+        start = i * s - p0
+        end = min(start + k, size + p1)
+        lo, hi = max(start, 0), min(end, size)
+        windows.append((lo, hi))
+        divisors.append(end - start if include_pad else hi - lo)
+    return tuple(windows), tuple(divisors)
+
+
 def to_nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(shape) == 3:
         c, h, w = shape
@@ -106,6 +136,9 @@ class IRBuilder:
         self.src_shapes: dict[str, tuple[int, ...]] = {}  # IR tensor -> NCHW shape, no batch
         self.alias: dict[str, str] = {}  # frontend value -> IR tensor
         self.pending_pad: dict[str, tuple[str, Pad4]] = {}  # zero padding awaiting its conv
+        # views awaiting a reader: key -> (source IR tensor, index array, IR name, description)
+        self.pending_view: dict[str, tuple[str, np.ndarray, str, str]] = {}
+        self.viewed: dict[str, str] = {}  # a pending view's key -> the IR tensor it became
         self.sequences: set[str] = set()  # IR tensors that are (C, L) sequences in the framework
         self.input_name = ""
         self.output_name = ""
@@ -119,11 +152,14 @@ class IRBuilder:
         src = self.alias[value]
         if src in self.pending_pad:
             raise Reject("zero padding not followed by a convolution")
+        if src in self.pending_view:
+            return self._materialize(src)
         return src
 
     def same(self, value: str, src_value: str) -> None:
         """`value` is `src_value` (Dropout, Identity, a no-op reshape...)."""
-        self.alias[value] = self.tensor(src_value)
+        src = self.alias[src_value]
+        self.alias[value] = src if src in self.pending_view else self.tensor(src_value)
 
     def _record(self, tensor: str, nchw: tuple[int, ...]) -> None:
         shape = as_image(nchw)
@@ -191,6 +227,8 @@ class IRBuilder:
         x = self.alias[x_value]
         if x in self.pending_pad:
             x, extra = self.pending_pad[x]
+        elif x in self.pending_view:
+            x = self.tensor(x_value)
         pad = (
             padding[0] + extra[0],
             padding[1] + extra[1],
@@ -337,10 +375,24 @@ class IRBuilder:
         padding: Pad4,
         nchw: tuple[int, ...],
         ceil_mode: bool = False,
+        count_include_pad: bool = True,
+        divisor: int | None = None,
     ) -> None:
         """Max/average pooling (`nchw`: the framework's output shape); a `ceil_mode` max pool's
-        last, partial windows as extra bottom/right padding (padding never wins the max)."""
+        last, partial windows as extra bottom/right padding (padding never wins the max); an
+        average pool whose windows differ in size (ceil_mode, count_include_pad=False with
+        padding, a divisor_override) as an `adaptive_avgpool2d` over its windows."""
         x = self.tensor(x_value)
+        if kind == "avgpool2d":
+            _, ih, iw = self.src_shapes[x]
+            _, oh, ow = as_image(nchw)
+            top, bottom, left, right = padding
+            rows, rdiv = pool_windows(ih, kernel[0], stride[0], top, bottom, oh, count_include_pad)
+            cols, cdiv = pool_windows(iw, kernel[1], stride[1], left, right, ow, count_include_pad)
+            counts = tuple(divisor or r * c for r in rdiv for c in cdiv)
+            if set(counts) != {kernel[0] * kernel[1]} or (divisor and any(padding)):
+                self.windowed_pool(name, value, kind, x_value, rows, cols, counts, nchw)
+                return
         if ceil_mode:
             _, ih, iw = self.src_shapes[x]
             _, oh, ow = as_image(nchw)
@@ -355,6 +407,49 @@ class IRBuilder:
             self.alias[value] = x  # a 1x1 window (an adaptive pool to the input's own size)
             return
         self.emit(name, value, kind, [x], nchw, kernel=kernel, stride=stride, padding=padding)
+
+    def adaptive_pool(
+        self, name: str, value: str, kind: str, x_value: str, nchw: tuple[int, ...]
+    ) -> None:
+        """An adaptive average / max pool to the framework's output size `nchw`, any size."""
+        _, ih, iw = self.src_shapes[self.tensor(x_value)]
+        _, oh, ow = as_image(nchw)
+        rows, cols = adaptive_windows(ih, oh), adaptive_windows(iw, ow)
+        counts = tuple((r1 - r0) * (c1 - c0) for r0, r1 in rows for c0, c1 in cols)
+        self.windowed_pool(name, value, kind, x_value, rows, cols, counts, nchw)
+
+    def upsample_nearest(
+        self,
+        name: str,
+        value: str,
+        x_value: str,
+        rows: tuple[int, ...],
+        cols: tuple[int, ...],
+        nchw: tuple[int, ...],
+    ) -> None:
+        """Nearest-neighbour resizing (the input row and column of each output row and column):
+        a max over one-pixel windows, so the adaptive max pool's kernel moves the data."""
+        windows = (tuple((r, r + 1) for r in rows), tuple((c, c + 1) for c in cols))
+        self.windowed_pool(name, value, "maxpool2d", x_value, *windows, (), nchw)
+
+    def windowed_pool(
+        self,
+        name: str,
+        value: str,
+        kind: str,
+        x_value: str,
+        rows: Windows,
+        cols: Windows,
+        counts: tuple[int, ...],
+        nchw: tuple[int, ...],
+    ) -> None:
+        """Pooling over given windows (`counts`: the divisor of each output pixel, average)."""
+        x = self.tensor(x_value)
+        if kind == "maxpool2d":
+            self.emit(name, value, "adaptive_maxpool2d", [x], nchw, rows=rows, cols=cols)
+        else:
+            self.emit(name, value, "adaptive_avgpool2d", [x], nchw, rows=rows, cols=cols,
+                      counts=counts)  # fmt: skip
 
     def lut(
         self,
@@ -419,6 +514,72 @@ class IRBuilder:
         if len(nchw) == 2:
             self.sequences.add(x)
         self.alias[value] = x
+
+    # ------------------------------------------------------------------ views
+    def _indices(self, value: str) -> tuple[str, np.ndarray]:
+        """The IR tensor a value reads, and for each of the value's elements (framework order,
+        no batch) the flat index of the element it reads in that tensor's framework order."""
+        src = self.alias[value]
+        if src in self.pending_view and src not in self.viewed:
+            x, idx, _, _ = self.pending_view[src]
+            return x, idx
+        x = self.tensor(value)
+        return x, np.arange(math.prod(self.src_shapes[x])).reshape(self.framework_shape(x))
+
+    def _pend(self, name: str, value: str, x: str, idx: np.ndarray, what: str) -> None:
+        key = f"view:{value}"  # never an IR tensor name: those are identifiers
+        self.pending_view[key] = (x, idx, name, what)
+        self.alias[value] = key
+
+    def view(self, name: str, value: str, x_value: str, out: tuple[int, ...], what: str) -> None:
+        """A view/reshape to `out` (the framework shape, no batch): `what` names the op."""
+        x, idx = self._indices(x_value)
+        if idx.size != math.prod(out):
+            raise Reject(f"{what} to {tuple(out)} changes the number of elements")
+        self._pend(name, value, x, idx.reshape(out), what)
+
+    def permute(
+        self, name: str, value: str, x_value: str, dims: tuple[int, ...], what: str
+    ) -> None:
+        """A transpose/permute of the axes after the batch axis (`dims` counts from 0 there)."""
+        x, idx = self._indices(x_value)
+        self._pend(name, value, x, idx.transpose(dims), what)
+
+    def slice(
+        self, name: str, value: str, x_value: str, axis: int, start: int, stop: int, what: str
+    ) -> None:
+        """Elements start..stop-1 along `axis` (counted after the batch axis): chunk, split."""
+        x, idx = self._indices(x_value)
+        self._pend(name, value, x, np.take(idx, np.arange(start, stop), axis=axis), what)
+
+    def _materialize(self, key: str) -> str:
+        """The IR tensor of a view that something reads: its source (an identity), or a `gather`
+        of whole channels."""
+        if key in self.viewed:
+            return self.viewed[key]
+        x, idx, name, what = self.pending_view[key]
+        src = self.src_shapes[x]
+        flat = np.arange(math.prod(src))
+        if idx.shape == self.framework_shape(x) and np.array_equal(idx.reshape(-1), flat):
+            self.viewed[key] = x
+            return x
+        shape = as_image(idx.shape)
+        c, h, w = shape if len(shape) == 3 else (0, 0, 0)
+        if len(shape) != 3 or len(src) != 3 or (h, w) != src[1:]:
+            raise Reject(
+                f"{what} at node '{name}' to {idx.shape}: only flatten, channel permutations "
+                "(channel shuffle) and channel slices (chunk, split) are supported"
+            )
+        pix = idx.reshape(c, h * w)
+        chan = pix[:, 0] // (h * w)
+        if not np.array_equal(pix, chan[:, None] * (h * w) + flat[None, : h * w]):
+            raise Reject(
+                f"{what} at node '{name}' to {idx.shape}: only flatten, channel permutations "
+                "(channel shuffle) and channel slices (chunk, split) are supported"
+            )
+        self.emit(name, key, "gather", [x], idx.shape, index=tuple(int(v) for v in chan))
+        self.viewed[key] = name
+        return name
 
     def add(self, name: str, value: str, a_value: str, b_value: str, nchw: tuple[int, ...]) -> None:
         xa, xb = self.tensor(a_value), self.tensor(b_value)

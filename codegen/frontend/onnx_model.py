@@ -54,7 +54,7 @@ SUPPORTED = (
     "Mul (same shape, per-channel scale, constant scalar), Softmax (axis 1), "
     "Concat(axis 1), Pad, Dropout, Identity, Unsqueeze/Squeeze (around 1-D ops), HardSwish, "
     "HardSigmoid, Sigmoid, Tanh, LeakyRelu, Gelu, x * Sigmoid(x) (SiLU), x * HardSigmoid(x) "
-    "(Hardswish)"
+    "(Hardswish), Reshape/Transpose (channel shuffle), Split/Slice of channels, Resize (nearest)"
 )
 _LUT_OPS = {  # ONNX op -> the torch.fx name of the function (codegen.core.lut)
     "HardSwish": "hardswish",
@@ -78,6 +78,7 @@ _LEAF_MODULE_OPS = {
     "Relu",
     "Clip",
     "Softmax",
+    "Resize",
     *_LUT_OPS,  # activations are usually modules (nn.Sigmoid)
 }
 _FUNCTION_NAMES = {  # the torch function an op comes from, when not from a leaf module
@@ -98,6 +99,11 @@ _FUNCTION_NAMES = {  # the torch function an op comes from, when not from a leaf
     "ReduceMax": "amax",
     "Flatten": "flatten",
     "Reshape": "view",
+    "Transpose": "transpose",
+    "Resize": "interpolate",
+    "Split": "getitem",
+    "Slice": "getitem",
+    "SequenceAt": "getitem",
     **_LUT_OPS,
 }
 
@@ -187,6 +193,7 @@ class _Converter:
         self.users.update(o.name for o in self.graph.output)
         self.names = Namespace()
         self.fused: set[str] = set()  # outputs of nodes read as part of a pattern (SiLU's Mul)
+        self.pieces: dict[str, tuple[str, int, list[tuple[int, int]]]] = {}  # SplitToSequence
         self.shapes, self.types = self._infer_shapes(chw)
         self.b = IRBuilder(c_identifier(name or self._model_name()), batch=1)
 
@@ -212,17 +219,66 @@ class _Converter:
                 f"the model takes inputs of shape N x {want}, not N x {' x '.join(map(str, chw))}; "
                 "give data of the shape it was trained on"
             )
+        shapes: dict[str, tuple[int, ...]] = {}
+        types: dict[str, int] = {}
+        done: set[int] = set()
+        for rounds in range(len(self.graph.node) + 1):
+            # constant subgraphs (ReduceMean axes, Reshape shapes...) become initializers first,
+            # so inference sees their values; then shapes of runtime values (Shape) whose size
+            # inference found, and what follows from them (x.size() arithmetic), again
+            folded = [
+                i
+                for i, node in enumerate(self.graph.node)
+                if i not in done and self._fold_for_inference(node, shapes)
+            ]
+            pieces = self._sequence_shapes(shapes)
+            if rounds and not folded and pieces.keys() <= shapes.keys():
+                break
+            done.update(folded)
+            shapes, types = self._inference(chw, done, pieces)
+        return shapes, types
+
+    def _sequence_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Shapes of SequenceAt values (chunk's pieces), which ONNX inference leaves unknown
+        when the pieces differ in size."""
+        seqs = {n.output[0]: n for n in self.graph.node if n.op_type == "SplitToSequence"}
+        out: dict[str, tuple[int, ...]] = {}
+        for n in self.graph.node:
+            split = seqs.get(n.input[0]) if n.op_type == "SequenceAt" else None
+            if split is None or split.input[0] not in shapes or n.input[1] not in self.consts:
+                continue
+            shape = shapes[split.input[0]]
+            axis = int(self.attrs(split).get("axis", 0)) % len(shape)
+            sizes = self._split_sizes(split, shape[axis], shape[axis])
+            size = sizes[int(self.consts[n.input[1]].reshape(-1)[0])]
+            out[n.output[0]] = (*shape[:axis], size, *shape[axis + 1 :])
+        return out
+
+    def _fold_for_inference(self, node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Evaluate a constant node, or a Shape of a value whose shape is known."""
+        ins = [v for v in node.input if v]
+        if node.op_type == "Shape" and ins and ins[0] not in self.consts and ins[0] in shapes:
+            a = self.attrs(node)
+            full = np.array(shapes[ins[0]], dtype=np.int64)
+            self.consts[node.output[0]] = full[a.get("start", 0) : a.get("end", len(full))]
+            return True
+        return self.evaluate(node)
+
+    def _inference(
+        self, chw: tuple[int, ...], folded: set[int], known: dict[str, tuple[int, ...]]
+    ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
         m = onnx.ModelProto()
         m.CopyFrom(self.model)
-        # constant subgraphs (ReduceMean axes, Reshape shapes...) become initializers first, so
-        # inference sees their values
-        folded = [i for i, node in enumerate(self.graph.node) if self.evaluate(node)]
-        for i in reversed(folded):
+        for i in sorted(folded, reverse=True):
             for name in m.graph.node[i].output:
                 if name:
                     m.graph.initializer.append(numpy_helper.from_array(self.consts[name], name))
             del m.graph.node[i]
         del m.graph.value_info[:]
+        elem = self.input.type.tensor_type.elem_type
+        m.graph.value_info.extend(
+            onnx.helper.make_tensor_value_info(v, elem, shape) for v, shape in known.items()
+        )
         for v in m.graph.input:
             if v.name == self.input.name:
                 shape = v.type.tensor_type.shape
@@ -555,15 +611,11 @@ class _Converter:
         one_d = len(kernel) == 1
         if len(kernel) not in (1, 2):
             raise Reject(f"{node.op_type} that is not 1-D or 2-D")
-        if a.get("ceil_mode", 0) and kind == "avgpool2d":
-            raise Reject(f"{node.op_type} with ceil_mode=1")
         if any(d != 1 for d in a.get("dilations", [1, 1])):
             raise Reject(f"{node.op_type} with dilations")
         self.only_first_output(node)
         k = _spatial2(kernel, one_d)
         pad = self.spatial(node, a, k)
-        if kind == "avgpool2d" and any(pad) and not a.get("count_include_pad", 0):
-            raise Reject("AveragePool with padding and count_include_pad=0")
         self.b.pool(
             self.ir_name(node),
             node.output[0],
@@ -574,6 +626,7 @@ class _Converter:
             padding=pad,
             nchw=self.out(node),
             ceil_mode=bool(a.get("ceil_mode", 0)),
+            count_include_pad=bool(a.get("count_include_pad", 0)),
         )
 
     def global_pool(self, node: onnx.NodeProto) -> None:
@@ -608,9 +661,119 @@ class _Converter:
         self.reshape(node)
 
     def reshape(self, node: onnx.NodeProto) -> None:
-        self.b.reshape(
-            self.ir_name(node), node.output[0], self.arg(node, 0), self.shape(node.output[0])
+        out = self.shape(node.output[0])
+        if len(out) == 2 or node.op_type == "Flatten":  # a flatten
+            self.b.reshape(self.ir_name(node), node.output[0], self.arg(node, 0), out)
+            return
+        if out[0] != 1:
+            raise Reject(f"Reshape to {out}: of the batch axis")
+        self.b.view(self.ir_name(node), node.output[0], self.arg(node, 0), out[1:], "Reshape")
+
+    def resize(self, node: onnx.NodeProto) -> None:
+        """Resize, mode nearest (asymmetric coordinates, floor): the input row and column of each
+        output row and column, floor(i / scale) in float32."""
+        a = {k: v.decode() if isinstance(v, bytes) else v for k, v in self.attrs(node).items()}
+        setting = (
+            a.get("mode", "nearest"),
+            a.get("coordinate_transformation_mode", "half_pixel"),
+            a.get("nearest_mode", "round_prefer_floor"),
         )
+        if setting != ("nearest", "asymmetric", "floor") or a.get("antialias", 0):
+            raise Reject(f"Resize other than nearest (asymmetric, floor), not {setting}")
+        src, out = self.shape(node.input[0]), self.shape(node.output[0])
+        scales = self.const(node, 2, "scales")
+        if len(src) != 4 or src[:2] != out[:2]:
+            raise Reject("Resize of other axes than H and W")
+        idx = []
+        for axis in (2, 3):
+            scale = np.float32(scales[axis]) if scales is not None and scales.size else None
+            scale = np.float32(out[axis]) / np.float32(src[axis]) if scale is None else scale
+            i = np.floor(np.arange(out[axis], dtype=np.float32) / scale).astype(np.int64)
+            idx.append(tuple(int(v) for v in np.minimum(i, src[axis] - 1)))
+        self.b.upsample_nearest(
+            self.ir_name(node), node.output[0], self.arg(node, 0), idx[0], idx[1], out[1:]
+        )
+
+    def transpose(self, node: onnx.NodeProto) -> None:
+        """A permutation of the axes after the batch axis (channel shuffle's transpose)."""
+        rank = len(self.shape(node.input[0]))
+        perm = [int(p) for p in self.attrs(node).get("perm", range(rank - 1, -1, -1))]
+        if perm[0] != 0:
+            raise Reject("Transpose of the batch axis")
+        dims = tuple(p - 1 for p in perm[1:])
+        self.b.permute(self.ir_name(node), node.output[0], self.arg(node, 0), dims, "Transpose")
+
+    def _pieces(self, node: onnx.NodeProto, axis: int, sizes: list[int]) -> list[tuple[int, int]]:
+        rank = len(self.shape(node.input[0]))
+        if axis % rank == 0:
+            raise Reject(f"{node.op_type} of the batch axis")
+        bounds, start = [], 0
+        for size in sizes:
+            bounds.append((start, start + size))
+            start += size
+        return bounds
+
+    def _split_sizes(self, node: onnx.NodeProto, total: int, count: int) -> list[int]:
+        """The sizes of a Split / SplitToSequence of `total`: given, or `count` (near-)equal
+        pieces."""
+        given = self.const(node, 1, "split") if len(node.input) > 1 else None
+        if given is None:
+            given = self.attrs(node).get("split")
+        if given is not None and np.ndim(given) == 1:
+            return [int(v) for v in np.asarray(given).reshape(-1)]
+        step = int(np.asarray(given).reshape(-1)[0]) if given is not None else -(-total // count)
+        return [min(step, total - i) for i in range(0, total, step)]
+
+    def split(self, node: onnx.NodeProto) -> None:
+        """Split: one slice per output (chunk/split of channels)."""
+        a = self.attrs(node)
+        axis = int(a.get("axis", 0)) % len(self.shape(node.input[0]))
+        total = self.shape(node.input[0])[axis]
+        sizes = self._split_sizes(node, total, int(a.get("num_outputs", len(node.output))))
+        x = self.arg(node, 0)
+        for out, (start, stop) in zip(node.output, self._pieces(node, axis, sizes), strict=True):
+            if out:
+                self.b.slice(self.ir_name(node), out, x, axis - 1, start, stop, "Split")
+
+    def split_to_sequence(self, node: onnx.NodeProto) -> None:
+        """SplitToSequence (a chunk): its pieces are read by SequenceAt."""
+        a = self.attrs(node)
+        axis = int(a.get("axis", 0)) % len(self.shape(node.input[0]))
+        if not int(a.get("keepdims", 1)) and len(node.input) < 2:
+            raise Reject("SplitToSequence with keepdims=0")
+        total = self.shape(node.input[0])[axis]
+        sizes = self._split_sizes(node, total, total)
+        self.pieces[node.output[0]] = (self.arg(node, 0), axis, self._pieces(node, axis, sizes))
+
+    def sequence_at(self, node: onnx.NodeProto) -> None:
+        seq = node.input[0]
+        if seq not in self.pieces:
+            raise Reject("SequenceAt of a sequence not made by SplitToSequence")
+        x, axis, bounds = self.pieces[seq]
+        pos = self.const(node, 1, "position")
+        assert pos is not None
+        start, stop = bounds[int(pos.reshape(-1)[0])]
+        self.b.slice(self.ir_name(node), node.output[0], x, axis - 1, start, stop, "SequenceAt")
+
+    def slice(self, node: onnx.NodeProto) -> None:
+        """Slice with constant bounds and step 1 (a chunk of channels)."""
+        shape = self.shape(node.input[0])
+        starts, ends = self.const(node, 1, "starts"), self.const(node, 2, "ends")
+        axes, steps = self.const(node, 3, "axes"), self.const(node, 4, "steps")
+        assert starts is not None and ends is not None
+        axes = np.arange(len(starts)) if axes is None else axes
+        if steps is not None and np.any(steps != 1):
+            raise Reject("Slice with a step other than 1")
+        value = self.arg(node, 0)
+        name = self.ir_name(node)
+        for i, (ax, lo, hi) in enumerate(zip(axes, starts, ends, strict=True)):
+            ax = int(ax) % len(shape)
+            lo, hi, _ = slice(int(lo), int(hi)).indices(shape[ax])
+            if ax == 0:
+                raise Reject("Slice of the batch axis")
+            out = node.output[0] if i == len(axes) - 1 else f"{node.output[0]}:{i}"
+            self.b.slice(name, out, value, ax - 1, lo, hi, "Slice")
+            value = out
 
     def add(self, node: onnx.NodeProto) -> None:
         consts = [i for i in (0, 1) if node.input[i] in self.consts]
@@ -684,6 +847,12 @@ class _Converter:
         "Squeeze": view_as,
         "Flatten": flatten,
         "Reshape": reshape,
+        "Transpose": transpose,
+        "Resize": resize,
+        "Split": split,
+        "SplitToSequence": split_to_sequence,
+        "SequenceAt": sequence_at,
+        "Slice": slice,
         "Add": add,
         "Concat": concat,
         "Softmax": softmax,

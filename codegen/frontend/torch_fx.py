@@ -39,6 +39,13 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(a), int(b))
 
 
+def _pair_float(v: Any) -> tuple[float, float]:
+    if isinstance(v, (int, float)):
+        return (float(v), float(v))
+    a, b = v
+    return (float(a), float(b))
+
+
 def _one(v: Any) -> int:
     """A 1-D size argument (int or a 1-tuple)."""
     if isinstance(v, int):
@@ -55,6 +62,18 @@ _DROPOUT_FUNCTIONS = (
     F.alpha_dropout,
     F.feature_alpha_dropout,
 )
+
+
+_SHAPE_ARITHMETIC = (
+    operator.getitem,
+    getattr,
+    operator.floordiv,
+    operator.mul,
+    operator.add,
+    operator.sub,
+)
+"""Functions of non-tensor values (x.size() arithmetic): evaluated at trace time, used only as
+the arguments of a view, whose shape ShapeProp records."""
 
 
 def _describe_target(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -81,6 +100,7 @@ class _Converter:
         self.model = model
         self.example = example
         self.b = IRBuilder(name, batch=int(example.shape[0]))
+        self.splits: dict[str, tuple[str, int, list[tuple[int, int]]]] = {}  # chunk/split
 
     # ------------------------------------------------------------------ helpers
     def fail(self, node: torch.fx.Node, what: str | None = None) -> UnsupportedModelError:
@@ -88,10 +108,10 @@ class _Converter:
         return UnsupportedModelError(
             f"{what} at node '{node.name}'; supported: Conv1d/2d, Linear, BatchNorm1d/2d, ReLU/"
             "ReLU6/Hardtanh/clamp, Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/LeakyReLU/GELU, "
-            "MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvg/MaxPool (sizes dividing the input), "
+            "MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvg/MaxPool, "
             "mean(H, W), flatten, add, mul (same shape, per-channel scale, constant), "
-            "Softmax(dim=1), cat(dim=1), "
-            "Dropout, Identity, contiguous, StochasticDepth"
+            "Softmax(dim=1), cat(dim=1), Dropout, Identity, contiguous, StochasticDepth, "
+            "channel shuffle (view/transpose), chunk/split of channels, Upsample (nearest)"
         )
 
     def value(self, node: torch.fx.Node, arg: Any) -> str:
@@ -215,17 +235,11 @@ class _Converter:
         def pair(v: Any) -> tuple[int, int]:
             return (1, _one(v)) if d == 1 else _pair(v)
 
-        if kw.get("ceil_mode") and kind == "avgpool2d":
-            raise self.fail(node, f"{title} with ceil_mode=True")
         if kind == "maxpool2d" and pair(kw.get("dilation", 1)) != (1, 1):
             raise self.fail(node, f"{title} with dilation")
         if kind == "maxpool2d" and kw.get("return_indices"):
             raise self.fail(node, f"{title} with return_indices=True")
         ph, pw = (0, _one(p)) if d == 1 else _pair(p)
-        if kind == "avgpool2d" and (ph or pw) and not kw.get("count_include_pad", True):
-            raise self.fail(node, f"{title} with padding and count_include_pad=False")
-        if kind == "avgpool2d" and kw.get("divisor_override") is not None:
-            raise self.fail(node, f"{title} with divisor_override")
         self.b.pool(
             node.name,
             node.name,
@@ -236,14 +250,16 @@ class _Converter:
             padding=(ph, ph, pw, pw),
             nchw=_shape(node)[1:],
             ceil_mode=bool(kw.get("ceil_mode")),
+            count_include_pad=bool(kw.get("count_include_pad", True)),
+            divisor=kw.get("divisor_override"),
         )
 
     def adaptive(self, node: torch.fx.Node, kind: str, size: Any, d: int = 2) -> None:
-        """An adaptive pool to a size that divides the input: a pool with kernel = stride =
-        input / output (a global average pool for 1x1, nothing for the input's own size)."""
+        """An adaptive pool: to a size that divides the input, a pool with kernel = stride =
+        input / output (a global average pool for 1x1, nothing for the input's own size); to
+        any other size, a pool over PyTorch's windows (`adaptive_avgpool2d` / `_maxpool2d`)."""
         x = self.value(node, node.args[0])
         self.batched(node, d)
-        title = {"maxpool2d": "AdaptiveMaxPool", "avgpool2d": "AdaptiveAvgPool"}[kind] + f"{d}d"
         _, ih, iw = self.b.src_shapes[self.b.tensor(x)]
         if d == 1:
             out = (1, iw if size is None else _one(size))
@@ -253,15 +269,34 @@ class _Converter:
         if out == (ih, iw):
             self.b.same(node.name, x)
             return
-        if ih % out[0] or iw % out[1]:
-            want = out[1] if d == 1 else out
-            raise self.fail(node, f"{title} to {want}: the size must divide the input's")
+        if ih % out[0] or iw % out[1]:  # windows of different sizes
+            self.b.adaptive_pool(node.name, node.name, kind, x, _shape(node)[1:])
+            return
         kernel = (ih // out[0], iw // out[1])
         if out == (1, 1) and kind == "avgpool2d":
             self.b.global_avgpool(node.name, node.name, x, _shape(node)[1:])
             return
         self.b.pool(node.name, node.name, kind, x, kernel=kernel, stride=kernel,
                     padding=(0, 0, 0, 0), nchw=_shape(node)[1:])  # fmt: skip
+
+    def interpolate(self, node: torch.fx.Node, mode: str, scale: Any, recompute: Any) -> None:
+        """Upsample / F.interpolate, mode 'nearest': PyTorch's source index of each output
+        row and column, floor(i * s) in float32 (s = 1 / scale_factor, or in / out)."""
+        if mode != "nearest":
+            raise self.fail(node, f"{_describe_target(node, self.modules)} with mode={mode!r}")
+        x = self.value(node, node.args[0])
+        src = _shape(node.args[0])  # type: ignore[arg-type]
+        out = _shape(node)
+        if len(src) != 4:
+            what = _describe_target(node, self.modules)
+            raise self.fail(node, f"{what} of a tensor that is not N x C x H x W")
+        scales = [None, None] if scale is None or recompute else list(_pair_float(scale))
+        idx = []
+        for size, o, sf in zip(src[2:], out[2:], scales, strict=True):
+            step = np.float32(1.0 / sf) if sf else np.float32(size) / np.float32(o)
+            i = np.floor(np.arange(o, dtype=np.float32) * step).astype(np.int64)
+            idx.append(tuple(int(v) for v in np.minimum(i, size - 1)))
+        self.b.upsample_nearest(node.name, node.name, x, idx[0], idx[1], out[1:])
 
     def mean(self, node: torch.fx.Node, dims: Any, keepdim: bool) -> None:
         """x.mean over H and W (over L for a sequence): a global average pool (+ flatten)."""
@@ -275,7 +310,53 @@ class _Converter:
         self.b.reduce(node.name, node.name, "avgpool2d", x, _shape(node), flatten)
 
     def reshape(self, node: torch.fx.Node) -> None:
-        self.b.reshape(node.name, node.name, self.value(node, node.args[0]), _shape(node))
+        x = self.value(node, node.args[0])
+        out = _shape(node)
+        if out[0] != self.b.batch:
+            raise self.fail(node, f"{_describe_target(node, self.modules)} of the batch axis")
+        if len(out) == 2:  # a flatten (of a view read as a channel permutation)
+            self.b.reshape(node.name, node.name, x, out)
+        else:  # any other shape: a view, resolved when read (channel shuffle)
+            self.b.view(node.name, node.name, x, out[1:], _describe_target(node, self.modules))
+
+    def permute(self, node: torch.fx.Node, dims: list[int]) -> None:
+        """transpose/permute of the axes after the batch axis (a channel shuffle's transpose)."""
+        rank = len(_shape(node))
+        dims = [int(d) % rank for d in dims]
+        if dims[0] != 0:
+            raise self.fail(node, f"{_describe_target(node, self.modules)} of the batch axis")
+        x = self.value(node, node.args[0])
+        what = _describe_target(node, self.modules)
+        self.b.permute(node.name, node.name, x, tuple(d - 1 for d in dims[1:]), what)
+
+    def split(self, node: torch.fx.Node, dim: Any) -> None:
+        """chunk/split: a tuple of slices, each taken by a getitem (see `item`)."""
+        metas = node.meta.get("tensor_meta")
+        x = node.args[0]
+        if not isinstance(metas, (list, tuple)) or not isinstance(x, torch.fx.Node):
+            raise self.fail(node)
+        rank = len(_shape(x))
+        axis = int(dim) % rank
+        if axis == 0:
+            raise self.fail(node, f"{_describe_target(node, self.modules)} of the batch axis")
+        bounds, start = [], 0
+        for m in metas:
+            bounds.append((start, start + int(m.shape[axis])))
+            start += int(m.shape[axis])
+        self.splits[node.name] = (self.value(node, x), axis - 1, bounds)
+
+    def item(self, node: torch.fx.Node) -> None:
+        """One piece of a chunk/split."""
+        src, i = node.args[0], node.args[1]
+        if (
+            not isinstance(src, torch.fx.Node)
+            or src.name not in self.splits
+            or not isinstance(i, int)
+        ):
+            raise self.fail(node)
+        x, axis, bounds = self.splits[src.name]
+        what = _describe_target(src, self.modules)
+        self.b.slice(node.name, node.name, x, axis, *bounds[i], what)
 
     def add(self, node: torch.fx.Node) -> None:
         if node.kwargs.get("alpha", 1) != 1:
@@ -369,7 +450,11 @@ class _Converter:
             # A non-tensor value (x.size(0), ...): only allowed as reshape arguments.
             if node.op == "call_method" and node.target == "size":
                 return
-            if node.op == "call_function" and node.target in (operator.getitem, getattr):
+            if node.op == "call_function" and node.target in _SHAPE_ARITHMETIC:
+                return
+            if node.target in (torch.chunk, torch.split) or node.target in ("chunk", "split"):
+                dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+                self.split(node, dim)
                 return
             raise self.fail(node)
         if node.op == "call_module":
@@ -438,6 +523,8 @@ class _Converter:
             if m.return_indices:
                 raise self.fail(node, f"{type(m).__name__} with return_indices=True")
             self.adaptive(node, "maxpool2d", m.output_size, 2 if "2d" in type(m).__name__ else 1)
+        elif isinstance(m, nn.Upsample):
+            self.interpolate(node, m.mode, m.scale_factor, m.recompute_scale_factor)
         elif isinstance(m, nn.Flatten):
             self.reshape(node)
         elif isinstance(m, (nn.modules.dropout._DropoutNd, nn.Identity)) or (
@@ -530,6 +617,11 @@ class _Converter:
                 raise self.fail(node, "adaptive max pooling with return_indices=True")
             d = 2 if t is F.adaptive_max_pool2d else 1
             self.adaptive(node, "maxpool2d", arg(1, "output_size", None), d)
+        elif t is F.interpolate:
+            if arg(7, "antialias", False):
+                raise self.fail(node, "F.interpolate with antialias=True")
+            self.interpolate(node, arg(3, "mode", "nearest"), arg(2, "scale_factor", None),
+                             arg(5, "recompute_scale_factor", None))  # fmt: skip
         elif t is torch.mean or method == "mean":
             if arg(3, "dtype", None) is not None:
                 raise self.fail(node, "mean with a dtype")
@@ -544,6 +636,19 @@ class _Converter:
             if arg(3, "training", True):
                 raise self.fail(node, "stochastic_depth with training=True")
             self.b.same(node.name, self.value(node, args[0]))
+        elif t is operator.getitem:
+            self.item(node)
+        elif t is torch.transpose or method in ("transpose", "swapaxes", "swapdims"):
+            rank = len(_shape(node))
+            d0, d1 = int(arg(1, "dim0", 0)) % rank, int(arg(2, "dim1", 1)) % rank
+            dims = list(range(rank))
+            dims[d0], dims[d1] = d1, d0
+            self.permute(node, dims)
+        elif t is torch.permute or method == "permute":
+            order: Any = arg(1, "dims", None)
+            if isinstance(order, int):  # x.permute(0, 2, 3, 1)
+                order = args[1:]
+            self.permute(node, [int(d) for d in order])
         elif method == "contiguous":
             self.b.same(node.name, self.value(node, args[0]))
         elif t is F.pad:

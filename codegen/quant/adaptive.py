@@ -45,7 +45,7 @@ from codegen.core.formats import int_range, round_half_up
 from codegen.core.ir import OPS, WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
 from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import channel_bounds
-from codegen.quant.ptq import refuse_unsupported, tensor_classes
+from codegen.quant.ptq import PTQ_ONLY_OPS, refuse_unsupported, tensor_classes
 from codegen.quant.training import TrainData, fit
 
 SCALES = ("dyadic", "pow2")
@@ -749,7 +749,7 @@ def quantize_adaptive(
     Under torchrun every rank initialises from its own first calibration samples and
     DistributedDataParallel then broadcasts rank 0's parameters, so the initialisation is rank
     0's; the training is data parallel and every rank exports the same integer graph."""
-    refuse_unsupported(graph, "adaptive", OPS - {"lut", "mul", "softmax"})
+    refuse_unsupported(graph, "adaptive", OPS - PTQ_ONLY_OPS)
     if scale not in SCALES:
         raise QaccError(f"unknown scale kind '{scale}'; choose dyadic or pow2")
     if epochs < 0:

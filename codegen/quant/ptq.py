@@ -9,7 +9,7 @@ The search, per weighted layer in topological order (greedy):
   3. candidates are ranked on the calibration data by accuracy (labels given; ties broken by
      output error) or by output error against float, with earlier layers quantized as chosen and
      later layers still in float.
-Tensors tied by format-preserving ops (maxpool, reshape, concat) share one format.
+Tensors tied by format-preserving ops (maxpool, reshape, gather, concat) share one format.
 """
 
 from __future__ import annotations
@@ -46,10 +46,11 @@ MAX_ACC_BITS = 32
 
 
 def tensor_classes(graph: Graph) -> TensorUnion:
-    """Tensors that must share a format: maxpool, reshape and concat tie inputs to output."""
+    """Tensors that must share a format: maxpool, reshape, gather and concat tie inputs to
+    output."""
     classes = TensorUnion(graph.tensors)
     for n in graph.nodes:
-        if n.op in ("maxpool2d", "reshape", "concat"):
+        if n.op in ("maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "concat"):
             for t in n.inputs:
                 classes.union(t, n.output)
     return classes
@@ -92,7 +93,7 @@ def class_infos(graph: Graph, classes: TensorUnion, cal: Calibration) -> dict[st
         prod = graph.producer(t)
         if prod is None:
             nonneg = cal.tensor_min[t] >= 0
-        elif prod.op in ("maxpool2d", "reshape", "concat"):
+        elif prod.op in ("maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "concat"):
             nonneg = True  # decided by the members that produce values
         else:
             nonneg = prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0
@@ -361,6 +362,14 @@ def build_integer_graph(
             m, s = _divide_by(count, fins[0].frac, fo.frac)
             rq = Requant(one * m, one * s, fo.zero_point, lo, hi)
             attrs["acc_bits"] = _container_bits(count * max(-fins[0].qmin, fins[0].qmax))
+        elif n.op == "adaptive_avgpool2d":  # one divisor per output pixel
+            divs = [_divide_by(int(c), fins[0].frac, fo.frac) for c in n.attrs["counts"]]
+            pm, ps = (np.array(v, dtype=np.int64) for v in zip(*divs, strict=True))
+            rq = Requant(pm, ps, fo.zero_point, lo, hi)
+            area = max(r1 - r0 for r0, r1 in n.attrs["rows"]) * max(
+                c1 - c0 for c0, c1 in n.attrs["cols"]
+            )
+            attrs["acc_bits"] = _container_bits(area * max(-fins[0].qmin, fins[0].qmax))
         elif n.op == "add":
             fm = max(f.frac for f in fins)
             mult = [1 << (fm - f.frac) for f in fins]
@@ -391,10 +400,16 @@ def build_integer_graph(
             table = lut.table(n.attrs["function"], n.attrs.get("args", ()), fins[0], fo, lo, hi)
             params = {"table": table}
             rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
-        else:  # maxpool2d, reshape: the format is shared with the input
+        else:  # maxpool2d, reshape, gather: the format is shared with the input
             rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
         nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
     return graph.with_nodes(tuple(nodes), tensors)
+
+
+PTQ_ONLY_OPS = frozenset(
+    {"lut", "mul", "softmax", "gather", "adaptive_avgpool2d", "adaptive_maxpool2d"}
+)
+"""Ops only the `ptq` method quantizes so far (`adaptive` and `transform` refuse them)."""
 
 
 def refuse_unsupported(graph: Graph, method: str, supported: frozenset[str]) -> None:
@@ -431,4 +446,7 @@ def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:
             out[n.name] = {"scale": m * 2.0**-s * fo.scale / fi.scale}
         elif n.op == "softmax":  # the integer exp table, at the input's scale
             out[n.name] = {"exp_table": n.params["exp_table"], "in_scale": fi.scale}
+        elif n.op == "adaptive_avgpool2d":  # the realised 1 / count of each output pixel
+            realised = n.requant.mult * np.exp2(-n.requant.shift.astype(np.float64))
+            out[n.name] = {"scale": realised * fo.scale / fi.scale}
     return out

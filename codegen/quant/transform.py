@@ -51,6 +51,7 @@ from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import Policy, WeightQuant, acc_limits, channel_bounds
 from codegen.quant.calibrate import calibrate
 from codegen.quant.ptq import (
+    PTQ_ONLY_OPS,
     build_integer_graph,
     class_infos,
     refuse_unsupported,
@@ -503,7 +504,7 @@ def quantize_transform(
     device: torch.device | str = "cpu",
 ) -> tuple[Graph, dict[str, Any]]:
     """The integer graph of `fg` coded at `bits_per_weight`, and the report's extra entries."""
-    refuse_unsupported(fg, "transform", OPS - {"lut", "mul", "softmax"})
+    refuse_unsupported(fg, "transform", OPS - PTQ_ONLY_OPS)
     if transform not in TRANSFORMS:
         raise QaccError(f"unknown transform '{transform}'; choose one of {', '.join(TRANSFORMS)}")
     if deploy not in DEPLOYMENTS:

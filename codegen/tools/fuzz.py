@@ -6,14 +6,15 @@ Two kinds of cases, each a pure function of an integer seed (so a failure is rep
   padding, dilation, groups, weight bits (declared in attrs["weight_bits"] half of the time, so
   weights of <= 4 bits are stored packed), accumulator widths 8..32, input/output zero points,
   clamps, requantization multipliers up to 33 bits, add and concat branches, element-wise
-  function tables (`lut`, from their own random stream), products (`mul`: a squeeze-excitation
-  gate, a square, two branches) and softmax (from a third stream). Weights and inputs
+  function tables (`lut`), products (`mul`: a squeeze-excitation gate, a square, two branches),
+  softmax, channel gathers (`gather`) and adaptive pools to any size
+  (`adaptive_avgpool2d`/`_maxpool2d`), each kind from its own random stream. Weights and inputs
   are often drawn near the top of their range so that narrow accumulators wrap (the wrapped sum is
   the contract, so that is fine and tested).
 * **quantized torch models** (`random_model`): small random nn.Modules (conv/BN/ReLU/ReLU6,
-  Hardswish/SiLU/Sigmoid/Tanh/LeakyReLU, depthwise, pools, residual add, concat, flatten,
-  squeeze-excitation, linear, a softmax head) through `codegen.quantize` with a random
-  accumulator width 8..32 and overflow policy.
+  Hardswish/SiLU/Sigmoid/Tanh/LeakyReLU, depthwise, pools, adaptive pools to any size, residual
+  add, concat, chunk + channel shuffle, flatten, squeeze-excitation, linear, a softmax head)
+  through `codegen.quantize` with a random accumulator width 8..32 and overflow policy.
   `InfeasibleAccumulatorError` is a valid answer (counted as `infeasible`); any other exception
   is a failure.
 
@@ -43,6 +44,7 @@ from codegen.core import lut, reference
 from codegen.core.errors import InfeasibleAccumulatorError
 from codegen.core.formats import IntArray, wrap
 from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, conv_out_size
+from codegen.quant.ptq import _divide_by
 from codegen.targets.build import BuildResult, BuildTarget, Target, build_many, resolve_target
 from codegen.targets.compiled import run_testbench
 
@@ -369,6 +371,53 @@ def _softmax(b: _Builder, x: str, rng: np.random.Generator) -> str:
     return b._add(node)
 
 
+def _gather(b: _Builder, x: str, rng: np.random.Generator) -> str:
+    """Channels picked by index: a permutation (channel shuffle) or a slice (chunk, split)."""
+    fmt = b.tensors[x].fmt
+    assert fmt is not None
+    shape = b.tensors[x].shape
+    c = shape[-1]
+    if rng.random() < 0.5:
+        index = [int(i) for i in rng.permutation(c)]
+    else:
+        start = int(rng.integers(0, c))
+        index = list(range(start, int(rng.integers(start + 1, c + 1))))
+    out = b._tensor((*shape[:-1], len(index)), fmt)
+    lo, hi = (fmt.qmin, fmt.qmax) if rng.random() < 0.7 else (max(fmt.qmin, -3), 60)
+    rq = Requant(np.ones(1, np.int64), np.zeros(1, np.int64), fmt.zero_point, lo, hi)
+    attrs = {"index": tuple(index)}
+    return b._add(Node(f"gather{len(b.nodes)}", "gather", (x,), out, attrs, {}, rq))
+
+
+def _adaptive(b: _Builder, x: str, rng: np.random.Generator) -> str:
+    """An adaptive average or max pool to a random size (smaller, larger or not dividing)."""
+    h, w, c = b.tensors[x].shape
+    oh, ow = int(rng.integers(1, h + 3)), int(rng.integers(1, w + 3))
+    rows = tuple((i * h // oh, -(-(i + 1) * h // oh)) for i in range(oh))
+    cols = tuple((j * w // ow, -(-(j + 1) * w // ow)) for j in range(ow))
+    attrs: dict[str, Any] = {"rows": rows, "cols": cols}
+    if rng.random() < 0.4:
+        fmt = b.tensors[x].fmt
+        assert fmt is not None
+        out = b._tensor((oh, ow, c), fmt)
+        one, zero = np.ones(1, np.int64), np.zeros(1, np.int64)
+        rq = Requant(one, zero, fmt.zero_point, fmt.qmin, fmt.qmax)
+        return b._add(Node(f"apool{len(b.nodes)}", "adaptive_maxpool2d", (x,), out, attrs, {}, rq))
+    counts = [(r1 - r0) * (c1 - c0) for r0, r1 in rows for c0, c1 in cols]
+    attrs.update(counts=tuple(counts), acc_bits=int(rng.integers(8, 33)))
+    fin = b.tensors[x].fmt
+    assert fin is not None
+    if fin.zero_point:
+        attrs["input_zero_point"] = fin.zero_point
+    lo, hi, out_zp = [(-128, 127, 0), (0, 127, 0), (-100, 127, -7)][int(rng.integers(0, 3))]
+    out = b._tensor((oh, ow, c), _fmt(lo, hi, out_zp))
+    fo = int(rng.integers(2, 6))
+    divs = [_divide_by(n, 4, fo) for n in counts]
+    mult, shift = (np.array(v, dtype=np.int64) for v in zip(*divs, strict=True))
+    rq = Requant(mult, shift, out_zp, lo, hi)
+    return b._add(Node(f"apool{len(b.nodes)}", "adaptive_avgpool2d", (x,), out, attrs, {}, rq))
+
+
 def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
     """A random integer graph of 1..6 layers and its sample batch (quantized NHWC ints); some
     layers are followed by an element-wise table (drawn from their own stream, so a seed's other
@@ -376,6 +425,8 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
     rng = np.random.default_rng([0x51ACC, seed])
     lut_rng = np.random.default_rng([0x51ACC, seed, 1])
     mul_rng = np.random.default_rng([0x51ACC, seed, 2])  # products and softmax
+    gather_rng = np.random.default_rng([0x51ACC, seed, 3])
+    pool_rng = np.random.default_rng([0x51ACC, seed, 4])
     b = _Builder(f"g{seed}", rng, batch)
     lo, hi = (0, 127) if rng.random() < 0.35 else (-128, 127)
     dist = str(rng.choice(["uniform", "uniform", "high", "low"]))
@@ -400,6 +451,8 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
                 t = _lut(b, t, lut_rng)
             if mul_rng.random() < 0.15:
                 t = _mul(b, t, mul_rng)
+            if gather_rng.random() < 0.15:
+                t = _gather(b, t, gather_rng)
             continue
         if r < 0.35:
             t = _conv(b, t)
@@ -422,6 +475,10 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
             t = _lut(b, t, lut_rng)
         if mul_rng.random() < 0.2 and len(b.tensors[t].shape) == 3:
             t = _mul(b, t, mul_rng)
+        if gather_rng.random() < 0.15:
+            t = _gather(b, t, gather_rng)
+        if len(b.tensors[t].shape) == 3 and pool_rng.random() < 0.12:
+            t = _adaptive(b, t, pool_rng)
     if not b.nodes:
         t = _flatten(b, t)
     if mul_rng.random() < 0.2:
@@ -485,9 +542,23 @@ def random_model(seed: int) -> tuple[Any, np.ndarray, np.ndarray, int, str]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1)
 
+    class Shuffle(nn.Module):  # ShuffleNetV2: chunk, one half through a ReLU, cat, shuffle
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n, c, h, w = x.size()
+            a, b = x.chunk(2, dim=1)
+            y = torch.cat((b, torch.relu(a)), dim=1).view(n, 2, c // 2, h, w)
+            return torch.transpose(y, 1, 2).contiguous().view(n, c, h, w)
+
+    shuffle_rng = np.random.default_rng([0x70C4, seed, 3])
     layers: list[nn.Module] = []
     c, h = cin, size
     for _ in range(int(rng.integers(1, 4))):
+        if c % 2 == 0 and shuffle_rng.random() < 0.2:
+            layers.append(Shuffle())
+        if shuffle_rng.random() < 0.15:  # windows of different sizes (any output size)
+            h = int(shuffle_rng.integers(1, h + 3))
+            pool = nn.AdaptiveAvgPool2d if shuffle_rng.random() < 0.6 else nn.AdaptiveMaxPool2d
+            layers.append(pool(h))
         r = rng.random()
         if r < 0.45:
             k = int(rng.integers(1, min(h, 3) + 1))

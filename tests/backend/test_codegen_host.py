@@ -142,6 +142,15 @@ def _inception(b: GraphBuilder) -> None:
     b.conv2d(t, 3, (3, 3), (2, 2), acc_bits=20)
 
 
+def _shuffle_block(b: GraphBuilder) -> None:
+    """ShuffleNetV2's unit: chunk, a branch on one half, concat, channel shuffle."""
+    x = b.input((6, 6, 8))
+    keep, branch = b.gather(x, range(4)), b.gather(x, range(4, 8))
+    t = b.conv2d(branch, 4, (1, 1), acc_bits=16, lo=0)
+    t = b.conv2d(t, 4, (3, 3), padding=(1, 1, 1, 1), groups=4, acc_bits=16)
+    b.gather(b.concat([keep, t]), [0, 4, 1, 5, 2, 6, 3, 7])
+
+
 def _conv_lut_chain(b: GraphBuilder) -> None:
     """Tables after convolutions, in place over the conv outputs, and on a vector."""
     x = b.input((7, 7, 3))
@@ -468,6 +477,43 @@ CASES: list[Case] = [
         "lut-gelu-tanh-dyadic-out",
         lambda b: b.lut(b.input((4, 4, 4)), "gelu_tanh", out=QFormat(8, True, 5, 3, step=0.0371)),
     ),
+    # adaptive pools (any output size), average pools with windows of different sizes
+    Case(
+        "adaptive_avgpool2d_acc16-upsample-7x5",
+        lambda b: b.adaptive_pool(b.input((2, 3, 6)), (7, 5)),
+    ),
+    Case(
+        "adaptive_avgpool2d_acc16-down-zero-point",
+        lambda b: b.adaptive_pool(b.input((9, 10, 4)), (4, 3), input_zero_point=-9, lo=0),
+    ),
+    Case(
+        "adaptive_avgpool2d_acc16-ceil-windows-wrap",
+        lambda b: b.adaptive_pool(
+            b.input((5, 5, 3), dist="high"),
+            (3, 3),
+            acc_bits=9,
+            windows=(((0, 2), (1, 4), (3, 5)), ((0, 3), (2, 5), (4, 5))),
+        ),
+        wraps=True,
+    ),
+    Case(
+        "adaptive_avgpool2d_acc32-wide",
+        lambda b: b.adaptive_pool(b.input((6, 5, 3)), (4, 4), acc_bits=20),
+    ),
+    Case(
+        "adaptive_maxpool2d-down", lambda b: b.adaptive_pool(b.input((7, 9, 5)), (3, 4), kind="max")
+    ),
+    Case(
+        "adaptive_maxpool2d-upsample-clamped",
+        lambda b: b.adaptive_pool(b.input((1, 2, 3)), (6, 6), kind="max", lo=-5, hi=70),
+    ),
+    # gather (channel shuffle, chunk, split)
+    Case(
+        "gather-channel-shuffle", lambda b: b.gather(b.input((5, 3, 8)), [0, 4, 1, 5, 2, 6, 3, 7])
+    ),
+    Case("gather-chunk-clamped", lambda b: b.gather(b.input((4, 6, 9)), range(5, 9), lo=-3, hi=60)),
+    Case("gather-vector-wide", lambda b: b.gather(b.input((300,)), range(299, -1, -2))),
+    Case("net-shuffle-block", _shuffle_block),
     Case("net-conv-lut-chain", _conv_lut_chain),
     Case("net-chain-cnn", _chain_net),
     Case("net-resnet-block", _resnet_block),

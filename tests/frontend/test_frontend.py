@@ -75,6 +75,28 @@ class StochasticDepth(nn.Module):
         return stochastic_depth(x, self.p, self.mode, self.training)
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ShuffleNetV2 channel shuffle, shape arithmetic included."""
+    batchsize, num_channels, height, width = x.size()
+    x = x.view(batchsize, groups, num_channels // groups, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, num_channels, height, width)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's stride-1 unit: chunk, a branch on one half, cat, channel shuffle."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.Conv2d(c // 2, c // 2, 1), nn.ReLU(), nn.Conv2d(c // 2, c // 2, 3, padding=1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((x1, self.branch(x2)), dim=1), 2)
+
+
 C = 4
 CASES = {
     "conv_stride_pad": lambda: seq(nn.Conv2d(C, 6, 3, stride=2, padding=1)),
@@ -229,6 +251,30 @@ CASES = {
         lambda s, x: F.avg_pool1d(F.max_pool1d(s.c(x), 3, 1, 1, ceil_mode=True), 2),
         c=nn.Conv1d(C, 4, 3),
     ),
+    "channel_shuffle": lambda: Lambda(
+        lambda s, x: channel_shuffle(s.c(x), 3), c=nn.Conv2d(C, 6, 1)
+    ),
+    "shuffle_unit": lambda: seq(
+        nn.Conv2d(C, 6, 1), ShuffleUnit(6), nn.Flatten(), nn.Linear(384, 3)
+    ),
+    "split_views": lambda: Lambda(
+        lambda s, x: torch.cat(
+            (
+                (t := torch.split(s.c(x), [2, 3], 1))[1].relu(),
+                t[0].reshape(x.size(0), 1, 2, 64).transpose(1, 2).reshape(x.size(0), 2, 8, 8),
+            ),
+            1,
+        ),
+        c=nn.Conv2d(C, 5, 1),
+    ),
+    "adaptive_avgpool_up": lambda: seq(nn.Conv2d(C, 3, 3, stride=3), nn.AdaptiveAvgPool2d((7, 5))),
+    "adaptive_avgpool_any": lambda: seq(nn.Conv2d(C, 3, 1), nn.AdaptiveAvgPool2d((3, 5))),
+    "adaptive_maxpool_any": lambda: seq(nn.AdaptiveMaxPool2d((3, 6)), nn.Conv2d(C, 3, 1)),
+    "avgpool_ceil": lambda: seq(nn.Conv2d(C, 3, 1), nn.AvgPool2d(3, 2, 1, ceil_mode=True)),
+    "avgpool_exclude_pad": lambda: seq(nn.AvgPool2d(3, 2, 1, count_include_pad=False)),
+    "f_avgpool_divisor": lambda: Lambda(
+        lambda s, x: F.avg_pool2d(s.c(x), 2, divisor_override=3), c=nn.Conv2d(C, 3, 1)
+    ),
     "f_avgpool_pad": lambda: Lambda(
         lambda s, x: F.avg_pool2d(s.c(x), 3, 2, 1), c=nn.Conv2d(C, 3, 1)
     ),
@@ -348,6 +394,18 @@ NEW_OPS = {  # the ops each normalised pattern becomes
         *("conv2d", "softmax", "softmax", "softmax"),
         *("global_avgpool", "reshape", "dense", "softmax"),
     ],
+    "channel_shuffle": ["conv2d", "gather"],
+    "shuffle_unit": [
+        *("conv2d", "gather", "conv2d", "conv2d", "gather", "concat", "gather", "reshape"),
+        "dense",
+    ],
+    "split_views": ["conv2d", "gather", "lut", "gather", "concat"],
+    "adaptive_avgpool_up": ["conv2d", "adaptive_avgpool2d"],
+    "adaptive_avgpool_any": ["conv2d", "adaptive_avgpool2d"],
+    "adaptive_maxpool_any": ["adaptive_maxpool2d", "conv2d"],
+    "avgpool_ceil": ["conv2d", "adaptive_avgpool2d"],
+    "avgpool_exclude_pad": ["adaptive_avgpool2d"],
+    "f_avgpool_divisor": ["conv2d", "adaptive_avgpool2d"],
 }
 
 
@@ -448,14 +506,19 @@ def test_graph_is_nhwc_with_fusions() -> None:
         (Lambda(lambda s, x: x * True), "operator.mul by True at node 'mul'"),
         (Lambda(lambda s, x: F.softmax(x, dim=2)), "softmax over dim 2 (only over the channels"),
         (Lambda(lambda s, x: x.softmax(1, torch.float64)), "softmax with a dtype"),
-        (seq(nn.Conv2d(C, 3, 1), nn.AvgPool2d(3, 2, ceil_mode=True)), "AvgPool2d with ceil_mode"),
-        (seq(nn.AdaptiveAvgPool2d(3)), "AdaptiveAvgPool2d to (3, 3): the size must divide"),
-        (seq(nn.AdaptiveMaxPool2d((2, 3))), "AdaptiveMaxPool2d to (2, 3): the size must divide"),
         (Lambda(lambda s, x: F.dropout(x, 0.5)), "dropout with training=True"),
         (Lambda(lambda s, x: stochastic_depth(x, 0.5, "row")), "stochastic_depth with training"),
         (Lambda(lambda s, x: x.mean(1)), "mean other than over H and W"),
         (seq(nn.Flatten(), _bn(C * 64, 1)), "BatchNorm1d of features that does not directly"),
         (Lambda(lambda s, x: torch.cat([x, x], dim=2)), "channel dimension"),
+        (
+            Lambda(lambda s, x: s.c(x.permute(0, 2, 3, 1)), c=nn.Conv2d(8, 3, 1)),
+            "Tensor.permute at node 'permute' to (8, 8, 4): only flatten, channel permutations",
+        ),
+        (Lambda(lambda s, x: x.transpose(0, 1)), "Tensor.transpose of the batch axis"),
+        (Lambda(lambda s, x: x.chunk(2, 0)[0]), "Tensor.chunk of the batch axis"),
+        (Lambda(lambda s, x: x.view(2, -1, 8, 8)[0]), "Tensor.view of the batch axis"),
+        (Lambda(lambda s, x: x[:, 1:3]), "unsupported op operator.getitem at node 'getitem'"),
     ],
 )
 def test_unsupported_ops_are_named(model: nn.Module, message: str) -> None:

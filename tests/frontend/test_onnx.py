@@ -39,7 +39,13 @@ from codegen.data.models import FashionCNN, ResDWNet
 from codegen.frontend.onnx_model import from_onnx
 from codegen.frontend.torch_fx import from_torch
 from tests.frontend.test_frontend import CASES, C, shape
+from tests.frontend.test_real_networks import NETWORKS as REAL
 from tests.nets import Branchy, Plain, randomized
+
+
+def _real(key: str) -> nn.Module:
+    torch.manual_seed(0)
+    return REAL[key][0]().eval()
 
 
 def _case(key: str) -> nn.Module:
@@ -47,19 +53,34 @@ def _case(key: str) -> nn.Module:
     return CASES[key]().eval()
 
 
+NOT_EXPORTED = {
+    # torch.onnx.export refuses adaptive pools to sizes that do not divide the input
+    # (torchscript) or spells their windows out as Gather/Transpose arithmetic (dynamo)
+    "adaptive_avgpool_up",
+    "adaptive_avgpool_any",
+    "adaptive_maxpool_any",
+    # ONNX AveragePool has no divisor: the exporters add a Mul by a constant
+    "f_avgpool_divisor",
+}
+
 NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "branchy": (lambda: randomized(Branchy(), seed=3), (3, 8, 8)),
     "branchy_w8": (lambda: randomized(Branchy(cin=3, w=8, classes=5), seed=1), (3, 8, 8)),
     "plain": (lambda: randomized(Plain(), seed=1), (1, 8, 8)),
     "fashion_cnn": (lambda: randomized(FashionCNN(width=6), seed=0), (1, 28, 28)),
     "resdw": (lambda: randomized(ResDWNet(width=6), seed=0), (1, 12, 12)),
-    **{f"frontend_{k}": (lambda k=k: _case(k), shape(k)) for k in CASES},
+    "unet": (lambda: _real("unet"), (3, 8, 8)),
+    **{f"frontend_{k}": (lambda k=k: _case(k), shape(k)) for k in CASES if k not in NOT_EXPORTED},
 }
-WHOLE = ["branchy", "branchy_w8", "plain", "fashion_cnn", "resdw"]
+WHOLE = ["branchy", "branchy_w8", "plain", "fashion_cnn", "resdw", "unet"]
 RENAMED = {
     "flatten": "view",
     "reshape": "view",
     "adaptive_avg_pool2d": "mean",
+    # x.size() items are numbered like the tensor items in torch.fx: ONNX has only the tensors
+    "getitem": "getitem",
+    "interpolate": "upsample_nearest2d",
+    "view": "view",
     # the torchscript exporter runs 1-D pools as 2-D ones and records that name
     "max_pool1d": "max_pool2d",
     "avg_pool1d": "avg_pool2d",
@@ -213,6 +234,10 @@ def _quantize(model: nn.Module | Path, calib: np.ndarray, acc: int) -> Quantized
         "frontend_mul_forms",
         "frontend_mul_vectors",
         "frontend_softmax_forms",
+        "frontend_shuffle_unit",
+        "frontend_split_views",
+        "frontend_avgpool_ceil",
+        "frontend_avgpool_exclude_pad",
     ],
 )
 def test_integer_graph_and_outputs_are_the_torch_ones(

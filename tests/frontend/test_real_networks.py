@@ -12,7 +12,9 @@ guaranteed accumulators) -> codegen.compile -> the C output equals qm.reference_
 - products (`mul`: squeeze-excitation's per-channel gate, two branches; a `scale` table for a
   constant factor) and a softmax classifier head;
 - (N, F) vectors and (N, C, L) sequences (Conv1d, MaxPool1d, AvgPool1d, AdaptiveAvgPool1d,
-  BatchNorm1d) as images with H = 1; the API takes and gives the model's own rank.
+  BatchNorm1d) as images with H = 1; the API takes and gives the model's own rank;
+- a U-Net (nearest upsampling: a max over one-pixel windows) and ShuffleNetV2's units (chunk and
+  channel shuffle: `gather`; an adaptive pool to a size that does not divide the input).
 
 The ONNX exports of the same patterns are compared with these graphs in test_onnx.py (the CASES of
 test_frontend.py); the QEMU tests run two of the networks on cortex-a53 (NEON) and cortex-m55
@@ -34,7 +36,7 @@ from torch import nn
 import codegen
 from codegen.api import QuantizedModel
 from codegen.core.errors import InvalidDataError
-from tests.frontend.test_frontend import StochasticDepth, _bn
+from tests.frontend.test_frontend import Lambda, ShuffleUnit, StochasticDepth, _bn, channel_shuffle
 from tests.targets.test_codegen_qemu import _require
 
 
@@ -133,6 +135,48 @@ class SqueezeExcitation(nn.Module):
         return F.softmax(self.head(z.mean((2, 3))), dim=1)
 
 
+class UNet(nn.Module):
+    """A small U-Net: encoder (conv, max pool), decoder (nearest x2 upsampling as a module and
+    as F.interpolate, skip concatenations), a per-pixel head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8), nn.ReLU())
+        self.e2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU())
+        self.mid = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(12, 12, 3, padding=1), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.d1 = nn.Sequential(nn.Conv2d(24, 8, 3, padding=1), nn.ReLU())
+        self.d2 = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.e1(x)
+        b = self.e2(a)
+        d = self.d1(torch.cat((self.up(self.mid(b)), b), 1))
+        return self.head(self.d2(torch.cat((F.interpolate(d, scale_factor=2), a), 1)))
+
+
+class ShuffleNetUnit(nn.Module):
+    """ShuffleNetV2's units: stride 2 (two branches, cat, shuffle), stride 1 (chunk, one
+    branch, cat, shuffle), an adaptive pool that upsamples (VGG/AlexNet at small sizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.left = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, groups=8), nn.Conv2d(8, 8, 1))
+        self.right = nn.Sequential(
+            nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1, groups=8)
+        )
+        self.unit = ShuffleUnit(16)
+        self.pool = nn.AdaptiveAvgPool2d((5, 3))
+        self.fc = nn.Linear(16 * 15, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = channel_shuffle(torch.cat((self.left(x), self.right(x)), 1), 2)
+        return self.fc(torch.flatten(self.pool(self.unit(x)), 1))
+
+
 def fc_autoencoder(features: int = 640) -> nn.Module:
     """MLPerf Tiny's anomaly-detection autoencoder, narrowed: Linear/BatchNorm1d/ReLU on (N, F)."""
     layers: list[nn.Module] = []
@@ -182,6 +226,8 @@ NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "conv1d_classifier": (conv1d_classifier, (6, 49)),
     "conv1d_sequence_out": (conv1d_sequence_out, (4, 20)),
     "squeeze_excitation": (SqueezeExcitation, (3, 12, 12)),
+    "unet": (UNet, (3, 8, 8)),
+    "shufflenet_unit": (ShuffleNetUnit, (3, 8, 8)),
 }
 
 
@@ -250,7 +296,11 @@ def test_calibration_of_the_wrong_rank_is_one_line() -> None:
 @pytest.mark.qemu
 @pytest.mark.parametrize("target", ["cortex-a53", "cortex-m55"])
 @pytest.mark.parametrize(
-    "key", ["preact_dense", "conv1d_classifier", "activations_anywhere", "squeeze_excitation"]
+    "key",
+    [
+        *("preact_dense", "conv1d_classifier", "activations_anywhere"),
+        *("squeeze_excitation", "unet"),
+    ],
 )
 def test_network_is_bit_exact_under_qemu(key: str, target: str, tmp_path: Path) -> None:
     """The new lowerings (tables for lone activations, depthwise 1x1 for standalone BatchNorm,
@@ -260,3 +310,25 @@ def test_network_is_bit_exact_under_qemu(key: str, target: str, tmp_path: Path) 
     _, qm, x = _quantize(key)
     c = codegen.compile(qm, target=target, out_dir=tmp_path / target)
     assert np.array_equal(c.run_int(x), qm.reference_int(x))
+
+
+@pytest.mark.parametrize("method", ["adaptive", "transform"])
+@pytest.mark.parametrize(
+    ("pattern", "op"),
+    [
+        (Lambda(lambda s, x: channel_shuffle(s.c(x), 2), c=nn.Conv2d(3, 4, 1)), "gather"),
+        (nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(3)), "adaptive_avgpool2d"),
+        (nn.Sequential(nn.Conv2d(3, 4, 1), nn.Upsample(scale_factor=2)), "adaptive_maxpool2d"),
+    ],
+)
+def test_other_methods_refuse_the_new_ops_in_one_line(
+    method: str, pattern: nn.Module, op: str
+) -> None:
+    model = nn.Sequential(pattern, nn.Flatten(), nn.LazyLinear(2)).eval()
+    x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    model(torch.as_tensor(x))  # materialise the lazy layer
+    y = np.zeros(8, dtype=np.int64)
+    with pytest.raises(codegen.QaccError) as e:
+        codegen.quantize(model, x, method=method, train=(x, y), progress=False)
+    assert str(e.value).startswith(f"method '{method}' does not support {op} (node ")
+    assert "\n" not in str(e.value)

@@ -90,12 +90,23 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
         "conv2d_depthwise_acc16", "conv2d_depthwise_acc32", "dense_acc16", "dense_acc32",
         "maxpool2d", "avgpool2d_acc16", "avgpool2d_acc32", "global_avgpool_acc16",
         "global_avgpool_acc32", "add_acc16", "add_acc32", "concat", "lut", "mul_acc16",
-        "mul_acc32", "softmax",
+        "mul_acc32", "softmax", "gather", "adaptive_avgpool2d_acc16", "adaptive_avgpool2d_acc32",
+        "adaptive_maxpool2d",
     ):  # fmt: skip
         assert kernels[k] > 0, (k, kernels)
     assert set(range(8, 33)) <= widths
     assert min(attrs.values()) > 10 and len(attrs) == 6, attrs
     models = [fuzz.random_model(s) for s in range(40)]
+    shuffles = sum("Shuffle" in str(m[0]) for m in models)
+    assert shuffles > 3  # chunk + channel shuffle models (gather nodes after quantization)
+    pools = sum(
+        any(
+            isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and m.output_size != 1
+            for m in model.modules()
+        )
+        for model, *_ in models
+    )
+    assert pools > 3  # adaptive pools to any size
     policies = Counter(m[4] for m in models)
     assert policies["guaranteed"] > 5 and policies["profiled"] > 5
     layers = Counter(type(m).__name__ for model, *_ in models for m in model.modules())
