@@ -20,6 +20,7 @@ from codegen.frontend.torch_fx import from_torch
 from codegen.quant.accumulator import POLICIES, Policy, channel_bounds
 from codegen.quant.distributed import resolve_device
 from codegen.quant.ptq import PTQResult, fakequant_overrides, search
+from codegen.quant.rounding import DEFAULT_ROUNDING, check_rounding
 from codegen.quant.training import TrainData
 from codegen.targets.compiled import compile as compile
 
@@ -215,6 +216,7 @@ def quantize(
     distill: bool = False,
     seed: int = 0,
     device: str = "cpu",
+    rounding: str = DEFAULT_ROUNDING,
 ) -> QuantizedModel:
     """Quantize an eval-mode nn.Module for accumulators of `acc_bits` bits.
 
@@ -224,6 +226,10 @@ def quantize(
     `margin`). `labels` (optional) rank candidates by accuracy.
 
     method="ptq": post-training, power-of-two formats filling the accumulator (de Bruin et al.).
+    `rounding` ("ptq" only): "nearest" (default: each weight on its own), or "optq" / "gpfq",
+    accumulator-aware error-correcting rounding (AXE: each weight column's rounding error pushed
+    onto the columns not yet quantized, every channel kept inside its accumulator budget, then
+    bias correction; best below 16 bits).
     method="adaptive": quantization-aware training on `train` for `epochs` with learned step
     sizes and offsets (LSQ+), `w_bits`/`a_bits` (2..8, per network or {layer: bits}), `scale`
     "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`;
@@ -242,6 +248,7 @@ def quantize(
     """
     if method not in METHODS:
         raise QaccError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    check_rounding(rounding)
     if overflow not in POLICIES:
         raise QaccError(f"unknown overflow policy '{overflow}'; choose guaranteed or profiled")
     dev = resolve_device(device)  # before any work: "cuda" without CUDA is a one-line error
@@ -295,7 +302,7 @@ def quantize(
         )
     else:
         res = search(fg, simulate.nchw_to_nhwc(calib_ir), lab, accs, cast(Policy, overflow), margin,
-                     progress, device=dev)  # fmt: skip
+                     progress, device=dev, rounding=rounding)  # fmt: skip
         graph = res.graph
     qm = QuantizedModel(fg.name, graph, fg, method, overflow)
     qm.report = build_report(qm, res, calib) | extra

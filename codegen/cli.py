@@ -36,6 +36,7 @@ def _sweep(args: argparse.Namespace) -> int:
         [m.strip() for m in args.methods.split(",") if m.strip()],
         args.qat_epochs,
         args.epochs,
+        rounding=[r.strip() for r in args.rounding.split(",") if r.strip()],
     )
 
 
@@ -123,6 +124,7 @@ def _compile(args: argparse.Namespace) -> int:
             method=args.method,
             margin=args.margin,
             name=args.name,
+            rounding=args.rounding,
             w_bits=args.w_bits,
             a_bits=args.a_bits,
             scale=args.scale,
@@ -202,6 +204,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from codegen import __version__
     from codegen.data import models
+    from codegen.quant.rounding import DEFAULT_ROUNDING, ROUNDINGS
     from codegen.targets.table import TARGETS
 
     p = argparse.ArgumentParser(
@@ -271,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="overflow policy",
     )
     c.add_argument("--margin", type=float, default=2.0, help="profiled policy: range margin")
+    c.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        default=DEFAULT_ROUNDING,
+        help="ptq: weight rounding; optq and gpfq push each column's rounding error onto the "
+        "columns not yet quantized, inside the accumulator budget (AXE); nearest rounds each",
+    )
     c.add_argument(
         "--method",
         choices=("ptq", "adaptive", "transform"),
@@ -348,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--widths", default="32,20,16,14,12,10", help="accumulator widths separated by commas"
     )
     w.add_argument("--methods", default="ptq,adaptive", help="ptq and/or adaptive (commas)")
+    w.add_argument(
+        "--rounding",
+        default=DEFAULT_ROUNDING,
+        help=f"ptq weight rounding, one or more of {', '.join(ROUNDINGS)} (commas)",
+    )
     w.add_argument(
         "--out", default="out/sweep", help="directory for sweep.png, sweep.md and sweep.json"
     )

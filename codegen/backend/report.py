@@ -328,7 +328,7 @@ def sweep_table(report: Mapping[str, Any]) -> Table | None:
         acc = r.get("accuracy")
         t.rows.append(
             [
-                str(r.get("method", "-")),
+                str(r.get("method", "-")) + (f" ({r['rounding']})" if r.get("rounding") else ""),
                 str(r.get("policy", "-")),
                 _int(r.get("acc_bits")),
                 f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "infeasible",
@@ -464,13 +464,18 @@ def plot_bits(report: Mapping[str, Any]) -> bytes | None:
 
 
 def plot_sweep(report: Mapping[str, Any]) -> bytes | None:
-    """Accuracy against accumulator width, one line per (method, policy); x marks infeasible."""
+    """Accuracy against accumulator width, one line per (method, policy[, rounding]); x marks
+    infeasible."""
     sweep = _quant(report).get("sweep")
     if not isinstance(sweep, Mapping) or not sweep.get("rows"):
         return None
     series: dict[tuple[str, str], list[tuple[int, float | None]]] = {}
     for r in sweep["rows"]:
-        key = (str(r.get("method", "?")), str(r.get("policy", "?")))
+        policy = str(r.get("policy", "?"))
+        key = (
+            str(r.get("method", "?")),
+            f"{policy}, {r['rounding']}" if r.get("rounding") else policy,
+        )
         series.setdefault(key, []).append((int(r["acc_bits"]), r.get("accuracy")))
     fig = _figure(7.0, 4.0)
     ax = fig.add_subplot()

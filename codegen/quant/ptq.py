@@ -35,6 +35,7 @@ from codegen.quant.accumulator import (
     quantize_weights,
 )
 from codegen.quant.calibrate import Calibration, calibrate
+from codegen.quant.rounding import DEFAULT_ROUNDING, layer_stats, refine
 
 DEFAULT_SIGNED_BITS = 8
 DEFAULT_UNSIGNED_BITS = 7
@@ -196,8 +197,13 @@ def search(
     margin: float = 2.0,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    rounding: str = DEFAULT_ROUNDING,
+    bias_correction: bool = True,
 ) -> PTQResult:
-    """Under torchrun the ranges are all-reduced (`calibrate`) and the candidates are ranked on
+    """`rounding` ("nearest", "optq", "gpfq": `codegen.quant.rounding`) turns the weights of
+    every candidate into error-corrected ones, fed the already-quantized prefix's outputs.
+
+    Under torchrun the ranges are all-reduced (`calibrate`) and the candidates are ranked on
     the first RANK_SAMPLES samples of every rank, their scores summed over the ranks
     (`_score`): every rank builds the same graph."""
     cal = calibrate(graph, x_nhwc, progress, device)
@@ -243,6 +249,17 @@ def search(
             if len(widths) > 1 and bx < info.max_bits and not _fills(wq, nxt):
                 continue
             cands.append(bx)
+        # a width this layer decides for later layers reading the same tensor must fit them too
+        later = [m for m in weighted if m is not node and classes.find(m.inputs[0]) == cls]
+        fit = [
+            bx
+            for bx in cands
+            if all(
+                _layer_weights(m, info.fmt(bx), acc_bits[m.name], policy, cal, margin) is not None
+                for m in later
+            )
+        ]
+        cands = fit or cands
         if not cands:
             need = smallest_feasible_acc(node, info, policy, cal, margin)
             hint = (
@@ -261,15 +278,26 @@ def search(
         state = simulate.prefix(
             graph, rank_x, index, formats=formats(), overrides=overrides(), dtype=torch.float32
         )
+        if rounding != "nearest":
+            fstate = simulate.prefix(graph, rank_x, index, dtype=torch.float32)
         for bx in cands:
-            wq = quants[bx]
-            assert wq is not None
             fmts = formats({cls: bx})
             # the class being decided was kept in float by `prefix`: quantize it now
             st = {
                 t: simulate.fake_quant(v, fmts[t]) if classes.find(t) == cls else v
                 for t, v in state.items()
             }
+            wq = quants[bx]
+            assert wq is not None
+            if rounding != "nearest":
+                fi = fmts[node.inputs[0]]
+                stats = layer_stats(
+                    node, st[node.inputs[0]], fstate[node.inputs[0]], rounding == "gpfq"
+                )
+                wq = quants[bx] = refine(
+                    node, wq, stats, rounding, fi.qmin - fi.zero_point, fi.qmax - fi.zero_point,
+                    a, policy, bias_correction,
+                )  # fmt: skip
             out = simulate.run(
                 graph,
                 rank_x,

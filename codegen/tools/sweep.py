@@ -22,6 +22,7 @@ import torch
 from codegen import api
 from codegen.api import describe_bits
 from codegen.core.errors import InfeasibleAccumulatorError, QaccError
+from codegen.quant.rounding import DEFAULT_ROUNDING, ROUNDINGS, check_rounding
 from codegen.quant.training import accuracy as train_accuracy
 
 WIDTHS = (32, 20, 16, 14, 12, 10)
@@ -48,26 +49,35 @@ def run(
     log: Any = print,
     keep: dict[tuple[str, str, int], api.QuantizedModel] | None = None,
     distill: bool = False,
+    rounding: Sequence[str] = (DEFAULT_ROUNDING,),
 ) -> dict[str, Any]:
-    """Every (method, policy, width) point; a width that does not fit ends its series.
-    `keep`, if given, receives every quantized model by (method, policy, width)."""
+    """Every (method, policy, width) point, PTQ once per weight `rounding`; a width that does
+    not fit ends its series. `keep`, if given, receives every quantized model by (method, policy,
+    width) (PTQ: the last rounding's)."""
     for m in methods:
         if m not in METHODS:
             raise QaccError(f"unknown sweep method '{m}'; choose from {', '.join(METHODS)}")
+    if not rounding:
+        raise QaccError(f"give at least one rounding: {', '.join(ROUNDINGS)}")
+    for r in rounding:
+        check_rounding(r)
     x_test, y_test = test
     float_acc = train_accuracy(net, x_test, y_test)
     rows: list[dict[str, Any]] = []
-    series = [("ptq", "guaranteed"), ("ptq", "profiled")] if "ptq" in methods else []
+    series: list[tuple[str, str, str | None]] = []
+    if "ptq" in methods:
+        series += [("ptq", p, r) for p in ("guaranteed", "profiled") for r in rounding]
     if "adaptive" in methods:
-        series.append(("adaptive", "guaranteed"))
-    for method, policy in series:
+        series.append(("adaptive", "guaranteed", None))
+    for method, policy, rnd in series:
         for a in sorted(widths, reverse=True):
             t0 = time.time()
             try:
                 if method == "ptq":
+                    assert rnd is not None
                     qm = api.quantize(
                         net, calib, acc_bits=a, overflow=policy, labels=calib_labels,
-                        progress=progress,
+                        progress=progress, rounding=rnd,
                     )  # fmt: skip
                 else:
                     qm = api.quantize(
@@ -75,8 +85,8 @@ def run(
                         train=train, epochs=epochs, progress=progress, distill=distill,
                     )  # fmt: skip
             except InfeasibleAccumulatorError as e:
-                rows.append(_row(method, policy, a, None, note=str(e)))
-                log(f"  {method:<8} {policy:<10} {a:>2} bits: infeasible")
+                rows.append(_row(method, policy, a, None, note=str(e), rounding=rnd))
+                log(f"  {method:<8} {policy:<10} {rnd or '':<7} {a:>2} bits: infeasible")
                 break  # narrower widths cannot fit either
             if keep is not None:
                 keep[(method, policy, a)] = qm
@@ -90,6 +100,7 @@ def run(
                 overflow_events=sum(v.events for v in res.overflow.values()),
                 bits=describe_bits(qm),
                 seconds=round(time.time() - t0, 1),
+                rounding=rnd,
             )
             if method == "adaptive":
                 sim = qm.simulate(x_test)
@@ -100,7 +111,7 @@ def run(
                 row["epochs"], row["distill"] = epochs, distill
             rows.append(row)
             log(
-                f"  {method:<8} {policy:<10} {a:>2} bits: {100 * acc:6.2f}% "
+                f"  {method:<8} {policy:<10} {rnd or '':<7} {a:>2} bits: {100 * acc:6.2f}% "
                 f"({100 * (acc - float_acc):+.2f} vs float), {row['overflow_events']} overflows"
             )
     return {"float_accuracy": float_acc, "test_samples": len(y_test), "rows": rows}
@@ -118,17 +129,20 @@ def table(sweep: dict[str, Any]) -> str:
     lines = [
         f"Float accuracy: {100 * fa:.2f}% on {sweep.get('test_samples', '?')} test images.",
         "",
-        "| method | policy | acc bits | accuracy % | vs float | overflow events | bits (in/w) |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| method | policy | acc bits | accuracy % | vs float | overflow events | bits (in/w) | "
+        "rounding |",
+        "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in sweep["rows"]:
+        head = f"| {r['method']} | {r['policy']} | {r['acc_bits']} |"
+        tail = f" {r.get('rounding') or ''} |"
         if r["accuracy"] is None:
-            lines.append(f"| {r['method']} | {r['policy']} | {r['acc_bits']} | infeasible | | | |")
+            lines.append(f"{head} infeasible | | | |{tail}")
             continue
         lines.append(
-            f"| {r['method']} | {r['policy']} | {r['acc_bits']} | {100 * r['accuracy']:.2f} | "
+            f"{head} {100 * r['accuracy']:.2f} | "
             f"{100 * (r['accuracy'] - fa):+.2f} | {r.get('overflow_events', '')} | "
-            f"{r.get('bits', '')} |"
+            f"{r.get('bits', '')} |{tail}"
         )
     return "\n".join(lines) + "\n"
 
@@ -155,10 +169,13 @@ def main(
     epochs: int = 6,
     train_epochs: int = 4,
     calib_size: int = 2000,
+    rounding: Sequence[str] = (DEFAULT_ROUNDING,),
 ) -> int:
     """`qacc sweep`: Fashion-MNIST, the demo network, every width and method; writes the files."""
     from codegen.data import datasets, models, train
 
+    for r in rounding:
+        check_rounding(r)
     t0 = time.time()
     x_train, y_train, x_test, y_test = datasets.fashion_mnist()
     net = train.trained(model_name, models.ZOO[model_name](), x_train, y_train, epochs=train_epochs)
@@ -174,6 +191,7 @@ def main(
         methods=methods,
         epochs=epochs,
         distill=True,
+        rounding=rounding,
     )
     paths = write(result, out_dir)
     print(table(result))
