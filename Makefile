@@ -52,9 +52,12 @@ fuzz: setup
 zoo: setup
 	$(BIN)/python scripts/zoo.py --onnx --json build/zoo.json
 
-# Instruction counts per target and accumulator width, with the XNNPACK peer: build/bench.json.
+# Instruction counts per target and accumulator width, with the peers: XNNPACK on Cortex-A
+# (build/bench.json), CMSIS-NN on Cortex-M (build/bench-cortex-m.json).
 bench: setup xnnpack
 	$(BIN)/qacc bench --json build/bench.json
+	$(BIN)/qacc bench --targets cortex-m55,cortex-m4,cortex-m7 --peers \
+	    --networks layers,ds_cnn,mobilenet_v1,resnet8 --json build/bench-cortex-m.json
 
 # Rate-accuracy curve of transform quantization vs uniform (Fashion-MNIST): build/rate/.
 .PHONY: rate

@@ -148,38 +148,37 @@ TABLE_OPS = {
     "gap": "global_avgpool",
     "add": "add",
 }
-# (network, core, accumulator width) where qacc is at least as fast as CMSIS-NN with today's
-# kernels. Counting one width is enough: qacc's best width can only be faster. The other pairs of
-# the table are behind today (HELPER_NOTES.md / the issue give the figures).
-NOT_BEHIND_TODAY = [
-    ("dense256", "cortex-m55", 32),
-    ("dense256", "cortex-m4", 32),
-    ("maxpool", "cortex-m4", 16),
-    ("avgpool", "cortex-m4", 16),
-    ("gap", "cortex-m4", 16),
-    ("add", "cortex-m4", 16),
-]
+# The layers of the table where qacc (at 32-bit accumulators, the width the peer uses) is at
+# least as fast as CMSIS-NN, per core. What is missing is still behind: the 32x32x32 conv on
+# cortex-m55 (0.99x), the pools and the residual add on cortex-m55 (`make bench` prints them).
+NOT_BEHIND: dict[str, tuple[str, ...]] = {
+    "cortex-m55": ("conv3x3_16", "dw3x3", "pw1x1", "dense256"),
+    "cortex-m4": (
+        *("conv3x3_16", "conv3x3", "dw3x3", "pw1x1", "dense256"),
+        *("maxpool", "avgpool", "gap", "add"),
+    ),
+}
 
 
 @pytest.mark.qemu
 @pytest.mark.slow
-@pytest.mark.parametrize(("network", "target", "width"), NOT_BEHIND_TODAY)
-def test_qacc_not_behind_cmsis_nn(network: str, target: str, width: int) -> None:
+@pytest.mark.parametrize("target", list(NOT_BEHIND))
+def test_qacc_not_behind_cmsis_nn(target: str) -> None:
+    """Instruction counts are deterministic: qacc's layer <= CMSIS-NN's on the same shape."""
+    nets = NOT_BEHIND[target]
     res = runner.run_bench(
-        [target],
-        (width,),
-        [network],
-        out=None,
-        log=None,
-        calib_samples=4,
-        progress=False,
+        [target], (32,), list(nets), out=None, log=None, calib_samples=4, progress=False,
         cmsis_nn=True,
-    )
-    (row,) = res["rows"]
-    (peer,) = res["peers"]
-    assert "error" not in row and "error" not in peer
-    compared = [x for x in row["layers"] if x["op"] == TABLE_OPS[network]]
-    assert compared
-    for x in compared:
-        cmsis = peer["layers"][x["name"]]["instructions"]
-        assert x["instructions"] <= cmsis, (x["name"], x["instructions"], cmsis)
+    )  # fmt: skip
+    rows = {r["network"]: r for r in res["rows"]}
+    peers = {p["network"]: p for p in res["peers"]}
+    assert set(rows) == set(peers) == set(nets)
+    for net in nets:
+        row, peer = rows[net], peers[net]
+        assert "error" not in row, (net, row.get("error"))
+        assert "error" not in peer, (net, peer.get("error"))
+        compared = [x for x in row["layers"] if x["op"] == TABLE_OPS[net]]
+        assert compared, net
+        for x in compared:
+            cmsis = peer["layers"][x["name"]]["instructions"]
+            assert x["instructions"] <= cmsis, (net, x["name"], x["instructions"], cmsis)
