@@ -17,7 +17,7 @@ from codegen.core.formats import IntArray, dequantize
 from codegen.core.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
 from codegen.core.reference import RunResult, quantize_images
 from codegen.frontend.torch_fx import from_torch
-from codegen.quant.accumulator import POLICIES, Policy, channel_bounds
+from codegen.quant.accumulator import POLICIES, Policy, channel_bounds, tile_bounds
 from codegen.quant.distributed import resolve_device
 from codegen.quant.ptq import PTQResult, fakequant_overrides, search
 from codegen.quant.rounding import DEFAULT_ROUNDING, check_rounding
@@ -194,6 +194,37 @@ def _acc_map(graph: Graph, acc_bits: int | Mapping[str, int]) -> dict[str, int]:
     return out
 
 
+ACC2_BITS = 32
+"""The second-stage accumulator of `acc_stages=2`."""
+
+
+def _check_stages(
+    stages: Any, method: str, accs: Mapping[str, int], tile: Any, rounding: str
+) -> None:
+    if stages not in (1, 2) or isinstance(stages, bool):
+        raise QaccError(f"acc_stages must be 1 or 2, got {stages!r}")
+    if tile is not None and stages != 2:
+        raise QaccError("acc_tile is a two-stage setting: give acc_stages=2 too")
+    if tile is not None and (not isinstance(tile, int) or tile < 1 or (tile > 4 and tile % 8)
+                             or tile == 3):  # fmt: skip
+        raise QaccError(f"acc_tile must be 1, 2, 4 or a multiple of 8, got {tile!r}")
+    if stages == 1:
+        return
+    if method != "ptq":
+        raise QaccError(f"acc_stages=2 is implemented for method 'ptq' only, not '{method}'")
+    if rounding != "nearest":
+        raise QaccError(
+            f"rounding='{rounding}' keeps one accumulator budget per channel, not one per tile: "
+            "with acc_stages=2 use rounding='nearest'"
+        )
+    wide = sorted(n for n, a in accs.items() if a >= ACC2_BITS)
+    if wide:
+        raise QaccError(
+            f"acc_stages=2 needs acc_bits below {ACC2_BITS} (layer '{wide[0]}' has"
+            f" {accs[wide[0]]}); use e.g. acc_bits=16"
+        )
+
+
 def quantize(
     model: nn.Module | str | PathLike[str],
     calib: np.ndarray,
@@ -217,6 +248,8 @@ def quantize(
     seed: int = 0,
     device: str = "cpu",
     rounding: str = DEFAULT_ROUNDING,
+    acc_stages: int = 1,
+    acc_tile: int | None = None,
 ) -> QuantizedModel:
     """Quantize an eval-mode nn.Module for accumulators of `acc_bits` bits.
 
@@ -234,6 +267,13 @@ def quantize(
     sizes and offsets (LSQ+), `w_bits`/`a_bits` (2..8, per network or {layer: bits}), `scale`
     "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`;
     `distill` adds knowledge distillation from the float model to the training loss.
+    `acc_stages=2` (method "ptq"): two-stage accumulation, tiles of T terms summed in `acc_bits`
+    and their sums in 32 bits; the weights meet the 32-bit bound and T is chosen per layer so
+    that no tile can overflow (report: "acc_tile" per layer; docs/number-semantics.md).
+    `acc_tile` (1, 2, 4 or a multiple of 8; with acc_stages=2) instead quantizes the weights so
+    that every tile of that many terms fits `acc_bits`: T is then at least `acc_tile` (fewer
+    widenings, faster) and the weights are finer than with one `acc_bits` stage; a layer with at
+    most `acc_tile` terms per output stays one `acc_bits` stage.
     method="transform": decorrelating transform (`transform` "klt" or "elt") and reverse
     water-filling bit allocation at `bits_per_weight`, optionally retrained on `train`;
     `transform_deploy` "auto" (fewer flash bytes), "factored" (coefficient layer + 1x1 layer
@@ -261,6 +301,7 @@ def quantize(
     if acc_bits is None:
         acc_bits = 32 if method == "transform" else 16
     accs = _acc_map(fg, acc_bits)
+    _check_stages(acc_stages, method, accs, acc_tile, rounding)
     res: PTQResult | None = None
     extra: dict[str, Any] = {}
     if method == "adaptive":
@@ -301,8 +342,10 @@ def quantize(
             device=dev,
         )
     else:
+        acc2 = ACC2_BITS if acc_stages == 2 else None
         res = search(fg, simulate.nchw_to_nhwc(calib_ir), lab, accs, cast(Policy, overflow), margin,
-                     progress, device=dev, rounding=rounding)  # fmt: skip
+                     progress, device=dev, rounding=rounding, acc2_bits=acc2,
+                     min_tile=acc_tile)  # fmt: skip
         graph = res.graph
     qm = QuantizedModel(fg.name, graph, fg, method, overflow)
     qm.report = build_report(qm, res, calib) | extra
@@ -377,6 +420,19 @@ def build_report(qm: QuantizedModel, res: PTQResult | None, calib: np.ndarray) -
                 overflow_samples=ov.samples,
                 macs=macs(g, n),
             )
+            if "acc_tile" in n.attrs:  # two stages: the bound above is the total's (acc2_bits)
+                a2 = int(n.attrs["acc2_bits"])
+                tlo, thi = tile_bounds(q, fi.qmin - fi.zero_point, fi.qmax - fi.zero_point,
+                                       int(n.attrs["acc_tile"]))  # fmt: skip
+                row.update(
+                    acc_tile=int(n.attrs["acc_tile"]),
+                    acc2_bits=a2,
+                    acc_limit=2 ** (a2 - 1),
+                    bound_fits=bool(hi.max() < 2 ** (a2 - 1) and lo.min() >= -(2 ** (a2 - 1))),
+                    tile_bound=int(max(thi.max(), -tlo.min())),
+                    tile_bound_fits=bool(thi.max() < 2 ** (a - 1) and tlo.min() >= -(2 ** (a - 1))),
+                    tile_overflow_events=ov.tile_events,
+                )
             if "weight_frac" in n.attrs:
                 wf = n.attrs["weight_frac"]
                 row["weight_frac"] = [min(wf), max(wf)]
@@ -404,5 +460,6 @@ def describe_bits(qm: QuantizedModel) -> str:
     parts = []
     for row in qm.report["layers"]:
         if "weight_bits" in row:
-            parts.append(f"{row['name']} {row['input_bits']}/{row['weight_bits']}")
+            tile = f" T={row['acc_tile']}" if "acc_tile" in row else ""
+            parts.append(f"{row['name']} {row['input_bits']}/{row['weight_bits']}{tile}")
     return ", ".join(parts)

@@ -122,6 +122,8 @@ def _compile(args: argparse.Namespace) -> int:
             overflow=args.overflow,
             labels=labels,
             method=args.method,
+            acc_stages=args.acc_stages,
+            acc_tile=args.acc_tile,
             margin=args.margin,
             name=args.name,
             rounding=args.rounding,
@@ -268,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-layer accumulator width (repeatable) (default: --acc-bits for every layer)",
     )
     c.add_argument(
+        "--acc-stages",
+        type=int,
+        default=1,
+        help="2: two-stage accumulation (ptq): tiles of T terms in --acc-bits, their sums in 32 "
+        "bits; T is chosen per layer so that no tile can overflow",
+    )
+    c.add_argument(
+        "--acc-tile",
+        type=int,
+        default=None,
+        help="with --acc-stages 2: quantize the weights so that every tile of this many terms "
+        "(1, 2, 4 or a multiple of 8) fits --acc-bits (default: the 32-bit weights, and the "
+        "largest tile they allow)",
+    )
+    c.add_argument(
         "--overflow",
         choices=("guaranteed", "profiled"),
         default="guaranteed",
@@ -376,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--targets",
-        default="cortex-a53,cortex-a76",
+        default="cortex-a53,cortex-a76,cortex-a55",
         help="ARM targets separated by commas, or 'all'",
     )
     b.add_argument("--widths", default="16,32", help="accumulator widths separated by commas")

@@ -159,6 +159,7 @@ class GraphBuilder:
         per_channel: bool = True,
         mult_bits: int = 15,
         name: str | None = None,
+        acc_tile: int | None = None,
     ) -> str:
         h, w, cin = self.tensors[x].shape
         wmax = (1 << (w_bits - 1)) - 1
@@ -177,17 +178,30 @@ class GraphBuilder:
             attrs["weight_bits"] = w_bits
         if input_zero_point:
             attrs["input_zero_point"] = input_zero_point
-        b = self._bias(cout, acc_bits, bias)
+        b = self._bias(cout, acc_bits, bias, attrs, acc_tile)
         return self._finish(
             "conv2d", [x], (oh, ow, cout), attrs, {"weight": weight, "bias": b},
             name=name, lo=lo, hi=hi, zero_point=zero_point, per_channel=per_channel,
             mult_bits=mult_bits,
         )  # fmt: skip
 
-    def _bias(self, cout: int, acc_bits: int, bias: tuple[int, int] | None) -> IntArray:
+    def _bias(
+        self,
+        cout: int,
+        acc_bits: int,
+        bias: tuple[int, int] | None,
+        attrs: dict[str, Any] | None = None,
+        acc_tile: int | None = None,
+    ) -> IntArray:
+        """Random biases; with acc_tile, the node accumulates in two stages (the bias in the
+        32-bit one)."""
         if bias is None:
             span = 1 << min(acc_bits - 2, 12)
             bias = (-span, span)
+        if acc_tile is not None:
+            assert attrs is not None
+            attrs.update(acc_tile=acc_tile, acc2_bits=32)
+            acc_bits = 32
         return wrap(self.rng.integers(bias[0], bias[1] + 1, size=cout), acc_bits)
 
     def dense(
@@ -206,6 +220,7 @@ class GraphBuilder:
         per_channel: bool = True,
         mult_bits: int = 15,
         name: str | None = None,
+        acc_tile: int | None = None,
     ) -> str:
         (cin,) = self.tensors[x].shape
         wmax = (1 << (w_bits - 1)) - 1
@@ -216,7 +231,7 @@ class GraphBuilder:
             attrs["weight_bits"] = w_bits
         if input_zero_point:
             attrs["input_zero_point"] = input_zero_point
-        b = self._bias(cout, acc_bits, bias)
+        b = self._bias(cout, acc_bits, bias, attrs, acc_tile)
         return self._finish(
             "dense", [x], (cout,), attrs, {"weight": weight, "bias": b}, name=name, lo=lo, hi=hi,
             zero_point=0, per_channel=per_channel, mult_bits=mult_bits,

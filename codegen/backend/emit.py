@@ -311,7 +311,12 @@ class _Emitter:
             parts.append(f"dilation {a['dilation'][0]}x{a['dilation'][1]}")
         if int(a.get("groups", 1)) > 1:
             parts.append(f"groups {a['groups']}")
-        if call.acc_bits is not None:
+        if call.acc_tile is not None:
+            parts.append(
+                f"two-stage accumulator: tiles of {call.acc_tile} terms in {call.acc_bits} bits"
+                f" ({call.acc_ctype}), their sums in {call.acc2_bits} bits (uint32_t)"
+            )
+        elif call.acc_bits is not None:
             parts.append(f"accumulator {call.acc_bits} bits in {call.acc_ctype}")
         rq = node.requant
         if rq is not None:
@@ -366,6 +371,8 @@ class _Emitter:
                 container_bits=cb,
                 wrap=f"qacc_wrap{cb}",
                 mul=f"qacc_mul_u{cb}",
+                tile=call.acc_tile or 0,
+                acc2_bits=call.acc2_bits or 0,
             )
         if "weight" in p:
             w = np.asarray(p["weight"])
@@ -393,16 +400,18 @@ class _Emitter:
                 k["kh"], k["kw"] = int(w.shape[1]), int(w.shape[2])
             bias = _ints(p["bias"]) if "bias" in p else (0,) * int(w.shape[0])
             assert call.acc_bits is not None and call.container_bits is not None
-            wrapped = [int(v) for v in wrap(np.asarray(bias, dtype=np.int64), call.acc_bits)]
+            # two stages: the bias belongs to the wide (acc2_bits, int32) stage
+            bias_bits = call.acc2_bits or call.acc_bits
+            wrapped = [int(v) for v in wrap(np.asarray(bias, dtype=np.int64), bias_bits)]
             k["bias"] = (
                 None
                 if not own_params
                 else self.add_array(
                     node,
                     "bias",
-                    f"int{call.container_bits}_t",
+                    "int32_t" if call.acc2_bits else f"int{call.container_bits}_t",
                     wrapped,
-                    f"{node.name}: bias in accumulator units (wrapped to {call.acc_bits} bits)",
+                    f"{node.name}: bias in accumulator units (wrapped to {bias_bits} bits)",
                 )
             )
         if node.op == "add":
@@ -488,7 +497,10 @@ class _Emitter:
 
     def kernel_code(self, call: KernelCall) -> str:
         neon = None
-        if self.lowered.dialect == "neon":
+        dialect = self.lowered.dialect
+        if call.acc_tile is not None and dialect not in ("c", "neon"):
+            dialect = "c"  # two stages: the DSP and MVE kernels have no such path yet
+        if dialect == "neon":
             neon = layouts.neon_context(
                 self.graph,
                 call,
@@ -546,10 +558,10 @@ class _Emitter:
             self.scratch_elems = max(self.scratch_elems, int(neon.get("scratch_elems", 0)))
         elif ctx.get("wbits"):
             # the block of unpacked int8 weights of the portable / DSP / MVE kernels
-            ctx["wblock"] = layouts.unpack_block(call, self.lowered.dialect)
+            ctx["wblock"] = layouts.unpack_block(call, dialect)
             need = ctx["wblock"] * int(ctx["w_stride"])
             self.scratch_elems = max(self.scratch_elems, -(-need // 2))
-        return render(kernel_template(self.lowered.dialect, call.template), k=ctx).strip("\n")
+        return render(kernel_template(dialect, call.template), k=ctx).strip("\n")
 
     # -- files
 

@@ -16,14 +16,24 @@ Accumulation paths (report.json "path" of each layer):
 * ``acc32``: 16 < acc_bits <= 32 without dotprod. The same int16 operands, SMLAL/SMLAL2 (by
   element) into int32 lanes: every product (|x - zp| <= 255, |w| <= 128) is exact in int32 and
   the lanes wrap modulo 2^32; the final wrap to A bits is again a shift pair.
-* ``acc32-sdot`` / ``acc16-sdot``: any acc_bits on a core with dotprod (cortex-a76): SDOT (by
-  element) adds four int8 x int8 products into each int32 lane. The operands must stay int8, so
-  the input zero point is folded into the bias: sum w (x - zp) = sum w x - zp * sum w (mod 2^A),
-  and padding taps hold the raw value zp (they contribute w * zp, cancelled by the same
+* ``acc32-sdot`` / ``acc16-sdot``: any acc_bits on a core with dotprod (cortex-a76, cortex-a55):
+  SDOT (by element) adds four int8 x int8 products into each int32 lane. The operands must stay
+  int8, so the input zero point is folded into the bias: sum w (x - zp) = sum w x - zp * sum w
+  (mod 2^A), and padding taps hold the raw value zp (they contribute w * zp, cancelled by the same
   correction).
   acc16-sdot is the same kernel for acc_bits <= 16: the int32 lanes hold the sum modulo 2^32, and
   the shift pair by 32 - A wraps it to A bits, which equals wrapping modulo 2^A at every step
   (wrapping addition is associative); it is faster than the int16 MLA path on these cores.
+
+* ``acc16x32``: two-stage accumulation (attrs acc_tile = T, acc2_bits; codegen.core.ir) with a
+  first stage of at most 16 bits. The acc16 MLA into int16 lanes for each tile of T terms; the
+  tile's lanes are wrapped to acc_bits (shift pair), widened and added into two int32x4 lanes
+  (SADDW/SADDW2) that started at the bias, and restarted at 0. The inner loop walks the terms in the
+  weight layout's order (direct or im2col walk; the "rows" walk pads inside the order, so only a
+  single tile, T >= K, takes it), so tile boundaries fall after every T lanes (T = 1, 2, 4),
+  every T / 8 blocks of 8 terms (a multiple of 8), or at the end (T >= K: the acc16 register
+  block, widened once after the loop).
+  Other T, groups > 1 and wider first stages use the portable kernel (path ``acc16x32-portable``).
 
 Requantization stays `qacc_requantize`'s function; the kernels evaluate it on 8 lanes at once when
 every multiplier fits int32 (see `qacc_neon_requant8` in the templates, tested against
@@ -154,6 +164,9 @@ def path(call: KernelCall, dialect: str, neon: NeonTarget) -> str | None:
     accumulator)."""
     if call.container_bits is None:
         return None
+    if call.acc_tile is not None:
+        ok = dialect == "neon" and two_stage_supported(call)
+        return f"acc{call.container_bits}x32" + ("" if ok else "-portable")
     name = f"acc{call.container_bits}"
     if (
         dialect == "neon"
@@ -211,7 +224,19 @@ def _sdot_pays(call: KernelCall) -> bool:
 def gemm_supported(call: KernelCall) -> bool:
     if call.template not in GEMM_TEMPLATES or call.container_bits is None:
         return False
+    if call.acc_tile is not None and not two_stage_supported(call):
+        return False
     return int(call.node.attrs.get("groups", 1)) == 1
+
+
+def two_stage_supported(call: KernelCall) -> bool:
+    """The NEON GEMM kernel implements two stages (groups 1) for a first stage of at most 16 bits
+    when T is 1, 2, 4, a multiple of 8 or at least K: it widens the int16 lanes after every T
+    lanes of an 8-term block, every T / 8 blocks, or once at the end."""
+    if call.acc_tile is None or call.container_bits != 16:
+        return False
+    t, k = call.acc_tile, int(np.prod(call.node.params["weight"].shape[1:]))
+    return t in (1, 2, 4) or t % 8 == 0 or t >= k
 
 
 def depthwise_supported(graph: Graph, call: KernelCall) -> bool:
@@ -290,16 +315,20 @@ def gemm_context(
     pixels = int(np.prod(out_shape[:-1], dtype=np.int64)) if len(out_shape) == 3 else 1
     bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
     sdot = (path(call, "neon", neon) or "").endswith("-sdot")
+    two = call.acc_tile is not None  # two stages: int16 tiles widened into int32 lanes
     # SDOT sums in int32 lanes for every width: wrapping is associative, so the lanes hold the
     # sum modulo 2^32 and the final shift pair wraps it to A bits exactly as formats.wrap does
-    lane_bits = 32 if sdot else call.container_bits
+    lane_bits = 32 if sdot or two else call.container_bits
     in_zp = int(node.attrs.get("input_zero_point", 0))
     # Register blocking: P pixels x O vectors of output channels (8 lanes each, 4 for SDOT).
     lanes = 4 if sdot else 8
     ovecs = -(-oc // lanes)
     if sdot:
         o_max, p_max = 4, 4
-    elif call.container_bits == 16:
+    elif two and not _tiles(call, k)["late"]:
+        # three registers per accumulator vector: the int16 tile and two int32 halves
+        o_max, p_max = (2, 4) if nt.aarch64 else (2, 1)
+    elif call.container_bits == 16:  # (one tile of two stages too: widened after the loop)
         o_max, p_max = (4, 5) if nt.aarch64 else (4, 2)
     else:
         o_max, p_max = (2, 4) if nt.aarch64 else (2, 2)
@@ -313,7 +342,8 @@ def gemm_context(
     mode = "im2col"
     if not sdot and k == kp and ic % kstep == 0:
         mode = "direct"
-    elif not sdot:
+    elif not sdot and (not two or _tiles(call, k)["late"]):
+        # rows pad each kernel row, which moves tile boundaries: only one tile may take it
         kh, _kw, row = _kernel_rows(node.params["weight"], ic)
         dw = int(node.attrs.get("dilation", (1, 1))[1])
         if dw == 1 and kh * _ceil_to(row, 8) <= 2 * kp:
@@ -342,7 +372,8 @@ def gemm_context(
         wctype = "int16_t"
         desc = "int16, [oc block][k][channel within the block]"
     bp = np.zeros(ocp, dtype=np.int64)
-    bp[:oc] = wrap(bias, call.acc_bits)
+    bias_bits = int(call.acc2_bits) if two and call.acc2_bits else call.acc_bits
+    bp[:oc] = wrap(bias, bias_bits)
     geo = _geometry(graph, call, mode)
     if geo["direct"]:
         # the widened, padded input (int16) and the zeros read past its end by the last row
@@ -377,6 +408,7 @@ def gemm_context(
         "wlanes": [
             {
                 "l": lane,
+                "fold": two and (call.acc_tile or 8) < 8 and (lane + 1) % (call.acc_tile or 8) == 0,
                 "loads": [
                     {
                         "pair": o + 1 < o_n,
@@ -398,7 +430,8 @@ def gemm_context(
         "scratch_bytes": 2 * scratch,
         "wbits": wbits,
         "WOFF": woff,
-        "wrap_shift": lane_bits - call.acc_bits,
+        "wrap_shift": (16 if two else lane_bits) - call.acc_bits,
+        **_tiles(call, k),
         **geo,
         "packed": add(
             "wpacked", wctype, [int(v) for v in packed.reshape(-1)],
@@ -407,12 +440,30 @@ def gemm_context(
         ),
         "nbias": add(
             "nbias", f"int{lane_bits}_t", [int(v) for v in bp],
-            f"{name}: bias in accumulator units (wrapped to {call.acc_bits} bits)"
+            f"{name}: bias in accumulator units (wrapped to {bias_bits} bits)"
             + (", input zero point folded in" if sdot else "") + f", padded to {ocp} lanes",
         ),
     }  # fmt: skip
     ctx.update(_requant_arrays(call, ocp, add, lane_bits))
     return ctx
+
+
+def _tiles(call: KernelCall, k: int) -> dict[str, Any]:
+    """Where the two-stage kernel widens its int16 tiles: after every `fold` lane (T < 8), every
+    `tb` blocks of 8 terms (T a multiple of 8 below K), and at the end (T >= 8; `late`: one tile,
+    the kernel keeps the one-stage register block and widens after the loop)."""
+    t = call.acc_tile
+    if t is None:
+        return {"two": False, "tb": 0, "fold_end": False, "late": False, "wrap2_shift": 0}
+    assert call.acc2_bits is not None
+    return {
+        "two": True,
+        "tb": t // 8 if 8 <= t < k else 0,
+        "fold_end": t >= 8,
+        # one tile (T >= K, T >= 8): the int32 lanes are needed only after the loop
+        "late": t >= k and t >= 8,
+        "wrap2_shift": 32 - int(call.acc2_bits),
+    }
 
 
 def _ic(graph: Graph, call: KernelCall) -> int:

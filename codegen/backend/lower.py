@@ -53,6 +53,10 @@ class KernelCall:
     acc_bits: int | None
     container_bits: int | None
     """16 or 32 for accumulating kernels, None otherwise."""
+    acc_tile: int | None = None
+    """Two-stage accumulation: terms per tile (attrs["acc_tile"]), None for one stage."""
+    acc2_bits: int | None = None
+    """Two-stage accumulation: the width of the tile sums' accumulator (attrs["acc2_bits"])."""
 
     @property
     def acc_ctype(self) -> str | None:
@@ -89,6 +93,8 @@ def _shape(graph: Graph, tensor: str) -> tuple[int, ...]:
 
 def choose_template(graph: Graph, node: Node) -> str:
     """The kernel template of a node (before the accumulator suffix)."""
+    if node.op == "conv2d" and "acc_tile" in node.attrs:
+        return "conv2d"  # two stages: the generic kernel (any groups), NEON's GEMM when it applies
     if node.op == "conv2d":
         _, kh, kw, cin_g = node.params["weight"].shape
         cin = _shape(graph, node.inputs[0])[-1]
@@ -126,6 +132,15 @@ def _check_node(graph: Graph, node: Node) -> None:
         raise LoweringError(
             f"node {node.name!r} has no attrs['acc_bits']; quantize the graph first"
         )
+    if "acc_tile" in node.attrs:
+        tile, acc = int(node.attrs["acc_tile"]), int(node.attrs["acc_bits"])
+        acc2 = int(node.attrs.get("acc2_bits", 32))
+        if node.op not in ("conv2d", "dense") or tile < 1 or not acc < acc2 <= MAX_ACC_BITS:
+            raise LoweringError(
+                f"node {node.name!r}: two-stage accumulation needs a conv2d or dense node,"
+                f" acc_tile >= 1 and acc_bits < acc2_bits <= {MAX_ACC_BITS}"
+                f" (got {node.op}, {tile}, {acc}, {acc2})"
+            )
     if node.requant is not None:
         rq = node.requant
         if not (-128 <= rq.lo <= rq.hi <= 127):
@@ -242,6 +257,9 @@ def lower_node(graph: Graph, node: Node) -> KernelCall | None:
     if node.op in ACC_OPS:
         acc = int(node.attrs["acc_bits"])
         cb = container_bits(acc)
+        if "acc_tile" in node.attrs:
+            tile, acc2 = int(node.attrs["acc_tile"]), int(node.attrs.get("acc2_bits", 32))
+            return KernelCall(node, template, f"{template}_acc{cb}x32", acc, cb, tile, acc2)
         return KernelCall(node, template, f"{template}_acc{cb}", acc, cb)
     return KernelCall(node, template, template, None, None)
 

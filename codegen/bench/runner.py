@@ -41,7 +41,7 @@ from codegen.core.errors import InfeasibleAccumulatorError, QaccError
 from codegen.core.progress import bar
 from codegen.targets.table import TARGETS, get_target
 
-DEFAULT_TARGETS = ("cortex-a53", "cortex-a76")
+DEFAULT_TARGETS = ("cortex-a53", "cortex-a76", "cortex-a55")
 ARM_TARGETS = tuple(t for t in TARGETS if t != "host")
 DEFAULT_WIDTHS = (16, 32)
 DEFAULT_NETWORKS = tuple(bench_networks.NETWORKS)

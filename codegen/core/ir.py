@@ -36,6 +36,14 @@ the C templates and the test ids):
 
 Float graphs carry `clamp` = (lo, hi) reals (fused ReLU, ReLU6, Hardtanh) in attrs. Integer graphs
 fold the clamp into `requant.lo`/`requant.hi` and carry `acc_bits` in attrs.
+
+Two-stage accumulation (conv2d, dense): attrs `acc_tile` = T (1 <= T) and `acc2_bits` (acc_bits <
+acc2_bits <= 32, default 32). The K = terms_per_output terms of an output are taken in the weight
+layout's order (conv2d: (kh, kw, I/groups) flattened, the input channel fastest; dense: I) and
+summed in tiles of T consecutive terms (the last tile may be shorter); each tile sum wraps to
+acc_bits, and the bias plus the wrapped tile sums wraps to acc2_bits, which is what is
+requantized. The bias is added in the second (wide) stage. Without `acc_tile` the node sums in one
+stage (bias included) of acc_bits. With T >= K and a zero bias, two stages equal one.
 """
 
 from __future__ import annotations
@@ -228,6 +236,12 @@ def macs(graph: Graph, node: Node) -> int:
     if node.op == "dense":
         return int(node.params["weight"].size)
     return 0
+
+
+def acc_tile(node: Node) -> int | None:
+    """T of a two-stage node (attrs["acc_tile"]), None for a one-stage one."""
+    t = node.attrs.get("acc_tile")
+    return None if t is None else int(t)
 
 
 def terms_per_output(node: Node) -> int:

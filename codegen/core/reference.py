@@ -4,6 +4,11 @@ One function per kernel, named like the C kernels. Products are summed exactly (
 exact for integer sums below 2^53, and int8 operands keep every sum far below that), converted to
 int64, wrapped once to the layer's accumulator width, then requantized with
 `codegen.core.formats.requantize`. Tensors are int64 arrays in NHWC with a leading batch axis.
+
+A conv2d/dense node with attrs["acc_tile"] = T (two-stage accumulation, `codegen.core.ir`) sums
+its K terms in tiles of T consecutive terms (the weight layout's order), wraps each tile sum to
+acc_bits, and adds the wrapped tile sums to the bias in an acc2_bits-wide accumulator that wraps
+once more (`two_stage`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ class OverflowStats:
     events: int = 0
     samples: int = 0
     max_abs: int = 0
+    tile_events: int = 0
+    """Two-stage layers: tile sums that left the acc_bits-wide first stage (`events` counts the
+    output values with any wrapped tile or a wrapped total)."""
+    tile_max_abs: int = 0
 
 
 @dataclass
@@ -146,6 +155,69 @@ def conv_sum(
     return acc.astype(np.int64).reshape(n, oh, ow, o)  # exact integers: the cast is lossless
 
 
+def two_stage(
+    cols: npt.NDArray[Any],
+    weight: IntArray,
+    bias: IntArray,
+    node: Node,
+    stats: OverflowStats | None,
+    samples: int,
+) -> IntArray:
+    """The two-stage sum of (M, G, K) term rows against (G, Og, K) weights: (M, G * Og) values;
+    the M rows belong to `samples` samples (for the overflow counts).
+
+    Tiles of T = attrs["acc_tile"] consecutive terms (the last one may be shorter) are summed
+    exactly and wrapped to acc_bits; the bias plus the wrapped tile sums is wrapped to acc2_bits.
+    """
+    tile, bits, bits2 = int(node.attrs["acc_tile"]), int(node.attrs["acc_bits"]), _acc2(node)
+    m, _, k = cols.shape
+    w = weight.astype(cols.dtype)
+    total = np.broadcast_to(bias, (m, weight.shape[0] * weight.shape[1])).astype(np.int64)
+    over = np.zeros(total.shape, dtype=bool)
+    tmax = 0
+    for k0 in range(0, k, tile):
+        exact = np.einsum("mgk,gok->mgo", cols[:, :, k0 : k0 + tile], w[:, :, k0 : k0 + tile])
+        exact = exact.astype(np.int64).reshape(m, -1)
+        if exact.size:
+            tmax = max(tmax, int(np.abs(exact).max()))
+        wrapped = wrap(exact, bits)
+        if stats is not None:
+            tile_over = wrapped != exact
+            stats.tile_events += int(tile_over.sum())
+            over |= tile_over
+        total = total + wrapped
+    if stats is not None:
+        stats.tile_max_abs = max(stats.tile_max_abs, tmax)
+        if total.size:
+            stats.max_abs = max(stats.max_abs, int(np.abs(total).max()))
+    result = wrap(total, bits2)
+    if stats is not None:
+        over |= result != total
+        stats.events += int(over.sum())
+        stats.samples += int(over.reshape(samples, -1).any(axis=1).sum())
+    return result
+
+
+def _acc2(node: Node) -> int:
+    return int(node.attrs.get("acc2_bits", 32))
+
+
+def _two_stage_conv(x: IntArray, node: Node, stats: OverflowStats | None) -> IntArray:
+    w = node.params["weight"]
+    a = node.attrs
+    o, kh, kw, cg = w.shape
+    groups = int(a["groups"])
+    dt = exact_dtype(w, int(np.abs(x).max(initial=0)))
+    cols = im2col(x, (kh, kw), a["stride"], a["padding"], a["dilation"], dt)
+    n, oh, ow = cols.shape[:3]
+    # (M, G, K): each group's terms in the weight layout's order (kh, kw, I/groups)
+    rows = cols.reshape(n * oh * ow, kh, kw, groups, cg).transpose(0, 3, 1, 2, 4)
+    rows = rows.reshape(n * oh * ow, groups, kh * kw * cg)
+    wg = w.reshape(groups, o // groups, kh * kw * cg)
+    acc = two_stage(rows, wg, node.params["bias"], node, stats, n)
+    return acc.reshape(n, oh, ow, o)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -159,6 +231,9 @@ def conv2d(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntAr
     parts = []
     for sl in _batches(x.shape[0], per_sample):
         xb = x[sl] - in_zp if in_zp else x[sl]
+        if "acc_tile" in a:
+            parts.append(_requant(_two_stage_conv(xb, node, stats), node.requant))
+            continue
         exact = conv_sum(xb, w, a["stride"], a["padding"], a["dilation"], a["groups"])
         exact += node.params["bias"]
         parts.append(_requant(_wrap_and_count(exact, node, stats), node.requant))
@@ -170,6 +245,11 @@ def dense(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArr
     w = node.params["weight"]
     xs = x - in_zp
     dt = exact_dtype(w, int(np.abs(xs).max(initial=0)))
+    if "acc_tile" in node.attrs:
+        acc = two_stage(
+            xs.astype(dt)[:, None, :], w[None], node.params["bias"], node, stats, xs.shape[0]
+        )
+        return _requant(acc, node.requant)
     exact = (xs.astype(dt) @ w.astype(dt).T).astype(np.int64) + node.params["bias"]
     return _requant(_wrap_and_count(exact, node, stats), node.requant)
 

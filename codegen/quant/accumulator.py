@@ -90,15 +90,20 @@ def choose_weight_fracs(
     policy: Policy = "guaranteed",
     observed_max: npt.NDArray[np.float64] | None = None,
     margin: float = 2.0,
+    tile: tuple[int, int] | None = None,
 ) -> IntArray:
     """The largest per-channel weight fractional length that fits both int8 and the accumulator.
+
+    `tile` = (T, acc2_bits): two stages; the whole sum (bias included) must fit acc2_bits and,
+    by the exact bound, every tile of T terms must fit acc_bits.
 
     `guaranteed`: the exact bound of the rounded weights and bias fits A bits. `profiled`: the
     observed max |pre-activation| (real units) times `margin` fits A bits. Channels that fit at no
     length get the smallest one tried (they will be flagged infeasible by `feasible`).
     """
     o = w.shape[0]
-    acc_lo, acc_hi = acc_limits(acc_bits)
+    acc_lo, acc_hi = acc_limits(acc_bits if tile is None else tile[1])
+    tile_lo, tile_hi = acc_limits(acc_bits)
     qmax = (1 << (WEIGHT_BITS - 1)) - 1
     chosen = np.full(o, _FRAC_SEARCH[-1], dtype=np.int64)
     done = np.zeros(o, dtype=bool)
@@ -113,6 +118,9 @@ def choose_weight_fracs(
             assert observed_max is not None, "profiled policy needs observed ranges"
             peak = observed_max * np.exp2(float(f + input_frac)) * margin
             ok &= (peak <= acc_hi) & (np.abs(bq) <= acc_hi)
+        if tile is not None:
+            tlo, thi = tile_bounds(q, xmin, xmax, tile[0])
+            ok &= (tlo.min(axis=1) >= tile_lo) & (thi.max(axis=1) <= tile_hi)
         new = ok & ~done
         chosen[new] = f
         done |= ok
@@ -139,11 +147,47 @@ def quantize_weights(
     policy: Policy = "guaranteed",
     observed_max: npt.NDArray[np.float64] | None = None,
     margin: float = 2.0,
+    tile: tuple[int, int] | None = None,
 ) -> WeightQuant | None:
     """Round-to-nearest weights at the largest formats the accumulator allows, or None."""
-    frac = choose_weight_fracs(w, b, input_frac, xmin, xmax, acc_bits, policy, observed_max, margin)
+    frac = choose_weight_fracs(
+        w, b, input_frac, xmin, xmax, acc_bits, policy, observed_max, margin, tile
+    )
     q, bq = quantize_at(w, b, frac, input_frac)
     if not feasible(q, w):
         return None
     lo, hi = channel_bounds(q, bq, xmin, xmax)
     return WeightQuant(q, frac, bq, input_frac, lo, hi)
+
+
+# ----------------------------------------------------------------------------- two stages
+
+
+def tile_candidates(k: int) -> list[int]:
+    """Tile lengths T the kernels implement, largest first: K itself (one tile), the multiples of
+    8 below K (the NEON kernels widen every 8 terms), then 4, 2 and 1."""
+    return [k, *range((k - 1) // 8 * 8, 7, -8), *(t for t in (4, 2, 1) if t < k)]
+
+
+def tile_bounds(q: IntArray, xmin: int, xmax: int, tile: int) -> tuple[IntArray, IntArray]:
+    """Exact (lo, hi) of every tile sum of every channel, (O, ceil(K / T)); q is (O, K). The bias
+    belongs to the second stage, not to a tile."""
+    q = q.reshape(q.shape[0], -1).astype(np.int64)
+    o, k = q.shape
+    a, b = q * xmin, q * xmax
+    pad = -k % tile
+    lo = np.pad(np.minimum(a, b), ((0, 0), (0, pad))).reshape(o, -1, tile).sum(axis=2)
+    hi = np.pad(np.maximum(a, b), ((0, 0), (0, pad))).reshape(o, -1, tile).sum(axis=2)
+    return lo, hi
+
+
+def choose_tile(q: IntArray, xmin: int, xmax: int, acc_bits: int) -> int | None:
+    """The largest T of `tile_candidates` whose every tile of every channel fits acc_bits by the
+    exact bound (the `guaranteed` policy per tile), or None when not even one product fits."""
+    q = q.reshape(q.shape[0], -1)
+    acc_lo, acc_hi = acc_limits(acc_bits)
+    for t in tile_candidates(int(q.shape[1])):
+        lo, hi = tile_bounds(q, xmin, xmax, t)
+        if int(lo.min(initial=0)) >= acc_lo and int(hi.max(initial=0)) <= acc_hi:
+            return t
+    return None

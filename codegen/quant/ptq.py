@@ -10,6 +10,14 @@ The search, per weighted layer in topological order (greedy):
      output error) or by output error against float, with earlier layers quantized as chosen and
      later layers still in float.
 Tensors tied by format-preserving ops (maxpool, reshape, gather, concat) share one format.
+
+Two-stage accumulation (`acc2_bits`): the weights are chosen against the acc2_bits-wide bound,
+then the tile length T of each layer is the largest whose every tile fits acc_bits by the exact
+bound (`accumulator.choose_tile`), so `guaranteed` holds per tile and for the total. With a
+minimum tile (`min_tile`), the weights are chosen so that every tile of min_tile terms fits
+acc_bits by the exact bound (and the total acc2_bits): fewer widenings, finer weights than one
+acc_bits stage; a layer with K <= min_tile stays one acc_bits stage (one tile would hold every
+term: the one-stage kernels, depthwise included, are faster).
 """
 
 from __future__ import annotations
@@ -25,13 +33,23 @@ import torch
 from codegen.core import lut, reference, simulate
 from codegen.core.errors import InfeasibleAccumulatorError, UnsupportedModelError
 from codegen.core.formats import frac_for_range, round_half_up
-from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor, TensorUnion
+from codegen.core.ir import (
+    WEIGHTED_OPS,
+    Graph,
+    Node,
+    QFormat,
+    Requant,
+    Tensor,
+    TensorUnion,
+    terms_per_output,
+)
 from codegen.core.progress import bar as progress_bar
 from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import (
     MIN_BITS,
     Policy,
     WeightQuant,
+    choose_tile,
     quantize_weights,
 )
 from codegen.quant.calibrate import Calibration, calibrate
@@ -152,6 +170,7 @@ def _layer_weights(
     policy: Policy,
     cal: Calibration,
     margin: float,
+    tile: tuple[int, int] | None = None,
 ) -> WeightQuant | None:
     w = node.params["weight"].reshape(node.params["weight"].shape[0], -1)
     wq = quantize_weights(
@@ -164,6 +183,7 @@ def _layer_weights(
         policy,
         cal.preact_absmax.get(node.name),
         margin,
+        tile,
     )
     if wq is None:
         return None
@@ -199,6 +219,8 @@ def search(
     device: torch.device | str = "cpu",
     rounding: str = DEFAULT_ROUNDING,
     bias_correction: bool = True,
+    acc2_bits: int | None = None,
+    min_tile: int | None = None,
 ) -> PTQResult:
     """`rounding` ("nearest", "optq", "gpfq": `codegen.quant.rounding`) turns the weights of
     every candidate into error-corrected ones, fed the already-quantized prefix's outputs.
@@ -233,13 +255,23 @@ def search(
         return out
 
     weighted = [n for n in graph.nodes if n.op in WEIGHTED_OPS]
+    single: set[str] = set()  # layers that stay one-stage (K <= min_tile)
     bar = progress_bar(weighted, "bit-width search", progress=progress, unit="layer")
     for node in bar:
         cls = classes.find(node.inputs[0])
         info = infos[cls]
-        a = acc_bits[node.name]
+        a = acc_bits[node.name] if acc2_bits is None else acc2_bits  # the bound the weights meet
+        tile = None
+        if acc2_bits is not None and min_tile is not None:  # and every tile of min_tile terms
+            a = acc_bits[node.name]
+            if terms_per_output(node) <= min_tile:
+                single.add(node.name)  # one tile holds every term: one acc_bits stage instead
+            else:
+                tile = (min_tile, acc2_bits)
         widths = [decided[cls]] if cls in decided else list(range(MIN_BITS, info.max_bits + 1))
-        quants = {bx: _layer_weights(node, info.fmt(bx), a, policy, cal, margin) for bx in widths}
+        quants = {
+            bx: _layer_weights(node, info.fmt(bx), a, policy, cal, margin, tile) for bx in widths
+        }
         cands = []
         for bx in widths:
             wq = quants[bx]
@@ -328,7 +360,30 @@ def search(
         c = classes.find(t)
         decided.setdefault(c, infos[c].max_bits)
     fmts = formats()
-    return PTQResult(build_integer_graph(graph, fmts, weights, acc_bits), cal, choices)
+    two = {k: v for k, v in weights.items() if k not in single}
+    tiles = {} if acc2_bits is None else layer_tiles(graph, fmts, two, acc_bits)
+    integer = build_integer_graph(graph, fmts, weights, acc_bits, tiles, acc2_bits or 32)
+    return PTQResult(integer, cal, choices)
+
+
+def layer_tiles(
+    graph: Graph,
+    fmts: Mapping[str, QFormat],
+    weights: Mapping[str, WeightQuant],
+    acc_bits: Mapping[str, int],
+) -> dict[str, int]:
+    """T of every weighted layer: the largest tile that fits acc_bits by the exact bound."""
+    tiles = {}
+    for name, wq in weights.items():
+        fi = fmts[graph.node(name).inputs[0]]
+        t = choose_tile(wq.q, fi.qmin - fi.zero_point, fi.qmax - fi.zero_point, acc_bits[name])
+        if t is None:
+            raise InfeasibleAccumulatorError(
+                f"layer '{name}': not even one product fits a {acc_bits[name]}-bit first stage;"
+                " use --acc-bits 16 or more"
+            )
+        tiles[name] = t
+    return tiles
 
 
 # ----------------------------------------------------------------------------- integer graph
@@ -364,7 +419,11 @@ def build_integer_graph(
     fmts: Mapping[str, QFormat],
     weights: Mapping[str, WeightQuant],
     acc_bits: Mapping[str, int],
+    tiles: Mapping[str, int] = {},
+    acc2_bits: int = 32,
 ) -> Graph:
+    """The integer graph; a layer in `tiles` accumulates in two stages (attrs acc_tile, acc2_bits:
+    codegen.core.ir)."""
     tensors = {t: Tensor(t, v.shape, fmts[t]) for t, v in graph.tensors.items()}
     nodes = []
     for n in graph.nodes:
@@ -380,6 +439,9 @@ def build_integer_graph(
             params = {"weight": wq.q.astype(np.int64), "bias": wq.bias.astype(np.int64)}
             rq = Requant(np.ones_like(shift), shift, fo.zero_point, lo, hi)
             attrs["acc_bits"] = acc_bits[n.name]
+            if n.name in tiles:
+                attrs["acc_tile"] = int(tiles[n.name])
+                attrs["acc2_bits"] = int(acc2_bits)
             attrs["weight_frac"] = tuple(int(f) for f in wq.frac)
         elif n.op in ("avgpool2d", "global_avgpool"):
             count = (

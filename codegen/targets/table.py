@@ -44,6 +44,9 @@ class Target:
     emulator_package: str | None = None
     machine: str | None = None  # QEMU board (-M), Cortex-M only
     c_library_package: str | None = None  # bare-metal C library (newlib), Cortex-M only
+    emulator_cpu: str | None = None
+    """QEMU's -cpu when it differs from `cpu`: a core QEMU has no model of runs on a model with
+    the same instruction set (cortex-a55 on cortex-a76: both ARMv8.2-A with dotprod)."""
 
     @property
     def toolchain_file(self) -> Path | None:
@@ -101,8 +104,9 @@ class Target:
                 exe,
             ]
         # qemu-user: -0 fixes argv[0], so the guest sees the same argv wherever the binary lives.
-        assert self.cpu is not None
-        return [qemu, "-cpu", self.cpu, *plugin, "-0", Path(exe).name, exe, *args]
+        cpu = self.emulator_cpu or self.cpu
+        assert cpu is not None
+        return [qemu, "-cpu", cpu, *plugin, "-0", Path(exe).name, exe, *args]
 
 
 def _semihosting_config(argv: Sequence[str]) -> str:
@@ -115,7 +119,7 @@ def _semihosting_config(argv: Sequence[str]) -> str:
     return ",".join(["enable=on", "target=native", *(f"arg={a.replace(',', ',,')}" for a in argv)])
 
 
-def _aarch64(cpu: str, has_dotprod: bool) -> Target:
+def _aarch64(cpu: str, has_dotprod: bool, emulator_cpu: str | None = None) -> Target:
     return Target(
         name=cpu,
         family="aarch64-linux",
@@ -128,6 +132,7 @@ def _aarch64(cpu: str, has_dotprod: bool) -> Target:
         nm_package="binutils-aarch64-linux-gnu",
         emulator="qemu-aarch64",
         emulator_package="qemu-user",
+        emulator_cpu=emulator_cpu,
     )
 
 
@@ -166,6 +171,9 @@ TARGETS: dict[str, Target] = {
         _aarch64("cortex-a53", has_dotprod=False),  # Raspberry Pi 3
         _aarch64("cortex-a72", has_dotprod=False),  # Raspberry Pi 4
         _aarch64("cortex-a76", has_dotprod=True),  # Raspberry Pi 5: SDOT
+        # the in-order little core of most current SoCs (dotprod); QEMU 7.2 has no cortex-a55
+        # model, so it runs on cortex-a76's (the same ARMv8.2-A + dotprod instruction set)
+        _aarch64("cortex-a55", has_dotprod=True, emulator_cpu="cortex-a76"),
         Target(
             name="cortex-a7",  # Raspberry Pi 2 and many boards
             family="armhf-linux",

@@ -7,14 +7,16 @@ Two kinds of cases, each a pure function of an integer seed (so a failure is rep
   weights of <= 4 bits are stored packed), accumulator widths 8..32, input/output zero points,
   clamps, requantization multipliers up to 33 bits, add and concat branches, element-wise
   function tables (`lut`), products (`mul`: a squeeze-excitation gate, a square, two branches),
-  softmax, channel gathers (`gather`) and adaptive pools to any size
-  (`adaptive_avgpool2d`/`_maxpool2d`), each kind from its own random stream. Weights and inputs
+  softmax, channel gathers (`gather`), adaptive pools to any size
+  (`adaptive_avgpool2d`/`_maxpool2d`) and two-stage accumulation (random tile length and
+  second-stage width; `two_stage`), each kind from its own random stream. Weights and inputs
   are often drawn near the top of their range so that narrow accumulators wrap (the wrapped sum is
   the contract, so that is fine and tested).
 * **quantized torch models** (`random_model`): small random nn.Modules (conv/BN/ReLU/ReLU6,
   Hardswish/SiLU/Sigmoid/Tanh/LeakyReLU, depthwise, pools, adaptive pools to any size, residual
   add, concat, chunk + channel shuffle, flatten, squeeze-excitation, linear, a softmax head)
-  through `codegen.quantize` with a random accumulator width 8..32 and overflow policy.
+  through `codegen.quantize` with a random accumulator width 8..32 and overflow policy (and, for
+  a quarter of the models below 32 bits, `acc_stages=2`).
   `InfeasibleAccumulatorError` is a valid answer (counted as `infeasible`); any other exception
   is a failure.
 
@@ -72,6 +74,24 @@ class _Builder:
         self.tensors: dict[str, Tensor] = {}
         self.values: dict[str, IntArray] = {}
         self.input_name = ""
+        self.two_rng: np.random.Generator | None = None
+
+    def two_stage(self, attrs: dict[str, Any], params: dict[str, Any], k: int) -> None:
+        """A quarter of the conv/dense layers below 32 bits accumulate in two stages: a random
+        tile length (kernel-friendly or not, beyond K too) and second-stage width; the bias is
+        redrawn for the second stage."""
+        r = self.two_rng
+        acc = int(attrs["acc_bits"])
+        if r is None or acc >= 32 or r.random() >= 0.25:
+            return
+        tile = int(r.choice([1, 2, 3, 4, 5, 8, 16, 24, 32, int(r.integers(1, k + 4)), k]))
+        acc2 = 32 if r.random() < 0.6 else int(r.integers(acc + 1, 33))
+        attrs.update(acc_tile=max(1, tile), acc2_bits=acc2)
+        top = (1 << (acc2 - 1)) - 1
+        lo = top - 3000 if r.random() < 0.15 else -(1 << min(acc2 - 2, int(r.integers(2, 20))))
+        params["bias"] = wrap(
+            r.integers(lo, top + 1 if lo > 0 else -lo + 1, len(params["bias"])), acc2
+        )
 
     def _tensor(self, shape: Sequence[int], fmt: QFormat, name: str | None = None) -> str:
         t = name or f"t{len(self.tensors)}"
@@ -216,6 +236,7 @@ def _conv(b: _Builder, x: str, cout: int | None = None, same: bool = False) -> s
     if zp:
         attrs["input_zero_point"] = zp
     params = {"weight": weight, "bias": b.bias(cout, acc)}
+    b.two_stage(attrs, params, kh * kw * (cin // groups))
     return b.finish(
         "conv2d", [x], (oh, ow, cout), attrs, params, bool(rng.random() < 0.7), _mult_bits(rng)
     )
@@ -237,6 +258,7 @@ def _dense(b: _Builder, x: str, cout: int | None = None) -> str:
     if zp:
         attrs["input_zero_point"] = zp
     params = {"weight": weight, "bias": b.bias(cout, acc)}
+    b.two_stage(attrs, params, cin)
     return b.finish("dense", [x], (cout,), attrs, params, bool(rng.random() < 0.7), _mult_bits(rng))
 
 
@@ -428,6 +450,7 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
     gather_rng = np.random.default_rng([0x51ACC, seed, 3])
     pool_rng = np.random.default_rng([0x51ACC, seed, 4])
     b = _Builder(f"g{seed}", rng, batch)
+    b.two_rng = np.random.default_rng([0x51ACC, seed, 5])
     lo, hi = (0, 127) if rng.random() < 0.35 else (-128, 127)
     dist = str(rng.choice(["uniform", "uniform", "high", "low"]))
     if rng.random() < 0.2:
@@ -675,10 +698,12 @@ def make_case(seed: int, model_share: float = 0.25) -> Case | None:
         from codegen import api
 
         model, calib, test, acc, policy = random_model(seed)
+        two = acc < 32 and np.random.default_rng([0xCA5E, seed, 2]).random() < 0.25
         try:
             qm = api.quantize(
-                model, calib, acc_bits=acc, overflow=policy, progress=False, name=f"m{seed}"
-            )
+                model, calib, acc_bits=acc, overflow=policy, progress=False, name=f"m{seed}",
+                acc_stages=2 if two else 1,
+            )  # fmt: skip
         except InfeasibleAccumulatorError:
             return None
         return Case(f"m{seed}", qm.graph, qm.quantize_input(test), "model")
@@ -764,7 +789,8 @@ def _check(case: Case, res: BuildResult | Exception, tgt: Target, stats: FuzzSta
         bad = int(np.sum(got != ref.output))
         stats.failures.append(
             f"{case.id}: MISMATCH on {tgt.name}: {bad} of {ref.output.size} values differ "
-            f"(ops {[n.op for n in g.nodes]}, acc {[n.attrs.get('acc_bits') for n in g.nodes]})"
+            f"(ops {[n.op for n in g.nodes]}, acc {[n.attrs.get('acc_bits') for n in g.nodes]},"
+            f" tiles {[n.attrs.get('acc_tile') for n in g.nodes]})"
         )
 
 

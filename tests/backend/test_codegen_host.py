@@ -350,6 +350,89 @@ CASES: list[Case] = [
         "conv2d_acc32-c20-k3-same-mult1",
         lambda b: b.conv2d(b.input((5, 6, 20)), 8, (3, 3), padding=(1,) * 4, mult_bits=1),
     ),
+    # two-stage accumulation: tiles of T terms wrap in acc_bits, their sums (and the bias) in 32
+    Case(
+        "conv2d_acc16x32-k3-tile8-wrap",
+        lambda b: b.conv2d(
+            b.input((6, 6, 8), dist="high"),
+            16,
+            padding=(1,) * 4,
+            acc_bits=16,
+            w_dist="positive",
+            acc_tile=8,
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_acc16x32-k3-tile16-relu",
+        lambda b: b.conv2d(
+            b.input((7, 6, 16), lo=0, hi=127), 24, padding=(1,) * 4, acc_bits=16, acc_tile=16, lo=0
+        ),
+    ),
+    Case(
+        "conv2d_acc16x32-cin3-stride2x1-tile4-wrap-acc14",
+        lambda b: b.conv2d(
+            b.input((8, 7, 3), dist="high"),
+            10,
+            (3, 3),
+            (2, 1),
+            (1, 1, 1, 1),
+            acc_bits=14,
+            w_dist="positive",
+            acc_tile=4,
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_acc16x32-groups2-zero-point-tile5-wrap-acc12",
+        lambda b: b.conv2d(
+            b.input((6, 7, 6), lo=0, hi=127, dist="high"),
+            4,
+            (3, 3),
+            padding=(1,) * 4,
+            groups=2,
+            acc_bits=12,
+            input_zero_point=-64,
+            w_dist="positive",
+            acc_tile=5,
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_acc16x32-k3-one-tile-wrap-acc13",
+        lambda b: b.conv2d(
+            b.input((5, 6, 8), dist="high"),
+            8,
+            padding=(1,) * 4,
+            acc_bits=13,
+            w_dist="positive",
+            acc_tile=72,
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_acc16x32-cin3-one-tile-rows-wrap-acc12",
+        lambda b: b.conv2d(
+            b.input((8, 8, 3), dist="high"),
+            8,
+            padding=(1,) * 4,
+            acc_bits=12,
+            w_dist="positive",
+            acc_tile=27,
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_acc16x32-pointwise-tile-k",
+        lambda b: b.conv2d(b.input((5, 5, 16)), 12, (1, 1), acc_bits=16, acc_tile=16),
+    ),
+    Case(
+        "dense_acc16x32-tile24-wrap-acc13",
+        lambda b: b.dense(
+            b.input((70,), dist="high"), 9, acc_bits=13, w_dist="positive", acc_tile=24
+        ),
+        wraps=True,
+    ),
     # dense
     Case(
         "dense_acc16-wrap-acc11-mult3",

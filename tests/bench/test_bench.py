@@ -107,7 +107,7 @@ def test_bench_rejects_bad_options() -> None:
     with pytest.raises(runner.BenchError):
         runner.resolve_widths("16,40")
     assert runner.resolve_targets("all") == [
-        "cortex-a53", "cortex-a72", "cortex-a76", "cortex-a7", "cortex-m4", "cortex-m7",
-        "cortex-m55",
+        "cortex-a53", "cortex-a72", "cortex-a76", "cortex-a55", "cortex-a7", "cortex-m4",
+        "cortex-m7", "cortex-m55",
     ]  # fmt: skip
     assert np.all([w in (16, 32) for w in runner.resolve_widths("16,32")])

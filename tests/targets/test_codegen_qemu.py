@@ -103,7 +103,9 @@ def test_neon_kernels_are_chosen(tmp_path: Path) -> None:
     t = b.conv2d(t, 16, padding=(1, 1, 1, 1), groups=16, acc_bits=20)
     b.dense(b.flatten(b.conv2d(t, 4, (1, 1), acc_bits=24)), 5, acc_bits=14)
     g, _ = b.result()
-    for target, sdot in (("cortex-a53", False), ("cortex-a76", True), ("cortex-a7", False)):
+    for target, sdot in (
+        ("cortex-a53", False), ("cortex-a76", True), ("cortex-a55", True), ("cortex-a7", False)
+    ):  # fmt: skip
         files = emit(g, "choice", resolve_target(target))
         src = files["choice.c"]
         assert ("QACC_MLA16(a0_0," in src) != sdot  # dotprod: SDOT for the acc16 layers too
@@ -236,3 +238,40 @@ def test_count_instructions_per_layer(tmp_path: Path) -> None:
     assert all(v > 0 for v in n["layers"].values())
     with pytest.raises(Exception, match="QEMU"):
         compile(g, target="host", out_dir=tmp_path / "host").count_instructions(xs)
+
+
+def test_two_stage_executes_fewer_instructions_than_acc32_on_a53(tmp_path: Path) -> None:
+    """Two stages on a 3x3 conv: one tile of K terms runs at the acc16 kernel's speed, >= 1.7x
+    fewer instructions than acc32; tiles of 32 terms pay one widening per tile, still fewer."""
+    _require("cortex-a53")
+    counts: dict[str, int] = {}
+    k = 3 * 3 * 32
+    for label, acc, tile in (("acc32", 32, None), ("T=K", 16, k), ("T=32", 16, 32)):
+        b = GraphBuilder(f"conv_{acc}_{tile}", seed=3, batch=1)
+        x = b.input((12, 12, 32), lo=-8, hi=8)
+        b.conv2d(x, 32, padding=(1, 1, 1, 1), acc_bits=acc, name="conv", acc_tile=tile)
+        g, xs = b.result()
+        c = compile(g, target="cortex-a53", out_dir=tmp_path / f"t{tile}")
+        assert np.array_equal(c.run_int_q(xs), reference.run(g, xs).output)
+        assert c.report["layers"][0]["path"] == ("acc32" if tile is None else "acc16x32")
+        counts[label] = c.count_instructions(xs)["layers"]["conv"]
+    assert 1.7 * counts["T=K"] <= counts["acc32"], counts
+    assert counts["T=K"] < counts["T=32"] < counts["acc32"], counts
+
+
+def test_cortex_a55_equals_reference(tmp_path: Path) -> None:
+    """cortex-a55 (dotprod, in-order; QEMU runs it as the a76's ISA): one network through its
+    SDOT, depthwise, dense and two-stage kernels, bit-exact, wrap-around included."""
+    _require("cortex-a55")
+    b = GraphBuilder("a55", seed=5, batch=2)
+    x = b.input((7, 7, 16), dist="high")
+    t = b.conv2d(x, 16, padding=(1,) * 4, acc_bits=14, w_dist="positive", name="sdot_wrap")
+    t = b.conv2d(t, 16, padding=(1,) * 4, groups=16, acc_bits=20, name="depthwise")
+    t = b.conv2d(t, 16, padding=(1,) * 4, acc_bits=16, acc_tile=16, name="two_stage")
+    b.dense(b.flatten(t), 10, acc_bits=24, name="fc")
+    g, xs = b.result()
+    assert reference.run(g, xs).overflow["sdot_wrap"].events > 0
+    c = compile(g, target="cortex-a55", out_dir=tmp_path / "a55")
+    assert np.array_equal(c.run_int_q(xs), reference.run(g, xs).output)
+    paths = [layer["path"] for layer in c.report["layers"]]
+    assert paths == ["acc16-sdot", "acc32", "acc16x32", "acc32-sdot"]

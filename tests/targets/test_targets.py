@@ -178,9 +178,13 @@ def test_missing_tool_names_the_package(
 
 def test_target_table() -> None:
     assert [t.dialect for t in TARGETS.values()] == [
-        "c", "neon", "neon", "neon", "neon", "dsp", "dsp", "mve"
+        "c", "neon", "neon", "neon", "neon", "neon", "dsp", "dsp", "mve"
     ]  # fmt: skip
-    assert [n for n, t in TARGETS.items() if t.has_dotprod] == ["cortex-a76"]
+    assert [n for n, t in TARGETS.items() if t.has_dotprod] == ["cortex-a76", "cortex-a55"]
+    # QEMU has no cortex-a55 model: it runs on the a76's (the same ARMv8.2-A + dotprod ISA)
+    assert get_target("cortex-a55").emulator_argv("/b/p")[:3] == [
+        "qemu-aarch64", "-cpu", "cortex-a76"
+    ]  # fmt: skip
     for t in TARGETS.values():
         if t.toolchain_file is not None:
             assert t.toolchain_file.is_file(), t.toolchain_file

@@ -91,7 +91,8 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
         "maxpool2d", "avgpool2d_acc16", "avgpool2d_acc32", "global_avgpool_acc16",
         "global_avgpool_acc32", "add_acc16", "add_acc32", "concat", "lut", "mul_acc16",
         "mul_acc32", "softmax", "gather", "adaptive_avgpool2d_acc16", "adaptive_avgpool2d_acc32",
-        "adaptive_maxpool2d",
+        "adaptive_maxpool2d", "conv2d_acc16x32", "conv2d_acc32x32", "dense_acc16x32",
+        "dense_acc32x32",
     ):  # fmt: skip
         assert kernels[k] > 0, (k, kernels)
     assert set(range(8, 33)) <= widths
