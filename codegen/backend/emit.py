@@ -554,6 +554,17 @@ class _Emitter:
         ctx["ldr_rows"] = 3 * int(ctx.get("w_stride", 0)) <= 4095
         ctx["dsp"] = dsp
         ctx["mvq"] = mvq
+        ctx["mvp"] = None
+        if self.lowered.dialect == "mve" and call.template in layouts.POOL_TEMPLATES:
+            taps = {"global_avgpool": ctx["hw"], "avgpool2d": ctx["kh"] * ctx["kw"]}
+            ctx["mvp"] = layouts.mve_pool_context(
+                call,
+                int(taps.get(call.template, 1)),
+                int(ctx["ic"] if call.template != "add" else ctx["oc"]),
+                lambda what, ctype, vals, comment, bits=0: self.add_array(
+                    call.node, what, ctype, vals, comment, bits=bits
+                ),
+            )
         if neon is not None:
             self.scratch_elems = max(self.scratch_elems, int(neon.get("scratch_elems", 0)))
         elif ctx.get("wbits"):

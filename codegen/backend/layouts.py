@@ -997,3 +997,66 @@ def requant32_ok(call: KernelCall) -> bool:
     return all(
         requant32_fits(int(b), int(m), int(s)) for b, m, s in zip(bound, mult, shift, strict=True)
     )
+
+
+POOL_TEMPLATES = ("avgpool2d", "global_avgpool", "add")
+"""The Helium kernels of `mve_pool_context`: average pools and the elementwise add."""
+
+
+def mve_pool_context(
+    call: KernelCall, taps: int, channels: int, add: AddArray
+) -> dict[str, Any] | None:
+    """The vector requantization of the Helium average pools and add: the accumulators of 4
+    channels in int32 lanes — a pool: the exact sum of the (at most `taps`) raw int8 inputs,
+    minus IZP times the taps inside the image; add: (a - ZA) * MA + (b - ZB) * MB — modulo
+    2^32, the wrap to A bits (a shift pair; skipped when no sum can reach 2^(A-1)) and the
+    requantization of `_vec_requant_ok` (VMUL, VRSHL, VQADD, VMAX, VMIN).
+    None: A > 32 or a multiplier the int32 lanes cannot hold; the portable kernel is used."""
+    if call.template not in POOL_TEMPLATES or call.acc_bits is None or call.acc_bits > 32:
+        return None
+    node = call.node
+    assert node.requant is not None
+    acc = int(call.acc_bits)
+    extra: dict[str, Any] = {}
+    if call.template == "add":
+        ms = [int(v) for v in np.asarray(node.params["in_mult"]).reshape(-1)]
+        zs = [int(v) for v in node.attrs.get("input_zero_points", (0, 0))]
+        bound = sum(abs(m) * max(abs(-128 - z), abs(127 - z)) for m, z in zip(ms, zs, strict=True))
+        extra = {"ma": int(wrap(np.int64(ms[0]), 32)), "mb": int(wrap(np.int64(ms[1]), 32))}
+    else:
+        zp = int(node.attrs.get("input_zero_point", 0))
+        bound = taps * max(abs(-128 - zp), abs(127 - zp))
+    exact = bound < (1 << (acc - 1))
+    lane = bound if exact else 1 << (acc - 1)
+    if not _vec_requant_ok(node, np.full(channels, lane, dtype=np.int64)):
+        return None
+    rq = node.requant
+    mult = np.broadcast_to(np.asarray(rq.mult, dtype=np.int64).reshape(-1), (channels,))
+    rshift = -np.broadcast_to(np.asarray(rq.shift, dtype=np.int64).reshape(-1), (channels,))
+    ctx: dict[str, Any] = {
+        "wrap_shift": 0 if exact or acc == 32 else 32 - acc,
+        "use_mult": bool(np.any(mult != 1)),
+        "mult": None,
+        "rshift": None,
+        "mult_n": int(mult[0]),
+        "rshift_n": int(rshift[0]),
+        # the raw sums fit int16 lanes exactly (global pool: 8 channels per vector)
+        "lanes16": taps * 128 < (1 << 15),
+        **extra,
+    }
+    if len(set(mult.tolist())) > 1 or len(set(rshift.tolist())) > 1:  # per channel: int32 lanes
+        n = _ceil_to(channels, 4)
+        m = np.ones(n, dtype=np.int64)
+        m[:channels] = mult
+        r = np.zeros(n, dtype=np.int64)
+        r[:channels] = rshift
+        name = node.name
+        ctx["mult"] = add(
+            "vmult", "int32_t", [int(v) for v in m],
+            f"{name}: requantization multiplier per channel, int32 lanes",
+        )  # fmt: skip
+        ctx["rshift"] = add(
+            "vrshift", "int32_t", [int(v) for v in r],
+            f"{name}: minus the requantization shift per channel (a VRSHL amount)",
+        )  # fmt: skip
+    return ctx

@@ -505,6 +505,36 @@ CASES: list[Case] = [
             b.input((4, 3, 5), lo=0, hi=127), acc_bits=20, input_zero_point=30, per_channel=True
         ),
     ),
+    # pools over channel counts that are not multiples of 16 / 8 / 4 (Helium vector tails)
+    Case(
+        "maxpool2d-c21-k3s2-pad-clamp",
+        lambda b: b.maxpool2d(b.input((5, 6, 21)), (3, 3), (2, 2), (1, 0, 1, 1), lo=-50, hi=100),
+    ),
+    Case(
+        "avgpool2d_acc16-c19-zero-point-wrap-acc10",
+        lambda b: b.avgpool2d(
+            b.input((6, 5, 19), dist="high"),
+            (3, 3),
+            (2, 1),
+            (1, 1, 0, 1),
+            acc_bits=10,
+            input_zero_point=-7,
+        ),
+        wraps=True,
+    ),
+    Case(
+        "global_avgpool_acc16-c27-zero-point-wrap-acc12",
+        lambda b: b.global_avgpool(
+            b.input((5, 4, 27), dist="high"), acc_bits=12, input_zero_point=5
+        ),
+        wraps=True,
+    ),
+    Case(
+        "global_avgpool_acc32-16x17x6-per-channel",  # 272 taps: sums beyond int16 lanes
+        lambda b: b.global_avgpool(
+            b.input((16, 17, 6), dist="high"), acc_bits=24, input_zero_point=-3, per_channel=True
+        ),
+    ),
     # add
     Case("add_acc16-residual", lambda b: _residual(b)),
     Case(
@@ -517,6 +547,11 @@ CASES: list[Case] = [
         wraps=True,
     ),
     Case("add_acc32-wrap-acc32", _wide_add, wraps=True),
+    Case(
+        "add_acc16-unit-mult-zero-points-wrap-acc8",  # Helium: the plain vector sum
+        lambda b: _residual(b, acc_bits=8, in_mult=(1, 1), input_zero_points=(4, -3)),
+        wraps=True,
+    ),
     # mul: elementwise, or by one value per channel (squeeze-excitation)
     Case("mul_acc16-same-shape", _mul_same_shape),
     Case("mul_acc16-squeeze-excitation", _squeeze_excitation),

@@ -235,6 +235,25 @@ def test_dialect_kernels_are_used(target: str, graphs: dict[str, Any]) -> None:
         assert "#else /* no " in src, cid  # the portable fallback is kept
 
 
+def test_mve_pool_kernels_are_used(graphs: dict[str, Any]) -> None:
+    """The Helium pools and add (vector max, int16- or int32-lane sums, the vector
+    requantization, including the wrap to narrow accumulators) are used on cortex-m55, the
+    portable fallback kept."""
+    t = resolve_target("cortex-m55")
+    for cid, markers in (
+        ("maxpool2d-c21-k3s2-pad-clamp", ("vmaxq_s8(",)),
+        ("avgpool2d_acc16-c19-zero-point-wrap-acc10", ("vldrbq_z_s32(", "vshlq_n_s32(")),
+        ("global_avgpool_acc16-c27-zero-point-wrap-acc12", ("vldrbq_z_s16(", "vshlq_n_s32(")),
+        ("global_avgpool_acc32-16x17x6-per-channel", ("vldrbq_z_s32(", "vld1q_s32(")),
+        ("add_acc16-wrap-acc9", ("vmlaq_n_s32(", "vshlq_n_s32(")),
+        ("add_acc16-unit-mult-zero-points-wrap-acc8", ("vaddq_s32(da, db)", "vshlq_n_s32(")),
+    ):
+        files = emit(graphs[cid][0], cid, t)
+        src = files[f"{c_identifier(cid).lower()}.c"]
+        assert all(m in src for m in markers), cid
+        assert "#else /* no MVE" in src, cid
+
+
 # ----------------------------------------------------------------------------- a quantized network
 
 
