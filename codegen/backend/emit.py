@@ -510,7 +510,7 @@ class _Emitter:
                 ),
             )
         mve = None
-        if self.lowered.dialect == "mve" and call.template == "conv2d_depthwise":
+        if dialect == "mve" and call.template == "conv2d_depthwise":
             mve = layouts.mve_depthwise_context(
                 self.graph,
                 call,
@@ -519,14 +519,14 @@ class _Emitter:
                 ),
             )
         dsp = None
-        if self.lowered.dialect == "dsp" and call.template in ("conv2d_pointwise", "dense"):
+        if dialect == "dsp" and call.template in ("conv2d_pointwise", "dense"):
             dsp = layouts.dsp_gemm_context(
                 call,
                 lambda what, ctype, vals, comment, bits=0: self.add_array(
                     call.node, what, ctype, vals, comment, bits=bits
                 ),
             )
-        if self.lowered.dialect == "dsp" and call.template == "conv2d_depthwise":
+        if dialect == "dsp" and call.template == "conv2d_depthwise":
             dsp = layouts.dsp_depthwise_context(
                 self.graph,
                 call,
@@ -535,7 +535,7 @@ class _Emitter:
                 ),
             )
         mvq = None
-        if self.lowered.dialect == "mve":
+        if dialect == "mve":
             mvq = layouts.mve_requant_context(
                 call,
                 lambda what, ctype, vals, comment, bits=0: self.add_array(
@@ -549,13 +549,13 @@ class _Emitter:
         ctx["neon"] = neon
         ctx["mve"] = mve
         # DSP: 32-bit requantization where the layer's bounds allow it (no cheap 64-bit shifts)
-        ctx["rq32"] = self.lowered.dialect == "dsp" and layouts.requant32_ok(call)
+        ctx["rq32"] = dialect == "dsp" and layouts.requant32_ok(call)
         # DSP conv: the 4 weight rows are read at LDR immediate offsets (imm12) from one pointer
         ctx["ldr_rows"] = 3 * int(ctx.get("w_stride", 0)) <= 4095
         ctx["dsp"] = dsp
         ctx["mvq"] = mvq
         ctx["mvp"] = None
-        if self.lowered.dialect == "mve" and call.template in layouts.POOL_TEMPLATES:
+        if dialect == "mve" and call.template in layouts.POOL_TEMPLATES:
             taps = {"global_avgpool": ctx["hw"], "avgpool2d": ctx["kh"] * ctx["kw"]}
             ctx["mvp"] = layouts.mve_pool_context(
                 call,
