@@ -554,6 +554,25 @@ class _Emitter:
         ctx["ldr_rows"] = 3 * int(ctx.get("w_stride", 0)) <= 4095
         ctx["dsp"] = dsp
         ctx["mvq"] = mvq
+        # Helium conv: MVE_PIXELS neighbouring output pixels per loaded weight vector (their
+        # inputs at VLDRB immediate offsets, imm7: up to 127 bytes from the first pixel's)
+        ctx["mve_pixels"] = (
+            layouts.MVE_PIXELS
+            if self.lowered.dialect == "mve"
+            and call.template == "conv2d"
+            and ctx["groups"] == 1
+            and ctx["dw"] == 1
+            and not ctx["in_zp"]
+            and not ctx.get("wbits")
+            and ctx["oc"] % 4 == 0
+            and (layouts.MVE_PIXELS - 1) * ctx["sw"] * ctx["ic"] <= 127
+            else 0
+        )
+        if ctx["mve_pixels"]:
+            # bytes from one pixel's input to the next; input columns from a block's first tap
+            # to its last (the block is taken when they all lie inside the image)
+            ctx["mve_xoff"] = ctx["sw"] * ctx["ic"]
+            ctx["mve_xspan"] = (ctx["mve_pixels"] - 1) * ctx["sw"] + (ctx["kw"] - 1) * ctx["dw"]
         ctx["mvp"] = None
         if dialect == "mve" and call.template in layouts.POOL_TEMPLATES:
             taps = {"global_avgpool": ctx["hw"], "avgpool2d": ctx["kh"] * ctx["kw"]}

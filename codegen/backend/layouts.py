@@ -123,6 +123,9 @@ def unpack_bits(packed: Sequence[int], bits: int, n: int) -> np.ndarray:
 
 DSP_MVE_BLOCK = 4
 """Output channels the DSP and MVE conv/pointwise/dense kernels sum per input load."""
+MVE_PIXELS = 3
+"""Output pixels of one row the MVE conv kernel sums per weight load (when all their taps lie
+inside the image: 3 pixels x 2 output channels = 6 VMLADAVA accumulators, even registers)."""
 
 
 def unpack_block(call: KernelCall, dialect: str) -> int:

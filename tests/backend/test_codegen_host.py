@@ -255,6 +255,25 @@ CASES: list[Case] = [
         )
         for a in (24, 31, 32)
     ],
+    # rows of output pixels with every tap inside the image (the Helium kernel's blocks of
+    # pixels), then pixels left over at the right edge
+    Case(
+        "conv2d_acc32-pixel-blocks-tail",
+        lambda b: b.conv2d(b.input((6, 10, 8)), 8, padding=(1,) * 4),
+    ),
+    Case(
+        "conv2d_acc16-pixel-blocks-stride1x2-wrap-acc14",
+        lambda b: b.conv2d(
+            b.input((5, 15, 6), dist="high"),
+            4,
+            (3, 3),
+            (1, 2),
+            (1,) * 4,
+            acc_bits=14,
+            w_dist="positive",
+        ),
+        wraps=True,
+    ),
     # conv2d, 1x1 pointwise specialisation
     Case("conv2d_pointwise_acc32-c13to9", lambda b: b.conv2d(b.input((5, 7, 13)), 9, (1, 1))),
     Case(
