@@ -500,47 +500,41 @@ class _Emitter:
         dialect = self.lowered.dialect
         if call.acc_tile is not None and dialect not in ("c", "neon"):
             dialect = "c"  # two stages: the DSP and MVE kernels have no such path yet
+
+        def add(what: str, ctype: str, values: Sequence[int], comment: str, bits: int = 0) -> str:
+            return self.add_array(call.node, what, ctype, values, comment, bits=bits)
+
         if dialect == "neon":
             neon = layouts.neon_context(
                 self.graph,
                 call,
                 self.neon,
-                lambda what, ctype, vals, comment, bits=0: self.add_array(
-                    call.node, what, ctype, vals, comment, bits=bits
-                ),
+                add,
             )
         mve = None
         if dialect == "mve" and call.template == "conv2d_depthwise":
             mve = layouts.mve_depthwise_context(
                 self.graph,
                 call,
-                lambda what, ctype, vals, comment, bits=0: self.add_array(
-                    call.node, what, ctype, vals, comment, bits=bits
-                ),
+                add,
             )
         dsp = None
         if dialect == "dsp" and call.template in ("conv2d_pointwise", "dense"):
             dsp = layouts.dsp_gemm_context(
                 call,
-                lambda what, ctype, vals, comment, bits=0: self.add_array(
-                    call.node, what, ctype, vals, comment, bits=bits
-                ),
+                add,
             )
         if dialect == "dsp" and call.template == "conv2d_depthwise":
             dsp = layouts.dsp_depthwise_context(
                 self.graph,
                 call,
-                lambda what, ctype, vals, comment, bits=0: self.add_array(
-                    call.node, what, ctype, vals, comment, bits=bits
-                ),
+                add,
             )
         mvq = None
         if dialect == "mve":
             mvq = layouts.mve_requant_context(
                 call,
-                lambda what, ctype, vals, comment, bits=0: self.add_array(
-                    call.node, what, ctype, vals, comment, bits=bits
-                ),
+                add,
             )
         own = neon is None and mve is None and dsp is None
         ctx = self.kernel_context(call, own_params=own and not (mvq and mvq["standalone"]))
@@ -554,25 +548,7 @@ class _Emitter:
         ctx["ldr_rows"] = 3 * int(ctx.get("w_stride", 0)) <= 4095
         ctx["dsp"] = dsp
         ctx["mvq"] = mvq
-        # Helium conv: MVE_PIXELS neighbouring output pixels per loaded weight vector (their
-        # inputs at VLDRB immediate offsets, imm7: up to 127 bytes from the first pixel's)
-        ctx["mve_pixels"] = (
-            layouts.MVE_PIXELS
-            if self.lowered.dialect == "mve"
-            and call.template == "conv2d"
-            and ctx["groups"] == 1
-            and ctx["dw"] == 1
-            and not ctx["in_zp"]
-            and not ctx.get("wbits")
-            and ctx["oc"] % 4 == 0
-            and (layouts.MVE_PIXELS - 1) * ctx["sw"] * ctx["ic"] <= 127
-            else 0
-        )
-        if ctx["mve_pixels"]:
-            # bytes from one pixel's input to the next; input columns from a block's first tap
-            # to its last (the block is taken when they all lie inside the image)
-            ctx["mve_xoff"] = ctx["sw"] * ctx["ic"]
-            ctx["mve_xspan"] = (ctx["mve_pixels"] - 1) * ctx["sw"] + (ctx["kw"] - 1) * ctx["dw"]
+        ctx.update(layouts.mve_pixel_block(call, ctx) if dialect == "mve" else {"mve_pixels": 0})
         ctx["mvp"] = None
         if dialect == "mve" and call.template in layouts.POOL_TEMPLATES:
             taps = {"global_avgpool": ctx["hw"], "avgpool2d": ctx["kh"] * ctx["kw"]}
@@ -580,9 +556,7 @@ class _Emitter:
                 call,
                 int(taps.get(call.template, 1)),
                 int(ctx["ic"] if call.template != "add" else ctx["oc"]),
-                lambda what, ctype, vals, comment, bits=0: self.add_array(
-                    call.node, what, ctype, vals, comment, bits=bits
-                ),
+                add,
             )
         if neon is not None:
             self.scratch_elems = max(self.scratch_elems, int(neon.get("scratch_elems", 0)))

@@ -42,7 +42,7 @@ formats.requantize), and call qacc_requantize per lane otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -126,6 +126,31 @@ DSP_MVE_BLOCK = 4
 MVE_PIXELS = 3
 """Output pixels of one row the MVE conv kernel sums per weight load (when all their taps lie
 inside the image: 3 pixels x 2 output channels = 6 VMLADAVA accumulators, even registers)."""
+
+
+def mve_pixel_block(call: KernelCall, k: Mapping[str, Any]) -> dict[str, Any]:
+    """The Helium conv's pixel block, from the kernel context `k`: MVE_PIXELS neighbouring output
+    pixels per loaded weight vector (0: not taken), each later pixel's input at a VLDRB immediate
+    offset (imm7: at most 127 bytes) from the first's, and the input columns from a block's first
+    tap to its last (the kernel takes the block when they all lie inside the image)."""
+    px = MVE_PIXELS
+    xoff = int(k["sw"]) * int(k["ic"])
+    if not (
+        call.template == "conv2d"
+        and k["groups"] == 1
+        and k["dw"] == 1
+        and not k["in_zp"]
+        and not k.get("wbits")
+        and k["oc"] % 4 == 0
+        and (px - 1) * xoff <= 127
+    ):
+        return {"mve_pixels": 0}
+    return {
+        "mve_pixels": px,
+        "mve_xoff": xoff,
+        "mve_xoffs": [(p, p * xoff) for p in range(1, px)],  # (register q<p>, byte offset)
+        "mve_xspan": (px - 1) * int(k["sw"]) + (int(k["kw"]) - 1) * int(k["dw"]),
+    }
 
 
 def unpack_block(call: KernelCall, dialect: str) -> int:

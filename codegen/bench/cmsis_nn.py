@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codegen.bench.peers import PeerError
+from codegen.bench.peers import PeerError, marked_counts
 from codegen.core.resources import data_path
 from codegen.targets.qemu import run_under_emulator
 from codegen.targets.table import TargetError, check_tools, get_target
@@ -294,16 +294,7 @@ def instructions(
         res = run_under_emulator(
             target, exe, [str(spec)], timeout_s=timeout_s, count_insns=True, progress=False
         )
-    if res.returncode != 0:
-        raise PeerError(
-            f"CMSIS-NN harness failed on {target} (exit {res.returncode}): "
-            + res.stderr.strip()[-500:]
-        )
-    assert res.counts is not None
-    marks = res.counts.marks
-    if len(marks) != 2 * len(layers):
-        raise PeerError(f"CMSIS-NN harness: expected {2 * len(layers)} marks, got {len(marks)}")
-    return [marks[2 * i + 1] - marks[2 * i] for i in range(len(layers))]
+    return marked_counts(res, "CMSIS-NN", target, len(layers))
 
 
 __all__ = [

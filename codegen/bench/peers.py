@@ -21,8 +21,8 @@ from pathlib import Path
 
 from codegen.core.errors import QaccError
 from codegen.core.resources import data_path
-from codegen.targets.qemu import run_under_emulator
-from codegen.targets.table import get_target
+from codegen.targets.qemu import RunResult, run_under_emulator
+from codegen.targets.table import TARGETS, get_target
 
 HARNESS_SRC = data_path("runtime_c", "peers", "xnnpack_conv.c")
 BUILD_DIR = data_path("build", "peers")
@@ -148,8 +148,9 @@ def _aarch64(target: str) -> None:
     t = get_target(target)
     if t.family != "aarch64-linux":
         raise PeerError(
-            f"the XNNPACK peer runs on AArch64 targets only (cortex-a53, cortex-a72, cortex-a76), "
-            f"not {target}"
+            "the XNNPACK peer runs on AArch64 targets only ("
+            + ", ".join(n for n, x in TARGETS.items() if x.family == "aarch64-linux")
+            + f"), not {target}"
         )
 
 
@@ -163,16 +164,21 @@ def xnnpack_conv_many(
     exe = build_harness()
     args = [a for s in shapes for a in s.argv()]
     res = run_under_emulator(target, exe, args, timeout_s=timeout_s, count_insns=True)
+    return marked_counts(res, "XNNPACK", target, len(shapes))
+
+
+def marked_counts(res: RunResult, peer: str, target: str, calls: int) -> list[int]:
+    """Instructions of each of a peer harness's `calls` calls: between its pairs of marks."""
     if res.returncode != 0:
         raise PeerError(
-            f"XNNPACK harness failed on {target} (exit {res.returncode}): "
+            f"{peer} harness failed on {target} (exit {res.returncode}): "
             + res.stderr.strip()[-500:]
         )
     assert res.counts is not None
     marks = res.counts.marks
-    if len(marks) != 2 * len(shapes):
-        raise PeerError(f"XNNPACK harness: expected {2 * len(shapes)} marks, got {len(marks)}")
-    return [marks[2 * i + 1] - marks[2 * i] for i in range(len(shapes))]
+    if len(marks) != 2 * calls:
+        raise PeerError(f"{peer} harness: expected {2 * calls} marks, got {len(marks)}")
+    return [marks[2 * i + 1] - marks[2 * i] for i in range(calls)]
 
 
 def xnnpack_conv_instructions(

@@ -204,6 +204,13 @@ def _per_mac(insns: int | None, macs: int) -> float | None:
     return round(insns / macs, 4) if insns is not None and macs else None
 
 
+def _totals(instructions: int, macs: Sequence[int]) -> dict[str, Any]:
+    """A peer row's MACs, instructions and instructions per MAC over its layers."""
+    m = sum(macs)
+    per_mac = _per_mac(instructions, m)
+    return {"macs": m, "instructions": instructions, "instructions_per_mac": per_mac}
+
+
 def _measure(
     q: _Quantized,
     target: str,
@@ -292,15 +299,9 @@ def _peer(
         }
         for (lname, s), n in zip(shapes.items(), counts, strict=True)
     }
-    macs = sum(s.macs for s in shapes.values())
     total = sum(counts)
-    row.update(
-        conv_layers=len(shapes),
-        macs=macs,
-        instructions=total,
-        instructions_per_mac=_per_mac(total, macs),
-        layers=layers,
-    )
+    row.update(conv_layers=len(shapes), **_totals(total, [s.macs for s in shapes.values()]))
+    row["layers"] = layers
     _log(f"  {name} {target} xnnpack: {total:,} instructions over {len(shapes)} conv layers", log)
     return row
 
@@ -355,14 +356,8 @@ def _cmsis_peer(
             )
         per_layer[lname] = entry
     total = sum(counts)
-    macs = sum(x.macs for x in layers.values())
-    row.update(
-        layers_covered=len(layers),
-        macs=macs,
-        instructions=total,
-        instructions_per_mac=_per_mac(total, macs),
-        layers=per_layer,
-    )
+    row.update(layers_covered=len(layers), **_totals(total, [x.macs for x in layers.values()]))
+    row["layers"] = per_layer
     subtotals = {
         w: s for w in sorted(measured) if (s := _subtotal(measured[w], list(layers))) is not None
     }
