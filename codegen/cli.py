@@ -396,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="cortex-a53,cortex-a76,cortex-a55",
         help="ARM targets separated by commas, or 'all'",
     )
-    b.add_argument("--widths", default="16,32", help="accumulator widths separated by commas")
+    b.add_argument(
+        "--widths",
+        default="16,16x32,32",
+        help="accumulator widths separated by commas; AxB: two-stage accumulation (tiles of "
+        "64 terms in A bits, summed in B bits)",
+    )
     b.add_argument(
         "--networks",
         default="all",

@@ -3,10 +3,12 @@
     run_bench(["cortex-a53", "cortex-a76"], widths=(16, 32), networks=["conv3x3"], json_path=...)
 
 For every network of codegen.bench.networks (random weights, random calibration data in [0, 1]),
-every accumulator width and every target: quantize (guaranteed policy; a layer that cannot fit
-the width falls back to 32 bits, and the table says so), generate and build C for the target,
-count the dynamic instructions of one inference with the QEMU instruction-count plugin, in total
-and per layer, and read the arena and flash sizes. Instruction counts are deterministic.
+every accumulator width ("16", "32", or "16x32": two-stage accumulation, tiles of
+TWO_STAGE_TILE terms in 16 bits summed in 32) and every target: quantize (guaranteed policy; a
+layer that cannot fit the width falls back to 32 bits, and the table says so), generate and build
+C for the target, count the dynamic instructions of one inference with the QEMU
+instruction-count plugin, in total and per layer, and read the arena and flash sizes.
+Instruction counts are deterministic.
 
 Side by side, on AArch64 targets, the peer: XNNPACK's qs8 convolution (codegen.bench.peers) on every
 conv layer shape of the same network, under the same QEMU CPU and the same plugin. The peer row
@@ -43,26 +45,43 @@ from codegen.targets.table import TARGETS, get_target
 
 DEFAULT_TARGETS = ("cortex-a53", "cortex-a76", "cortex-a55")
 ARM_TARGETS = tuple(t for t in TARGETS if t != "host")
-DEFAULT_WIDTHS = (16, 32)
+TWO_STAGE_TILE = 64
+"""acc_tile of the two-stage widths ("16x32"): the tile FashionCNN keeps float accuracy with."""
 DEFAULT_NETWORKS = tuple(bench_networks.NETWORKS)
 FALLBACK_BITS = 32
 CALIB_SAMPLES = 16
 
 # Reference figures from RESEARCH.md / the issue (instructions per MAC).
 XNNPACK_NEON_PER_MAC = 0.283
-XNNPACK_DOTPROD_PER_MAC = 0.102
 GOAL_RATIO = 1.9
 GOAL_CONV_PER_MAC = 0.15
+GOAL_TWO_STAGE = 1.7
 
 
 class BenchError(QaccError):
     """The benchmark was asked for something it cannot do (unknown target, network...)."""
 
 
+@dataclass(frozen=True)
+class Width:
+    """An accumulator configuration of the bench: `bits`, and with `acc2` two-stage accumulation
+    (tiles of TWO_STAGE_TILE terms wrap at `bits`, their sum at `acc2`)."""
+
+    bits: int
+    acc2: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.bits}" if self.acc2 is None else f"{self.bits}x{self.acc2}"
+
+
+DEFAULT_WIDTHS = (Width(16), Width(16, 32), Width(32))
+
+
 @dataclass
 class _Quantized:
     name: str
-    width: int
+    width: Width
     qm: Any
     fallback: list[str] = field(default_factory=list)
 
@@ -111,14 +130,34 @@ def resolve_networks(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
-def resolve_widths(spec: str | Sequence[int]) -> list[int]:
+def _width(item: str | int | Width) -> Width:
+    if isinstance(item, Width):
+        return item
+    if isinstance(item, int):
+        return Width(item)
+    bits, _, acc2 = item.strip().partition("x")
     try:
-        widths = [int(w) for w in spec.split(",")] if isinstance(spec, str) else list(spec)
+        return Width(int(bits), int(acc2) if acc2 else None)
     except ValueError:
-        raise BenchError(f"widths must be integers separated by commas, got {spec!r}") from None
-    bad = [w for w in widths if not 8 <= w <= 32]
+        raise BenchError(
+            f"widths are integers (16) or two-stage pairs (16x32) separated by commas, got {item!r}"
+        ) from None
+
+
+def resolve_widths(spec: str | Sequence[int | str | Width]) -> list[Width]:
+    """'16,16x32,32' (or a sequence of ints, labels or Widths) -> Widths, each checked."""
+    items = [w for w in spec.split(",") if w.strip()] if isinstance(spec, str) else list(spec)
+    widths = [_width(w) for w in items]
+    bad = [
+        w.label
+        for w in widths
+        if not 8 <= w.bits <= 32 or (w.acc2 is not None and not w.bits < w.acc2 <= 32)
+    ]
     if bad or not widths:
-        raise BenchError(f"accumulator widths must be in 8..32, got {widths}")
+        raise BenchError(
+            f"accumulator widths must be in 8..32 (two-stage AxB: A < B <= 32), got "
+            f"{', '.join(bad) or '(none)'}"
+        )
     return widths
 
 
@@ -126,24 +165,30 @@ _LAYER_RE = re.compile(r"layer '([^']+)'")
 
 
 def quantize_net(
-    name: str, width: int, model: Any, calib: np.ndarray, log: TextIO | None = None
+    name: str, width: int | Width, model: Any, calib: np.ndarray, log: TextIO | None = None
 ) -> _Quantized:
-    """codegen.quantize at `width` bits (guaranteed); layers that cannot fit fall back to 32."""
+    """codegen.quantize at `width` (guaranteed); layers that cannot fit fall back to 32 bits."""
     from codegen import api
 
+    w = _width(width)
+    stages: dict[str, Any] = {} if w.acc2 is None else {"acc_stages": 2, "acc_tile": TWO_STAGE_TILE}
     fallback: list[str] = []
     while True:
         acc: int | dict[str, int] = (
-            width if not fallback else {"default": width, **dict.fromkeys(fallback, FALLBACK_BITS)}
+            w.bits
+            if not fallback
+            else {"default": w.bits, **dict.fromkeys(fallback, FALLBACK_BITS)}
         )
         try:
-            qm = api.quantize(model, calib, acc_bits=acc, overflow="guaranteed", progress=False)
-            return _Quantized(name, width, qm, fallback)
+            qm = api.quantize(
+                model, calib, acc_bits=acc, overflow="guaranteed", progress=False, **stages
+            )
+            return _Quantized(name, w, qm, fallback)
         except InfeasibleAccumulatorError as e:
             m = _LAYER_RE.search(str(e))
-            if m is None or m.group(1) in fallback or width >= FALLBACK_BITS:
+            if m is None or m.group(1) in fallback or w.bits >= FALLBACK_BITS:
                 raise
-            _log(f"  {name}: layer {m.group(1)} does not fit {width} bits; it uses 32", log)
+            _log(f"  {name}: layer {m.group(1)} does not fit {w.label} bits; it uses 32", log)
             fallback.append(m.group(1))
 
 
@@ -226,18 +271,20 @@ def _measure(
         "network": q.name,
         "description": net.description,
         "target": target,
-        "acc_bits": q.width,
+        "acc": q.width.label,
+        "acc_bits": q.width.bits,
+        "acc_stages": 1 if q.width.acc2 is None else 2,
         "fallback_32bit_layers": q.fallback,
         "macs": int(q.qm.report["macs"]),
     }
-    out_dir = work / f"{q.name}-{target}-acc{q.width}"
+    out_dir = work / f"{q.name}-{target}-acc{q.width.label}"
     try:
         c = api.compile(q.qm, target=target, out_dir=out_dir, progress=progress)
         counts = c.count_instructions(xq)
         rep = c.report
     except (QaccError, RuntimeError, OSError, subprocess.SubprocessError) as e:
         row["error"] = _one_line(e)
-        _log(f"  {q.name} {target} acc{q.width}: FAILED: {row['error']}", log)
+        _log(f"  {q.name} {target} acc{q.width.label}: FAILED: {row['error']}", log)
         return row
     total = int(counts["total"])
     layer_macs = {str(r["name"]): int(r.get("macs", 0)) for r in rep["layers"]}
@@ -268,7 +315,7 @@ def _measure(
     )
     per_mac = row["instructions_per_mac"]
     _log(
-        f"  {q.name} {target} acc{q.width}: {total:,} instructions"
+        f"  {q.name} {target} acc{q.width.label}: {total:,} instructions"
         + (f" ({per_mac} per MAC)" if per_mac is not None else ""),
         log,
     )
@@ -326,7 +373,7 @@ def _cmsis_peer(
         _log(f"  {name} {target} cmsis-nn: FAILED: {row['error']}", log)
         return row
     measured = {
-        r["acc_bits"]: {x["name"]: x for x in r["layers"]}
+        r["acc"]: {x["name"]: x for x in r["layers"]}
         for r in rows
         if r["network"] == name and r["target"] == target and "error" not in r
     }
@@ -341,13 +388,13 @@ def _cmsis_peer(
         }
         qacc = {
             w: by[lname]["instructions"]
-            for w, by in sorted(measured.items())
+            for w, by in measured.items()
             if lname in by and by[lname]["instructions"]
         }
         for w, v in qacc.items():
             entry[f"qacc_acc{w}"] = v
         if qacc:
-            best_w = min(qacc, key=lambda w: (qacc[w], w))
+            best_w = min(qacc, key=lambda w: (qacc[w], _width(w).bits))
             entry.update(
                 qacc_best=qacc[best_w],
                 qacc_best_acc_bits=best_w,
@@ -358,13 +405,11 @@ def _cmsis_peer(
     total = sum(counts)
     row.update(layers_covered=len(layers), **_totals(total, [x.macs for x in layers.values()]))
     row["layers"] = per_layer
-    subtotals = {
-        w: s for w in sorted(measured) if (s := _subtotal(measured[w], list(layers))) is not None
-    }
+    subtotals = {w: s for w in measured if (s := _subtotal(measured[w], list(layers))) is not None}
     for w, v in subtotals.items():
         row[f"qacc_acc{w}_instructions"] = v
     if subtotals and total:
-        best_w = min(subtotals, key=lambda w: (subtotals[w], w))
+        best_w = min(subtotals, key=lambda w: (subtotals[w], _width(w).bits))
         row.update(
             qacc_best_acc_bits=best_w,
             qacc_best_instructions=subtotals[best_w],
@@ -388,17 +433,20 @@ def _subtotal(layers: dict[str, Any], names: Sequence[str]) -> int | None:
 
 def _ratios(rows: list[dict[str, Any]], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    by = {(r["network"], r["target"], r["acc_bits"]): r for r in rows if "error" not in r}
-    for (net, tgt, a), r16 in sorted(by.items()):
-        if a != 16 or (net, tgt, 32) not in by:
+    by = {(r["network"], r["target"], r["acc"]): r for r in rows if "error" not in r}
+    for (net, tgt, a), r16 in by.items():
+        if a != "16" or (net, tgt, "32") not in by:
             continue
-        r32 = by[(net, tgt, 32)]
+        r32 = by[(net, tgt, "32")]
         ratio: dict[str, Any] = {
             "network": net,
             "target": tgt,
             "acc32_over_acc16": round(r32["instructions"] / r16["instructions"], 3),
             "layers": {},
         }
+        two = by.get((net, tgt, "16x32"))
+        if two is not None:
+            ratio["acc32_over_acc16x32"] = round(r32["instructions"] / two["instructions"], 3)
         l32 = {x["name"]: x for x in r32["layers"]}
         for x in r16["layers"]:
             y = l32.get(x["name"])
@@ -417,45 +465,72 @@ def conv_subtotal(row: dict[str, Any], names: Sequence[str]) -> int | None:
     return int(sum(vals))
 
 
-def _goals(rows: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _goals(
+    rows: list[dict[str, Any]], ratios: list[dict[str, Any]], peers: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     goals: list[dict[str, Any]] = []
+
+    def goal(text: str, measured: float, met: bool) -> None:
+        goals.append({"goal": text, "measured": round(measured, 3), "met": met})
+
     for r in ratios:
-        if r["target"] == "cortex-a53":
-            goals.append(
-                {
-                    "goal": f"{r['network']} on cortex-a53: whole-network acc32/acc16 "
-                    f">= {GOAL_RATIO}",
-                    "measured": r["acc32_over_acc16"],
-                    "met": r["acc32_over_acc16"] >= GOAL_RATIO,
-                }
+        if r["target"] != "cortex-a53":
+            continue
+        v = r["acc32_over_acc16"]
+        goal(
+            f"{r['network']} on cortex-a53: whole-network acc32/acc16 >= {GOAL_RATIO}",
+            v,
+            v >= GOAL_RATIO,
+        )
+        if "acc32_over_acc16x32" in r:
+            v = r["acc32_over_acc16x32"]
+            goal(
+                f"{r['network']} on cortex-a53: whole-network acc32/two-stage 16x32 "
+                f">= {GOAL_TWO_STAGE}",
+                v,
+                v >= GOAL_TWO_STAGE,
+            )
+    for p in peers:
+        if p.get("peer") != "xnnpack-qs8" or "error" in p or not p["instructions"]:
+            continue
+        qacc = {
+            k[len("qacc_acc") : -len("_conv_instructions")]: v
+            for k, v in p.items()
+            if k.startswith("qacc_acc") and k.endswith("_conv_instructions") and v
+        }
+        if p["target"] == "cortex-a53" and "16" in qacc:
+            v = p["instructions"] / qacc["16"]
+            goal(
+                f"{p['network']} on cortex-a53: XNNPACK / qacc acc16 >= {GOAL_RATIO} (conv layers)",
+                v,
+                v >= GOAL_RATIO,
+            )
+        if get_target(p["target"]).has_dotprod and qacc:
+            best = min(qacc, key=lambda w: qacc[w])
+            v = p["instructions"] / qacc[best]
+            goal(
+                f"{p['network']} on {p['target']}: XNNPACK / qacc best (acc{best}) >= 1 "
+                "(conv layers)",
+                v,
+                v >= 1.0,
             )
     for r in rows:
-        if r["network"] != "conv3x3" or "error" in r:
-            continue
-        if r["target"] == "cortex-a53" and r["acc_bits"] == 16:
-            goals.append(
-                {
-                    "goal": f"conv3x3 on cortex-a53 at acc16 <= {GOAL_CONV_PER_MAC} "
-                    f"instructions/MAC (XNNPACK without dotprod: {XNNPACK_NEON_PER_MAC})",
-                    "measured": r["instructions_per_mac"],
-                    "met": r["instructions_per_mac"] <= GOAL_CONV_PER_MAC,
-                }
-            )
-        if r["target"] == "cortex-a76" and r["acc_bits"] == 32:
-            goals.append(
-                {
-                    "goal": "conv3x3 on cortex-a76 at acc32 (SDOT path) vs XNNPACK dotprod "
-                    f"({XNNPACK_DOTPROD_PER_MAC} instructions/MAC)",
-                    "measured": r["instructions_per_mac"],
-                    "met": r["instructions_per_mac"] <= XNNPACK_DOTPROD_PER_MAC,
-                }
+        if r["network"] == "conv3x3" and r["target"] == "cortex-a53" and r["acc"] == "16":
+            if "error" in r:
+                continue
+            v = r["instructions_per_mac"]
+            goal(
+                f"conv3x3 on cortex-a53 at acc16 <= {GOAL_CONV_PER_MAC} "
+                f"instructions/MAC (XNNPACK without dotprod: {XNNPACK_NEON_PER_MAC})",
+                v,
+                v <= GOAL_CONV_PER_MAC,
             )
     return goals
 
 
 def run_bench(
     targets: Sequence[str] = DEFAULT_TARGETS,
-    widths: Sequence[int] = DEFAULT_WIDTHS,
+    widths: Sequence[int | str | Width] = DEFAULT_WIDTHS,
     networks: Sequence[str] = DEFAULT_NETWORKS,
     json_path: str | Path | None = None,
     peer: bool = True,
@@ -509,7 +584,7 @@ def run_bench(
             shapes = conv_shapes(quantized[0].qm.graph)
             for t in tgts:
                 for q in quantized:
-                    bench_bar.set_postfix_str(f"{name} {t} acc{q.width}")
+                    bench_bar.set_postfix_str(f"{name} {t} acc{q.width.label}")
                     rows.append(_measure(q, t, xq, work, log, progress))
                     bench_bar.update()
                 if cmsis_nn and cmsis_tree is not None and get_target(t).family == "cortex-m":
@@ -521,19 +596,19 @@ def run_bench(
                     if p is not None:
                         for r in rows:
                             if r["network"] == name and r["target"] == t and "error" not in r:
-                                p[f"qacc_acc{r['acc_bits']}_conv_instructions"] = conv_subtotal(
+                                p[f"qacc_acc{r['acc']}_conv_instructions"] = conv_subtotal(
                                     r, list(shapes)
                                 )
                         peer_rows.append(p)
     ratios = _ratios(rows, peer_rows)
     result: dict[str, Any] = {
         "targets": tgts,
-        "widths": ws,
+        "widths": [w.label for w in ws],
         "networks": {n: bench_networks.get(n).description for n in nets},
         "rows": rows,
         "peers": peer_rows,
         "ratios": ratios,
-        "goals": _goals(rows, ratios),
+        "goals": _goals(rows, ratios, peer_rows),
     }
     if json_path is not None:
         jp = Path(json_path)
@@ -598,7 +673,7 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
                 [
                     r["network"],
                     r["target"],
-                    f"acc{r['acc_bits']}",
+                    f"acc{r['acc']}",
                     "-",
                     "-",
                     "-",
@@ -613,10 +688,10 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
             [
                 r["network"],
                 r["target"],
-                f"acc{r['acc_bits']}",
+                f"acc{r['acc']}",
                 _fmt_int(r["instructions"]),
                 _fmt_f(r["instructions_per_mac"]),
-                _fmt_f(rt["acc32_over_acc16"], 2) if rt and r["acc_bits"] == 32 else "",
+                _ratio_cell(rt, r["acc"]),
                 _fmt_int(r["arena_bytes"]),
                 _fmt_int(r["flash_bytes"]),
                 note,
@@ -653,10 +728,11 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
                             f"{p['cmsis_nn_over_qacc_best']:.2f}"
                         )
                 else:
-                    q16 = p.get("qacc_acc16_conv_instructions")
                     vs = f"conv layers only ({p['conv_layers']})"
-                    if q16:
-                        vs += f"; xnnpack/qacc-acc16 {p['instructions'] / q16:.2f}"
+                    for w in result["widths"]:
+                        q = p.get(f"qacc_acc{w}_conv_instructions")
+                        if q:
+                            vs += f"; xnnpack/qacc-acc{w} {p['instructions'] / q:.2f}"
                 table.append(
                     [
                         r["network"],
@@ -677,7 +753,7 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
             "acc",
             "instructions",
             "insn/MAC",
-            "32/16",
+            "acc32/this",
             "arena B",
             "flash B",
             "note",
@@ -696,6 +772,12 @@ def print_tables(result: dict[str, Any], out: TextIO = sys.stdout) -> None:
             print(f"  [{status:>7}] {g['goal']}: measured {g['measured']}", file=out)
 
 
+def _ratio_cell(rt: dict[str, Any] | None, acc: str) -> str:
+    """acc32's instructions over this row's (the speedup of a narrow or two-stage row)."""
+    key = {"16": "acc32_over_acc16", "16x32": "acc32_over_acc16x32"}.get(acc)
+    return _fmt_f(rt[key], 2) if rt and key and key in rt else ""
+
+
 def _print_layers(result: dict[str, Any], out: TextIO) -> None:
     rows = [r for r in result["rows"] if "error" not in r]
     peers = {(p["network"], p["target"]): p for p in result["peers"] if "error" not in p}
@@ -704,14 +786,14 @@ def _print_layers(result: dict[str, Any], out: TextIO) -> None:
         key=lambda k: (list(result["networks"]).index(k[0]), result["targets"].index(k[1])),
     )
     for net, tgt in keys:
-        by_w = {r["acc_bits"]: r for r in rows if r["network"] == net and r["target"] == tgt}
-        ws = sorted(by_w)
+        by_w = {r["acc"]: r for r in rows if r["network"] == net and r["target"] == tgt}
+        ws = list(by_w)
         p = peers.get((net, tgt))
         print(f"\nPer layer: {net} on {tgt} (instructions, instructions/MAC)\n", file=out)
         head = ["layer", "op", "MACs"]
         for w in ws:
             head += [f"acc{w}", "/MAC", "path"]
-        if 16 in by_w and 32 in by_w:
+        if "16" in by_w and "32" in by_w:
             head.append("32/16")
         cmsis = p is not None and p.get("peer") == "cmsis-nn"
         if p is not None:
@@ -729,9 +811,9 @@ def _print_layers(result: dict[str, Any], out: TextIO) -> None:
                     _fmt_f(x.get("instructions_per_mac")),
                     str(x.get("path") or ""),
                 ]
-            if 16 in by_w and 32 in by_w:
-                a = named[16].get(name, {}).get("instructions")
-                b = named[32].get(name, {}).get("instructions")
+            if "16" in by_w and "32" in by_w:
+                a = named["16"].get(name, {}).get("instructions")
+                b = named["32"].get(name, {}).get("instructions")
                 cells.append(_fmt_f(b / a, 2) if a and b else "-")
             if p is not None:
                 pl = p["layers"].get(layer["name"])
@@ -757,7 +839,7 @@ def _print_cmsis_nn(result: dict[str, Any], out: TextIO) -> None:
     if not peers:
         return
     print("\nCMSIS-NN vs qacc (same layers, one call each; ratio > 1: qacc is ahead)\n", file=out)
-    ws = result["widths"]
+    ws = [w.label if isinstance(w, Width) else str(w) for w in result["widths"]]
     table = []
     for p in peers:
         if "error" in p:
@@ -804,6 +886,7 @@ __all__: list[str] = [
     "DEFAULT_NETWORKS",
     "DEFAULT_TARGETS",
     "BenchError",
+    "Width",
     "conv_shapes",
     "main_cli",
     "print_tables",

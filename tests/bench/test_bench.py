@@ -10,7 +10,6 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from codegen.bench import networks, peers, runner
@@ -74,11 +73,22 @@ def test_bench_single_conv(tmp_path: Path) -> None:
     out = io.StringIO()
     path = tmp_path / "bench.json"
     res = runner.run_bench(
-        ["cortex-a53"], (16, 32), ["conv3x3"], json_path=path, out=out, log=None, calib_samples=4
+        ["cortex-a53"],
+        (16, "16x32", 32),
+        ["conv3x3"],
+        json_path=path,
+        out=out,
+        log=None,
+        calib_samples=4,
     )
     assert json.loads(path.read_text()) == json.loads(json.dumps(res))
-    rows = {r["acc_bits"]: r for r in res["rows"]}
-    assert set(rows) == {16, 32}
+    rows = {r["acc"]: r for r in res["rows"]}
+    assert set(rows) == {"16", "16x32", "32"}
+    assert rows["16x32"]["acc_stages"] == 2 and rows["16x32"]["acc_bits"] == 16
+    assert rows["16x32"]["layers"][0]["path"].startswith("acc16x32")
+    # two-stage (tiles of 64 of the 288 terms) sits between the one-stage paths
+    assert rows["16"]["instructions"] < rows["16x32"]["instructions"] < rows["32"]["instructions"]
+    rows = {r["acc_bits"]: r for r in res["rows"] if r["acc_stages"] == 1}
     for r in rows.values():
         assert "error" not in r, r.get("error")
         assert r["instructions"] > 0 and r["macs"] == EXPECTED_MACS["conv3x3"]
@@ -90,12 +100,14 @@ def test_bench_single_conv(tmp_path: Path) -> None:
     assert ratio["acc32_over_acc16"] == pytest.approx(
         rows[32]["instructions"] / rows[16]["instructions"], abs=1e-3
     )
+    assert 1 < ratio["acc32_over_acc16x32"] < ratio["acc32_over_acc16"]
     (peer,) = res["peers"]
     assert "error" not in peer, peer.get("error")
     assert peer["instructions"] > 0 and peer["macs"] == EXPECTED_MACS["conv3x3"]
     assert peer["qacc_acc16_conv_instructions"] == rows[16]["layers"][0]["instructions"]
     text = out.getvalue()
     assert "conv3x3" in text and "xnnpack" in text and "acc16" in text and "acc32" in text
+    assert "acc16x32" in text and "xnnpack/qacc-acc16x32" in text
     assert f"{rows[16]['instructions']:,}" in text
 
 
@@ -104,10 +116,12 @@ def test_bench_rejects_bad_options() -> None:
         runner.resolve_networks("nope")
     with pytest.raises(runner.BenchError):
         runner.resolve_targets("host")
-    with pytest.raises(runner.BenchError):
-        runner.resolve_widths("16,40")
+    for bad in ("16,40", "16x12", "16x40", "abc", ""):
+        with pytest.raises(runner.BenchError):
+            runner.resolve_widths(bad)
+    assert [w.label for w in runner.resolve_widths("16, 16x32,32")] == ["16", "16x32", "32"]
     assert runner.resolve_targets("all") == [
         "cortex-a53", "cortex-a72", "cortex-a76", "cortex-a55", "cortex-a7", "cortex-m4",
         "cortex-m7", "cortex-m55",
     ]  # fmt: skip
-    assert np.all([w in (16, 32) for w in runner.resolve_widths("16,32")])
+    assert runner.resolve_widths((16, 32)) == [runner.Width(16), runner.Width(32)]
