@@ -56,7 +56,7 @@ zoo: setup
 # (build/bench.json), CMSIS-NN on Cortex-M (build/bench-cortex-m.json).
 bench: setup xnnpack
 	$(BIN)/qacc bench --json build/bench.json
-	$(BIN)/qacc bench --targets cortex-m55,cortex-m4,cortex-m7 --peers \
+	$(BIN)/qacc bench --targets cortex-m55,cortex-m4,cortex-m7 --widths 16,32 --peers \
 	    --networks layers,ds_cnn,mobilenet_v1,resnet8 --json build/bench-cortex-m.json
 
 # Rate-accuracy curve of transform quantization vs uniform (Fashion-MNIST): build/rate/.
