@@ -372,6 +372,13 @@ def float_graph(
 def _check_train(train: Any, fg: Graph, method: str) -> TrainData:
     """The (inputs, labels) training pair of the methods that (re)train, or the user's torch
     Dataset of (x, y) pairs or DataLoader (used as given: qacc does not read it ahead)."""
+    out = fg.user_shape(fg.output)
+    if len(out) != 1:  # the training loss is a classifier's: one label per sample
+        raise InvalidModelError(
+            f"method '{method}' trains on one class label per sample, but the model's output is "
+            f"not N x classes (per sample {out}, channels last); train a classifier head or use "
+            "method 'ptq'"
+        )
     if isinstance(train, (Dataset, DataLoader)):
         return train
     if not (isinstance(train, tuple) and len(train) == 2):
@@ -406,7 +413,8 @@ def build_report(qm: QuantizedModel, res: PTQResult | None, calib: np.ndarray) -
         if n.op in WEIGHTED_OPS:
             a = int(n.attrs["acc_bits"])
             q = n.params["weight"]
-            lo, hi = channel_bounds(q, n.params["bias"], fi.qmin, fi.qmax)
+            xlo, xhi = fi.qmin - fi.zero_point, fi.qmax - fi.zero_point  # the kernel subtracts it
+            lo, hi = channel_bounds(q, n.params["bias"], xlo, xhi)
             ov = run.overflow[n.name]
             row.update(
                 K=terms_per_output(n),

@@ -82,7 +82,7 @@ def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> to
         if b.shape != x.shape:  # the same values ((N, C) and (N, C, 1, 1)), or a scale
             full = b[0].numel() == x[0].numel()
             b = b.reshape(x.shape if full else (b.shape[0], x.shape[1], *(1,) * (x.ndim - 2)))
-        return x * b
+        return x * b if "scale" not in over else x * b * float(over["scale"])
     if node.op == "concat":
         return torch.cat(xs, dim=1)
     if node.op == "softmax":

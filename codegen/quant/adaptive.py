@@ -22,6 +22,12 @@ Quantization-aware training of the float IR (BN already folded) with fake quanti
 * scales are `pow2` (steps learned in the log2 domain and rounded: shift-only requantization) or
   `dyadic` (any step; the requantization multiplier is a 15-bit integer and a shift).
 
+The other ops train through their float functions between fake quantizers (a `lut` through its
+real function, `mul`, `softmax`, the pools and `gather` as torch computes them; a softmax output
+keeps a power-of-two step, as its integer division needs), and export builds them exactly as PTQ
+does for the learned formats (`ptq.format_node`: the tables, the product's requantization, the
+per-pixel divisors); tensors PTQ ties to one format (`ptq.tensor_classes`) share one quantizer.
+
 The trained network is exported as an ordinary integer graph (codegen/core/ir.py): weights and
 biases are the integers the training forward pass used, activations carry their zero points
 (`input_zero_point` / `Requant.zero_point`), and the exact channel bounds are verified.
@@ -42,15 +48,22 @@ from torch import nn
 from codegen.core import simulate
 from codegen.core.errors import QaccError
 from codegen.core.formats import int_range, round_half_up
-from codegen.core.ir import OPS, WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
+from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Requant, Tensor
 from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import channel_bounds
-from codegen.quant.ptq import PTQ_ONLY_OPS, refuse_unsupported, tensor_classes
+from codegen.quant.ptq import (
+    SHARED_FORMAT_OPS,
+    clamp_limits,
+    dyadic,
+    format_node,
+    is_nonneg,
+    tensor_classes,
+)
 from codegen.quant.training import TrainData, fit
 
 SCALES = ("dyadic", "pow2")
-MULT_BITS = 15
-"""Dyadic requantization multipliers lie in [2^(MULT_BITS-1), 2^MULT_BITS]."""
+KEEP_VALUES = frozenset({"maxpool2d", "adaptive_maxpool2d", "reshape", "gather"})
+"""Ops whose outputs are some of their input's values: they need no output quantizer."""
 BIAS_SHARE = 0.5
 """The bias may take at most this share of the accumulator range (in accumulator units)."""
 INIT_SAMPLES = 1000
@@ -394,7 +407,7 @@ class QATNet(nn.Module):
                     wq.fit_steps(self.act(n.inputs[0]))
                     self.layers[n.name] = wq
                 y = self._node(n, [env[t] for t in n.inputs])
-                if n.op not in ("maxpool2d", "reshape"):
+                if n.op not in KEEP_VALUES:
                     y = self._init_act(n.output, y, a_bits)(y)
                 env[n.output] = y
 
@@ -405,12 +418,14 @@ class QATNet(nn.Module):
             self.keys[r] = f"a{len(self.acts)}"
             members = [m for m, mr in self.rep.items() if mr == r]
             nonneg = all(_nonneg(self.graph, m) for m in members)
+            # a softmax divides into a power-of-two output (reference.softmax)
+            pow2 = self.pow2 or any(_produced_by(self.graph, m, "softmax") for m in members)
             numel = self.graph.tensors[r].size
             sample = v.detach().double().cpu().numpy().ravel()
             if sample.size > INIT_VALUES:
                 sample = np.random.default_rng(0).choice(sample, INIT_VALUES, replace=False)
-            s, zp = init_act_quant(sample, a_bits[r], self.pow2, numel, nonneg)
-            act = ActQuant(a_bits[r], self.pow2, s, zp, numel).to(self.device)
+            s, zp = init_act_quant(sample, a_bits[r], pow2, numel, nonneg)
+            act = ActQuant(a_bits[r], pow2, s, zp, numel).to(self.device)
             self.acts[self.keys[r]] = act
         return self.act(tensor)
 
@@ -444,10 +459,20 @@ class QATNet(nn.Module):
         The integer kernels requantize with `dyadic`'s 15-bit multipliers, not the real ratio of
         the scales; training through the realised ones keeps the fake-quant network's
         predictions those of the deployed integer network (residual adds stay real-valued)."""
-        if n.op not in (*WEIGHTED_OPS, "avgpool2d", "global_avgpool"):
+        if n.op not in (*WEIGHTED_OPS, "avgpool2d", "global_avgpool", "mul", "adaptive_avgpool2d"):
             return 1.0
         if self.rep[n.output] not in self.keys:  # initialisation: no output quantizer yet
             return 1.0
+        if n.op in ("mul", "adaptive_avgpool2d"):  # as export() builds them (ptq.format_node)
+            fins = [self.act(t).export() for t in n.inputs]
+            fo = self.act(n.output).export()
+            rq = format_node(n, fins, fo, fo.qmin, fo.qmax)[2]
+            realised = rq.mult * np.exp2(-rq.shift.astype(np.float64))
+            if n.op == "mul":
+                return float(realised[0] * fo.scale / (fins[0].scale * fins[1].scale))
+            exact = fins[0].scale / (np.asarray(n.attrs["counts"], dtype=np.float64) * fo.scale)
+            ratio = torch.as_tensor(realised / exact, dtype=torch.float32, device=self.device)
+            return ratio.reshape(1, 1, len(n.attrs["rows"]), len(n.attrs["cols"]))
         with torch.no_grad():
             sx = self.act(n.inputs[0]).step().double()
             sy = self.act(n.output).step().double()
@@ -468,10 +493,15 @@ class QATNet(nn.Module):
         env = {g.input: self.act(g.input)(x)}
         for n in g.nodes:
             y = self._node(n, [env[t] for t in n.inputs])
-            if n.op not in ("maxpool2d", "reshape"):  # those keep their input's values
+            if n.op not in KEEP_VALUES:  # those keep their input's values
                 y = self.act(n.output)(y)
             env[n.output] = y
         return env[g.output]
+
+
+def _produced_by(graph: Graph, tensor: str, op: str) -> bool:
+    prod = graph.producer(tensor)
+    return prod is not None and prod.op == op
 
 
 def _pool_count(graph: Graph, n: Node) -> int:
@@ -489,12 +519,7 @@ def _realised(m: torch.Tensor) -> torch.Tensor:
 
 
 def _nonneg(graph: Graph, tensor: str) -> bool:
-    prod = graph.producer(tensor)
-    if prod is None:
-        return False
-    if prod.op in ("maxpool2d", "reshape", "concat"):
-        return all(_nonneg(graph, t) for t in prod.inputs)
-    return bool(prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0)
+    return is_nonneg(graph, tensor, lambda _: False)  # the input: as the data says
 
 
 # ----------------------------------------------------------------------------- bits per layer
@@ -526,11 +551,12 @@ def resolve_bits(
         default = int(a_bits)
         io = {"input": default, "output": OUTPUT_BITS}
         per_layer = {}
-    # ops that share their input's format (maxpool, reshape, concat) set bits only when named
+    # ops that share their input's format (maxpool, reshape, gather, concat) set bits only when
+    # named
     by_tensor = {
         n.output: per_layer.get(n.name, default)
         for n in graph.nodes
-        if n.op not in ("maxpool2d", "reshape", "concat") or n.name in per_layer
+        if n.op not in SHARED_FORMAT_OPS or n.name in per_layer
     }
     by_tensor[graph.input] = int(io["input"])
     last = graph.producer(graph.output)
@@ -585,31 +611,12 @@ def train_qat(
 # ----------------------------------------------------------------------------- export
 
 
-def dyadic(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer multipliers in [2^(MULT_BITS-1), 2^MULT_BITS] and shifts with m ~ mult * 2^-shift."""
-    m = np.asarray(m, dtype=np.float64)
-    shift = (MULT_BITS - 1) - np.floor(np.log2(m)).astype(np.int64)
-    mult = round_half_up(m * np.exp2(shift.astype(np.float64)))
-    return mult.astype(np.int64), shift
-
-
 def _requant_of(m: np.ndarray, pow2: bool) -> tuple[np.ndarray, np.ndarray]:
     if pow2:
         shift = -np.round(np.log2(m)).astype(np.int64)
         assert np.allclose(np.exp2(-shift.astype(np.float64)), m), "pow2 scales must be exact"
         return np.ones_like(shift), shift
     return dyadic(m)
-
-
-def _limits(clamp: tuple[float, float], fmt: QFormat) -> tuple[int, int]:
-    lo, hi = clamp
-    qlo = fmt.qmin
-    qhi = fmt.qmax
-    if lo != -math.inf:
-        qlo = max(qlo, fmt.zero_point + int(round_half_up(lo / fmt.scale)))
-    if hi != math.inf:
-        qhi = min(qhi, fmt.zero_point + int(round_half_up(hi / fmt.scale)))
-    return qlo, max(qlo, qhi)
 
 
 @dataclass
@@ -625,11 +632,10 @@ def export(net: QATNet) -> tuple[Graph, dict[str, Any]]:
     tensors = {t: Tensor(t, v.shape, fmts[t]) for t, v in g.tensors.items()}
     nodes = []
     layers: dict[str, Any] = {}
-    one = np.ones(1, dtype=np.int64)
     fix = Fixups()
     for n in g.nodes:
         fi, fo = fmts[n.inputs[0]], fmts[n.output]
-        lo, hi = _limits(n.attrs.get("clamp", (-math.inf, math.inf)), fo)
+        lo, hi = clamp_limits(n.attrs.get("clamp", (-math.inf, math.inf)), fo)
         attrs = dict(n.attrs)
         params: dict[str, np.ndarray] = {}
         if n.op in WEIGHTED_OPS:
@@ -674,8 +680,9 @@ def export(net: QATNet) -> tuple[Graph, dict[str, Any]]:
         elif n.op == "concat":  # inputs share the output's format (tensor classes)
             k = len(n.inputs)
             rq = Requant(np.ones(k, dtype=np.int64), np.zeros(k, dtype=np.int64), 0, lo, hi)
-        else:  # maxpool2d, reshape: the format is the input's
-            rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
+        else:  # lut, mul, softmax, adaptive pools, gather, maxpool2d, reshape: as in ptq
+            more, params, rq = format_node(n, [fmts[t] for t in n.inputs], fo, lo, hi)
+            attrs.update(more)
         nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
     graph = g.with_nodes(tuple(nodes), tensors)
     return graph, {"layers": layers, "bound_fixups": fix.weights}
@@ -749,7 +756,6 @@ def quantize_adaptive(
     Under torchrun every rank initialises from its own first calibration samples and
     DistributedDataParallel then broadcasts rank 0's parameters, so the initialisation is rank
     0's; the training is data parallel and every rank exports the same integer graph."""
-    refuse_unsupported(graph, "adaptive", OPS - PTQ_ONLY_OPS)
     if scale not in SCALES:
         raise QaccError(f"unknown scale kind '{scale}'; choose dyadic or pow2")
     if epochs < 0:

@@ -23,7 +23,7 @@ term: the one-stage kernels, depthwise included, are faster).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,12 +64,16 @@ MAX_ACC_BITS = 32
 # ----------------------------------------------------------------------------- tensor classes
 
 
+SHARED_FORMAT_OPS = frozenset({"maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "concat"})
+"""Ops whose inputs and output share one format (every method: `tensor_classes`)."""
+
+
 def tensor_classes(graph: Graph) -> TensorUnion:
     """Tensors that must share a format: maxpool, reshape, gather and concat tie inputs to
     output."""
     classes = TensorUnion(graph.tensors)
     for n in graph.nodes:
-        if n.op in ("maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "concat"):
+        if n.op in SHARED_FORMAT_OPS:
             for t in n.inputs:
                 classes.union(t, n.output)
     return classes
@@ -88,20 +92,21 @@ class ClassInfo:
         return DEFAULT_SIGNED_BITS if self.signed else DEFAULT_UNSIGNED_BITS
 
 
-def _nonneg(graph: Graph, cal: Calibration, t: str) -> bool:
+def is_nonneg(graph: Graph, t: str, graph_input: Callable[[str], bool]) -> bool:
     """Whether tensor `t` is >= 0 by construction (a clamp at >= 0, a nonnegative function, a
-    product of such tensors, or a pool/concat/reshape of them)."""
+    product of such tensors, or a pool/concat/reshape/gather of them); `graph_input(t)` decides
+    for the network input."""
     prod = graph.producer(t)
     if prod is None:
-        return bool(cal.tensor_min[t] >= 0)
+        return graph_input(t)
     if prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0:
         return True
     if prod.op == "softmax" or (prod.op == "lut" and lut.FUNCTIONS[prod.attrs["function"]].nonneg):
         return True
     if prod.op == "mul" and prod.inputs[0] == prod.inputs[1]:  # a square
         return True
-    if prod.op in ("mul", "maxpool2d", "reshape", "concat"):
-        return all(_nonneg(graph, cal, i) for i in prod.inputs)
+    if prod.op in ("mul", *SHARED_FORMAT_OPS):
+        return all(is_nonneg(graph, i, graph_input) for i in prod.inputs)
     return False
 
 
@@ -112,14 +117,14 @@ def class_infos(graph: Graph, classes: TensorUnion, cal: Calibration) -> dict[st
         prod = graph.producer(t)
         if prod is None:
             nonneg = cal.tensor_min[t] >= 0
-        elif prod.op in ("maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "concat"):
+        elif prod.op in SHARED_FORMAT_OPS:
             nonneg = True  # decided by the members that produce values
         else:
             nonneg = prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0
             if prod.op == "lut" and lut.FUNCTIONS[prod.attrs["function"]].nonneg:
                 nonneg = True
             if prod.op in ("mul", "softmax"):
-                nonneg = _nonneg(graph, cal, t)
+                nonneg = is_nonneg(graph, t, lambda i: bool(cal.tensor_min[i] >= 0))
         absmax = cal.absmax(t)
         clamp_hi = prod.attrs.get("clamp", (0, math.inf))[1] if prod is not None else math.inf
         absmax = min(absmax, max(abs(clamp_hi), 0.0)) if math.isfinite(clamp_hi) else absmax
@@ -392,9 +397,24 @@ def layer_tiles(
 def clamp_limits(clamp: tuple[float, float], fmt: QFormat) -> tuple[int, int]:
     """Saturation limits of a fused clamp in the output format (round half up, like the data)."""
     lo, hi = clamp
-    qlo = fmt.qmin if lo == -math.inf else max(fmt.qmin, int(round_half_up(lo * 2.0**fmt.frac)))
-    qhi = fmt.qmax if hi == math.inf else min(fmt.qmax, int(round_half_up(hi * 2.0**fmt.frac)))
+    qlo, qhi = fmt.qmin, fmt.qmax
+    if lo != -math.inf:
+        qlo = max(qlo, fmt.zero_point + int(round_half_up(lo / fmt.scale)))
+    if hi != math.inf:
+        qhi = min(qhi, fmt.zero_point + int(round_half_up(hi / fmt.scale)))
     return qlo, max(qlo, qhi)
+
+
+MULT_BITS = 15
+"""Dyadic requantization multipliers lie in [2^(MULT_BITS-1), 2^MULT_BITS]."""
+
+
+def dyadic(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer multipliers in [2^(MULT_BITS-1), 2^MULT_BITS] and shifts with m ~ mult * 2^-shift."""
+    m = np.asarray(m, dtype=np.float64)
+    shift = (MULT_BITS - 1) - np.floor(np.log2(m)).astype(np.int64)
+    mult = round_half_up(m * np.exp2(shift.astype(np.float64)))
+    return mult.astype(np.int64), shift
 
 
 def _container_bits(max_abs: int) -> int:
@@ -412,6 +432,67 @@ def _divide_by(n: int, fi: int, fo: int) -> tuple[int, int]:
     while round(2.0 ** (s + 1 + fo - fi) / n) < (1 << 15):
         s += 1
     return int(round_half_up(2.0 ** (s + fo - fi) / n)), s
+
+
+def _divide(n: int, fi: QFormat, fo: QFormat) -> tuple[int, int]:
+    """Multiplier and shift taking a sum of n values in format fi to their mean in format fo:
+    `_divide_by` between power-of-two formats, `dyadic` otherwise."""
+    if fi.is_pow2 and fo.is_pow2:
+        return _divide_by(n, fi.frac, fo.frac)
+    mult, shift = dyadic(np.array([fi.scale / (n * fo.scale)]))
+    return int(mult[0]), int(shift[0])
+
+
+def _span(f: QFormat) -> int:
+    """The largest |q - zero_point| of a format."""
+    return max(f.qmax - f.zero_point, f.zero_point - f.qmin)
+
+
+def format_node(
+    n: Node, fins: list[QFormat], fo: QFormat, lo: int, hi: int
+) -> tuple[dict[str, Any], dict[str, np.ndarray], Requant]:
+    """Attributes to add, parameters and requantization of an unweighted node that changes no
+    format class (lut, mul, softmax, adaptive pools, gather, maxpool, reshape) in the integer
+    graph, for any formats (power-of-two or dyadic, zero points): every method builds these
+    nodes here. Power-of-two formats give shift-only requantizations (mul: fa + fb - fo)."""
+    one = np.ones(1, dtype=np.int64)
+    attrs: dict[str, Any] = {}
+    params: dict[str, np.ndarray] = {}
+    if n.op == "adaptive_avgpool2d":  # one divisor per output pixel
+        divs = [_divide(int(c), fins[0], fo) for c in n.attrs["counts"]]
+        pm, ps = (np.array(v, dtype=np.int64) for v in zip(*divs, strict=True))
+        rq = Requant(pm, ps, fo.zero_point, lo, hi)
+        area = max(r1 - r0 for r0, r1 in n.attrs["rows"]) * max(
+            c1 - c0 for c0, c1 in n.attrs["cols"]
+        )
+        if fins[0].zero_point:
+            attrs["input_zero_point"] = fins[0].zero_point
+        attrs["acc_bits"] = _container_bits(area * _span(fins[0]))
+    elif n.op == "mul":  # one exact product, requantized once
+        zps = tuple(f.zero_point for f in fins)
+        if any(zps):
+            attrs["input_zero_points"] = zps
+        if all(f.is_pow2 for f in (*fins, fo)):  # a shift: fa + fb - fo
+            mult, shift = one, one * (fins[0].frac + fins[1].frac - fo.frac)
+        else:
+            mult, shift = dyadic(np.array([fins[0].scale * fins[1].scale / fo.scale]))
+        rq = Requant(mult, shift, fo.zero_point, lo, hi)
+        attrs["acc_bits"] = _container_bits(_span(fins[0]) * _span(fins[1]))
+    elif n.op == "softmax":  # an exp table and an exact rounded division (reference.softmax)
+        if not fo.is_pow2 or fo.frac < 0:
+            raise UnsupportedModelError(f"softmax '{n.name}' needs a power-of-two output")
+        params = {"exp_table": reference.softmax_table(fins[0].scale)}
+        attrs["out_frac"] = fo.frac
+        rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
+    elif n.op == "lut":  # the function is the table; nothing accumulates
+        table = lut.table(n.attrs["function"], n.attrs.get("args", ()), fins[0], fo, lo, hi)
+        params = {"table": table}
+        rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
+    elif n.op in ("maxpool2d", "adaptive_maxpool2d", "reshape", "gather"):
+        rq = Requant(one, 0 * one, fo.zero_point, lo, hi)  # the format is the input's
+    else:
+        raise ValueError(f"format_node does not build {n.op} nodes")
+    return attrs, params, rq
 
 
 def build_integer_graph(
@@ -452,14 +533,6 @@ def build_integer_graph(
             m, s = _divide_by(count, fins[0].frac, fo.frac)
             rq = Requant(one * m, one * s, fo.zero_point, lo, hi)
             attrs["acc_bits"] = _container_bits(count * max(-fins[0].qmin, fins[0].qmax))
-        elif n.op == "adaptive_avgpool2d":  # one divisor per output pixel
-            divs = [_divide_by(int(c), fins[0].frac, fo.frac) for c in n.attrs["counts"]]
-            pm, ps = (np.array(v, dtype=np.int64) for v in zip(*divs, strict=True))
-            rq = Requant(pm, ps, fo.zero_point, lo, hi)
-            area = max(r1 - r0 for r0, r1 in n.attrs["rows"]) * max(
-                c1 - c0 for c0, c1 in n.attrs["cols"]
-            )
-            attrs["acc_bits"] = _container_bits(area * max(-fins[0].qmin, fins[0].qmax))
         elif n.op == "add":
             fm = max(f.frac for f in fins)
             mult = [1 << (fm - f.frac) for f in fins]
@@ -467,49 +540,15 @@ def build_integer_graph(
             rq = Requant(one, one * (fm - fo.frac), fo.zero_point, lo, hi)
             peak = sum(m * max(-f.qmin, f.qmax) for m, f in zip(mult, fins, strict=True))
             attrs["acc_bits"] = _container_bits(peak)
-        elif n.op == "mul":  # one exact product, requantized once: shift fa + fb - fo
-            if not all(f.is_pow2 for f in (*fins, fo)):
-                raise UnsupportedModelError(f"mul '{n.name}' needs power-of-two formats")
-            zps = tuple(f.zero_point for f in fins)
-            if any(zps):
-                attrs["input_zero_points"] = zps
-            rq = Requant(one, one * (fins[0].frac + fins[1].frac - fo.frac), fo.zero_point, lo, hi)
-            span = [max(f.qmax - f.zero_point, f.zero_point - f.qmin) for f in fins]
-            attrs["acc_bits"] = _container_bits(span[0] * span[1])
-        elif n.op == "softmax":  # an exp table and an exact rounded division (reference.softmax)
-            if not fo.is_pow2 or fo.frac < 0:
-                raise UnsupportedModelError(f"softmax '{n.name}' needs a power-of-two output")
-            params = {"exp_table": reference.softmax_table(fins[0].scale)}
-            attrs["out_frac"] = fo.frac
-            rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
         elif n.op == "concat":
             k = len(n.inputs)
             shifts = np.array([f.frac - fo.frac for f in fins], dtype=np.int64)
             rq = Requant(np.ones(k, dtype=np.int64), shifts, fo.zero_point, lo, hi)
-        elif n.op == "lut":  # the function is the table; nothing accumulates
-            table = lut.table(n.attrs["function"], n.attrs.get("args", ()), fins[0], fo, lo, hi)
-            params = {"table": table}
-            rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
-        else:  # maxpool2d, reshape, gather: the format is shared with the input
-            rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
+        else:  # lut, mul, softmax, adaptive pools, gather, maxpool2d, reshape
+            more, params, rq = format_node(n, fins, fo, lo, hi)
+            attrs.update(more)
         nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
     return graph.with_nodes(tuple(nodes), tensors)
-
-
-PTQ_ONLY_OPS = frozenset(
-    {"lut", "mul", "softmax", "gather", "adaptive_avgpool2d", "adaptive_maxpool2d"}
-)
-"""Ops only the `ptq` method quantizes so far (`adaptive` and `transform` refuse them)."""
-
-
-def refuse_unsupported(graph: Graph, method: str, supported: frozenset[str]) -> None:
-    """A one-line error for the first node whose op `method` cannot quantize yet."""
-    for n in graph.nodes:
-        if n.op not in supported:
-            what = lut.FUNCTIONS[n.attrs["function"]].title if n.op == "lut" else n.op
-            raise UnsupportedModelError(
-                f"method '{method}' does not support {what} (node '{n.name}') yet; use method='ptq'"
-            )
 
 
 def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:
@@ -539,4 +578,9 @@ def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:
         elif n.op == "adaptive_avgpool2d":  # the realised 1 / count of each output pixel
             realised = n.requant.mult * np.exp2(-n.requant.shift.astype(np.float64))
             out[n.name] = {"scale": realised * fo.scale / fi.scale}
+        elif n.op == "mul" and np.any(n.requant.mult != 1):  # a dyadic product's multiplier
+            fb = graph.tensors[n.inputs[1]].fmt
+            assert fb is not None
+            realised = n.requant.mult * np.exp2(-n.requant.shift.astype(np.float64))
+            out[n.name] = {"scale": float(realised[0]) * fo.scale / (fi.scale * fb.scale)}
     return out

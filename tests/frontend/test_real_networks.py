@@ -16,6 +16,10 @@ guaranteed accumulators) -> codegen.compile -> the C output equals qm.reference_
 - a U-Net (nearest upsampling: a max over one-pixel windows) and ShuffleNetV2's units (chunk and
   channel shuffle: `gather`; an adaptive pool to a size that does not divide the input).
 
+The squeeze-excitation, ShuffleNet and U-Net patterns (tables, products, softmax, gathers,
+adaptive pools, nearest upsampling) also go through the other methods, adaptive (learned formats:
+W4A4 at 12-bit and W8A8 at 16-bit accumulators, guaranteed) and transform, bit-exact in C.
+
 The ONNX exports of the same patterns are compared with these graphs in test_onnx.py (the CASES of
 test_frontend.py); the QEMU tests run two of the networks on cortex-a53 (NEON) and cortex-m55
 (MVE).
@@ -23,6 +27,7 @@ test_frontend.py); the QEMU tests run two of the networks on cortex-a53 (NEON) a
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +41,8 @@ from torch import nn
 import codegen
 from codegen.api import QuantizedModel
 from codegen.core.errors import InvalidDataError
-from tests.frontend.test_frontend import Lambda, ShuffleUnit, StochasticDepth, _bn, channel_shuffle
+from codegen.quant.ptq import tensor_classes
+from tests.frontend.test_frontend import ShuffleUnit, StochasticDepth, _bn, channel_shuffle
 from tests.targets.test_codegen_qemu import _require
 
 
@@ -312,23 +318,100 @@ def test_network_is_bit_exact_under_qemu(key: str, target: str, tmp_path: Path) 
     assert np.array_equal(c.run_int(x), qm.reference_int(x))
 
 
-@pytest.mark.parametrize("method", ["adaptive", "transform"])
+METHODS: dict[str, dict[str, object]] = {
+    "adaptive W4A4 acc12 dyadic": {"method": "adaptive", "acc_bits": 12, "scale": "dyadic"},
+    "adaptive W8A8 acc16 pow2": {
+        "method": "adaptive",
+        "acc_bits": 16,
+        "w_bits": 8,
+        "a_bits": 8,
+        "scale": "pow2",
+    },
+    "transform": {"method": "transform", "acc_bits": 16, "transform": "elt"},
+}
+NEW_OPS = {
+    "squeeze_excitation": {"lut", "mul", "softmax"},
+    "shufflenet_unit": {"gather", "adaptive_avgpool2d"},
+    "unet": {"adaptive_maxpool2d"},  # nearest upsampling
+}
+
+
+@functools.cache
+def _other_method(key: str, how: str) -> tuple[QuantizedModel, np.ndarray]:
+    """The network (a U-Net with a classifier head: the training loss is a classifier's) under
+    method `how`, trained for one epoch on its 32 calibration samples."""
+    model, calib, x = _build(key)
+    if key == "unet":
+        model = nn.Sequential(model, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    with torch.no_grad():
+        classes = model(torch.as_tensor(calib[:1])).shape[1]
+    y = np.random.default_rng(2).integers(0, classes, len(calib))
+    opts = dict(METHODS[how])
+    qm = codegen.quantize(model, calib, train=(calib, y), epochs=1, progress=False, name=key,
+                          **opts)  # type: ignore[arg-type]  # fmt: skip
+    return qm, x
+
+
 @pytest.mark.parametrize(
-    ("pattern", "op"),
+    ("key", "how"),
     [
-        (Lambda(lambda s, x: channel_shuffle(s.c(x), 2), c=nn.Conv2d(3, 4, 1)), "gather"),
-        (nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(3)), "adaptive_avgpool2d"),
-        (nn.Sequential(nn.Conv2d(3, 4, 1), nn.Upsample(scale_factor=2)), "adaptive_maxpool2d"),
+        ("squeeze_excitation", "adaptive W4A4 acc12 dyadic"),
+        ("shufflenet_unit", "adaptive W8A8 acc16 pow2"),
+        ("unet", "adaptive W4A4 acc12 dyadic"),
+        *((key, "transform") for key in NEW_OPS),
     ],
 )
-def test_other_methods_refuse_the_new_ops_in_one_line(
-    method: str, pattern: nn.Module, op: str
-) -> None:
-    model = nn.Sequential(pattern, nn.Flatten(), nn.LazyLinear(2)).eval()
-    x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
-    model(torch.as_tensor(x))  # materialise the lazy layer
-    y = np.zeros(8, dtype=np.int64)
+def test_other_methods_quantize_the_new_ops_bit_exact(key: str, how: str, tmp_path: Path) -> None:
+    """Adaptive (learned formats with zero points, dyadic or power-of-two scales) and transform
+    build the new ops as PTQ does; the C equals the integer reference."""
+    qm, x = _other_method(key, how)
+    g = qm.graph
+    assert NEW_OPS[key] <= {n.op for n in g.nodes}
+    if METHODS[how]["method"] == "adaptive":
+        opts = METHODS[how]
+        classes = tensor_classes(g)
+        hidden = [v.fmt for t, v in g.tensors.items() if classes.find(t) != classes.find(g.output)]
+        assert {f.bits for f in hidden if f is not None} == {opts.get("a_bits", 4)}
+        assert {f.is_pow2 for f in hidden if f is not None} == {opts["scale"] == "pow2"}
+        # the fake-quant network the training ran predicts as the integer graph does
+        assert qm.report["adaptive"]["fake_vs_integer_agreement_calib"] >= 0.95
+        sim, ref = qm.simulate(x), qm.reference(x)
+        assert np.mean(sim.argmax(1) == ref.argmax(1)) >= 0.8
+    want = qm.reference_int(x)
+    assert len(np.unique(want)) > 1
+    c = codegen.compile(qm, target="host", out_dir=tmp_path / key)
+    assert np.array_equal(c.run_int(x), want)
+
+
+def test_adaptive_w4a4_squeeze_excitation_is_guaranteed() -> None:
+    """SiLU/Sigmoid/Hardswish tables, products and a softmax between 4-bit layers at a 12-bit
+    accumulator: every channel's exact bound fits, and no input overflows."""
+    qm, x = _other_method("squeeze_excitation", "adaptive W4A4 acc12 dyadic")
+    g = qm.graph
+    weighted = [r for r in qm.report["layers"] if "bound_fits" in r]
+    assert weighted and all(r["bound_fits"] and r["acc_bits"] == 12 for r in weighted)
+    assert all(r["fits"] for r in qm.report["adaptive"]["constraint"].values())
+    assert qm.report["adaptive"]["bound_fixups"] == 0
+    for n in g.nodes:
+        if n.op in ("conv2d", "dense"):
+            assert np.abs(n.params["weight"]).max() <= 7  # INT4
+    test = np.concatenate([x, 3 * np.random.default_rng(5).standard_normal(x.shape)])
+    res = qm.run_reference(test.astype(np.float32))
+    assert all(v.events == 0 for v in res.overflow.values())
+    # the product and table formats are the learned ones: a softmax divides into 2^-frac
+    soft = next(n for n in g.nodes if n.op == "softmax")
+    assert g.tensors[soft.output].fmt.is_pow2  # type: ignore[union-attr]
+    for n in g.nodes:
+        if n.op == "mul":  # one requantization realising s_a * s_b / s_out
+            fa, fb, fo = (g.tensors[t].fmt for t in (*n.inputs, n.output))
+            assert fa is not None and fb is not None and fo is not None and n.requant is not None
+            realised = float(n.requant.mult[0]) * 2.0 ** -float(n.requant.shift[0])
+            assert realised == pytest.approx(fa.scale * fb.scale / fo.scale, rel=2**-14)
+
+
+def test_training_a_per_pixel_output_is_refused_in_one_line() -> None:
+    model, calib, _ = _build("unet")
+    y = np.zeros(len(calib), dtype=np.int64)
     with pytest.raises(codegen.QaccError) as e:
-        codegen.quantize(model, x, method=method, train=(x, y), progress=False)
-    assert str(e.value).startswith(f"method '{method}' does not support {op} (node ")
-    assert "\n" not in str(e.value)
+        codegen.quantize(model, calib, method="adaptive", train=(calib, y), progress=False)
+    assert "not N x classes" in str(e.value) and "\n" not in str(e.value)

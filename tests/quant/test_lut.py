@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import codegen
-from codegen.core.errors import UnsupportedModelError
 from codegen.core.ir import QFormat
 
 
@@ -83,12 +82,20 @@ def test_host_c_equals_reference(
 
 
 @pytest.mark.parametrize("method", ["adaptive", "transform"])
-def test_other_methods_refuse_tables_in_one_line(method: str) -> None:
+def test_other_methods_build_the_table_of_their_formats(method: str) -> None:
+    """Adaptive (a learned zero point and step) and transform: the table holds the sigmoid of
+    every input code, rounded half up into the output format."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(3 * 16, 2))
-    x = np.random.default_rng(0).standard_normal((8, 1, 6, 6)).astype(np.float32)
-    y = np.zeros(8, dtype=np.int64)
-    with pytest.raises(UnsupportedModelError) as e:
-        codegen.quantize(model.eval(), x, method=method, train=(x, y), progress=False)
-    msg = str(e.value)
-    assert "\n" not in msg
-    assert msg == f"method '{method}' does not support Sigmoid (node '_1') yet; use method='ptq'"
+    x = np.random.default_rng(0).standard_normal((16, 1, 6, 6)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 2, 16)
+    qm = codegen.quantize(model.eval(), x, method=method, train=(x, y), epochs=0, progress=False)
+    g = qm.graph
+    node = next(n for n in g.nodes if n.op == "lut")
+    fi, fo = g.tensors[node.inputs[0]].fmt, g.tensors[node.output].fmt
+    assert fi is not None and fo is not None
+    assert (fi.zero_point != 0 or not fi.is_pow2) == (method == "adaptive")
+    q = np.arange(fi.qmin, fi.qmax + 1)
+    real = 1.0 / (1.0 + np.exp(-(q - fi.zero_point) * fi.scale))
+    want = np.clip(np.floor(real / fo.scale + 0.5) + fo.zero_point, fo.qmin, fo.qmax)
+    assert np.array_equal(node.params["table"][q + 128], want)

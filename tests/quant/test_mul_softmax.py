@@ -6,7 +6,7 @@
 - softmax's exp table and rounded division are integers: the float64 simulation of the quantized
   graph (QuantizedModel.simulate) equals the integer reference exactly, and the reference is within
   one output step of the real softmax of the quantized input;
-- the other methods refuse both ops in one line.
+- adaptive and transform quantize both ops (their requantization built as PTQ builds it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from torch import nn
 
 import codegen
 from codegen.core import reference
-from codegen.core.errors import UnsupportedModelError
 
 
 class GatedHead(nn.Module):
@@ -98,32 +97,28 @@ def test_softmax_table_is_exp_in_units_of_2_to_the_minus_15() -> None:
     assert np.all(np.abs(t - np.exp(-d / 16) * 2**15) <= 0.5)
 
 
-class Squared(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c = nn.Conv2d(2, 3, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.c(x)
-        return y * y
-
-
-@pytest.mark.parametrize("method", ["adaptive", "transform"])
 @pytest.mark.parametrize(
-    ("model", "what"),
-    [
-        (lambda: Squared(), "mul (node 'mul')"),
-        (
-            lambda: nn.Sequential(nn.Conv2d(2, 3, 8), nn.Flatten(), nn.Softmax(1)),
-            "softmax (node '_2')",
-        ),
-    ],
+    ("method", "opts"),
+    [("adaptive", {"scale": "dyadic", "epochs": 0}), ("transform", {"acc_bits": 16})],
 )
-def test_other_methods_refuse_in_one_line(model, what: str, method: str) -> None:  # type: ignore[no-untyped-def]
-    x = np.random.default_rng(0).standard_normal((8, 2, 8, 8)).astype(np.float32)
-    y = np.zeros(8, dtype=np.int64)
-    with pytest.raises(UnsupportedModelError) as e:
-        codegen.quantize(model().eval(), x, method=method, train=(x, y), progress=False)
-    msg = str(e.value)
-    assert "\n" not in msg
-    assert msg.startswith(f"method '{method}' does not support {what}")
+def test_other_methods_quantize_products_and_softmax(method: str, opts: dict[str, object]) -> None:
+    """Adaptive's learned formats (zero points, dyadic steps) and transform's PTQ formats: a
+    product's one requantization realises s_a * s_b / s_out, the softmax output is a power of
+    two, and the float simulation of the integer graph agrees with the reference code for code."""
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((24, 2, 6, 6)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 7, 24)
+    qm = codegen.quantize(GatedHead().eval(), x, method=method, train=(x, y), progress=False,
+                          **opts)  # type: ignore[arg-type]  # fmt: skip
+    g = qm.graph
+    muls = [n for n in g.nodes if n.op == "mul"]
+    assert len(muls) == 2  # the gate and the product of two branches
+    for n in muls:
+        fa, fb, fo = (g.tensors[t].fmt for t in (*n.inputs, n.output))
+        assert fa is not None and fb is not None and fo is not None and n.requant is not None
+        realised = float(n.requant.mult[0]) * 2.0 ** -float(n.requant.shift[0])
+        assert realised == pytest.approx(fa.scale * fb.scale / fo.scale, rel=2**-14)
+    out = g.tensors[g.output].fmt
+    assert out is not None and out.is_pow2
+    codes = np.rint(qm.simulate(x) / out.scale) + out.zero_point
+    assert np.mean(codes == qm.reference_int(x)) >= 0.95
