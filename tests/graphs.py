@@ -478,6 +478,17 @@ class GraphBuilder:
         node = Node(self._name("gather", name), "gather", (x,), out, attrs, {}, rq)
         return self._add_node(node)
 
+    def zero_insert(self, x: str, stride: tuple[int, int], *, name: str | None = None) -> str:
+        """stride - 1 rows / columns of the zero point between the pixels (transposed convs)."""
+        fmt = self.tensors[x].fmt
+        assert fmt is not None
+        h, w, c = self.tensors[x].shape
+        out = self._tensor(((h - 1) * stride[0] + 1, (w - 1) * stride[1] + 1, c), fmt)
+        rq = Requant(np.array([1]), np.array([0]), fmt.zero_point, fmt.qmin, fmt.qmax)
+        node = Node(self._name("zero_insert", name), "zero_insert", (x,), out,
+                    {"stride": tuple(stride)}, {}, rq)  # fmt: skip
+        return self._add_node(node)
+
     def reshape(self, x: str, shape: Sequence[int], *, name: str | None = None) -> str:
         fmt = self.tensors[x].fmt
         assert fmt is not None

@@ -117,6 +117,7 @@ def choose_template(graph: Graph, node: Node) -> str:
         "gather",
         "adaptive_avgpool2d",
         "adaptive_maxpool2d",
+        "zero_insert",
     ):
         return node.op
     raise LoweringError(f"op {node.op!r} of node {node.name!r} has no C kernel")
@@ -241,6 +242,14 @@ def _check_shapes(graph: Graph, node: Node) -> None:
             raise bad(f"output shape {out} should be the input's {ins[0]} but for channels")
         if out[-1] != len(index) or min(index) < 0 or max(index) >= ins[0][-1]:
             raise bad(f"index must name {out[-1]} channels of the input's {ins[0][-1]}")
+    elif node.op == "zero_insert":
+        sh, sw = (int(v) for v in a.get("stride", (0, 0)))
+        if len(ins) != 1 or len(ins[0]) != 3 or min(sh, sw) < 1:
+            raise bad(f"input {ins} should be one (H, W, C) image, stride {a.get('stride')} >= 1")
+        ih, iw, ic = ins[0]
+        want = ((ih - 1) * sh + 1, (iw - 1) * sw + 1, ic)
+        if out != want:
+            raise bad(f"output shape {out} should be {want}")
     if node.op in ("conv2d", "dense") and node.params.get("bias") is not None:
         bias = node.params["bias"]
         if bias.shape != (node.params["weight"].shape[0],):

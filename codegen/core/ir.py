@@ -33,6 +33,10 @@ the C templates and the test ids):
   adaptive_maxpool2d  the max over the same windows (rows, cols)
   gather          channels picked by index (attrs index: the input channel of each output
                   channel): channel shuffle, chunk/split, any channel permutation or slice
+  zero_insert     stride (sh, sw): sh - 1 rows and sw - 1 columns of zeros inserted between the
+                  input's rows and columns, (H, W, C) -> ((H - 1) sh + 1, (W - 1) sw + 1, C); the
+                  zeros are real 0 (the format's zero point, requant.zero_point; the format is the
+                  input's). A transposed convolution is a zero_insert and a stride-1 conv2d
 
 Float graphs carry `clamp` = (lo, hi) reals (fused ReLU, ReLU6, Hardtanh) in attrs. Integer graphs
 fold the clamp into `requant.lo`/`requant.hi` and carry `acc_bits` in attrs.
@@ -75,6 +79,7 @@ OPS = frozenset(
         "gather",
         "adaptive_avgpool2d",
         "adaptive_maxpool2d",
+        "zero_insert",
     }
 )
 

@@ -389,6 +389,18 @@ def gather(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntAr
     return np.clip(x[..., list(node.attrs["index"])], rq.lo, rq.hi)
 
 
+def zero_insert(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    """sh - 1 rows and sw - 1 columns of the zero point (real 0) between the input's pixels: input
+    pixel (y, x) is output pixel (y * sh, x * sw)."""
+    rq = node.requant
+    assert rq is not None
+    sh, sw = node.attrs["stride"]
+    n, h, w, c = x.shape
+    out = np.full((n, (h - 1) * sh + 1, (w - 1) * sw + 1, c), rq.zero_point, dtype=np.int64)
+    out[:, ::sh, ::sw] = x
+    return out
+
+
 def reshape(x: IntArray, node: Node) -> IntArray:
     return x.reshape((x.shape[0], *node.attrs["shape"]))
 
@@ -406,6 +418,7 @@ KERNELS: dict[str, Callable[..., IntArray]] = {
     "gather": gather,
     "adaptive_avgpool2d": adaptive_avgpool2d,
     "adaptive_maxpool2d": adaptive_maxpool2d,
+    "zero_insert": zero_insert,
 }
 
 

@@ -110,6 +110,12 @@ def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> to
         return y * torch.as_tensor(scale.reshape(y.shape[2:]), dtype=y.dtype, device=y.device)
     if node.op == "gather":  # channels picked by index (channel axis 1)
         return x[:, list(a["index"])]
+    if node.op == "zero_insert":  # zeros between the pixels (a transposed conv's stride)
+        sh, sw = a["stride"]
+        n, c, ih, iw = x.shape
+        y = x.new_zeros((n, c, (ih - 1) * sh + 1, (iw - 1) * sw + 1))
+        y[:, :, ::sh, ::sw] = x
+        return y
     if node.op == "reshape":  # flatten in NHWC memory order
         src = x.permute(0, 2, 3, 1) if x.ndim == 4 else x
         return src.reshape(x.shape[0], *a["shape"])

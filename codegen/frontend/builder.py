@@ -19,6 +19,10 @@ gives the same float graph whichever way it arrives:
 - a softmax over the channels as a `softmax` node;
 - an element-wise product as a `mul` node; a per-channel scale (squeeze-excitation's gate,
   (N, C, 1, 1)) times a tensor is a `mul` whose second input is the scale;
+- a transposed convolution (ConvTranspose1d/2d) as zeros inserted between the input pixels (a
+  `zero_insert` node, for a stride > 1) and an ordinary stride-1 conv2d with the spatially flipped
+  kernel, its input and output channels swapped per group, and padding dilation * (k - 1) - padding
+  on each side (plus output_padding at the bottom/right);
 - zero padding folded into the following conv (asymmetric padding kept); a ceil_mode max pool's
   last, partial windows as extra bottom/right padding;
 - a mean or max over H and W (over L) as a global average pool or a max pool over the whole
@@ -249,6 +253,54 @@ class IRBuilder:
             groups=int(groups),
         )
         r.params = {"weight": w, "bias": b}
+
+    def conv_transpose(
+        self,
+        name: str,
+        value: str,
+        x_value: str,
+        weight_iohw: np.ndarray,
+        bias: np.ndarray | None,
+        *,
+        stride: tuple[int, int],
+        padding: Pad4,
+        output_padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        nchw: tuple[int, ...],
+    ) -> None:
+        """A transposed convolution (weight (I, O/groups, kh, kw), the framework's layout;
+        `padding` (top, bottom, left, right) is what it removes from the full output): a
+        `zero_insert` node named `{name}_zeros` for a stride > 1, then a stride-1 conv2d `name`
+        with the flipped kernel, which is equal because every output pixel sums the same
+        products (the inserted zeros and the padding contribute nothing)."""
+        cin, og, kh, kw = weight_iohw.shape
+        if groups < 1 or cin % groups:
+            raise Reject(f"transposed convolution of {cin} input channels in {groups} groups")
+        ig = cin // groups
+        w = weight_iohw.reshape(groups, ig, og, kh, kw).transpose(0, 2, 1, 3, 4)
+        w = np.ascontiguousarray(w.reshape(groups * og, ig, kh, kw)[:, :, ::-1, ::-1])
+        (dh, dw), (oph, opw) = dilation, output_padding
+        full_h, full_w = dh * (kh - 1), dw * (kw - 1)
+        top, bottom, left, right = padding
+        pad = (full_h - top, full_h - bottom + oph, full_w - left, full_w - right + opw)
+        if min(pad) < 0 or min(oph, opw) < 0:
+            raise Reject(
+                f"transposed convolution with padding {padding} (top, bottom, left, right) larger"
+                f" than dilation * (kernel - 1) = ({full_h}, {full_w}), or a negative"
+                " output_padding (a cropped output)"
+            )
+        if tuple(stride) != (1, 1):
+            x = self.tensor(x_value)
+            c, h, wd = self.src_shapes[x]
+            sh, sw = stride
+            dilated = (c, (h - 1) * sh + 1, (wd - 1) * sw + 1)
+            seq = x in self.sequences
+            x_value = f"zeros:{value}"  # never an IR tensor name: those are identifiers
+            self.emit(f"{name}_zeros", x_value, "zero_insert", [x],
+                      (c, dilated[2]) if seq else dilated, stride=(sh, sw))  # fmt: skip
+        self.conv(name, value, x_value, w, bias, stride=(1, 1), padding=pad, dilation=dilation,
+                  groups=groups, nchw=nchw)  # fmt: skip
 
     def dense(
         self,

@@ -49,7 +49,8 @@ from codegen.frontend.builder import (
 
 MIN_OPSET = 11  # Clip bounds and Pad amounts as inputs
 SUPPORTED = (
-    "Conv (1-D, 2-D), Gemm, MatMul(+Add), BatchNormalization, Relu, Clip, MaxPool, AveragePool, "
+    "Conv (1-D, 2-D), ConvTranspose (1-D, 2-D), Gemm, MatMul(+Add), BatchNormalization, Relu, "
+    "Clip, MaxPool, AveragePool, "
     "GlobalAveragePool, GlobalMaxPool, ReduceMean/ReduceMax(H, W), Flatten, Reshape, Add, "
     "Mul (same shape, per-channel scale, constant scalar), Softmax (axis 1), "
     "Concat(axis 1), Pad, Dropout, Identity, Unsqueeze/Squeeze (around 1-D ops), HardSwish, "
@@ -66,6 +67,7 @@ _LUT_OPS = {  # ONNX op -> the torch.fx name of the function (codegen.core.lut)
 }
 _LEAF_MODULE_OPS = {
     "Conv",
+    "ConvTranspose",
     "Gemm",
     "MatMul",
     "BatchNormalization",
@@ -87,6 +89,7 @@ _FUNCTION_NAMES = {  # the torch function an op comes from, when not from a leaf
     "Concat": "cat",
     "Softmax": "softmax",
     "Conv": "conv2d",
+    "ConvTranspose": "conv_transpose2d",
     "Gemm": "linear",
     "MatMul": "linear",
     "MaxPool": "max_pool2d",
@@ -320,7 +323,7 @@ class _Converter:
     def ir_name(self, node: onnx.NodeProto, function: str | None = None) -> str:
         """The torch.fx name of the op this node came from, when the file says (`function`: the
         torch function a pattern of ONNX ops comes from, for files that do not say)."""
-        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
             weight = re.fullmatch(r"([\w.]+)\.weight", node.input[1])
             if weight:  # the parameter's name survives exporters' fusions (Conv + BatchNorm)
                 return self.names.create(weight.group(1))
@@ -473,6 +476,38 @@ class _Converter:
             self.weight(node, 2, "bias"),
             stride=_spatial2(a.get("strides"), one_d),
             padding=self.spatial(node, a, kernel),
+            dilation=_spatial2(a.get("dilations"), one_d),
+            groups=int(a.get("group", 1)),
+            nchw=self.out(node),
+        )
+
+    def conv_transpose(self, node: onnx.NodeProto) -> None:
+        """ConvTranspose with explicit `pads` (or auto_pad VALID) and `output_padding`."""
+        a = self.attrs(node)
+        w = self.weight(node, 1, "weight")
+        assert w is not None  # the checker requires the operand
+        one_d = w.ndim == 3
+        if one_d:  # ConvTranspose1d: a sequence is the image (C, 1, L)
+            w = w[:, :, None, :]
+        if w.ndim != 4:
+            raise Reject(f"ConvTranspose over {w.ndim - 2} dimension(s) (only 1-D and 2-D)")
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if "output_shape" in a or auto not in ("NOTSET", "VALID"):
+            what = "output_shape" if "output_shape" in a else f"auto_pad {auto}"
+            raise Reject(f"ConvTranspose with {what} (give pads and output_padding instead)")
+        p = [int(v) for v in a.get("pads", [])] if auto == "NOTSET" else []
+        p = p or [0] * (2 if one_d else 4)
+        pads = (0, 0, p[0], p[1]) if one_d else (p[0], p[2], p[1], p[3])
+        self.b.conv_transpose(
+            self.ir_name(node),
+            node.output[0],
+            self.arg(node, 0),
+            w,
+            self.weight(node, 2, "bias"),
+            stride=_spatial2(a.get("strides"), one_d),
+            padding=pads,
+            output_padding=_spatial2(a.get("output_padding"), one_d, 0),
             dilation=_spatial2(a.get("dilations"), one_d),
             groups=int(a.get("group", 1)),
             nchw=self.out(node),
@@ -832,6 +867,7 @@ class _Converter:
 
     HANDLERS: ClassVar[dict[str, Callable[[_Converter, onnx.NodeProto], None]]] = {
         "Conv": conv,
+        "ConvTranspose": conv_transpose,
         "Gemm": gemm,
         "MatMul": matmul,
         "BatchNormalization": batchnorm,
@@ -899,8 +935,9 @@ def _pair2(v: Any) -> tuple[int, int]:
     return (a, b)
 
 
-def _spatial2(v: Any, one_d: bool) -> tuple[int, int]:
-    """Strides, dilations or a kernel of a 2-D op, or of a 1-D op as (1, L) (default 1)."""
+def _spatial2(v: Any, one_d: bool, default: int = 1) -> tuple[int, int]:
+    """Strides, dilations or a kernel of a 2-D op, or of a 1-D op as (1, L) (`default` 1;
+    output_padding: 0)."""
     if one_d:
-        return (1, int(v[0]) if v else 1)
-    return _pair2(v if v else [1, 1])
+        return (default, int(v[0]) if v else default)
+    return _pair2(v if v else [default, default])

@@ -106,8 +106,9 @@ class _Converter:
     def fail(self, node: torch.fx.Node, what: str | None = None) -> UnsupportedModelError:
         what = what or f"unsupported op {_describe_target(node, self.modules)}"
         return UnsupportedModelError(
-            f"{what} at node '{node.name}'; supported: Conv1d/2d, Linear, BatchNorm1d/2d, ReLU/"
-            "ReLU6/Hardtanh/clamp, Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/LeakyReLU/GELU, "
+            f"{what} at node '{node.name}'; supported: Conv1d/2d, ConvTranspose1d/2d, Linear, "
+            "BatchNorm1d/2d, ReLU/ReLU6/Hardtanh/clamp, Hardswish/Hardsigmoid/SiLU/Sigmoid/Tanh/"
+            "LeakyReLU/GELU, "
             "MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvg/MaxPool, "
             "mean(H, W), flatten, add, mul (same shape, per-channel scale, constant), "
             "Softmax(dim=1), cat(dim=1), Dropout, Identity, contiguous, StochasticDepth, "
@@ -176,6 +177,44 @@ class _Converter:
             dilation=(dh, dw),
             groups=int(m.groups),
             nchw=_shape(node)[1:],
+        )
+
+    def conv_transpose(
+        self, node: torch.fx.Node, m: nn.ConvTranspose1d | nn.ConvTranspose2d
+    ) -> None:
+        """A transposed convolution; its output_padding is read from the output shape torch
+        computed (so a call with output_size= is covered too)."""
+        if m.padding_mode != "zeros":
+            raise self.fail(node, f"{type(m).__name__} padding_mode='{m.padding_mode}'")
+        one_d = isinstance(m, nn.ConvTranspose1d)
+        self.batched(node, 1 if one_d else 2)
+        weight = m.weight.detach().double().numpy()
+        if one_d:  # a sequence is the image (C, 1, L)
+            weight = weight[:, :, None, :]
+            pairs = [(d, _one(v)) for d, v in ((1, m.stride), (0, m.padding), (1, m.dilation))]
+        else:
+            pairs = [_pair(v) for v in (m.stride, m.padding, m.dilation)]
+        (sh, sw), (ph, pw), (dh, dw) = pairs
+        kh, kw = int(weight.shape[2]), int(weight.shape[3])
+        src = _shape(node.args[0])  # type: ignore[arg-type]
+        out = _shape(node)
+        ih, iw, oh, ow = (1, src[2], 1, out[2]) if one_d else (*src[2:], *out[2:])
+        extra = [
+            o - ((i - 1) * s - 2 * p + d * (k - 1) + 1)
+            for o, i, s, p, d, k in ((oh, ih, sh, ph, dh, kh), (ow, iw, sw, pw, dw, kw))
+        ]
+        self.b.conv_transpose(
+            node.name,
+            node.name,
+            self.value(node, node.args[0]),
+            weight,
+            m.bias.detach().double().numpy() if m.bias is not None else None,
+            stride=(sh, sw),
+            padding=(ph, ph, pw, pw),
+            output_padding=(extra[0], extra[1]),
+            dilation=(dh, dw),
+            groups=int(m.groups),
+            nchw=out[1:],
         )
 
     def linear(self, node: torch.fx.Node, m: nn.Linear) -> None:
@@ -467,6 +506,8 @@ class _Converter:
     def visit_module(self, node: torch.fx.Node, m: nn.Module) -> None:
         if isinstance(m, (nn.Conv2d, nn.Conv1d)):
             self.conv(node, m)
+        elif isinstance(m, (nn.ConvTranspose2d, nn.ConvTranspose1d)):
+            self.conv_transpose(node, m)
         elif isinstance(m, nn.Linear):
             self.linear(node, m)
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):

@@ -62,7 +62,7 @@ from codegen.quant.ptq import (
 from codegen.quant.training import TrainData, fit
 
 SCALES = ("dyadic", "pow2")
-KEEP_VALUES = frozenset({"maxpool2d", "adaptive_maxpool2d", "reshape", "gather"})
+KEEP_VALUES = frozenset({"maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "zero_insert"})
 """Ops whose outputs are some of their input's values: they need no output quantizer."""
 BIAS_SHARE = 0.5
 """The bias may take at most this share of the accumulator range (in accumulator units)."""

@@ -9,7 +9,8 @@ The search, per weighted layer in topological order (greedy):
   3. candidates are ranked on the calibration data by accuracy (labels given; ties broken by
      output error) or by output error against float, with earlier layers quantized as chosen and
      later layers still in float.
-Tensors tied by format-preserving ops (maxpool, reshape, gather, concat) share one format.
+Tensors tied by format-preserving ops (maxpool, reshape, gather, concat, zero_insert) share one
+format.
 
 Two-stage accumulation (`acc2_bits`): the weights are chosen against the acc2_bits-wide bound,
 then the tile length T of each layer is the largest whose every tile fits acc_bits by the exact
@@ -64,13 +65,15 @@ MAX_ACC_BITS = 32
 # ----------------------------------------------------------------------------- tensor classes
 
 
-SHARED_FORMAT_OPS = frozenset({"maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "concat"})
+SHARED_FORMAT_OPS = frozenset(
+    {"maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "concat", "zero_insert"}
+)
 """Ops whose inputs and output share one format (every method: `tensor_classes`)."""
 
 
 def tensor_classes(graph: Graph) -> TensorUnion:
-    """Tensors that must share a format: maxpool, reshape, gather and concat tie inputs to
-    output."""
+    """Tensors that must share a format: maxpool, reshape, gather, concat and zero_insert tie
+    inputs to output."""
     classes = TensorUnion(graph.tensors)
     for n in graph.nodes:
         if n.op in SHARED_FORMAT_OPS:
@@ -488,7 +491,7 @@ def format_node(
         table = lut.table(n.attrs["function"], n.attrs.get("args", ()), fins[0], fo, lo, hi)
         params = {"table": table}
         rq = Requant(one, 0 * one, fo.zero_point, lo, hi)
-    elif n.op in ("maxpool2d", "adaptive_maxpool2d", "reshape", "gather"):
+    elif n.op in ("maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "zero_insert"):
         rq = Requant(one, 0 * one, fo.zero_point, lo, hi)  # the format is the input's
     else:
         raise ValueError(f"format_node does not build {n.op} nodes")

@@ -7,14 +7,16 @@ Two kinds of cases, each a pure function of an integer seed (so a failure is rep
   weights of <= 4 bits are stored packed), accumulator widths 8..32, input/output zero points,
   clamps, requantization multipliers up to 33 bits, add and concat branches, element-wise
   function tables (`lut`), products (`mul`: a squeeze-excitation gate, a square, two branches),
-  softmax, channel gathers (`gather`), adaptive pools to any size
+  softmax, channel gathers (`gather`), zeros between the pixels (`zero_insert`, a transposed
+  convolution's stride), adaptive pools to any size
   (`adaptive_avgpool2d`/`_maxpool2d`) and two-stage accumulation (random tile length and
   second-stage width; `two_stage`), each kind from its own random stream. Weights and inputs
   are often drawn near the top of their range so that narrow accumulators wrap (the wrapped sum is
   the contract, so that is fine and tested).
 * **quantized torch models** (`random_model`): small random nn.Modules (conv/BN/ReLU/ReLU6,
-  Hardswish/SiLU/Sigmoid/Tanh/LeakyReLU, depthwise, pools, adaptive pools to any size, residual
-  add, concat, chunk + channel shuffle, flatten, squeeze-excitation, linear, a softmax head)
+  Hardswish/SiLU/Sigmoid/Tanh/LeakyReLU, depthwise, ConvTranspose2d, pools, adaptive pools to
+  any size, residual add, concat, chunk + channel shuffle, flatten, squeeze-excitation, linear, a
+  softmax head)
   through `codegen.quantize` with a random accumulator width 8..32 and overflow policy (and, for
   a quarter of the models below 32 bits, `acc_stages=2`).
   `InfeasibleAccumulatorError` is a valid answer (counted as `infeasible`); any other exception
@@ -440,6 +442,19 @@ def _adaptive(b: _Builder, x: str, rng: np.random.Generator) -> str:
     return b._add(Node(f"apool{len(b.nodes)}", "adaptive_avgpool2d", (x,), out, attrs, {}, rq))
 
 
+def _zero_insert(b: _Builder, x: str, rng: np.random.Generator) -> str:
+    """Zeros (the input format's zero point) between the pixels: a transposed convolution's
+    stride (the main stream's next layer is often the conv2d that completes it)."""
+    fmt = b.tensors[x].fmt
+    assert fmt is not None
+    h, w, c = b.tensors[x].shape
+    sh, sw = (int(v) for v in rng.integers(1, 4, 2))
+    out = b._tensor(((h - 1) * sh + 1, (w - 1) * sw + 1, c), fmt)
+    rq = Requant(np.ones(1, np.int64), np.zeros(1, np.int64), fmt.zero_point, fmt.qmin, fmt.qmax)
+    attrs = {"stride": (sh, sw)}
+    return b._add(Node(f"zeros{len(b.nodes)}", "zero_insert", (x,), out, attrs, {}, rq))
+
+
 def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
     """A random integer graph of 1..6 layers and its sample batch (quantized NHWC ints); some
     layers are followed by an element-wise table (drawn from their own stream, so a seed's other
@@ -451,6 +466,7 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
     pool_rng = np.random.default_rng([0x51ACC, seed, 4])
     b = _Builder(f"g{seed}", rng, batch)
     b.two_rng = np.random.default_rng([0x51ACC, seed, 5])
+    zeros_rng = np.random.default_rng([0x51ACC, seed, 6])  # transposed convolutions' zeros
     lo, hi = (0, 127) if rng.random() < 0.35 else (-128, 127)
     dist = str(rng.choice(["uniform", "uniform", "high", "low"]))
     if rng.random() < 0.2:
@@ -477,6 +493,8 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
             if gather_rng.random() < 0.15:
                 t = _gather(b, t, gather_rng)
             continue
+        if zeros_rng.random() < 0.1:
+            t = _zero_insert(b, t, zeros_rng)
         if r < 0.35:
             t = _conv(b, t)
         elif r < 0.45:
@@ -573,9 +591,29 @@ def random_model(seed: int) -> tuple[Any, np.ndarray, np.ndarray, int, str]:
             return torch.transpose(y, 1, 2).contiguous().view(n, c, h, w)
 
     shuffle_rng = np.random.default_rng([0x70C4, seed, 3])
+    up_rng = np.random.default_rng([0x70C4, seed, 4])  # transposed convolutions
+
+    def conv_transpose(c: int, h: int) -> tuple[nn.Module, int, int]:
+        """A ConvTranspose2d (its weights from their own torch stream), its channels and size."""
+        k, s, d = (int(v) for v in (up_rng.integers(1, 4), up_rng.integers(1, 3),
+                                    up_rng.choice([1, 1, 2])))  # fmt: skip
+        p = int(up_rng.integers(0, d * (k - 1) + 1))
+        op = int(up_rng.integers(0, max(s, d)))
+        if (h - 1) * s - 2 * p + d * (k - 1) + op + 1 < 1:
+            p = 0  # the padding would crop everything
+        g = c if c > 1 and up_rng.random() < 0.25 else 1
+        cout = g * int(up_rng.integers(1, 3)) if g > 1 else int(up_rng.integers(1, 7))
+        with torch.random.fork_rng():
+            torch.manual_seed(int(up_rng.integers(0, 2**31)))
+            m = nn.ConvTranspose2d(c, cout, k, s, p, op, groups=g, dilation=d)
+        return m, cout, (h - 1) * s - 2 * p + d * (k - 1) + op + 1
+
     layers: list[nn.Module] = []
     c, h = cin, size
     for _ in range(int(rng.integers(1, 4))):
+        if up_rng.random() < 0.15 and h <= 10:
+            up, c, h = conv_transpose(c, h)
+            layers += [up, nn.ReLU()] if up_rng.random() < 0.5 else [up]
         if c % 2 == 0 and shuffle_rng.random() < 0.2:
             layers.append(Shuffle())
         if shuffle_rng.random() < 0.15:  # windows of different sizes (any output size)

@@ -77,6 +77,14 @@ def _squeeze_excitation(b: GraphBuilder, image_gate: bool = False, **mul: Any) -
     b.mul(x, b.reshape(g, (1, 1, 8)) if image_gate else g, **mul)
 
 
+def _conv_transpose(b: GraphBuilder) -> None:
+    """A stride-3 transposed conv after a layer whose output has a zero point: the inserted
+    values are that zero point, which the conv subtracts (real 0)."""
+    y = b.conv2d(b.input((4, 3, 5)), 6, (1, 1), zero_point=-9)
+    z = b.zero_insert(y, (3, 3))
+    b.conv2d(z, 4, (3, 3), padding=(2, 3, 2, 3), input_zero_point=-9, acc_bits=16)
+
+
 def _mul_same_shape(b: GraphBuilder) -> None:
     x = b.input((4, 5, 6))
     b.mul(x, b.conv2d(x, 6, (3, 3), padding=(1, 1, 1, 1), acc_bits=18))
@@ -650,6 +658,9 @@ CASES: list[Case] = [
     ),
     Case("gather-chunk-clamped", lambda b: b.gather(b.input((4, 6, 9)), range(5, 9), lo=-3, hi=60)),
     Case("gather-vector-wide", lambda b: b.gather(b.input((300,)), range(299, -1, -2))),
+    # zero_insert (a transposed convolution: zeros between the pixels, then a stride-1 conv2d)
+    Case("zero_insert-stride3x2", lambda b: b.zero_insert(b.input((3, 4, 5), lo=0), (3, 2))),
+    Case("net-conv-transpose-zero-point", _conv_transpose),
     Case("net-shuffle-block", _shuffle_block),
     Case("net-conv-lut-chain", _conv_lut_chain),
     Case("net-chain-cnn", _chain_net),
@@ -1156,6 +1167,24 @@ def test_errors_are_reported_before_writing(graphs: dict[str, Any], tmp_path: Pa
     with pytest.raises(OutputDirError):
         compile(g, out_dir=busy)
     assert (busy / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("attrs", "shape", "message"),
+    [
+        ({"stride": (2, 2)}, (7, 7, 5), r"output shape \(7, 7, 5\) should be \(5, 7, 5\)"),
+        ({"stride": (0, 2)}, (7, 7, 5), r"stride \(0, 2\) >= 1"),
+    ],
+)
+def test_zero_insert_shapes_are_checked(
+    graphs: dict[str, Any], attrs: dict[str, Any], shape: tuple[int, ...], message: str
+) -> None:
+    g = graphs["zero_insert-stride3x2"][0]
+    n = g.nodes[0]
+    tensors = {**g.tensors, n.output: Tensor(n.output, shape, g.tensors[n.output].fmt)}
+    node = Node(n.name, n.op, n.inputs, n.output, attrs, n.params, n.requant)
+    with pytest.raises(LoweringError, match=message):
+        lower(Graph(g.name, (node,), tensors, g.input, g.output))
 
 
 def test_quantized_torch_model_end_to_end(tmp_path: Path) -> None:

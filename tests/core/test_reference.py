@@ -202,3 +202,14 @@ def test_lut_is_the_table_at_input_plus_128() -> None:
     x = np.array([[[[-128, -1, 0, 127]]]], dtype=np.int64)
     assert np.array_equal(reference.run_node(node, [x]), -1 - x)
     assert reference.KERNELS["lut"] is reference.lut
+
+
+def test_zero_insert_puts_the_zero_point_between_the_pixels() -> None:
+    x = np.random.default_rng(0).integers(-128, 128, (2, 3, 4, 5))
+    rq = Requant(np.array([1]), np.array([0]), -9, -128, 127)
+    y = reference.zero_insert(x, Node("z", "zero_insert", ("x",), "y", {"stride": (3, 2)}, {}, rq))
+    assert y.shape == (2, 7, 7, 5)
+    assert np.array_equal(y[:, ::3, ::2], x)
+    inserted = np.ones(y.shape, dtype=bool)
+    inserted[:, ::3, ::2] = False
+    assert np.all(y[inserted] == -9) and inserted.sum() == y.size - x.size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from codegen.api import to_ir_input
-from codegen.core import simulate
+from codegen.core import reference, simulate
 from codegen.core.errors import InvalidModelError, UnsupportedModelError
-from codegen.core.ir import Graph
+from codegen.core.ir import Graph, Node, Requant
+from codegen.frontend.builder import IRBuilder
 from codegen.frontend.torch_fx import from_torch
 
 
@@ -275,6 +278,30 @@ CASES = {
     "f_avgpool_divisor": lambda: Lambda(
         lambda s, x: F.avg_pool2d(s.c(x), 2, divisor_override=3), c=nn.Conv2d(C, 3, 1)
     ),
+    # transposed convolutions: zeros inserted between the pixels, then a stride-1 conv2d
+    "conv_transpose_s2": lambda: Lambda(
+        lambda s, x: s.dw((y := F.relu(s.bn(s.up(x)))) + s.s1(y), output_size=(33, 32)),
+        up=nn.ConvTranspose2d(C, 3, 3, stride=2, padding=1, output_padding=1),  # 8 -> 16
+        bn=_bn(3),
+        s1=nn.ConvTranspose2d(3, 3, 3, padding=1),  # stride 1: no zeros to insert
+        dw=nn.ConvTranspose2d(3, 3, 2, stride=2, groups=3),  # depthwise, 16 -> 33 x 32
+    ),
+    "conv_transpose_s3_groups": lambda: seq(
+        nn.ConvTranspose2d(
+            C,
+            6,
+            (3, 2),
+            stride=(3, 2),
+            padding=(2, 1),
+            output_padding=(1, 0),
+            groups=2,
+            dilation=(2, 1),
+            bias=False,
+        )
+    ),
+    "seq_conv_transpose1d": lambda: seq(
+        nn.ConvTranspose1d(C, 3, 4, stride=2, padding=1), nn.ReLU(), nn.Conv1d(3, 2, 3)
+    ),
     "f_avgpool_pad": lambda: Lambda(
         lambda s, x: F.avg_pool2d(s.c(x), 3, 2, 1), c=nn.Conv2d(C, 3, 1)
     ),
@@ -284,6 +311,7 @@ SHAPES = {
     "seq_conv1d": (C, 17),
     "seq_out": (C, 12),
     "seq_flatten_linear": (C, 12),
+    "seq_conv_transpose1d": (C, 12),
     "vector_mlp": (24,),
     "mul_vectors": (24,),
 }
@@ -406,6 +434,8 @@ NEW_OPS = {  # the ops each normalised pattern becomes
     "avgpool_ceil": ["conv2d", "adaptive_avgpool2d"],
     "avgpool_exclude_pad": ["adaptive_avgpool2d"],
     "f_avgpool_divisor": ["conv2d", "adaptive_avgpool2d"],
+    "conv_transpose_s2": ["zero_insert", "conv2d", "conv2d", "add", "zero_insert", "conv2d"],
+    "seq_conv_transpose1d": ["zero_insert", "conv2d", "conv2d"],
 }
 
 
@@ -480,6 +510,15 @@ def test_normalised_attributes() -> None:
     assert g.output in g.sequences and g.tensors[g.output].shape == (1, 4, 4)
     g = graph("vector_mlp")
     assert g.tensors[g.input].shape == (24,) and not g.sequences
+    g = graph("conv_transpose_s3_groups")
+    zeros, conv = g.nodes
+    assert zeros.attrs["stride"] == (3, 2) and g.tensors[zeros.output].shape == (22, 15, C)
+    # padding dilation * (k - 1) - padding, plus output_padding at the bottom/right
+    assert conv.attrs["padding"] == (2, 3, 0, 0) and conv.attrs["stride"] == (1, 1)
+    assert conv.attrs["dilation"] == (2, 1) and conv.params["weight"].shape == (6, 3, 2, C // 2)
+    g = graph("seq_conv_transpose1d")  # L 12 -> 23 zero-inserted -> 24
+    assert [g.tensors[n.output].shape for n in g.nodes] == [(1, 23, C), (1, 24, 3), (1, 22, 2)]
+    assert g.sequences == {g.input, *(n.output for n in g.nodes)}
 
 
 def test_graph_is_nhwc_with_fusions() -> None:
@@ -519,6 +558,10 @@ def test_graph_is_nhwc_with_fusions() -> None:
         (Lambda(lambda s, x: x.chunk(2, 0)[0]), "Tensor.chunk of the batch axis"),
         (Lambda(lambda s, x: x.view(2, -1, 8, 8)[0]), "Tensor.view of the batch axis"),
         (Lambda(lambda s, x: x[:, 1:3]), "unsupported op operator.getitem at node 'getitem'"),
+        (
+            seq(nn.ConvTranspose2d(C, 3, 1, stride=2, padding=1)),
+            "transposed convolution with padding (1, 1, 1, 1) (top, bottom, left, right) larger",
+        ),
     ],
 )
 def test_unsupported_ops_are_named(model: nn.Module, message: str) -> None:
@@ -540,3 +583,47 @@ def test_nonfinite_weights_name_the_tensor(bad: float) -> None:
 def test_not_a_module() -> None:
     with pytest.raises(InvalidModelError, match=r"expected a torch\.nn\.Module"):
         from_torch(lambda x: x, np.zeros((1, C, 8, 8), np.float32))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("stride", "pad", "out_pad", "dil", "groups"),
+    [((2, 2), (1, 1, 1, 1), (1, 1), (1, 1), 1), ((3, 1), (0, 2, 1, 0), (2, 0), (1, 2), 2)],
+)
+def test_zero_insert_and_conv_are_the_transposed_conv(stride, pad, out_pad, dil, groups):  # type: ignore[no-untyped-def]
+    """The builder's lowering in integers: zero_insert (the zero point between the pixels) and
+    the stride-1 conv2d equal the transposed convolution's definition (each input pixel scatters
+    its products to stride-spaced outputs, then the padding is cropped), input zero point
+    included."""
+    rng = np.random.default_rng(3)
+    cin, og, (kh, kw), (h, w), zp = 4, 3, (3, 2), (4, 5), -7
+    wt = rng.integers(-127, 128, (cin, og, kh, kw))
+    x = rng.integers(-128, 128, (2, h, w, cin))
+    b = IRBuilder("t")
+    b.set_input("x", "x", (cin, h, w))
+    oh = (h - 1) * stride[0] + dil[0] * (kh - 1) + 1 - pad[0] - pad[1] + out_pad[0]
+    ow = (w - 1) * stride[1] + dil[1] * (kw - 1) + 1 - pad[2] - pad[3] + out_pad[1]
+    b.conv_transpose("ct", "y", "x", wt.astype(np.float64), None, stride=stride, padding=pad,
+                     output_padding=out_pad, dilation=dil, groups=groups,
+                     nchw=(og * groups, oh, ow))  # fmt: skip
+    b.set_output("y")
+    g: Graph = b.freeze()
+    rq = Requant(np.array([1]), np.array([0]), zp, -(1 << 40), 1 << 40)
+    env = {"x": x}
+    for n in g.nodes:
+        attrs = {**n.attrs, "acc_bits": 32, "input_zero_point": zp}
+        params = {k: v.astype(np.int64) for k, v in n.params.items()}
+        node = Node(n.name, n.op, n.inputs, n.output, attrs, params, rq)
+        env[n.output] = reference.run_node(node, [env[t] for t in n.inputs])
+    full = np.zeros((2, (h - 1) * stride[0] + dil[0] * (kh - 1) + 1 + out_pad[0],
+                     (w - 1) * stride[1] + dil[1] * (kw - 1) + 1 + out_pad[1], og * groups),
+                    dtype=np.int64)  # fmt: skip
+    ig = cin // groups
+    for i, j, c, a, bb, o in itertools.product(
+        range(h), range(w), range(cin), range(kh), range(kw), range(og)
+    ):
+        full[:, i * stride[0] + a * dil[0], j * stride[1] + bb * dil[1], (c // ig) * og + o] += (
+            x[:, i, j, c] - zp
+        ) * wt[c, o, a, bb]
+    want = full[:, pad[0] : pad[0] + oh, pad[2] : pad[2] + ow] + zp
+    assert [n.op for n in g.nodes] == ["zero_insert", "conv2d"]
+    assert np.array_equal(env["ct"], want)

@@ -238,6 +238,7 @@ def _quantize(model: nn.Module | Path, calib: np.ndarray, acc: int) -> Quantized
         "frontend_split_views",
         "frontend_avgpool_ceil",
         "frontend_avgpool_exclude_pad",
+        "frontend_conv_transpose_s2",
     ],
 )
 def test_integer_graph_and_outputs_are_the_torch_ones(
@@ -619,3 +620,66 @@ def test_hand_made_activations_match_onnx_semantics(tmp_path: Path) -> None:
     ]:
         with pytest.raises(UnsupportedModelError, match=message):
             from_onnx(save(nodes, "refused"), x)
+
+
+def test_hand_made_conv_transpose_matches_onnx_semantics(tmp_path: Path) -> None:
+    """ConvTranspose with asymmetric pads, output_padding, group and dilations (forms torch does
+    not export), 2-D and 1-D, against torch's transposed convolution cropped by the pads;
+    output_shape and SAME pads refused."""
+    import torch.nn.functional as F
+
+    from codegen.core import simulate
+
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+
+    def save(name: str, x_shape: list[int], w: np.ndarray, b: np.ndarray, **attrs: object) -> Path:
+        out = ["n", "c", "h", "w"][: len(x_shape) + 1]
+        graph = h.make_graph(
+            [h.make_node("ConvTranspose", ["x", "w", "b"], ["y"], group=2, **attrs)],
+            name,
+            [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", *x_shape])],
+            [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, out)],
+            [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")],
+        )
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 18)]), str(path))
+        return path
+
+    w2, w1 = (rng.uniform(-1, 1, s).astype(np.float32) for s in ((4, 3, 3, 2), (4, 2, 1, 4)))
+    b2, b1 = rng.uniform(-1, 1, 6).astype(np.float32), rng.uniform(-1, 1, 4).astype(np.float32)
+    cases = [  # (file, input shape, weight, bias, stride, dilation, output_padding, pads t b l r)
+        (
+            save("t2", [4, 5, 6], w2, b2, strides=[2, 3], pads=[1, 0, 0, 2],
+                 output_padding=[1, 2], dilations=[1, 2]),
+            (4, 5, 6), w2, b2, (2, 3), (1, 2), (1, 2), (1, 0, 0, 2),
+        ),
+        (
+            save("t1", [4, 9], w1[:, :, 0], b1, strides=[3], pads=[2, 1], output_padding=[1]),
+            (4, 1, 9), w1, b1, (1, 3), (1, 1), (0, 1), (0, 0, 2, 1),
+        ),
+    ]  # fmt: skip
+    for path, x_shape, w, b, stride, dil, op, (t, bo, le, ri) in cases:
+        x = np.random.default_rng(1).standard_normal((3, *x_shape))
+        g = from_onnx(path, x.reshape(3, 4, -1) if x_shape[1] == 1 else x)
+        assert [n.op for n in g.nodes] == ["zero_insert", "conv2d"]
+        full = F.conv_transpose2d(
+            torch.as_tensor(x), torch.as_tensor(w, dtype=torch.float64),
+            torch.as_tensor(b, dtype=torch.float64), stride, 0, op, 2, dil,
+        ).numpy()  # fmt: skip
+        want = full[:, :, t : full.shape[2] - bo, le : full.shape[3] - ri]
+        got = simulate.nhwc_to_nchw(simulate.run(g, simulate.nchw_to_nhwc(x)))
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+    x2 = np.zeros((1, 4, 5, 6), np.float32)
+    conv = from_onnx(tmp_path / "t2.onnx", x2).nodes[1]
+    # (k - 1) * dilation - pads, + output_padding at the end: H (2 - 1, 2 - 0 + 1), W (2 - 0,
+    # 2 - 2 + 2)
+    assert conv.attrs["padding"] == (1, 3, 2, 2)
+    for name, attrs in (
+        ("shape", {"output_shape": [10, 12]}),
+        ("same", {"auto_pad": "SAME_UPPER"}),
+    ):
+        with pytest.raises(
+            UnsupportedModelError, match=r"ConvTranspose with (output_shape|auto_pad)"
+        ):
+            from_onnx(save(name, [4, 5, 6], w2, b2, strides=[2, 2], **attrs), x2)

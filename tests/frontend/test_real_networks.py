@@ -14,14 +14,15 @@ guaranteed accumulators) -> codegen.compile -> the C output equals qm.reference_
 - (N, F) vectors and (N, C, L) sequences (Conv1d, MaxPool1d, AvgPool1d, AdaptiveAvgPool1d,
   BatchNorm1d) as images with H = 1; the API takes and gives the model's own rank;
 - a U-Net (nearest upsampling: a max over one-pixel windows) and ShuffleNetV2's units (chunk and
-  channel shuffle: `gather`; an adaptive pool to a size that does not divide the input).
+  channel shuffle: `gather`; an adaptive pool to a size that does not divide the input);
+- a convolutional autoencoder (ConvTranspose2d: `zero_insert` and a stride-1 conv2d).
 
 The squeeze-excitation, ShuffleNet and U-Net patterns (tables, products, softmax, gathers,
 adaptive pools, nearest upsampling) also go through the other methods, adaptive (learned formats:
 W4A4 at 12-bit and W8A8 at 16-bit accumulators, guaranteed) and transform, bit-exact in C.
 
 The ONNX exports of the same patterns are compared with these graphs in test_onnx.py (the CASES of
-test_frontend.py); the QEMU tests run two of the networks on cortex-a53 (NEON) and cortex-m55
+test_frontend.py); the QEMU tests run six of the networks on cortex-a53 (NEON) and cortex-m55
 (MVE).
 """
 
@@ -224,6 +225,22 @@ def conv1d_sequence_out() -> nn.Module:
     )
 
 
+def conv_autoencoder() -> nn.Module:
+    """A convolutional autoencoder on 16x16 images: stride-2 Conv2d down, ConvTranspose2d up
+    (zeros inserted between the pixels, then a stride-1 conv with the flipped kernel)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1),  # 16 -> 8
+        _bn(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1),  # 8 -> 4
+        nn.ReLU(),
+        nn.ConvTranspose2d(12, 8, 3, stride=2, padding=1, output_padding=1),  # 4 -> 8
+        _bn(8),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 1, 2, stride=2),  # 8 -> 16
+    )
+
+
 NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "eval_identities": (EvalIdentities, (3, 8, 8)),
     "activations_anywhere": (ActivationsAnywhere, (3, 8, 8)),
@@ -234,6 +251,7 @@ NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "squeeze_excitation": (SqueezeExcitation, (3, 12, 12)),
     "unet": (UNet, (3, 8, 8)),
     "shufflenet_unit": (ShuffleNetUnit, (3, 8, 8)),
+    "conv_autoencoder": (conv_autoencoder, (1, 16, 16)),
 }
 
 
@@ -305,13 +323,13 @@ def test_calibration_of_the_wrong_rank_is_one_line() -> None:
     "key",
     [
         *("preact_dense", "conv1d_classifier", "activations_anywhere"),
-        *("squeeze_excitation", "unet"),
+        *("squeeze_excitation", "unet", "conv_autoencoder"),
     ],
 )
 def test_network_is_bit_exact_under_qemu(key: str, target: str, tmp_path: Path) -> None:
     """The new lowerings (tables for lone activations, depthwise 1x1 for standalone BatchNorm,
-    padded ceil_mode max pools, adaptive pools, 1-D ops as H = 1 images, products and softmax)
-    on the NEON and MVE dialects."""
+    padded ceil_mode max pools, adaptive pools, 1-D ops as H = 1 images, products and softmax,
+    transposed convolutions) on the NEON and MVE dialects."""
     _require(target)
     _, qm, x = _quantize(key)
     c = codegen.compile(qm, target=target, out_dir=tmp_path / target)
@@ -415,3 +433,30 @@ def test_training_a_per_pixel_output_is_refused_in_one_line() -> None:
     with pytest.raises(codegen.QaccError) as e:
         codegen.quantize(model, calib, method="adaptive", train=(calib, y), progress=False)
     assert "not N x classes" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["adaptive", "transform"])
+def test_other_methods_quantize_transposed_convolutions(method: str) -> None:
+    """`zero_insert` keeps its input's format (its zeros are that format's zero point, 8 under
+    `adaptive` here) under the methods that train: the float64 simulation of their formats
+    equals the integer reference exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1),
+        nn.Flatten(),
+        nn.Linear(3 * 8 * 8, 3),
+    ).eval()
+    x = np.random.default_rng(0).standard_normal((32, 1, 8, 8)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 32)
+    qm = codegen.quantize(
+        model, x, method=method, train=(x, y), epochs=1, acc_bits=32, progress=False, name="ct"
+    )
+    g = qm.graph
+    conv, zeros = g.nodes[:2]
+    assert zeros.op == "zero_insert" and g.nodes[2].op == "conv2d"
+    fmt = g.tensors[zeros.output].fmt
+    assert fmt == g.tensors[conv.output].fmt and fmt is not None and zeros.requant is not None
+    assert zeros.requant.zero_point == fmt.zero_point
+    assert g.nodes[2].attrs.get("input_zero_point", 0) == fmt.zero_point
+    assert np.array_equal(qm.simulate(x), qm.reference(x))

@@ -92,7 +92,7 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
         "global_avgpool_acc32", "add_acc16", "add_acc32", "concat", "lut", "mul_acc16",
         "mul_acc32", "softmax", "gather", "adaptive_avgpool2d_acc16", "adaptive_avgpool2d_acc32",
         "adaptive_maxpool2d", "conv2d_acc16x32", "conv2d_acc32x32", "dense_acc16x32",
-        "dense_acc32x32",
+        "dense_acc32x32", "zero_insert",
     ):  # fmt: skip
         assert kernels[k] > 0, (k, kernels)
     assert set(range(8, 33)) <= widths
@@ -112,6 +112,7 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
     assert policies["guaranteed"] > 5 and policies["profiled"] > 5
     layers = Counter(type(m).__name__ for model, *_ in models for m in model.modules())
     assert layers["SqueezeExcitation"] > 3 and layers["Softmax"] > 3, layers
+    assert layers["ConvTranspose2d"] > 3, layers
 
 
 # ----------------------------------------------------------------------------- host
