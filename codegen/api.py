@@ -12,7 +12,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from codegen.core import reference, simulate
-from codegen.core.errors import InvalidDataError, InvalidModelError, QaccError
+from codegen.core.errors import (
+    InvalidDataError,
+    InvalidModelError,
+    QaccError,
+    UnsupportedModelError,
+)
 from codegen.core.formats import IntArray, dequantize
 from codegen.core.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
 from codegen.core.reference import RunResult, quantize_images
@@ -47,58 +52,88 @@ class QuantizedModel:
         x = to_ir_input(_check_images(x, self.float_graph, "inputs"), self.graph)
         return self._user_int(quantize_images(x, self.graph), self.graph.input)
 
-    def dequantize_output(self, q: np.ndarray) -> np.ndarray:
-        fmt = self.graph.tensors[self.graph.output].fmt
+    def dequantize_output(self, q: Any) -> Floats:
+        """The outputs' ints (as `reference_int` gives them: a tuple for several outputs) to
+        floats in the framework's layout."""
+        qs = self._outputs_arg(q, "dequantize_output")
+        return _packed(
+            tuple(
+                self._dequantize(np.asarray(v), t)
+                for v, t in zip(qs, self.graph.outputs, strict=True)
+            )
+        )
+
+    def _dequantize(self, q: np.ndarray, tensor: str) -> np.ndarray:
+        fmt = self.graph.tensors[tensor].fmt
         assert fmt is not None
-        q = np.asarray(q)
-        q = q.reshape((len(q), *self.graph.tensors[self.graph.output].shape))  # the IR's shape
-        return self._user_float(dequantize(q, 0, fmt.zero_point) * fmt.scale)
+        q = q.reshape((len(q), *self.graph.tensors[tensor].shape))  # the IR's shape
+        return self._user_float(dequantize(q, 0, fmt.zero_point) * fmt.scale, tensor)
+
+    def _outputs_arg(self, q: Any, what: str) -> tuple[Any, ...]:
+        """One value per output: `q` itself for one output, else the tuple (or list) it is."""
+        n = len(self.graph.outputs)
+        if n == 1:
+            return (q,)
+        if not isinstance(q, (tuple, list)) or len(q) != n:
+            raise InvalidDataError(
+                f"{what} takes a tuple of {n} arrays, one per output of the model"
+            )
+        return tuple(q)
 
     def _user_int(self, q: IntArray, tensor: str) -> IntArray:
         """An IR-shaped int batch as the user sees it: a sequence (N, 1, L, C) as (N, L, C)."""
         return q.reshape((len(q), *self.graph.user_shape(tensor)))
 
-    def _user_float(self, y: np.ndarray) -> np.ndarray:
+    def _user_float(self, y: np.ndarray, tensor: str) -> np.ndarray:
         """An IR-shaped float output (NHWC) in the framework's layout (NCHW, NCL, NF)."""
-        if self.graph.output in self.graph.sequences and y.ndim == 4:
+        if tensor in self.graph.sequences and y.ndim == 4:
             return np.ascontiguousarray(y[:, 0].transpose(0, 2, 1))
         return simulate.nhwc_to_nchw(y)
+
+    def _user_floats(self, ys: tuple[np.ndarray, ...]) -> Floats:
+        return _packed(
+            tuple(self._user_float(y, t) for y, t in zip(ys, self.graph.outputs, strict=True))
+        )
 
     def _ir_int(self, q: IntArray) -> IntArray:
         return q.reshape((q.shape[0], *self.graph.tensors[self.graph.input].shape))
 
     # -- the integer reference
-    def reference_int(self, x: np.ndarray) -> IntArray:
-        """Integer output of the last layer (NHWC order for image outputs, NLC for sequences,
-        as the C writes it)."""
-        return self.run_reference(x).output
+    # A model with several outputs gives a tuple of arrays in the model's order wherever a
+    # single-output model gives one array.
+    def reference_int(self, x: np.ndarray) -> Ints:
+        """Integer outputs (NHWC order for image outputs, NLC for sequences, as the C writes
+        them): one array, or a tuple of arrays for a model with several outputs."""
+        return _packed(self.run_reference(x).outputs)
 
-    def reference(self, x: np.ndarray) -> np.ndarray:
+    def reference(self, x: np.ndarray) -> Floats:
         """The integer reference dequantized to floats (NCHW for images, like torch)."""
         return self.dequantize_output(self.reference_int(x))
 
     def run_reference(self, x: np.ndarray) -> RunResult:
-        """The integer reference with per-layer overflow statistics (`output` shaped like
-        `reference_int`'s, `tensors` in the IR's shapes)."""
+        """The integer reference with per-layer overflow statistics (`output` and `outputs`
+        shaped like `reference_int`'s, `tensors` in the IR's shapes)."""
         res = reference.run(self.graph, self._ir_int(self.quantize_input(x)))
-        res.output = self._user_int(res.output, self.graph.output)
+        outs = zip(res.outputs, self.graph.outputs, strict=True)
+        res.outputs = tuple(self._user_int(v, t) for v, t in outs)
+        res.output = res.outputs[0]
         return res
 
-    def simulate(self, x: np.ndarray) -> np.ndarray:
+    def simulate(self, x: np.ndarray) -> Floats:
         """Float64 fake-quant simulation of the same formats (== `reference` when guaranteed)."""
         x = to_ir_input(_check_images(x, self.float_graph, "inputs"), self.graph)
         formats = {t: v.fmt for t, v in self.graph.tensors.items() if v.fmt is not None}
-        out = simulate.run(
+        out = simulate.run_outputs(
             self.graph,
             simulate.nchw_to_nhwc(x),
             formats=formats,
             overrides=fakequant_overrides(self.graph),
         )
-        return self._user_float(out)
+        return self._user_floats(out)
 
-    def float_output(self, x: np.ndarray) -> np.ndarray:
+    def float_output(self, x: np.ndarray) -> Floats:
         x = to_ir_input(_check_images(x, self.float_graph, "inputs"), self.float_graph)
-        return self._user_float(simulate.run(self.float_graph, simulate.nchw_to_nhwc(x)))
+        return self._user_floats(simulate.run_outputs(self.float_graph, simulate.nchw_to_nhwc(x)))
 
     def overflow_report(self, x: np.ndarray) -> dict[str, dict[str, int]]:
         """Per weighted layer: accumulator values that overflowed and samples with any overflow."""
@@ -107,6 +142,17 @@ class QuantizedModel:
             k: {"events": v.events, "samples": v.samples, "max_abs_acc": v.max_abs}
             for k, v in res.overflow.items()
         }
+
+
+Ints = IntArray | tuple[IntArray, ...]
+"""Integer outputs: one array, or a tuple in the model's order for several outputs."""
+Floats = np.ndarray | tuple[np.ndarray, ...]
+"""Float outputs: one array, or a tuple in the model's order for several outputs."""
+
+
+def _packed(values: tuple[Any, ...]) -> Any:
+    """One output as itself, several as the tuple."""
+    return values[0] if len(values) == 1 else values
 
 
 def to_ir_input(x: np.ndarray, graph: Graph) -> np.ndarray:
@@ -256,7 +302,9 @@ def quantize(
     `acc_bits` is one width for every layer or a mapping {layer name: width, "default": width}
     (default: 16 for "ptq" and "adaptive", 32 for "transform"). `overflow` is "guaranteed" (no
     input in the input format can overflow) or "profiled" (observed range on `calib` times
-    `margin`). `labels` (optional) rank candidates by accuracy.
+    `margin`). `labels` (optional) rank candidates by accuracy (of the first output when the
+    model has several: a tuple, list or dict of tensors; without labels, candidates are ranked by
+    the error of every output).
 
     method="ptq": post-training, power-of-two formats filling the accumulator (de Bruin et al.).
     `rounding` ("ptq" only): "nearest" (default: each weight on its own), or "optq" / "gpfq",
@@ -296,6 +344,11 @@ def quantize(
     fg = float_graph(model, calib, name)
     _check_images(calib, fg, "calibration data")
     calib_ir = to_ir_input(calib, fg)  # what the quantizers read (NCHW; a sequence as H = 1)
+    if len(fg.outputs) > 1 and method != "ptq":
+        raise UnsupportedModelError(
+            f"method '{method}' takes a model with one output, this one has {len(fg.outputs)}: "
+            "use method 'ptq'"
+        )
     out_shape = fg.tensors[fg.output].shape
     lab = _check_labels(labels, calib.shape[0], out_shape[-1])
     if acc_bits is None:

@@ -157,7 +157,7 @@ def save_model(qm: Any, target: str, out: Path) -> None:
 
 def _verify(args: argparse.Namespace) -> int:
     from codegen.targets.build import resolve_target
-    from codegen.targets.compiled import run_testbench
+    from codegen.targets.compiled import run_testbench_outputs
 
     out = Path(args.dir)
     saved = out / MODEL_FILE
@@ -174,19 +174,24 @@ def _verify(args: argparse.Namespace) -> int:
         raise QaccError(f"{bench} is missing; run qacc compile again")
     in_shape = qm.graph.tensors[qm.graph.input].shape
     xq = qm.quantize_input(x).reshape((len(x), *in_shape))  # a sequence's (N, L, C): (N, 1, L, C)
-    want = qm.reference_int(x)
-    got = run_testbench(
+    g = qm.graph
+    wants = qm.run_reference(x).outputs  # every output, in the model's order
+    gots = run_testbench_outputs(
         bench,
         xq,
         in_shape,
-        qm.graph.tensors[qm.graph.output].shape,
+        [g.tensors[t].shape for t in g.outputs],
         getattr(target, "launcher", None),
-    ).reshape(want.shape)
-    bad = np.any((got != want).reshape(len(x), -1), axis=1)
+    )
+    diff = [
+        np.abs(got.reshape(w.shape) - w).reshape(len(x), -1)
+        for got, w in zip(gots, wants, strict=True)
+    ]
+    bad = np.any(np.concatenate(diff, axis=1) != 0, axis=1)
+    worst = max(int(d.max()) for d in diff)
     print(
         f"qacc verify: {len(x)} inputs on {data['target']}: {len(x) - int(bad.sum())} bit-exact, "
-        f"{int(bad.sum())} differ"
-        + (f" (max |difference| {int(np.abs(got - want).max())})" if bad.any() else "")
+        f"{int(bad.sum())} differ" + (f" (max |difference| {worst})" if bad.any() else "")
     )
     return 1 if bad.any() else 0
 

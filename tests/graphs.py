@@ -499,15 +499,21 @@ class GraphBuilder:
     def flatten(self, x: str) -> str:
         return self.reshape(x, (self.tensors[x].size,))
 
-    def graph(self, output: str | None = None) -> Graph:
+    def graph(self, output: str | None = None, extra: Sequence[str] = ()) -> Graph:
+        """The graph with output `output` (default: the last node's) and the further outputs
+        `extra`, in that order."""
         out = output or self.nodes[-1].output
         used = {self.input_name, out} | {t for n in self.nodes for t in (*n.inputs, n.output)}
         tensors = {k: v for k, v in self.tensors.items() if k in used}
-        return Graph(self.name, tuple(self.nodes), tensors, self.input_name, out)
+        return Graph(
+            self.name, tuple(self.nodes), tensors, self.input_name, out, extra_outputs=tuple(extra)
+        )
 
-    def result(self, output: str | None = None) -> tuple[Graph, IntArray]:
+    def result(
+        self, output: str | None = None, extra: Sequence[str] = ()
+    ) -> tuple[Graph, IntArray]:
         """The graph and its sample batch (quantized NHWC ints)."""
-        return self.graph(output), self.values[self.input_name]
+        return self.graph(output, extra), self.values[self.input_name]
 
 
 def overflowed(graph: Graph, x: IntArray) -> dict[str, int]:

@@ -250,8 +250,13 @@ class _Emitter:
         if b.location == memory.INPUT:
             return "in"
         if b.location == memory.OUTPUT:
-            return "out"
+            return self.out_param(b.port)
         return "arena" if b.offset == 0 else f"arena + {b.offset}"
+
+    def out_param(self, k: int) -> str:
+        """The run function's parameter receiving output k: `out`, or out0, out1... when the
+        model has several outputs."""
+        return "out" if len(self.graph.outputs) == 1 else f"out{k}"
 
     # -- kernels
 
@@ -569,7 +574,7 @@ class _Emitter:
 
     # -- files
 
-    def io_context(self, role: str, tensor: str) -> dict[str, Any]:
+    def io_context(self, role: str, tensor: str, param: str = "in") -> dict[str, Any]:
         t = self.graph.tensors[tensor]
         f = _fmt(t)
         shape = [int(d) for d in t.shape]
@@ -580,6 +585,7 @@ class _Emitter:
             dims.append({"name": "C", "value": shape[0]})
         return {
             "role": role,
+            "param": param,
             "name": tensor,
             "tensor": comment_text(tensor),
             "macro": f"{self.prefix}_{role.upper()}",
@@ -622,7 +628,7 @@ class _Emitter:
             where = (
                 f"arena[{b.offset}..{b.offset + b.size})"
                 if b.location == memory.ARENA
-                else f"caller's {'in' if b.location == memory.INPUT else 'out'}"
+                else f"caller's {'in' if b.location == memory.INPUT else self.out_param(b.port)}"
             )
             buffers.append(
                 comment_text(
@@ -650,14 +656,22 @@ class _Emitter:
             "packed_bytes": sum(a.nbytes for a in packed),
         }
         io_in = self.io_context("input", g.input)
-        io_out = self.io_context("output", g.output)
+        several = len(g.outputs) > 1
+        io_outs = [
+            self.io_context(f"output{k}" if several else "output", t, self.out_param(k))
+            for k, t in enumerate(g.outputs)
+        ]
+        copies = [
+            {"out": io_outs[k], "src": self.ptr(t), "tensor": comment_text(t)}
+            for k, t in plan.output_copies
+        ]
         files = {
             f"{name}.h": render(
                 "model.h.j2",
                 **common,
                 guard=f"{self.prefix}_H",
                 input=io_in,
-                output=io_out,
+                outputs=io_outs,
                 n_kernels=len(kernels),
             ),
             f"{name}.c": render(
@@ -667,24 +681,25 @@ class _Emitter:
                 steps=steps,
                 buffers=buffers,
                 plan_method=plan.method,
-                copy_output=plan.copy_output,
+                outputs=io_outs,
+                copies=copies,
             ),
             f"{name}_weights.h": render(
                 "weights.h.j2", **common, guard=f"{self.prefix}_WEIGHTS_H", arrays=self.arrays
             ),
             f"{name}_weights.c": render("weights.c.j2", **common, arrays=self.arrays),
-            f"{name}_testbench.c": render("testbench.c.j2", **common),
+            f"{name}_testbench.c": render("testbench.c.j2", **common, outputs=io_outs),
             "CMakeLists.txt": render("CMakeLists.txt.j2", **common),
             "qacc.h": (RUNTIME / "qacc.h").read_text(),
             "report.json": json.dumps(
-                self.report(io_in, io_out, weight_bytes), indent=2, sort_keys=True
+                self.report(io_in, io_outs, weight_bytes), indent=2, sort_keys=True
             )
             + "\n",
         }
         return dict(sorted(files.items()))
 
     def report(
-        self, io_in: dict[str, Any], io_out: dict[str, Any], weight_bytes: int
+        self, io_in: dict[str, Any], io_outs: list[dict[str, Any]], weight_bytes: int
     ) -> dict[str, Any]:
         g, plan = self.graph, self.plan
 
@@ -728,7 +743,8 @@ class _Emitter:
             "library": f"lib{self.name}.a",
             "run_function": self.run_fn,
             "input": io(io_in),
-            "output": io(io_out),
+            "output": io(io_outs[0]),
+            "outputs": [io(d) | {"parameter": d["param"]} for d in io_outs],
             "memory": {
                 "ram_bytes": plan.arena_bytes + 2 * self.scratch_elems,
                 "arena_bytes": plan.arena_bytes,
@@ -737,7 +753,7 @@ class _Emitter:
                 "arena_gap_bytes": plan.gap,
                 "arena_gap_percent": round(100.0 * plan.gap / bound, 2) if bound else 0.0,
                 "flash_weight_bytes": weight_bytes,
-                "io_bytes": io_in["size"] + io_out["size"],
+                "io_bytes": io_in["size"] + sum(d["size"] for d in io_outs),
                 "plan": plan.summary(),
             },
             "layers": layers,

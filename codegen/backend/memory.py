@@ -7,8 +7,12 @@ Terms
   output stays live after the last step.
 * A buffer is the storage of one or more tensors: a `reshape` output aliases its input (same
   bytes, no copy), and an in-place kernel (e.g. `add`) writes its output over an input that dies at
-  that step. Buffers holding the graph input or output live outside the arena, in the caller's
+  that step. Buffers holding the graph input or an output live outside the arena, in the caller's
   `in`/`out` arrays; all other buffers live in the arena.
+* Several outputs: every output stays live after the last step. The buffer of an output is the
+  caller's array of the first output it holds (`Buffer.port`); an output whose bytes are already
+  in another output's array or in `in` (the same tensor twice, a reshape of another output or of
+  the input) is copied into its own array after the last step (`MemoryPlan.output_copies`).
 * Two arena buffers conflict when their live ranges share a step. The **lower bound** of the arena
   is the largest sum of the sizes of arena buffers live at one step (the largest sum of
   simultaneously live tensors, in-place pairs counted once). No plan can be smaller.
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from codegen.core.errors import UnsupportedModelError
@@ -50,6 +54,8 @@ class Buffer:
     location: str
     offset: int = 0
     """Byte offset in the arena (0 for buffers outside the arena)."""
+    port: int = 0
+    """The output (its index in `Graph.outputs`) whose caller array holds an OUTPUT buffer."""
 
     def conflicts(self, other: Buffer) -> bool:
         return self.start <= other.end and other.start <= self.end
@@ -65,8 +71,14 @@ class MemoryPlan:
     lower_bound: int
     align: int
     method: str
-    copy_output: bool
-    """True when the output is only an alias of the input (the run function copies it)."""
+    output_copies: tuple[tuple[int, str], ...] = ()
+    """(output index, tensor) of the outputs the run function copies into their caller array
+    after the last step: their bytes are in `in` or in another output's array."""
+
+    @property
+    def copy_output(self) -> bool:
+        """True when the (first) output is only an alias of the input (the run function copies)."""
+        return any(k == 0 for k, _ in self.output_copies)
 
     def buffer(self, name: str) -> Buffer:
         for b in self.buffers:
@@ -142,9 +154,10 @@ def plan(
                     " topological order"
                 )
             last_use[t] = max(last_use[t], i)
-    if graph.output not in produced:
-        raise MemoryPlanError(f"graph output {graph.output!r} is never produced")
-    last_use[graph.output] = n
+    for out in graph.outputs:
+        if out not in produced:
+            raise MemoryPlanError(f"graph output {out!r} is never produced")
+        last_use[out] = n
 
     classes = TensorUnion(produced, produced)
     for node in graph.nodes:
@@ -163,7 +176,7 @@ def plan(
     def location(members: list[str]) -> str:
         if graph.input in members:
             return INPUT
-        if graph.output in members:
+        if any(t in members for t in graph.outputs):
             return OUTPUT
         return ARENA
 
@@ -194,7 +207,9 @@ def plan(
     raw: list[Buffer] = []
     for root, members in groups.items():
         start, end = class_range(members)
-        raw.append(Buffer(root, tuple(members), size(members), start, end, location(members)))
+        where = location(members)
+        port = min((k for k, t in enumerate(graph.outputs) if t in members), default=0)
+        raw.append(Buffer(root, tuple(members), size(members), start, end, where, 0, port))
     raw.sort(key=lambda b: (b.start, b.name))
 
     arena = [b for b in raw if b.location == ARENA]
@@ -217,11 +232,14 @@ def plan(
         if searched[0] < best[0]:
             best = (searched[0], f"{best[1]}+search", searched[1])
     total, method, offsets = best
-    buffers = tuple(
-        Buffer(b.name, b.tensors, b.size, b.start, b.end, b.location, offsets.get(b.name, 0))
-        for b in raw
-    )
+    buffers = tuple(replace(b, offset=offsets.get(b.name, 0)) for b in raw)
     tensor_buffer = {t: b.name for b in buffers for t in b.tensors}
+    by_name = {b.name: b for b in buffers}
+    copies = tuple(
+        (k, t)
+        for k, t in enumerate(graph.outputs)
+        if by_name[tensor_buffer[t]].location == INPUT or by_name[tensor_buffer[t]].port != k
+    )
     result = MemoryPlan(
         buffers=buffers,
         tensor_buffer=tensor_buffer,
@@ -230,7 +248,7 @@ def plan(
         lower_bound=bound,
         align=align,
         method=method if arena else "empty",
-        copy_output=classes.find(graph.output) == classes.find(graph.input),
+        output_copies=copies,
     )
     verify(result)
     return result

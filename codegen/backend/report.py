@@ -291,8 +291,10 @@ def summary_table(report: Mapping[str, Any]) -> Table:
         ("RAM bytes (arena + scratch)", _int(mem.get("ram_bytes"))),
         ("flash bytes (weights)", _int(mem.get("flash_weight_bytes"))),
     ]
-    for key in ("input", "output"):
-        io_ = report.get(key)
+    outs = report.get("outputs") or [report.get("output")]  # one row per output of the C
+    named = [("input", report.get("input"))]
+    named += [("output" if len(outs) == 1 else f"output {k}", o) for k, o in enumerate(outs)]
+    for key, io_ in named:
         if isinstance(io_, Mapping):
             shape = "x".join(str(d) for d in io_.get("shape", []))
             zp = io_.get("zero_point", 0)

@@ -159,7 +159,11 @@ class Node:
 
 @dataclass(frozen=True)
 class Graph:
-    """Nodes in topological order; one input and one output tensor."""
+    """Nodes in topological order; one input tensor and one or more output tensors.
+
+    `output` is the first (or only) output; `extra_outputs` the others of a model with several
+    outputs, in the model's order (`outputs` gives them all). An output may also feed other nodes,
+    and two outputs may be the same tensor."""
 
     name: str
     nodes: tuple[Node, ...]
@@ -170,6 +174,12 @@ class Graph:
     """Tensors that are 1-D sequences in the framework ((N, C, L), Conv1d and friends): their IR
     shape is the image (1, L, C) (H = 1); the API shows them to users as (N, C, L) floats and
     (N, L, C) integers."""
+    extra_outputs: tuple[str, ...] = ()
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every output tensor in the model's order (the first is `output`)."""
+        return (self.output, *self.extra_outputs)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

@@ -44,6 +44,8 @@ class OverflowStats:
 @dataclass
 class RunResult:
     output: IntArray
+    """The (first) output; `outputs` holds every output of the graph in its order."""
+    outputs: tuple[IntArray, ...] = ()
     tensors: dict[str, IntArray] = field(default_factory=dict)
     overflow: dict[str, OverflowStats] = field(default_factory=dict)
 
@@ -439,7 +441,7 @@ def run(graph: Graph, x: IntArray, keep: bool = False, batch: int = 128) -> RunR
     x = np.asarray(x, dtype=np.int64)
     result = RunResult(output=np.empty(0, dtype=np.int64))
     stats = {n.name: OverflowStats() for n in graph.nodes if "acc_bits" in n.attrs}
-    outs: list[IntArray] = []
+    outs: list[list[IntArray]] = [[] for _ in graph.outputs]
     kept: dict[str, list[IntArray]] = {}
     remaining0 = {t: len(graph.consumers(t)) for t in graph.tensors}
     for i in range(0, max(x.shape[0], 1), batch):
@@ -452,12 +454,14 @@ def run(graph: Graph, x: IntArray, keep: bool = False, batch: int = 128) -> RunR
             if not keep:
                 for t in set(node.inputs):
                     remaining[t] -= 1
-                    if remaining[t] == 0 and t != graph.output:
+                    if remaining[t] == 0 and t not in graph.outputs:
                         del env[t]
-        outs.append(env[graph.output])
+        for k, t in enumerate(graph.outputs):
+            outs[k].append(env[t])
         for t, v in env.items() if keep else ():
             kept.setdefault(t, []).append(v)
-    result.output = np.concatenate(outs, axis=0)
+    result.outputs = tuple(np.concatenate(o, axis=0) for o in outs)
+    result.output = result.outputs[0]
     result.overflow = stats
     result.tensors = {t: np.concatenate(v, axis=0) for t, v in kept.items()}
     return result

@@ -135,7 +135,8 @@ def run(
     start: int = 0,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
-    """Run the graph on a float NHWC batch; returns the output (NHWC for images) as float64.
+    """Run the graph on a float NHWC batch; returns the (first) output (NHWC for images) as
+    float64; `run_outputs` takes the same arguments and returns every output.
 
     `formats` fake-quantizes the tensors it names when they are produced (the input too);
     `overrides` replaces node parameters (weight, bias, scale) by their quantized values.
@@ -143,6 +144,26 @@ def run(
     `state` (from `prefix`) holds the tensors of nodes before index `start`, for a whole batch.
     `device` is where the batches are computed (the result is always a CPU NumPy array).
     """
+    return run_outputs(
+        graph, x_nhwc, formats=formats, overrides=overrides, dtype=dtype, observe=observe,
+        batch=batch, state=state, start=start, device=device,
+    )[0]  # fmt: skip
+
+
+def run_outputs(
+    graph: Graph,
+    x_nhwc: np.ndarray | torch.Tensor,
+    *,
+    formats: Mapping[str, QFormat] | None = None,
+    overrides: Overrides | None = None,
+    dtype: torch.dtype = torch.float64,
+    observe: Observer | None = None,
+    batch: int = 2048,
+    state: Mapping[str, torch.Tensor] | None = None,
+    start: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, ...]:
+    """`run`, returning every output of the graph in its order."""
     if state is not None:
         return _finish(graph, dict(state), start, formats or {}, overrides or {}, observe)
     formats = formats or {}
@@ -161,7 +182,7 @@ def run(
             if graph.input in formats:
                 env[graph.input] = fake_quant(env[graph.input], formats[graph.input])
             outs.append(_finish(graph, env, 0, formats, overrides, observe))
-    return np.concatenate(outs, axis=0)
+    return tuple(np.concatenate(o, axis=0) for o in zip(*outs, strict=True))
 
 
 def _finish(
@@ -172,8 +193,8 @@ def _finish(
     overrides: Overrides,
     observe: Observer | None,
     stop: int | None = None,
-) -> np.ndarray:
-    """Evaluate nodes start..stop-1 over `env` (updated in place); the graph output as NHWC."""
+) -> tuple[np.ndarray, ...]:
+    """Evaluate nodes start..stop-1 over `env` (updated in place); the graph outputs as NHWC."""
     with torch.no_grad():
         for node in graph.nodes[start:stop]:
             xs = [env[t] for t in node.inputs]
@@ -185,9 +206,9 @@ def _finish(
             fmt = formats.get(node.output)
             env[node.output] = fake_quant(y, fmt) if fmt is not None else y
     if stop is not None:
-        return np.empty(0)
-    out = env[graph.output]
-    return (out.permute(0, 2, 3, 1) if out.ndim == 4 else out).double().cpu().numpy()
+        return ()
+    outs = (env[t] for t in graph.outputs)
+    return tuple((y.permute(0, 2, 3, 1) if y.ndim == 4 else y).double().cpu().numpy() for y in outs)
 
 
 def prefix(
@@ -211,7 +232,7 @@ def prefix(
     if graph.input in formats:
         env[graph.input] = fake_quant(env[graph.input], formats[graph.input])
     _finish(graph, env, 0, formats, overrides or {}, None, stop)
-    needed = {t for n in graph.nodes[stop:] for t in n.inputs} | {graph.output}
+    needed = {t for n in graph.nodes[stop:] for t in n.inputs} | set(graph.outputs)
     return {t: v for t, v in env.items() if t in needed}
 
 

@@ -145,7 +145,7 @@ class IRBuilder:
         self.viewed: dict[str, str] = {}  # a pending view's key -> the IR tensor it became
         self.sequences: set[str] = set()  # IR tensors that are (C, L) sequences in the framework
         self.input_name = ""
-        self.output_name = ""
+        self.output_names: list[str] = []  # the model's outputs, in its order
 
     # ------------------------------------------------------------------ tensors
     def knows(self, value: str) -> bool:
@@ -185,7 +185,8 @@ class IRBuilder:
         self._record(name, nchw)
 
     def set_output(self, value: str) -> None:
-        self.output_name = self.tensor(value)
+        """The next output of the model (called once per output, in the model's order)."""
+        self.output_names.append(self.tensor(value))
 
     def emit(
         self, name: str, value: str, op: str, inputs: list[str], nchw: tuple[int, ...], **attrs: Any
@@ -674,7 +675,7 @@ class IRBuilder:
 
     # ------------------------------------------------------------------ result
     def freeze(self) -> Graph:
-        used = {t for r in self.raw for t in r.inputs} | {self.output_name}
+        used = {t for r in self.raw for t in r.inputs} | set(self.output_names)
         nodes = []
         for r in self.raw:
             if r.name not in used:
@@ -685,10 +686,11 @@ class IRBuilder:
             nodes.append(Node(r.name, r.op, tuple(r.inputs), r.name, attrs, dict(r.params)))
         live = {self.input_name} | {n.output for n in nodes}
         tensors = {t: Tensor(t, self.shapes[t]) for t in self.shapes if t in live}
-        if self.output_name == self.input_name or not nodes:
+        if self.input_name in self.output_names or not nodes:
             raise InvalidModelError("the model computes nothing from its input")
         seqs = frozenset(t for t in self.sequences if t in live)
-        return Graph(self.name, tuple(nodes), tensors, self.input_name, self.output_name, seqs)
+        first, *more = self.output_names
+        return Graph(self.name, tuple(nodes), tensors, self.input_name, first, seqs, tuple(more))
 
 
 class Namespace:

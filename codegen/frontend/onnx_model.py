@@ -916,17 +916,14 @@ class _Converter:
                 handler(self, node)
             except Reject as e:
                 raise self.fail(node, str(e)) from None
-        if len(self.graph.output) != 1:
-            raise UnsupportedModelError(
-                f"the ONNX model has {len(self.graph.output)} outputs; qacc takes one output"
-            )
-        out = self.graph.output[0].name
-        if not self.b.knows(out):
-            raise InvalidModelError("the model computes nothing from its input")
-        try:
-            self.b.set_output(out)
-        except Reject as e:
-            raise UnsupportedModelError(f"{e} at the model output '{out}'") from None
+        for output in self.graph.output:  # one or more, in the model's order
+            out = output.name
+            if not self.b.knows(out):
+                raise InvalidModelError("the model computes nothing from its input")
+            try:
+                self.b.set_output(out)
+            except Reject as e:
+                raise UnsupportedModelError(f"{e} at the model output '{out}'") from None
         return self.b.freeze()
 
 

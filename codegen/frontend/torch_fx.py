@@ -478,10 +478,15 @@ class _Converter:
             self.b.set_input(node.name, node.name, shape)
             return
         if node.op == "output":
-            out = node.args[0]
-            if not isinstance(out, torch.fx.Node):
-                raise self.fail(node, "a model output that is not a single tensor")
-            self.b.set_output(self.value(node, out))
+            out = node.args[0]  # a tensor, or several: a tuple / list, or a dict in key order
+            outs = list(out.values()) if isinstance(out, dict) else out
+            outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+            if not outs or not all(isinstance(o, torch.fx.Node) for o in outs):
+                raise self.fail(
+                    node, "a model output that is not a tensor, or a tuple, list or dict of tensors"
+                )
+            for o in outs:
+                self.b.set_output(self.value(node, o))
             return
         if node.op == "get_attr":
             raise self.fail(node, f"use of parameter '{node.target}' outside a layer")

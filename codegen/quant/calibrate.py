@@ -27,6 +27,7 @@ class Calibration:
     tensor_max: dict[str, float] = field(default_factory=dict)
     preact_absmax: dict[str, np.ndarray] = field(default_factory=dict)  # per output channel
     output: np.ndarray = field(default_factory=lambda: np.empty(0))  # float logits
+    outputs: tuple[np.ndarray, ...] = ()  # every float output (output is the first)
 
     def absmax(self, tensor: str) -> float:
         return max(abs(self.tensor_min[tensor]), abs(self.tensor_max[tensor]))
@@ -63,12 +64,13 @@ def calibrate(
 
     chunk = 512
     outs = [
-        simulate.run(
+        simulate.run_outputs(
             graph, x_nhwc[i : i + chunk], observe=observe, dtype=torch.float32, device=device
         )
         for i in bar(range(0, len(x_nhwc), chunk), "calibration", progress=progress, unit="batch")
     ]
-    cal.output = np.concatenate(outs, axis=0)
+    cal.outputs = tuple(np.concatenate(o, axis=0) for o in zip(*outs, strict=True))
+    cal.output = cal.outputs[0]
     cal.tensor_min = ddp.all_reduce_dict(cal.tensor_min, "min")
     cal.tensor_max = ddp.all_reduce_dict(cal.tensor_max, "max")
     cal.preact_absmax = ddp.all_reduce_dict(cal.preact_absmax, "max")

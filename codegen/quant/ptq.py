@@ -24,7 +24,7 @@ term: the one-stage kernels, depthwise included, are faster).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,15 +155,19 @@ class PTQResult:
     choices: dict[str, LayerChoice]
 
 
-def _score(out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> tuple[float, ...]:
+def _score(
+    outs: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: np.ndarray | None
+) -> tuple[float, ...]:
     """(accuracy, -mse) with labels, else (-mse); under torchrun over every rank's samples (the
-    sums are all-reduced: counts exactly, squared errors in float64)."""
-    sse = float(np.sum((out - ref) ** 2))
+    sums are all-reduced: counts exactly, squared errors in float64). The mse is over every value
+    of every output; the labels are the first output's classes."""
+    sse = sum(float(np.sum((o - r) ** 2)) for o, r in zip(outs, refs, strict=True))
+    out = outs[0]
     correct = 0.0
     if labels is not None:
         correct = float(np.sum(out.reshape(out.shape[0], -1).argmax(axis=1) == labels))
     sse, values, correct, samples = ddp.all_reduce(
-        np.array([sse, out.size, correct, out.shape[0]], dtype=np.float64), "sum"
+        np.array([sse, sum(o.size for o in outs), correct, out.shape[0]], dtype=np.float64), "sum"
     )
     mse = float(sse / values)
     if labels is None:
@@ -240,7 +244,7 @@ def search(
     classes = tensor_classes(graph)
     infos = class_infos(graph, classes, cal)
     rank_x = x_nhwc[:RANK_SAMPLES]
-    rank_ref = cal.output[:RANK_SAMPLES]
+    rank_ref = [o[:RANK_SAMPLES] for o in cal.outputs]
     rank_labels = labels[:RANK_SAMPLES] if labels is not None else None
 
     decided: dict[str, int] = {}
@@ -338,7 +342,7 @@ def search(
                     node, wq, stats, rounding, fi.qmin - fi.zero_point, fi.qmax - fi.zero_point,
                     a, policy, bias_correction,
                 )  # fmt: skip
-            out = simulate.run(
+            out = simulate.run_outputs(
                 graph,
                 rank_x,
                 formats=fmts,

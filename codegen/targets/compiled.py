@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,7 +99,24 @@ def run_testbench(
     timeout: float | None = None,
     progress: bool = True,
 ) -> IntArray:
-    """Run a generated test bench on int inputs through files; returns int64 outputs.
+    """Run a generated test bench of a single-output model on int inputs through files; returns
+    int64 outputs (`run_testbench_outputs` for several outputs)."""
+    return run_testbench_outputs(
+        executable, xq, input_shape, [output_shape], launcher, timeout, progress
+    )[0]
+
+
+def run_testbench_outputs(
+    executable: str | Path,
+    xq: npt.ArrayLike,
+    input_shape: tuple[int, ...],
+    output_shapes: Sequence[tuple[int, ...]],
+    launcher: Launcher | None = None,
+    timeout: float | None = None,
+    progress: bool = True,
+) -> tuple[IntArray, ...]:
+    """Run a generated test bench on int inputs through files; returns int64 outputs, one array
+    per output (the test bench writes a sample's outputs one after the other).
 
     `launcher(executable, args)` gives the command line (an emulator for cross targets).
     `timeout` (default: `run_timeout()`, $QACC_EMULATOR_TIMEOUT or 600 s): a run that takes longer
@@ -106,7 +124,8 @@ def run_testbench(
     counting the outputs written so far."""
     limit = run_timeout() if timeout is None else timeout
     x8, batched = _check_int8(xq, input_shape, "input")
-    out_size = int(np.prod(output_shape, dtype=np.int64))
+    sizes = [int(np.prod(shape, dtype=np.int64)) for shape in output_shapes]
+    out_size = sum(sizes)
     with tempfile.TemporaryDirectory(prefix="qacc-tb-") as tmp:
         fin, fout = Path(tmp) / "in.bin", Path(tmp) / "out.bin"
         fin.write_bytes(x8.tobytes())
@@ -141,8 +160,19 @@ def run_testbench(
         y = np.frombuffer(fout.read_bytes(), dtype=np.int8)
     if y.size != x8.shape[0] * out_size:
         raise RuntimeError(f"test bench wrote {y.size} values, expected {x8.shape[0] * out_size}")
-    y64 = y.astype(np.int64).reshape((x8.shape[0], *output_shape))
-    return y64 if batched else y64[0]
+    return _split(y.reshape((x8.shape[0], out_size)), output_shapes, batched)
+
+
+def _split(
+    y: npt.NDArray[np.int8], shapes: Sequence[tuple[int, ...]], batched: bool
+) -> tuple[IntArray, ...]:
+    """(N, total) int8 rows holding the outputs one after the other -> one int64 array each."""
+    bounds = np.cumsum([0] + [int(np.prod(s, dtype=np.int64)) for s in shapes])
+    outs = []
+    for shape, a, b in zip(shapes, bounds[:-1], bounds[1:], strict=True):
+        v = y[:, a:b].astype(np.int64).reshape((y.shape[0], *shape))
+        outs.append(v if batched else v[0])
+    return tuple(outs)
 
 
 class Compiled:
@@ -200,7 +230,12 @@ class Compiled:
 
     @property
     def output_shape(self) -> tuple[int, ...]:
+        """The (first) output's shape; `output_shapes` has every output's."""
         return self.graph.user_shape(self.graph.output)
+
+    @property
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(self.graph.user_shape(t) for t in self.graph.outputs)
 
     # -- running
 
@@ -218,37 +253,44 @@ class Compiled:
             if not copy.exists():
                 shutil.copy2(so, copy)
             ffi = cffi.FFI()
-            ffi.cdef(f"int qacc_{self.name}_run(const int8_t *in, int8_t *out);")
+            outs = ", ".join("int8_t *" for _ in self.graph.outputs)
+            ffi.cdef(f"int qacc_{self.name}_run(const int8_t *in, {outs});")
             self._ffi, self._lib = ffi, ffi.dlopen(str(copy))
         return self._lib
 
-    def run_int_q(self, xq: npt.ArrayLike) -> IntArray:
+    def run_int_q(self, xq: npt.ArrayLike) -> Any:
         """Run on quantized NHWC ints, (N, *input_shape) or one sample; returns int64 outputs in
-        the output format, NHWC, with the same batch layout as the input."""
+        the output format, NHWC, with the same batch layout as the input: one array, or a tuple
+        in the model's order for a model with several outputs."""
+        outs = self.run_int_q_outputs(xq)
+        return outs[0] if len(outs) == 1 else outs
+
+    def run_int_q_outputs(self, xq: npt.ArrayLike) -> tuple[IntArray, ...]:
+        """`run_int_q`, always as a tuple (one array per output)."""
         lib = self._load()
         if lib is None:
             if self.build.testbench is None:
                 raise QaccError("this build has neither a shared library nor a test bench to run")
-            return run_testbench(
+            return run_testbench_outputs(
                 self.build.testbench,
                 xq,
                 self.input_shape,
-                self.output_shape,
+                self.output_shapes,
                 self.target.argv,
                 progress=self.progress,
             )
         x8, batched = _check_int8(xq, self.input_shape, "input")
-        out_size = int(np.prod(self.output_shape, dtype=np.int64))
-        y = np.empty((x8.shape[0], out_size), dtype=np.int8)
+        sizes = [int(np.prod(shape, dtype=np.int64)) for shape in self.output_shapes]
+        ys = [np.empty((x8.shape[0], size), dtype=np.int8) for size in sizes]
         run = getattr(lib, f"qacc_{self.name}_run")
         ffi = self._ffi
         show = self.progress and x8.shape[0] > 1
         for i in bar(range(x8.shape[0]), f"run {self.name}", progress=show, unit="input"):
-            rc = run(ffi.from_buffer("int8_t[]", x8[i]), ffi.from_buffer("int8_t[]", y[i]))
+            outs = [ffi.from_buffer("int8_t[]", y[i]) for y in ys]
+            rc = run(ffi.from_buffer("int8_t[]", x8[i]), *outs)
             if rc != 0:
                 raise RuntimeError(f"qacc_{self.name}_run returned {rc}")
-        y64 = y.astype(np.int64).reshape((x8.shape[0], *self.output_shape))
-        return y64 if batched else y64[0]
+        return _split(np.concatenate(ys, axis=1), self.output_shapes, batched)
 
     def _model(self, what: str) -> Any:
         fn = getattr(self.qm, what, None)
@@ -258,14 +300,15 @@ class Compiled:
             )
         return fn
 
-    def run_int(self, x: npt.ArrayLike) -> IntArray:
-        """Float NCHW inputs -> the generated C's integer outputs (== qm.reference_int(x))."""
+    def run_int(self, x: npt.ArrayLike) -> Any:
+        """Float NCHW inputs -> the generated C's integer outputs (== qm.reference_int(x): a
+        tuple for a model with several outputs)."""
         return self.run_int_q(self._model("quantize_input")(x))
 
-    def run(self, x: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """Float NCHW inputs -> dequantized outputs of the generated C."""
-        out: npt.NDArray[np.float64] = self._model("dequantize_output")(self.run_int(x))
-        return out
+    def run(self, x: npt.ArrayLike) -> Any:
+        """Float NCHW inputs -> dequantized outputs of the generated C (a tuple for a model
+        with several outputs)."""
+        return self._model("dequantize_output")(self.run_int(x))
 
     # -- instruction counts
 
@@ -393,4 +436,4 @@ def compile(
     return Compiled(graph, model, tgt, out, result, None if isinstance(qm, Graph) else qm, progress)
 
 
-__all__ = ["Compiled", "ModelLike", "compile", "run_testbench"]
+__all__ = ["Compiled", "ModelLike", "compile", "run_testbench", "run_testbench_outputs"]

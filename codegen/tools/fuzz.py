@@ -10,7 +10,8 @@ Two kinds of cases, each a pure function of an integer seed (so a failure is rep
   softmax, channel gathers (`gather`), zeros between the pixels (`zero_insert`, a transposed
   convolution's stride), adaptive pools to any size
   (`adaptive_avgpool2d`/`_maxpool2d`) and two-stage accumulation (random tile length and
-  second-stage width; `two_stage`), each kind from its own random stream. Weights and inputs
+  second-stage width; `two_stage`), further outputs (intermediate or repeated tensors, in a
+  fifth of the graphs), each kind from its own random stream. Weights and inputs
   are often drawn near the top of their range so that narrow accumulators wrap (the wrapped sum is
   the contract, so that is fine and tested).
 * **quantized torch models** (`random_model`): small random nn.Modules (conv/BN/ReLU/ReLU6,
@@ -50,7 +51,7 @@ from codegen.core.formats import IntArray, wrap
 from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, conv_out_size
 from codegen.quant.ptq import _divide_by
 from codegen.targets.build import BuildResult, BuildTarget, Target, build_many, resolve_target
-from codegen.targets.compiled import run_testbench
+from codegen.targets.compiled import run_testbench_outputs
 
 # ----------------------------------------------------------------------------- integer graphs
 
@@ -172,11 +173,12 @@ class _Builder:
             lo, hi = -span, span
         return wrap(self.rng.integers(lo, hi + 1, size=cout), acc_bits)
 
-    def graph(self) -> tuple[Graph, IntArray]:
+    def graph(self, extra: tuple[str, ...] = ()) -> tuple[Graph, IntArray]:
+        """The graph, its output the last node's, then the further outputs `extra`."""
         out = self.nodes[-1].output
         used = {self.input_name, out} | {t for n in self.nodes for t in (*n.inputs, n.output)}
         tensors = {k: v for k, v in self.tensors.items() if k in used}
-        g = Graph(self.name, tuple(self.nodes), tensors, self.input_name, out)
+        g = Graph(self.name, tuple(self.nodes), tensors, self.input_name, out, extra_outputs=extra)
         return g, self.values[self.input_name]
 
 
@@ -524,7 +526,11 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
         t = _flatten(b, t)
     if mul_rng.random() < 0.2:
         t = _softmax(b, t, mul_rng)
-    return b.graph()
+    out_rng = np.random.default_rng([0x51ACC, seed, 6])  # several outputs, in a fifth of graphs
+    produced = [n.output for n in b.nodes]
+    several = out_rng.random() < 0.2
+    extra = out_rng.choice(produced, int(out_rng.integers(1, 3))) if several else ()
+    return b.graph(tuple(str(o) for o in extra))
 
 
 # ----------------------------------------------------------------------------- torch models
@@ -810,9 +816,9 @@ def _check(case: Case, res: BuildResult | Exception, tgt: Target, stats: FuzzSta
     g = case.graph
     try:
         ref = reference.run(g, case.x)
-        got = run_testbench(
-            res.testbench, case.x, g.tensors[g.input].shape, g.tensors[g.output].shape, tgt.argv,
-            timeout=300,
+        gots = run_testbench_outputs(
+            res.testbench, case.x, g.tensors[g.input].shape,
+            [g.tensors[t].shape for t in g.outputs], tgt.argv, timeout=300,
         )  # fmt: skip
     except Exception as e:
         stats.errors += 1
@@ -822,12 +828,14 @@ def _check(case: Case, res: BuildResult | Exception, tgt: Target, stats: FuzzSta
     stats.by_kind[case.kind] = stats.by_kind.get(case.kind, 0) + 1
     if any(v.events for v in ref.overflow.values()):
         stats.wrapped += 1
-    if not np.array_equal(got, ref.output):
+    if not all(np.array_equal(a, b) for a, b in zip(gots, ref.outputs, strict=True)):
         stats.mismatches += 1
-        bad = int(np.sum(got != ref.output))
+        bad = sum(int(np.sum(a != b)) for a, b in zip(gots, ref.outputs, strict=True))
+        total = sum(v.size for v in ref.outputs)
         stats.failures.append(
-            f"{case.id}: MISMATCH on {tgt.name}: {bad} of {ref.output.size} values differ "
-            f"(ops {[n.op for n in g.nodes]}, acc {[n.attrs.get('acc_bits') for n in g.nodes]},"
+            f"{case.id}: MISMATCH on {tgt.name}: {bad} of {total} values differ "
+            f"(outputs {list(g.outputs)}, ops {[n.op for n in g.nodes]},"
+            f" acc {[n.attrs.get('acc_bits') for n in g.nodes]},"
             f" tiles {[n.attrs.get('acc_tile') for n in g.nodes]})"
         )
 

@@ -61,7 +61,9 @@ def sweep(
                     epochs=epochs,
                     progress=progress,
                 )
-                acc = float(np.mean(qm.reference(x_test).argmax(axis=1) == y_test))
+                ref = qm.reference(x_test)
+                assert isinstance(ref, np.ndarray)  # method 'transform': one output
+                acc = float(np.mean(ref.argmax(axis=1) == y_test))
                 t = qm.report["transform"]
                 row = {
                     "method": method,

@@ -104,6 +104,7 @@ def run(
             )
             if method == "adaptive":
                 sim = qm.simulate(x_test)
+                assert isinstance(sim, np.ndarray)  # method 'adaptive': one output
                 row["fake_quant_agreement"] = float(
                     np.mean(sim.reshape(len(y_test), -1).argmax(1) == res.output.argmax(1))
                 )

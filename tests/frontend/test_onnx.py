@@ -40,6 +40,7 @@ from codegen.frontend.onnx_model import from_onnx
 from codegen.frontend.torch_fx import from_torch
 from tests.frontend.test_frontend import CASES, C, shape
 from tests.frontend.test_real_networks import NETWORKS as REAL
+from tests.frontend.test_real_networks import same_outputs
 from tests.nets import Branchy, Plain, randomized
 
 
@@ -70,9 +71,10 @@ NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "fashion_cnn": (lambda: randomized(FashionCNN(width=6), seed=0), (1, 28, 28)),
     "resdw": (lambda: randomized(ResDWNet(width=6), seed=0), (1, 12, 12)),
     "unet": (lambda: _real("unet"), (3, 8, 8)),
+    "two_heads": (lambda: _real("two_heads"), (3, 8, 8)),
     **{f"frontend_{k}": (lambda k=k: _case(k), shape(k)) for k in CASES if k not in NOT_EXPORTED},
 }
-WHOLE = ["branchy", "branchy_w8", "plain", "fashion_cnn", "resdw", "unet"]
+WHOLE = ["branchy", "branchy_w8", "plain", "fashion_cnn", "resdw", "unet", "two_heads"]
 RENAMED = {
     "flatten": "view",
     "reshape": "view",
@@ -174,7 +176,7 @@ def assert_same_graph(want: Graph, got: Graph, *, exact: bool = True) -> None:
             ra, rb = a.requant, b.requant
             assert np.array_equal(ra.mult, rb.mult) and np.array_equal(ra.shift, rb.shift), ctx
             assert (ra.zero_point, ra.lo, ra.hi) == (rb.zero_point, rb.lo, rb.hi), ctx
-    assert got.output == rename[want.output]
+    assert got.outputs == tuple(rename[t] for t in want.outputs)
     assert len(got.tensors) == len(want.tensors)
     for t, ta in want.tensors.items():
         tb = got.tensors[rename[t]]
@@ -249,7 +251,7 @@ def test_integer_graph_and_outputs_are_the_torch_ones(
     got = _quantize(exported.file(key, "dynamo"), calib, acc)
     assert_same_graph(want.graph, got.graph)
     x = np.random.default_rng(2).standard_normal((4, *calib.shape[1:])).astype(np.float32)
-    assert np.array_equal(got.reference_int(x), want.reference_int(x))
+    assert same_outputs(got.reference_int(x), want.reference_int(x))
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -318,14 +320,16 @@ def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
     return rc, out.out, out.err
 
 
+@pytest.mark.parametrize(("key", "lib"), [("plain", "libplain.a"), ("two_heads", "libtwoheads.a")])
 def test_cli_compile_and_verify(
-    tmp_path: Path, exported: Exported, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, exported: Exported, capsys: pytest.CaptureFixture[str], key: str, lib: str
 ) -> None:
-    _, calib = exported.model("plain")
+    """One output, and several (verify compares every output)."""
+    _, calib = exported.model(key)
     np.save(tmp_path / "calib.npy", calib)
     x = np.random.default_rng(3).standard_normal((5, *calib.shape[1:])).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    path = exported.file("plain", "dynamo")
+    path = exported.file(key, "dynamo")
     out = tmp_path / "out"
     rc, stdout, err = _main(
         [
@@ -341,7 +345,7 @@ def test_cli_compile_and_verify(
         capsys,
     )
     assert rc == 0, err
-    assert "libplain.a" in stdout
+    assert lib in stdout
     rc, stdout, err = _main(["verify", str(out), "--inputs", str(tmp_path / "x.npy")], capsys)
     assert rc == 0, err
     assert "5 bit-exact, 0 differ" in stdout

@@ -15,7 +15,9 @@ guaranteed accumulators) -> codegen.compile -> the C output equals qm.reference_
   BatchNorm1d) as images with H = 1; the API takes and gives the model's own rank;
 - a U-Net (nearest upsampling: a max over one-pixel windows) and ShuffleNetV2's units (chunk and
   channel shuffle: `gather`; an adaptive pool to a size that does not divide the input);
-- a convolutional autoencoder (ConvTranspose2d: `zero_insert` and a stride-1 conv2d).
+- a convolutional autoencoder (ConvTranspose2d: `zero_insert` and a stride-1 conv2d);
+- several outputs (a tuple, a list or a dict of tensors): the API gives a tuple in the model's
+  order, the C writes one array per output.
 
 The squeeze-excitation, ShuffleNet and U-Net patterns (tables, products, softmax, gathers,
 adaptive pools, nearest upsampling) also go through the other methods, adaptive (learned formats:
@@ -32,6 +34,7 @@ import functools
 import itertools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -241,6 +244,22 @@ def conv_autoencoder() -> nn.Module:
     )
 
 
+class TwoHeads(nn.Module):
+    """Several outputs: a shared trunk, a classifier head (a vector) and a second head that is an
+    intermediate feature map the trunk reads on (it must survive the later layers' arena reuse)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = F.relu(self.stem(x))
+        y = F.relu(self.body(features)) + features
+        return self.fc(y.mean((2, 3))), features
+
+
 NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "eval_identities": (EvalIdentities, (3, 8, 8)),
     "activations_anywhere": (ActivationsAnywhere, (3, 8, 8)),
@@ -252,7 +271,19 @@ NETWORKS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "unet": (UNet, (3, 8, 8)),
     "shufflenet_unit": (ShuffleNetUnit, (3, 8, 8)),
     "conv_autoencoder": (conv_autoencoder, (1, 16, 16)),
+    "two_heads": (TwoHeads, (3, 8, 8)),
 }
+
+
+def outputs(value: Any) -> tuple[Any, ...]:
+    """A model's output(s) as a tuple: the API gives a tuple for several outputs, else one."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def same_outputs(got: Any, want: Any) -> bool:
+    """Every output equal, bit for bit (one array, or a tuple of them)."""
+    a, b = outputs(got), outputs(want)
+    return len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 def _build(key: str) -> tuple[nn.Module, np.ndarray, np.ndarray]:
@@ -277,19 +308,24 @@ def _quantize(key: str) -> tuple[nn.Module, QuantizedModel, np.ndarray]:
 def test_network_is_bit_exact_on_the_host(key: str, tmp_path: Path) -> None:
     model, qm, x = _quantize(key)
     with torch.no_grad():
-        want_float = model(torch.as_tensor(x)).numpy()
-    # the API speaks the model's own rank: floats like torch, ints in the C's memory order
-    assert qm.reference(x).shape == want_float.shape
-    assert qm.float_output(x).shape == want_float.shape
-    np.testing.assert_allclose(qm.float_output(x), want_float, rtol=1e-4, atol=1e-4)
+        want_float = tuple(y.numpy() for y in outputs(model(torch.as_tensor(x))))
+    # the API speaks the model's own rank: floats like torch, ints in the C's memory order (a
+    # tuple in the model's order for several outputs, like the model's own)
+    assert len(qm.graph.outputs) == len(want_float)
+    ref, flt = outputs(qm.reference(x)), outputs(qm.float_output(x))
+    assert [v.shape for v in ref] == [v.shape for v in flt] == [v.shape for v in want_float]
+    for got_float, wf in zip(flt, want_float, strict=True):
+        np.testing.assert_allclose(got_float, wf, rtol=1e-4, atol=1e-4)
     assert qm.quantize_input(x).ndim == x.ndim
-    want = qm.reference_int(x)
-    assert want.ndim == want_float.ndim
+    want = outputs(qm.reference_int(x))
+    assert [v.ndim for v in want] == [v.ndim for v in want_float]
+    assert same_outputs(qm.dequantize_output(qm.reference_int(x)), qm.reference(x))
     assert all(r["bound_fits"] for r in qm.report["layers"] if "bound_fits" in r)
     c = codegen.compile(qm, target="host", out_dir=tmp_path / key)
-    assert np.array_equal(c.run_int(x), want)
-    assert np.array_equal(c.run_int_q(qm.quantize_input(x[:1])[0]), want[0])  # one sample
-    assert len(np.unique(want)) > 3  # not a constant output
+    assert same_outputs(c.run_int(x), want)
+    one = c.run_int_q(qm.quantize_input(x[:1])[0])  # one sample
+    assert same_outputs(one, tuple(v[0] for v in want))
+    assert all(len(np.unique(v)) > 3 for v in want)  # not a constant output
 
 
 def test_sequence_layouts() -> None:
@@ -312,6 +348,45 @@ def test_sequence_layouts() -> None:
         qm.reference_int(x[:, :, None, :])
 
 
+class DictHeads(nn.Module):
+    """A dict of outputs (taken in key order), one of them twice, one read on by the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = F.relu(self.conv(x))
+        return {"features": f, "logits": self.fc(f.mean((2, 3))), "again": f}
+
+
+def test_dict_and_repeated_outputs() -> None:
+    torch.manual_seed(0)
+    model = DictHeads().eval()
+    rng = np.random.default_rng(1)
+    calib = rng.standard_normal((16, 3, 6, 6)).astype(np.float32)
+    x = calib[:3]
+    qm = codegen.quantize(model, calib, progress=False)
+    assert qm.graph.outputs == ("conv", "fc", "conv")
+    with torch.no_grad():
+        want = tuple(v.numpy() for v in model(torch.as_tensor(x)).values())
+    got = qm.reference(x)
+    assert isinstance(got, tuple) and [v.shape for v in got] == [v.shape for v in want]
+    ints = qm.reference_int(x)
+    assert np.array_equal(ints[0], ints[2]) and ints[1].shape == (3, 3)
+    with pytest.raises(InvalidDataError, match=r"takes a tuple of 3 arrays, one per output"):
+        qm.dequantize_output(ints[0])
+
+
+@pytest.mark.parametrize("method", ["adaptive", "transform"])
+def test_other_methods_refuse_several_outputs_in_one_line(method: str) -> None:
+    calib = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    with pytest.raises(codegen.QaccError, match=rf"^method '{method}' takes a model with one "
+                       r"output, this one has 2: use method 'ptq'$"):  # fmt: skip
+        codegen.quantize(TwoHeads().eval(), calib, method=method, progress=False)
+
+
 def test_calibration_of_the_wrong_rank_is_one_line() -> None:
     with pytest.raises(InvalidDataError, match=r"N x C x H x W \(images\), N x C x L"):
         codegen.quantize(fc_autoencoder(), np.zeros((4, 1, 1, 1, 640), np.float32))
@@ -323,7 +398,8 @@ def test_calibration_of_the_wrong_rank_is_one_line() -> None:
     "key",
     [
         *("preact_dense", "conv1d_classifier", "activations_anywhere"),
-        *("squeeze_excitation", "unet", "conv_autoencoder"),
+        *("preact_dense", "conv1d_classifier", "squeeze_excitation"),
+        *("unet", "conv_autoencoder", "two_heads"),
     ],
 )
 def test_network_is_bit_exact_under_qemu(key: str, target: str, tmp_path: Path) -> None:
@@ -333,7 +409,7 @@ def test_network_is_bit_exact_under_qemu(key: str, target: str, tmp_path: Path) 
     _require(target)
     _, qm, x = _quantize(key)
     c = codegen.compile(qm, target=target, out_dir=tmp_path / target)
-    assert np.array_equal(c.run_int(x), qm.reference_int(x))
+    assert same_outputs(c.run_int(x), qm.reference_int(x))
 
 
 METHODS: dict[str, dict[str, object]] = {

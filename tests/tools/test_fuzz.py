@@ -66,9 +66,11 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
     kernels: Counter[str] = Counter()
     widths: set[int] = set()
     attrs: Counter[str] = Counter()
+    several = 0
     for seed in range(300):
         g, x = fuzz.random_graph(seed)
         assert x.shape == (4, *g.tensors[g.input].shape)
+        several += len(g.outputs) > 1
         kernels.update(c.kernel for c in lower(g).calls)
         for n in g.nodes:
             widths.add(n.attrs.get("acc_bits", 0))
@@ -96,6 +98,7 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
     ):  # fmt: skip
         assert kernels[k] > 0, (k, kernels)
     assert set(range(8, 33)) <= widths
+    assert several > 30  # graphs with intermediate (or repeated) tensors as further outputs
     assert min(attrs.values()) > 10 and len(attrs) == 6, attrs
     models = [fuzz.random_model(s) for s in range(40)]
     shuffles = sum("Shuffle" in str(m[0]) for m in models)
