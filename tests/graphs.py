@@ -21,7 +21,7 @@ import numpy as np
 from codegen.core import lut as luts
 from codegen.core import reference
 from codegen.core.formats import IntArray, wrap
-from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, conv_out_size
+from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, bilinear_taps, conv_out_size
 from codegen.frontend.builder import adaptive_windows
 from codegen.quant.ptq import _divide_by as divide_by
 
@@ -457,6 +457,33 @@ class GraphBuilder:
         mult, shift = (np.array(v, dtype=np.int64) for v in zip(*divs, strict=True))
         rq = Requant(mult, shift, 0, lo, hi)
         return self._add_node(Node(self._name(op, name), op, (x,), t, attrs, {}, rq))
+
+    def resize_bilinear(
+        self,
+        x: str,
+        out: tuple[int, int],
+        *,
+        align_corners: bool = False,
+        input_zero_point: int = 0,
+        per_channel: bool = False,
+        lo: int = -128,
+        hi: int = 127,
+        name: str | None = None,
+    ) -> str:
+        """`resize_bilinear` to `out` with PyTorch's taps and the quantizer's integer weights;
+        one mult/shift (mult 1, as the quantizer's) or, `per_channel`, one 15-bit pair each."""
+        h, w, c = self.tensors[x].shape
+        bits = reference.RESIZE_WEIGHT_BITS
+        attrs: dict[str, Any] = {"weight_bits": bits, "acc_bits": 32}
+        for key, size, o in (("row", h, out[0]), ("col", w, out[1])):
+            taps, lam = bilinear_taps(size, o, align_corners)
+            attrs[f"{key}s"], attrs[f"{key}_lambda"] = taps, lam
+            attrs[f"{key}_weight"] = tuple(int(v) for v in reference.resize_weights(lam, bits))
+        if input_zero_point:
+            attrs["input_zero_point"] = input_zero_point
+        return self._finish("resize_bilinear", [x], (*out, c), attrs, {}, name=name, lo=lo, hi=hi,
+                            zero_point=0, per_channel=per_channel,
+                            mult_bits=15 if per_channel else 1)  # fmt: skip
 
     def gather(
         self,

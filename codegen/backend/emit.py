@@ -459,6 +459,24 @@ class _Emitter:
                         f"{node.name}: the window of each output {what}: its {end}"
                         f" ({'exclusive' if i else 'inclusive'}) in the input",
                     )
+        if node.op == "resize_bilinear":  # the two input rows/columns and their weights
+            one = 1 << int(a["weight_bits"])
+            for axis in ("row", "col"):
+                taps, w1 = a[f"{axis}s"], [int(w) for w in a[f"{axis}_weight"]]
+                for i, vals, ctypes, what in (
+                    (0, [int(t[0]) for t in taps], ("uint8_t", "int16_t", "int32_t"), "first"),
+                    (1, [int(t[1]) for t in taps], ("uint8_t", "int16_t", "int32_t"), "second"),
+                ):
+                    k[f"{axis}{i}"] = self.add_array(
+                        node, f"{axis}{i}", _ctype_for(vals, ctypes), vals,
+                        f"{node.name}: the {what} input {axis} of each output {axis}",
+                    )  # fmt: skip
+                for i, vals in ((0, [one - w for w in w1]), (1, w1)):
+                    k[f"{axis}_w{i}"] = self.add_array(
+                        node, f"{axis}_w{i}", _ctype_for(vals, ("uint8_t", "uint16_t")), vals,
+                        f"{node.name}: the weight of the {('first', 'second')[i]} input {axis},"
+                        f" in units of 2^-{a['weight_bits']}",
+                    )  # fmt: skip
         if node.op == "gather":  # the input channel of every output channel
             index = [int(i) for i in a["index"]]
             k["index"] = self.add_array(

@@ -22,7 +22,16 @@ DIALECTS = ("c", "neon", "dsp", "mve")
 """Kernel dialects; a dialect without its own template of a kernel uses the portable C one."""
 
 ACC_OPS = frozenset(
-    {"conv2d", "dense", "avgpool2d", "global_avgpool", "add", "mul", "adaptive_avgpool2d"}
+    {
+        "conv2d",
+        "dense",
+        "avgpool2d",
+        "global_avgpool",
+        "add",
+        "mul",
+        "adaptive_avgpool2d",
+        "resize_bilinear",
+    }
 )
 """Ops whose accumulator width (attrs["acc_bits"]) is part of the semantics."""
 
@@ -118,6 +127,7 @@ def choose_template(graph: Graph, node: Node) -> str:
         "adaptive_avgpool2d",
         "adaptive_maxpool2d",
         "zero_insert",
+        "resize_bilinear",
     ):
         return node.op
     raise LoweringError(f"op {node.op!r} of node {node.name!r} has no C kernel")
@@ -236,6 +246,25 @@ def _check_shapes(graph: Graph, node: Node) -> None:
         sizes = {len(rq.mult), len(rq.shift)} if rq is not None else set()
         if node.op == "adaptive_avgpool2d" and sizes - {1, len(rows) * len(cols)}:
             raise bad("requant.mult/shift must have one value per output pixel")
+    elif node.op == "resize_bilinear":
+        rows, cols = list(a["rows"]), list(a["cols"])
+        if len(ins) != 1 or len(ins[0]) != 3 or out != (len(rows), len(cols), ins[0][2]):
+            raise bad(f"output shape {out} should be ({len(rows)}, {len(cols)}, C of {ins})")
+        bits = int(a.get("weight_bits", -1))
+        if not 0 <= bits <= 15:
+            raise bad("attrs['weight_bits'] must be in [0, 15]")
+        for taps, key, size in ((rows, "row", ins[0][0]), (cols, "col", ins[0][1])):
+            if any(not 0 <= int(i) < size for tap in taps for i in tap):
+                raise bad(f"a {key} of {taps} leaves the input (size {size})")
+            weights = [int(w) for w in a.get(f"{key}_weight", ())]
+            if len(weights) != len(taps) or not all(0 <= w <= 1 << bits for w in weights):
+                raise bad(f"attrs['{key}_weight'] must hold {len(taps)} values in [0, 2^{bits}]")
+        fmt = graph.tensors[node.inputs[0]].fmt
+        zp = int(a.get("input_zero_point", 0))
+        span = max(fmt.qmax - zp, zp - fmt.qmin) if fmt is not None else 255
+        acc = int(a.get("acc_bits", 0))
+        if span << (2 * bits) >= 1 << max(acc - 1, 0):  # the exact sum must never wrap
+            raise bad(f"|acc| <= {span << (2 * bits)} does not fit acc_bits={acc}")
     elif node.op == "gather":
         index = [int(i) for i in node.attrs.get("index", ())]
         if len(ins) != 1 or not index or len(out) != len(ins[0]) or out[:-1] != ins[0][:-1]:

@@ -31,6 +31,12 @@ the C templates and the test ids):
                   average pools; integer graphs requantize per output pixel (requant.mult/shift
                   have one value per pixel, realising 1 / count)
   adaptive_maxpool2d  the max over the same windows (rows, cols)
+  resize_bilinear  bilinear resizing (Upsample / interpolate / Resize, mode (bi)linear): attrs
+                  rows, cols ((i0, i1): the two input rows (columns) each output row (column)
+                  reads, PyTorch's source coordinate clamped to the input) and row_lambda,
+                  col_lambda (the real weight of i1, in [0, 1]); integer graphs add weight_bits B
+                  and row_weight, col_weight (the integer weight of i1; i0's is 2^B minus it),
+                  accumulate the 4 products exactly and requantize once (reference.resize_bilinear)
   gather          channels picked by index (attrs index: the input channel of each output
                   channel): channel shuffle, chunk/split, any channel permutation or slice
   zero_insert     stride (sh, sw): sh - 1 rows and sw - 1 columns of zeros inserted between the
@@ -80,6 +86,7 @@ OPS = frozenset(
         "adaptive_avgpool2d",
         "adaptive_maxpool2d",
         "zero_insert",
+        "resize_bilinear",
     }
 )
 
@@ -263,3 +270,37 @@ def terms_per_output(node: Node) -> int:
     """K: the number of products summed into one accumulator."""
     w = node.params["weight"]
     return int(np.prod(w.shape[1:]))
+
+
+Taps = tuple[tuple[tuple[int, int], ...], tuple[float, ...]]
+"""((i0, i1) of each output row or column, the real weight of i1)."""
+
+
+def bilinear_taps(
+    size: int,
+    out: int,
+    align_corners: bool,
+    scale: float | None = None,
+    dtype: type[np.floating[Any]] = np.float32,
+) -> Taps:
+    """PyTorch's (bi)linear source rows (or columns) along one axis and the weight of the second
+    (`upsample_bilinear2d`, in `dtype` like its CPU kernel: float32 for a float32 model): the
+    source coordinate is i * (size - 1) / (out - 1) with `align_corners`, else (i + 0.5) * r - 0.5
+    clamped at 0, with r = 1 / `scale` (a given scale factor) or size / out; i0 = floor,
+    i1 = i0 + 1 but at the last row, and lambda1 = coordinate - i0 (the input's own size: each
+    row itself)."""
+    if size == out:
+        return tuple((i, i) for i in range(out)), (0.0,) * out
+    zero, one, half = dtype(0.0), dtype(1.0), dtype(0.5)
+    dst = np.arange(out, dtype=dtype)
+    if align_corners:
+        ratio = dtype(size - 1) / dtype(out - 1) if out > 1 else zero
+        src = ratio * dst
+    else:
+        ratio = dtype(1.0 / scale) if scale else dtype(size) / dtype(out)
+        src = np.maximum(ratio * (dst + half) - half, zero)
+    i0 = src.astype(np.int64)  # src >= 0: truncation is floor
+    i1 = i0 + (i0 < size - 1)
+    lam = np.clip(src - i0.astype(dtype), zero, one)
+    rows = tuple((int(a), int(b)) for a, b in zip(i0, i1, strict=True))
+    return rows, tuple(float(v) for v in lam)

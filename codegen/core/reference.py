@@ -384,6 +384,37 @@ def adaptive_maxpool2d(x: IntArray, node: Node, stats: OverflowStats | None = No
     return np.clip(out, rq.lo, rq.hi)
 
 
+RESIZE_WEIGHT_BITS = 8
+"""Bilinear resizing's weights are integers in units of 2^-8: the two weights of one output row
+(column) sum to exactly 2^8, so the four weights of one output pixel sum to 2^16."""
+
+
+def resize_weights(lambdas: Any, bits: int = RESIZE_WEIGHT_BITS) -> IntArray:
+    """The integer weight of the second input row (column) of each output row (column): the real
+    weight lambda1 (PyTorch's, in [0, 1]) rounded half up to `bits` fractional bits; the first's
+    is 2^bits minus it."""
+    return round_half_up(np.asarray(lambdas, dtype=np.float64) * (1 << bits))
+
+
+def resize_bilinear(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
+    """Bilinear resizing with integer weights: output pixel (i, j) of channel c is
+
+        acc = sum over a, b in {0, 1} of wr[i][a] * wc[j][b] * (x[rows[i][a], cols[j][b], c] - zp)
+
+    with wr[i] = (2^B - row_weight[i], row_weight[i]) (B = attrs weight_bits, likewise wc), exact
+    (|acc| <= 2^(2B) * max|x - zp|: the weights are nonnegative and sum to 2^(2B)), then THE
+    requantization (one mult/shift for the op; it divides by 2^(2B))."""
+    in_zp = int(node.attrs.get("input_zero_point", 0))
+    one = 1 << int(node.attrs["weight_bits"])
+    rows, cols = np.asarray(node.attrs["rows"]), np.asarray(node.attrs["cols"])
+    wr1 = np.asarray(node.attrs["row_weight"], dtype=np.int64)[None, :, None, None]
+    wc1 = np.asarray(node.attrs["col_weight"], dtype=np.int64)[None, None, :, None]
+    d = x.astype(np.int64) - in_zp
+    vert = (one - wr1) * d[:, rows[:, 0]] + wr1 * d[:, rows[:, 1]]  # (N, OH, W, C)
+    acc = (one - wc1) * vert[:, :, cols[:, 0]] + wc1 * vert[:, :, cols[:, 1]]
+    return _requant(_wrap_and_count(acc, node, stats), node.requant)
+
+
 def gather(x: IntArray, node: Node, stats: OverflowStats | None = None) -> IntArray:
     """Channels picked by index (channel shuffle, chunk, split): out[..., j] = x[..., index[j]]."""
     rq = node.requant
@@ -421,6 +452,7 @@ KERNELS: dict[str, Callable[..., IntArray]] = {
     "adaptive_avgpool2d": adaptive_avgpool2d,
     "adaptive_maxpool2d": adaptive_maxpool2d,
     "zero_insert": zero_insert,
+    "resize_bilinear": resize_bilinear,
 }
 
 

@@ -108,6 +108,16 @@ def eval_node(node: Node, xs: list[torch.Tensor], over: Mapping[str, Any]) -> to
         default = 1.0 / np.asarray(a["counts"], dtype=np.float64)
         scale = np.asarray(over.get("scale", default), dtype=np.float64)
         return y * torch.as_tensor(scale.reshape(y.shape[2:]), dtype=y.dtype, device=y.device)
+    if node.op == "resize_bilinear":  # rows then columns, each a blend of two input lines
+        for axis, key in ((2, "row"), (3, "col")):
+            taps = torch.as_tensor(np.asarray(a[f"{key}s"], dtype=np.int64), device=x.device)
+            lam = np.asarray(over.get(f"{key}_lambda", a[f"{key}_lambda"]), dtype=np.float64)
+            shape = [1, 1, 1, 1]
+            shape[axis] = -1
+            w1 = torch.as_tensor(lam, dtype=x.dtype, device=x.device).reshape(shape)
+            x0, x1 = x.index_select(axis, taps[:, 0]), x.index_select(axis, taps[:, 1])
+            x = x0 * (1 - w1) + x1 * w1
+        return x
     if node.op == "gather":  # channels picked by index (channel axis 1)
         return x[:, list(a["index"])]
     if node.op == "zero_insert":  # zeros between the pixels (a transposed conv's stride)

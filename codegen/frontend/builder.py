@@ -52,16 +52,26 @@ from typing import Any
 import numpy as np
 
 from codegen.core import lut
-from codegen.core.errors import InvalidModelError
-from codegen.core.ir import Graph, Node, Tensor
+from codegen.core.errors import InvalidModelError, UnsupportedModelError
+from codegen.core.ir import Graph, Node, Taps, Tensor
 
 INF = math.inf
 Pad4 = tuple[int, int, int, int]
 """(top, bottom, left, right)"""
 
 CLAMP_OPS = ("conv2d", "dense", "add", "avgpool2d", "global_avgpool", "maxpool2d", "lut", "mul",
-             "adaptive_avgpool2d", "adaptive_maxpool2d")  # fmt: skip
+             "adaptive_avgpool2d", "adaptive_maxpool2d", "resize_bilinear")  # fmt: skip
 """Ops an activation fuses into (and that carry a `clamp` attribute in the float graph)."""
+
+
+def normalization_refusal(what: str, node: str) -> UnsupportedModelError:
+    """The one-line refusal of a layer/group/instance normalisation (`what`) at `node`, and why."""
+    return UnsupportedModelError(
+        f"{what} at node '{node}' is not supported: it normalises each sample by its own mean "
+        "and variance, computed at run time (a per-sample mean, variance and reciprocal square "
+        "root), which has no exact integer formulation with int8 inputs and outputs that is fast "
+        "on these cores; use BatchNorm (it folds into the preceding convolution) instead"
+    )
 
 
 class Reject(Exception):
@@ -484,6 +494,15 @@ class IRBuilder:
         a max over one-pixel windows, so the adaptive max pool's kernel moves the data."""
         windows = (tuple((r, r + 1) for r in rows), tuple((c, c + 1) for c in cols))
         self.windowed_pool(name, value, "maxpool2d", x_value, *windows, (), nchw)
+
+    def resize_bilinear(
+        self, name: str, value: str, x_value: str, rows: Taps, cols: Taps, nchw: tuple[int, ...]
+    ) -> None:
+        """Bilinear resizing (Upsample / interpolate / Resize, (bi)linear): the two input rows
+        and columns of each output row and column and their weights (`ir.bilinear_taps`)."""
+        x = self.tensor(x_value)
+        self.emit(name, value, "resize_bilinear", [x], nchw, rows=rows[0], row_lambda=rows[1],
+                  cols=cols[0], col_lambda=cols[1])  # fmt: skip
 
     def windowed_pool(
         self,

@@ -37,7 +37,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from codegen.core.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
-from codegen.core.ir import Graph
+from codegen.core.ir import Graph, Taps, bilinear_taps
 from codegen.frontend.builder import (
     INF,
     IRBuilder,
@@ -45,6 +45,7 @@ from codegen.frontend.builder import (
     Pad4,
     Reject,
     c_identifier,
+    normalization_refusal,
 )
 
 MIN_OPSET = 11  # Clip bounds and Pad amounts as inputs
@@ -55,7 +56,8 @@ SUPPORTED = (
     "Mul (same shape, per-channel scale, constant scalar), Softmax (axis 1), "
     "Concat(axis 1), Pad, Dropout, Identity, Unsqueeze/Squeeze (around 1-D ops), HardSwish, "
     "HardSigmoid, Sigmoid, Tanh, LeakyRelu, Gelu, x * Sigmoid(x) (SiLU), x * HardSigmoid(x) "
-    "(Hardswish), Reshape/Transpose (channel shuffle), Split/Slice of channels, Resize (nearest)"
+    "(Hardswish), Reshape/Transpose (channel shuffle), Split/Slice of channels, "
+    "Resize (nearest, linear)"
 )
 _LUT_OPS = {  # ONNX op -> the torch.fx name of the function (codegen.core.lut)
     "HardSwish": "hardswish",
@@ -679,12 +681,26 @@ class _Converter:
         rank = len(self.shape(node.input[0]))
         spatial = [2, 3] if rank == 4 else [2]  # over H and W, or over L for a sequence
         if axes is None or rank not in (3, 4) or sorted(int(x) % rank for x in axes) != spatial:
+            centred = [
+                n
+                for n in self.graph.node
+                if n.op_type == "Sub" and node.output[0] in n.input and node.input[0] in n.input
+            ]
+            if node.op_type == "ReduceMean" and centred:  # x - mean(x): a decomposed LayerNorm
+                raise normalization_refusal(
+                    "ReduceMean and Sub of its input (a layer normalisation's mean)",
+                    _node_label(node),
+                )
             raise Reject(f"{node.op_type} other than over H and W")
         x = self.arg(node, 0)
         name = self.ir_name(node)
         flatten = None if a.get("keepdims", 1) else self.names.create(f"{name}_flatten")
         kind = "maxpool2d" if node.op_type == "ReduceMax" else "avgpool2d"
         self.b.reduce(name, node.output[0], kind, x, self.shape(node.output[0]), flatten)
+
+    def normalization(self, node: onnx.NodeProto) -> None:
+        """LayerNormalization, GroupNormalization, InstanceNormalization: refused, saying why."""
+        raise normalization_refusal(node.op_type, _node_label(node))
 
     def view_as(self, node: onnx.NodeProto) -> None:
         """Unsqueeze / Squeeze of the H axis of a sequence (exporters wrap 1-D pools in them)."""
@@ -706,24 +722,52 @@ class _Converter:
 
     def resize(self, node: onnx.NodeProto) -> None:
         """Resize, mode nearest (asymmetric coordinates, floor): the input row and column of each
-        output row and column, floor(i / scale) in float32."""
+        output row and column, floor(i / scale) in float32; mode linear (half_pixel,
+        pytorch_half_pixel or align_corners coordinates): PyTorch's bilinear taps, which these
+        modes define alike (`ir.bilinear_taps`; ONNX's edge values past the border are the
+        clamped coordinate's)."""
         a = {k: v.decode() if isinstance(v, bytes) else v for k, v in self.attrs(node).items()}
-        setting = (
-            a.get("mode", "nearest"),
-            a.get("coordinate_transformation_mode", "half_pixel"),
-            a.get("nearest_mode", "round_prefer_floor"),
-        )
-        if setting != ("nearest", "asymmetric", "floor") or a.get("antialias", 0):
-            raise Reject(f"Resize other than nearest (asymmetric, floor), not {setting}")
+        mode = a.get("mode", "nearest")
+        coords = a.get("coordinate_transformation_mode", "half_pixel")
+        setting = (mode, coords, a.get("nearest_mode", "round_prefer_floor"))
+        linear = ("half_pixel", "pytorch_half_pixel", "align_corners")
+        if a.get("antialias", 0) or not (
+            setting == ("nearest", "asymmetric", "floor") or (mode == "linear" and coords in linear)
+        ):
+            got = setting if mode == "nearest" else setting[:2]
+            raise Reject(
+                "Resize other than nearest (asymmetric, floor) or linear (half_pixel, "
+                f"pytorch_half_pixel, align_corners), not {got}"
+            )
         src, out = self.shape(node.input[0]), self.shape(node.output[0])
         scales = self.const(node, 2, "scales")
-        if len(src) != 4 or src[:2] != out[:2]:
-            raise Reject("Resize of other axes than H and W")
+        rank = 3 if mode == "linear" and len(src) == 3 else 4
+        if len(src) != rank or src[:2] != out[:2]:
+            raise Reject("Resize of other axes than H and W (L for a sequence)")
+        given = [
+            float(scales[axis]) if scales is not None and scales.size else None
+            for axis in range(2, rank)
+        ]
+        if mode == "linear":
+            sizes = list(zip(src[2:], out[2:], strict=True))
+            if rank == 3:  # a sequence: the image (C, 1, L)
+                sizes, given = [(1, 1), *sizes], [None, *given]
+            taps: list[Taps] = []
+            for (size, o), scale in zip(sizes, given, strict=True):
+                if o == 1 and size > 1 and coords == "pytorch_half_pixel":
+                    taps.append((((0, 0),), (0.0,)))  # its one output reads the first row
+                else:
+                    sf = None if scale is None else _decimal(scale)
+                    taps.append(bilinear_taps(size, o, coords == "align_corners", sf))
+            self.b.resize_bilinear(
+                self.ir_name(node), node.output[0], self.arg(node, 0), taps[0], taps[1], out[1:]
+            )
+            return
         idx = []
-        for axis in (2, 3):
-            scale = np.float32(scales[axis]) if scales is not None and scales.size else None
-            scale = np.float32(out[axis]) / np.float32(src[axis]) if scale is None else scale
-            i = np.floor(np.arange(out[axis], dtype=np.float32) / scale).astype(np.int64)
+        for axis, scale in zip((2, 3), given, strict=True):
+            step = np.float32(scale) if scale is not None else None
+            step = np.float32(out[axis]) / np.float32(src[axis]) if step is None else step
+            i = np.floor(np.arange(out[axis], dtype=np.float32) / step).astype(np.int64)
             idx.append(tuple(int(v) for v in np.minimum(i, src[axis] - 1)))
         self.b.upsample_nearest(
             self.ir_name(node), node.output[0], self.arg(node, 0), idx[0], idx[1], out[1:]
@@ -885,6 +929,9 @@ class _Converter:
         "Reshape": reshape,
         "Transpose": transpose,
         "Resize": resize,
+        **dict.fromkeys(
+            ("LayerNormalization", "GroupNormalization", "InstanceNormalization"), normalization
+        ),
         "Split": split,
         "SplitToSequence": split_to_sequence,
         "SequenceAt": sequence_at,

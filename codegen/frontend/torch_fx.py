@@ -28,8 +28,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from codegen.core.errors import InvalidDataError, InvalidModelError, UnsupportedModelError
-from codegen.core.ir import Graph
-from codegen.frontend.builder import INF, IRBuilder, Reject, c_identifier
+from codegen.core.ir import Graph, bilinear_taps
+from codegen.frontend.builder import INF, IRBuilder, Reject, c_identifier, normalization_refusal
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -62,6 +62,11 @@ _DROPOUT_FUNCTIONS = (
     F.alpha_dropout,
     F.feature_alpha_dropout,
 )
+
+
+_NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.RMSNorm)
+_NORM_FUNCTIONS = (F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, torch.layer_norm)
+"""Normalisations by per-sample statistics: refused with the reason (`normalization_refusal`)."""
 
 
 _SHAPE_ARITHMETIC = (
@@ -101,6 +106,8 @@ class _Converter:
         self.example = example
         self.b = IRBuilder(name, batch=int(example.shape[0]))
         self.splits: dict[str, tuple[str, int, list[tuple[int, int]]]] = {}  # chunk/split
+        # the model's float type: PyTorch computes bilinear source coordinates in it
+        self.float_type = np.float64 if example.dtype == torch.float64 else np.float32
 
     # ------------------------------------------------------------------ helpers
     def fail(self, node: torch.fx.Node, what: str | None = None) -> UnsupportedModelError:
@@ -112,7 +119,8 @@ class _Converter:
             "MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvg/MaxPool, "
             "mean(H, W), flatten, add, mul (same shape, per-channel scale, constant), "
             "Softmax(dim=1), cat(dim=1), Dropout, Identity, contiguous, StochasticDepth, "
-            "channel shuffle (view/transpose), chunk/split of channels, Upsample (nearest)"
+            "channel shuffle (view/transpose), chunk/split of channels, "
+            "Upsample (nearest, bilinear, linear)"
         )
 
     def value(self, node: torch.fx.Node, arg: Any) -> str:
@@ -318,18 +326,41 @@ class _Converter:
         self.b.pool(node.name, node.name, kind, x, kernel=kernel, stride=kernel,
                     padding=(0, 0, 0, 0), nchw=_shape(node)[1:])  # fmt: skip
 
-    def interpolate(self, node: torch.fx.Node, mode: str, scale: Any, recompute: Any) -> None:
-        """Upsample / F.interpolate, mode 'nearest': PyTorch's source index of each output
-        row and column, floor(i * s) in float32 (s = 1 / scale_factor, or in / out)."""
-        if mode != "nearest":
-            raise self.fail(node, f"{_describe_target(node, self.modules)} with mode={mode!r}")
+    def interpolate(
+        self, node: torch.fx.Node, mode: str, scale: Any, recompute: Any, corners: Any = None
+    ) -> None:
+        """Upsample / F.interpolate. Mode 'nearest': PyTorch's source index of each output row
+        and column, floor(i * s) in float32 (s = 1 / scale_factor, or in / out); 'bilinear' (and
+        'linear' over a sequence): its two source rows and columns and their weights
+        (`ir.bilinear_taps`)."""
+        what = _describe_target(node, self.modules)
+        rank = {"nearest": 4, "bilinear": 4, "linear": 3}.get(mode)
+        if rank is None:
+            raise self.fail(node, f"{what} with mode={mode!r}")
         x = self.value(node, node.args[0])
         src = _shape(node.args[0])  # type: ignore[arg-type]
         out = _shape(node)
-        if len(src) != 4:
-            what = _describe_target(node, self.modules)
-            raise self.fail(node, f"{what} of a tensor that is not N x C x H x W")
-        scales = [None, None] if scale is None or recompute else list(_pair_float(scale))
+        if len(src) != rank:
+            shape = "N x C x H x W" if rank == 4 else "N x C x L"
+            raise self.fail(node, f"{what} (mode {mode!r}) of a tensor that is not {shape}")
+        if scale is None or recompute:
+            scales: list[float | None] = [None, None]
+        elif rank == 3:
+            scales = [None, float(scale if isinstance(scale, (int, float)) else _one(scale))]
+        else:
+            scales = list(_pair_float(scale))
+        if mode != "nearest":
+            sizes = (
+                [(1, 1), (src[2], out[2])]
+                if rank == 3
+                else list(zip(src[2:], out[2:], strict=True))
+            )
+            taps = [
+                bilinear_taps(size, o, bool(corners), sf, self.float_type)
+                for (size, o), sf in zip(sizes, scales, strict=True)
+            ]
+            self.b.resize_bilinear(node.name, node.name, x, taps[0], taps[1], out[1:])
+            return
         idx = []
         for size, o, sf in zip(src[2:], out[2:], scales, strict=True):
             step = np.float32(1.0 / sf) if sf else np.float32(size) / np.float32(o)
@@ -489,6 +520,16 @@ class _Converter:
                 self.b.set_output(self.value(node, o))
             return
         if node.op == "get_attr":
+            # a normalisation module traced through (torchvision's LayerNorm2d) reads its
+            # parameters here: name the normalisation instead
+            path = str(node.target).rpartition(".")[0]
+            owner = dict(self.model.named_modules()).get(path)  # the model's, not the trace's
+            norm = next((u for u in node.users if u.target in _NORM_FUNCTIONS), node)
+            if norm is not node or isinstance(owner, _NORM_MODULES):
+                what = _describe_target(norm, self.modules)
+                if isinstance(owner, _NORM_MODULES):
+                    what = f"{type(owner).__name__} (module '{path}': {what})"
+                raise normalization_refusal(what, norm.name)
             raise self.fail(node, f"use of parameter '{node.target}' outside a layer")
         if not isinstance(node.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata):
             # A non-tensor value (x.size(0), ...): only allowed as reshape arguments.
@@ -570,7 +611,9 @@ class _Converter:
                 raise self.fail(node, f"{type(m).__name__} with return_indices=True")
             self.adaptive(node, "maxpool2d", m.output_size, 2 if "2d" in type(m).__name__ else 1)
         elif isinstance(m, nn.Upsample):
-            self.interpolate(node, m.mode, m.scale_factor, m.recompute_scale_factor)
+            self.interpolate(
+                node, m.mode, m.scale_factor, m.recompute_scale_factor, m.align_corners
+            )
         elif isinstance(m, nn.Flatten):
             self.reshape(node)
         elif isinstance(m, (nn.modules.dropout._DropoutNd, nn.Identity)) or (
@@ -579,6 +622,8 @@ class _Converter:
             self.b.same(node.name, self.value(node, node.args[0]))
         elif isinstance(m, nn.ZeroPad2d):
             self.zero_pad(node, m.padding)
+        elif isinstance(m, _NORM_MODULES):
+            raise normalization_refusal(_describe_target(node, self.modules), node.name)
         else:
             raise self.fail(node)
 
@@ -664,10 +709,11 @@ class _Converter:
             d = 2 if t is F.adaptive_max_pool2d else 1
             self.adaptive(node, "maxpool2d", arg(1, "output_size", None), d)
         elif t is F.interpolate:
-            if arg(7, "antialias", False):
+            if arg(6, "antialias", False):
                 raise self.fail(node, "F.interpolate with antialias=True")
             self.interpolate(node, arg(3, "mode", "nearest"), arg(2, "scale_factor", None),
-                             arg(5, "recompute_scale_factor", None))  # fmt: skip
+                             arg(5, "recompute_scale_factor", None),
+                             arg(4, "align_corners", None))  # fmt: skip
         elif t is torch.mean or method == "mean":
             if arg(3, "dtype", None) is not None:
                 raise self.fail(node, "mean with a dtype")
@@ -697,6 +743,8 @@ class _Converter:
             self.permute(node, [int(d) for d in order])
         elif method == "contiguous":
             self.b.same(node.name, self.value(node, args[0]))
+        elif t in _NORM_FUNCTIONS:
+            raise normalization_refusal(_describe_target(node, self.modules), node.name)
         elif t is F.pad:
             mode = arg(2, "mode", "constant")
             if mode != "constant":

@@ -57,6 +57,7 @@ from codegen.quant.ptq import (
     dyadic,
     format_node,
     is_nonneg,
+    refuse_unsupported,
     tensor_classes,
 )
 from codegen.quant.training import TrainData, fit
@@ -760,6 +761,7 @@ def quantize_adaptive(
         raise QaccError(f"unknown scale kind '{scale}'; choose dyadic or pow2")
     if epochs < 0:
         raise QaccError(f"epochs must be >= 0, got {epochs}")
+    refuse_unsupported(graph, "adaptive")
     wb, ab = resolve_bits(graph, w_bits, a_bits)
     torch.manual_seed(seed)
     net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device)

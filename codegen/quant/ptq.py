@@ -108,7 +108,7 @@ def is_nonneg(graph: Graph, t: str, graph_input: Callable[[str], bool]) -> bool:
         return True
     if prod.op == "mul" and prod.inputs[0] == prod.inputs[1]:  # a square
         return True
-    if prod.op in ("mul", *SHARED_FORMAT_OPS):
+    if prod.op in ("mul", "resize_bilinear", *SHARED_FORMAT_OPS):  # bilinear: weights >= 0
         return all(is_nonneg(graph, i, graph_input) for i in prod.inputs)
     return False
 
@@ -126,7 +126,7 @@ def class_infos(graph: Graph, classes: TensorUnion, cal: Calibration) -> dict[st
             nonneg = prod.attrs.get("clamp", (-math.inf, math.inf))[0] >= 0
             if prod.op == "lut" and lut.FUNCTIONS[prod.attrs["function"]].nonneg:
                 nonneg = True
-            if prod.op in ("mul", "softmax"):
+            if prod.op in ("mul", "softmax", "resize_bilinear"):
                 nonneg = is_nonneg(graph, t, lambda i: bool(cal.tensor_min[i] >= 0))
         absmax = cal.absmax(t)
         clamp_hi = prod.attrs.get("clamp", (0, math.inf))[1] if prod is not None else math.inf
@@ -540,6 +540,21 @@ def build_integer_graph(
             m, s = _divide_by(count, fins[0].frac, fo.frac)
             rq = Requant(one * m, one * s, fo.zero_point, lo, hi)
             attrs["acc_bits"] = _container_bits(count * max(-fins[0].qmin, fins[0].qmax))
+        elif n.op == "resize_bilinear":  # 4 exact products by integer weights: one shift
+            if not (fins[0].is_pow2 and fo.is_pow2):
+                raise UnsupportedModelError(f"resize '{n.name}' needs power-of-two formats")
+            bits = reference.RESIZE_WEIGHT_BITS
+            for axis in ("row", "col"):
+                w = reference.resize_weights(n.attrs[f"{axis}_lambda"], bits)
+                attrs[f"{axis}_weight"] = tuple(int(v) for v in w)
+            attrs["weight_bits"] = bits
+            izp = fins[0].zero_point
+            if izp:
+                attrs["input_zero_point"] = izp
+            rq = Requant(one, one * (2 * bits + fins[0].frac - fo.frac), fo.zero_point, lo, hi)
+            # the weights are >= 0 and sum to 2^(2 bits): |acc| <= 2^(2 bits) * max|x - zp|
+            peak = max(fins[0].qmax - izp, izp - fins[0].qmin) << (2 * bits)
+            attrs["acc_bits"] = _container_bits(peak)
         elif n.op == "add":
             fm = max(f.frac for f in fins)
             mult = [1 << (fm - f.frac) for f in fins]
@@ -556,6 +571,19 @@ def build_integer_graph(
             attrs.update(more)
         nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
     return graph.with_nodes(tuple(nodes), tensors)
+
+
+PTQ_ONLY_OPS = frozenset({"resize_bilinear"})
+"""Ops only the `ptq` method quantizes so far (`adaptive` and `transform` refuse them)."""
+
+
+def refuse_unsupported(graph: Graph, method: str) -> None:
+    """A one-line error for the first node whose op `method` cannot quantize yet."""
+    for n in graph.nodes:
+        if n.op in PTQ_ONLY_OPS:
+            raise UnsupportedModelError(
+                f"method '{method}' does not support {n.op} (node '{n.name}') yet; use method='ptq'"
+            )
 
 
 def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:
@@ -590,4 +618,8 @@ def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:
             assert fb is not None
             realised = n.requant.mult * np.exp2(-n.requant.shift.astype(np.float64))
             out[n.name] = {"scale": float(realised[0]) * fo.scale / (fi.scale * fb.scale)}
+        elif n.op == "resize_bilinear":  # the integer weights' real values
+            one = 2.0 ** int(n.attrs["weight_bits"])
+            out[n.name] = {f"{k}_lambda": np.asarray(n.attrs[f"{k}_weight"]) / one
+                           for k in ("row", "col")}  # fmt: skip
     return out

@@ -50,7 +50,12 @@ from codegen.core.ir import WEIGHTED_OPS, Graph, Node, QFormat, Tensor
 from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import Policy, WeightQuant, acc_limits, channel_bounds
 from codegen.quant.calibrate import calibrate
-from codegen.quant.ptq import build_integer_graph, class_infos, tensor_classes
+from codegen.quant.ptq import (
+    build_integer_graph,
+    class_infos,
+    refuse_unsupported,
+    tensor_classes,
+)
 from codegen.quant.training import TrainData, fit
 
 FloatArray = npt.NDArray[np.float64]
@@ -498,6 +503,7 @@ def quantize_transform(
     device: torch.device | str = "cpu",
 ) -> tuple[Graph, dict[str, Any]]:
     """The integer graph of `fg` coded at `bits_per_weight`, and the report's extra entries."""
+    refuse_unsupported(fg, "transform")
     if transform not in TRANSFORMS:
         raise QaccError(f"unknown transform '{transform}'; choose one of {', '.join(TRANSFORMS)}")
     if deploy not in DEPLOYMENTS:

@@ -9,15 +9,16 @@ Two kinds of cases, each a pure function of an integer seed (so a failure is rep
   function tables (`lut`), products (`mul`: a squeeze-excitation gate, a square, two branches),
   softmax, channel gathers (`gather`), zeros between the pixels (`zero_insert`, a transposed
   convolution's stride), adaptive pools to any size
-  (`adaptive_avgpool2d`/`_maxpool2d`) and two-stage accumulation (random tile length and
+  (`adaptive_avgpool2d`/`_maxpool2d`), bilinear resizing (`resize_bilinear`: random sizes,
+  weight bits and accumulators) and two-stage accumulation (random tile length and
   second-stage width; `two_stage`), further outputs (intermediate or repeated tensors, in a
   fifth of the graphs), each kind from its own random stream. Weights and inputs
   are often drawn near the top of their range so that narrow accumulators wrap (the wrapped sum is
   the contract, so that is fine and tested).
 * **quantized torch models** (`random_model`): small random nn.Modules (conv/BN/ReLU/ReLU6,
   Hardswish/SiLU/Sigmoid/Tanh/LeakyReLU, depthwise, ConvTranspose2d, pools, adaptive pools to
-  any size, residual add, concat, chunk + channel shuffle, flatten, squeeze-excitation, linear, a
-  softmax head)
+  any size, bilinear upsampling (nn.Upsample to any size, either align_corners), residual add,
+  concat, chunk + channel shuffle, flatten, squeeze-excitation, linear, a softmax head)
   through `codegen.quantize` with a random accumulator width 8..32 and overflow policy (and, for
   a quarter of the models below 32 bits, `acc_stages=2`).
   `InfeasibleAccumulatorError` is a valid answer (counted as `infeasible`); any other exception
@@ -48,7 +49,7 @@ from codegen.backend.emit import emit, write_files
 from codegen.core import lut, reference
 from codegen.core.errors import InfeasibleAccumulatorError
 from codegen.core.formats import IntArray, wrap
-from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, conv_out_size
+from codegen.core.ir import Graph, Node, QFormat, Requant, Tensor, bilinear_taps, conv_out_size
 from codegen.quant.ptq import _divide_by
 from codegen.targets.build import BuildResult, BuildTarget, Target, build_many, resolve_target
 from codegen.targets.compiled import run_testbench_outputs
@@ -457,6 +458,28 @@ def _zero_insert(b: _Builder, x: str, rng: np.random.Generator) -> str:
     return b._add(Node(f"zeros{len(b.nodes)}", "zero_insert", (x,), out, attrs, {}, rq))
 
 
+def _resize(b: _Builder, x: str, rng: np.random.Generator) -> str:
+    """Bilinear resizing to a random size (PyTorch's taps, either align_corners) with random
+    weight bits 0..8 and the narrowest accumulator its exact bound allows, or wider."""
+    h, w, c = b.tensors[x].shape
+    oh, ow = int(rng.integers(1, 2 * h + 3)), int(rng.integers(1, 2 * w + 3))
+    corners = bool(rng.random() < 0.5)
+    bits = int(rng.integers(0, 9))
+    attrs: dict[str, Any] = {"weight_bits": bits}
+    for key, size, o in (("row", h, oh), ("col", w, ow)):
+        taps, lam = bilinear_taps(size, o, corners)
+        attrs[f"{key}s"], attrs[f"{key}_lambda"] = taps, lam
+        attrs[f"{key}_weight"] = tuple(int(v) for v in reference.resize_weights(lam, bits))
+    fin = b.tensors[x].fmt
+    assert fin is not None
+    if fin.zero_point:
+        attrs["input_zero_point"] = fin.zero_point
+    span = max(fin.qmax - fin.zero_point, fin.zero_point - fin.qmin)
+    attrs["acc_bits"] = int(rng.integers((span << (2 * bits)).bit_length() + 1, 33))
+    return b.finish("resize_bilinear", [x], (oh, ow, c), attrs, {}, bool(rng.random() < 0.3),
+                    _mult_bits(rng))  # fmt: skip
+
+
 def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
     """A random integer graph of 1..6 layers and its sample batch (quantized NHWC ints); some
     layers are followed by an element-wise table (drawn from their own stream, so a seed's other
@@ -469,6 +492,7 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
     b = _Builder(f"g{seed}", rng, batch)
     b.two_rng = np.random.default_rng([0x51ACC, seed, 5])
     zeros_rng = np.random.default_rng([0x51ACC, seed, 6])  # transposed convolutions' zeros
+    resize_rng = np.random.default_rng([0x51ACC, seed, 8])  # bilinear resizing
     lo, hi = (0, 127) if rng.random() < 0.35 else (-128, 127)
     dist = str(rng.choice(["uniform", "uniform", "high", "low"]))
     if rng.random() < 0.2:
@@ -522,11 +546,13 @@ def random_graph(seed: int, batch: int = 4) -> tuple[Graph, IntArray]:
             t = _gather(b, t, gather_rng)
         if len(b.tensors[t].shape) == 3 and pool_rng.random() < 0.12:
             t = _adaptive(b, t, pool_rng)
+        if len(b.tensors[t].shape) == 3 and resize_rng.random() < 0.1:
+            t = _resize(b, t, resize_rng)
     if not b.nodes:
         t = _flatten(b, t)
     if mul_rng.random() < 0.2:
         t = _softmax(b, t, mul_rng)
-    out_rng = np.random.default_rng([0x51ACC, seed, 6])  # several outputs, in a fifth of graphs
+    out_rng = np.random.default_rng([0x51ACC, seed, 7])  # several outputs, in a fifth of graphs
     produced = [n.output for n in b.nodes]
     several = out_rng.random() < 0.2
     extra = out_rng.choice(produced, int(out_rng.integers(1, 3))) if several else ()
@@ -614,6 +640,7 @@ def random_model(seed: int) -> tuple[Any, np.ndarray, np.ndarray, int, str]:
             m = nn.ConvTranspose2d(c, cout, k, s, p, op, groups=g, dilation=d)
         return m, cout, (h - 1) * s - 2 * p + d * (k - 1) + op + 1
 
+    resize_rng = np.random.default_rng([0x70C4, seed, 5])  # bilinear resizing
     layers: list[nn.Module] = []
     c, h = cin, size
     for _ in range(int(rng.integers(1, 4))):
@@ -626,6 +653,10 @@ def random_model(seed: int) -> tuple[Any, np.ndarray, np.ndarray, int, str]:
             h = int(shuffle_rng.integers(1, h + 3))
             pool = nn.AdaptiveAvgPool2d if shuffle_rng.random() < 0.6 else nn.AdaptiveMaxPool2d
             layers.append(pool(h))
+        if resize_rng.random() < 0.12:
+            h = int(resize_rng.integers(1, 2 * h + 2))
+            corners = bool(resize_rng.random() < 0.5)
+            layers.append(nn.Upsample(size=h, mode="bilinear", align_corners=corners))
         r = rng.random()
         if r < 0.45:
             k = int(rng.integers(1, min(h, 3) + 1))

@@ -652,6 +652,21 @@ CASES: list[Case] = [
         "adaptive_maxpool2d-upsample-clamped",
         lambda b: b.adaptive_pool(b.input((1, 2, 3)), (6, 6), kind="max", lo=-5, hi=70),
     ),
+    # bilinear resizing (integer weights)
+    Case(
+        "resize_bilinear_acc32-up2-half-pixel",
+        lambda b: b.resize_bilinear(b.input((3, 4, 5)), (6, 8)),
+    ),
+    Case(
+        "resize_bilinear_acc32-align-corners-zero-point-clamped",
+        lambda b: b.resize_bilinear(
+            b.input((5, 4, 3)), (9, 7), align_corners=True, input_zero_point=-7, lo=0, hi=100
+        ),
+    ),
+    Case(
+        "resize_bilinear_acc32-down-per-channel",
+        lambda b: b.resize_bilinear(b.input((7, 9, 4)), (3, 4), per_channel=True),
+    ),
     # gather (channel shuffle, chunk, split)
     Case(
         "gather-channel-shuffle", lambda b: b.gather(b.input((5, 3, 8)), [0, 4, 1, 5, 2, 6, 3, 7])

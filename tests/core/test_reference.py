@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import pytest
 
 from codegen.core import reference
 from codegen.core.formats import requantize, wrap
-from codegen.core.ir import Node, Requant
+from codegen.core.ir import Node, Requant, bilinear_taps
 
 
 def brute_conv(x, w, bias, stride, padding, dilation, groups):  # type: ignore[no-untyped-def]
@@ -213,3 +214,60 @@ def test_zero_insert_puts_the_zero_point_between_the_pixels() -> None:
     inserted = np.ones(y.shape, dtype=bool)
     inserted[:, ::3, ::2] = False
     assert np.all(y[inserted] == -9) and inserted.sum() == y.size - x.size
+
+
+def _tap_matrix(taps: tuple[tuple[tuple[int, int], ...], tuple[float, ...]], size: int) -> Any:
+    """(out, size): the weight of every input row in every output row."""
+    rows, lam = taps
+    m = np.zeros((len(rows), size))
+    for i, ((a, b), w1) in enumerate(zip(rows, lam, strict=True)):
+        m[i, a] += 1.0 - w1
+        m[i, b] += w1
+    return m
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("size", "out", "corners", "scale"),
+    [(4, 8, False, 2.0), (4, 8, True, None), (7, 3, False, None), (5, 11, False, None),
+     (5, 11, True, None), (6, 10, False, 1.7), (9, 1, False, None), (1, 4, True, None)],
+)  # fmt: skip
+def test_bilinear_taps_are_pytorchs(
+    size: int, out: int, corners: bool, scale: float | None, dtype: Any
+) -> None:
+    """The taps read back as a weight matrix equal PyTorch's bilinear resizing of one-hot rows."""
+    import torch
+    import torch.nn.functional as F
+
+    taps = bilinear_taps(size, out, corners, scale, dtype)
+    eye = torch.eye(size, dtype=torch.float32 if dtype is np.float32 else torch.float64)
+    kw: dict[str, Any] = {"scale_factor": (1.0, scale)} if scale else {"size": (1, out)}
+    want = F.interpolate(eye.reshape(size, 1, 1, size), mode="bilinear", align_corners=corners,
+                         **kw)  # fmt: skip
+    np.testing.assert_allclose(_tap_matrix(taps, size), want.reshape(size, out).T.numpy(),
+                               rtol=0, atol=1e-15 if dtype is np.float64 else 2.0**-22)  # fmt: skip
+
+
+def test_resize_bilinear_is_the_separable_integer_blend() -> None:
+    """The reference's sum is Wr (x - zp) Wc^T with the integer weight matrices (exact), within
+    2^-8 per axis of the real blend, and requantizes with THE requantization."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-128, 128, size=(2, 5, 6, 3))
+    bits, zp = reference.RESIZE_WEIGHT_BITS, -3
+    attrs: dict[str, Any] = {"weight_bits": bits, "acc_bits": 32, "input_zero_point": zp}
+    mats, ints = [], []
+    for key, size, o in (("row", 5, 9), ("col", 6, 4)):
+        taps = bilinear_taps(size, o, False)
+        w1 = reference.resize_weights(taps[1], bits)
+        attrs.update({f"{key}s": taps[0], f"{key}_lambda": taps[1], f"{key}_weight": tuple(w1)})
+        mats.append(_tap_matrix(taps, size))
+        ints.append(np.rint(_tap_matrix((taps[0], tuple(w1 / 2.0**bits)), size) * 2**bits))
+    wide = Requant(np.array([1]), np.array([0]), 0, -(1 << 40), 1 << 40)
+    acc = reference.resize_bilinear(x, Node("r", "resize_bilinear", ("x",), "y", attrs, {}, wide))
+    exact = np.einsum("ih,nhwc,jw->nijc", ints[0], x - zp, ints[1]).astype(np.int64)
+    assert np.array_equal(acc, exact)
+    real = np.einsum("ih,nhwc,jw->nijc", mats[0], x - zp, mats[1])
+    assert np.abs(acc / 2.0 ** (2 * bits) - real).max() <= 2 * 2.0 ** -(bits + 1) * 256
+    rq = Requant(np.array([3]), np.array([2 * bits + 1]), 4, -100, 90)
+    got = reference.resize_bilinear(x, Node("r", "resize_bilinear", ("x",), "y", attrs, {}, rq))
+    assert np.array_equal(got, requantize(exact, 3, 2 * bits + 1, 4, -100, 90))

@@ -78,6 +78,15 @@ class StochasticDepth(nn.Module):
         return stochastic_depth(x, self.p, self.mode, self.training)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt LayerNorm2d: traced through, it reads its parameters itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """torchvision's ShuffleNetV2 channel shuffle, shape arithmetic included."""
     batchsize, num_channels, height, width = x.size()
@@ -305,8 +314,34 @@ CASES = {
     "f_avgpool_pad": lambda: Lambda(
         lambda s, x: F.avg_pool2d(s.c(x), 3, 2, 1), c=nn.Conv2d(C, 3, 1)
     ),
+    # bilinear resizing (integer weights once quantized): modules, F.interpolate, 1-D linear
+    "upsample_bilinear": lambda: seq(
+        nn.Conv2d(C, 3, 1),
+        nn.Upsample(scale_factor=2, mode="bilinear"),
+        nn.ReLU(),
+        nn.UpsamplingBilinear2d(size=(5, 11)),  # align_corners=True
+    ),
+    "f_interpolate": lambda: Lambda(
+        lambda s, x: F.interpolate(
+            F.interpolate(
+                F.interpolate(s.c(x), scale_factor=2),  # nearest
+                scale_factor=(0.75, 1.5),
+                mode="bilinear",
+                align_corners=False,
+            ),
+            size=(5, 13),
+            mode="bilinear",
+            align_corners=True,
+        ),
+        c=nn.Conv2d(C, 3, 1),
+    ),
+    "seq_interpolate_linear": lambda: Lambda(
+        lambda s, x: F.interpolate(s.c(x), scale_factor=2.5, mode="linear"),
+        c=nn.Conv1d(C, 3, 3),
+    ),
 }
 SHAPES = {
+    "seq_interpolate_linear": (C, 9),
     "seq_f_pools": (C, 13),
     "seq_conv1d": (C, 17),
     "seq_out": (C, 12),
@@ -436,6 +471,9 @@ NEW_OPS = {  # the ops each normalised pattern becomes
     "f_avgpool_divisor": ["conv2d", "adaptive_avgpool2d"],
     "conv_transpose_s2": ["zero_insert", "conv2d", "conv2d", "add", "zero_insert", "conv2d"],
     "seq_conv_transpose1d": ["zero_insert", "conv2d", "conv2d"],
+    "upsample_bilinear": ["conv2d", "resize_bilinear", "resize_bilinear"],
+    "f_interpolate": ["conv2d", "adaptive_maxpool2d", "resize_bilinear", "resize_bilinear"],
+    "seq_interpolate_linear": ["conv2d", "resize_bilinear"],
 }
 
 
@@ -562,6 +600,23 @@ def test_graph_is_nhwc_with_fusions() -> None:
             seq(nn.ConvTranspose2d(C, 3, 1, stride=2, padding=1)),
             "transposed convolution with padding (1, 1, 1, 1) (top, bottom, left, right) larger",
         ),
+        # normalisations by per-sample statistics: refused saying why
+        (
+            seq(nn.Conv2d(C, 3, 1), nn.Flatten(), nn.LayerNorm(192)),
+            "LayerNorm (module '2') at node '_2' is not supported: it normalises each sample by "
+            "its own mean and variance, computed at run time (a per-sample mean, variance and "
+            "reciprocal square root)",
+        ),
+        (
+            Lambda(lambda s, x: F.layer_norm(x, (8, 8))),
+            "torch.nn.functional.layer_norm at node 'layer_norm' is not supported: it normalises",
+        ),
+        (
+            Lambda(lambda s, x: s.ln(x), ln=LayerNorm2d(C)),
+            "LayerNorm2d (module 'ln': torch.nn.functional.layer_norm) at node 'layer_norm' is "
+            "not supported: it normalises",
+        ),
+        (seq(nn.GroupNorm(2, C)), "GroupNorm (module '0') at node '_0' is not supported"),
     ],
 )
 def test_unsupported_ops_are_named(model: nn.Module, message: str) -> None:

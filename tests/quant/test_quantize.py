@@ -232,3 +232,29 @@ def test_search_cache_equals_full_evaluation(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(simulate, "run_outputs", run)
     codegen.quantize(randomized(Branchy(), seed=5), images(32, 3, 12), acc_bits=14, progress=False)
     assert len(checked) > 5
+
+
+def test_bilinear_resizing_is_quantized_exactly() -> None:
+    """resize_bilinear: the output format from calibration (unsigned after a ReLU), one shift
+    2B + f_in - f_out, a container holding the exact bound; the float64 simulation (the realised
+    integer weights) equals the integer reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode="bilinear"),
+        nn.Conv2d(4, 2, 1), nn.UpsamplingBilinear2d(size=(5, 9)),
+    ).eval()  # fmt: skip
+    qm = codegen.quantize(model, images(32, 3, 6, seed=1, signed=True), progress=False)
+    g = qm.graph
+    resizes = [n for n in g.nodes if n.op == "resize_bilinear"]
+    assert len(resizes) == 2
+    for n in resizes:
+        fi, fo = g.tensors[n.inputs[0]].fmt, g.tensors[n.output].fmt
+        assert fi is not None and fo is not None and n.requant is not None
+        bits = n.attrs["weight_bits"]
+        assert list(n.requant.mult) == [1]
+        assert list(n.requant.shift) == [2 * bits + fi.frac - fo.frac]
+        bound = max(fi.qmax - fi.zero_point, fi.zero_point - fi.qmin) << (2 * bits)
+        assert bound < 1 << (n.attrs["acc_bits"] - 1)
+    assert not g.tensors[resizes[0].output].fmt.signed  # type: ignore[union-attr]
+    test = images(50, 3, 6, seed=2, signed=True) * 1.5
+    assert np.array_equal(qm.reference(test), qm.simulate(test))

@@ -93,8 +93,8 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
         "maxpool2d", "avgpool2d_acc16", "avgpool2d_acc32", "global_avgpool_acc16",
         "global_avgpool_acc32", "add_acc16", "add_acc32", "concat", "lut", "mul_acc16",
         "mul_acc32", "softmax", "gather", "adaptive_avgpool2d_acc16", "adaptive_avgpool2d_acc32",
-        "adaptive_maxpool2d", "conv2d_acc16x32", "conv2d_acc32x32", "dense_acc16x32",
-        "dense_acc32x32", "zero_insert",
+        "adaptive_maxpool2d", "resize_bilinear_acc16", "resize_bilinear_acc32", "conv2d_acc16x32",
+        "conv2d_acc32x32", "dense_acc16x32", "dense_acc32x32", "zero_insert",
     ):  # fmt: skip
         assert kernels[k] > 0, (k, kernels)
     assert set(range(8, 33)) <= widths
@@ -111,6 +111,11 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
         for model, *_ in models
     )
     assert pools > 3  # adaptive pools to any size
+    resizes = sum(
+        any(isinstance(m, nn.Upsample) and m.mode == "bilinear" for m in model.modules())
+        for model, *_ in models
+    )
+    assert resizes > 3  # bilinear upsampling
     policies = Counter(m[4] for m in models)
     assert policies["guaranteed"] > 5 and policies["profiled"] > 5
     layers = Counter(type(m).__name__ for model, *_ in models for m in model.modules())
