@@ -431,6 +431,11 @@ class _Emitter:
             k.update(za=za, zb=zb, b_stride=0 if per_channel else oc)
         if node.op == "softmax":
             k["norm_shift"] = int(a["out_frac"]) + 1
+            # the division in 32 bits when e * 2^norm_shift + sum and 2 * sum fit (they do for
+            # out_frac <= 15 and fewer than 2^16 channels); else in 64 bits (a library call on
+            # 32-bit cores)
+            emax = int(np.max(p["exp_table"]))
+            k["div32"] = max((emax << k["norm_shift"]) + oc * emax, 2 * oc * emax) < 1 << 32
             k["exp_table"] = self.add_array(
                 node,
                 "exp",
@@ -440,12 +445,17 @@ class _Emitter:
             )
         if node.op == "lut":  # the table is the layer: stored whatever the dialect
             k["size"] = out.size
+            # Helium: rotated by 128, so the input byte itself is the VLDRB gather offset
+            k["table_rotated"] = self.lowered.dialect == "mve"
+            k.update(layouts.vector_split(out.size, 16))
+            table = np.asarray(p["table"], dtype=np.int64)
             k["table"] = self.add_array(
                 node,
                 "table",
                 "int8_t",
-                _ints(p["table"]),
-                f"{node.name}: {a['function']} table, output for input q at [q + 128]",
+                _ints(np.roll(table, 128) if k["table_rotated"] else table),
+                f"{node.name}: {a['function']} table, output for input q at "
+                + ("[(uint8_t)q] (rotated)" if k["table_rotated"] else "[q + 128]"),
             )
         if node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):  # the windows
             for axis, what in (("rows", "row"), ("cols", "col")):
@@ -574,13 +584,28 @@ class _Emitter:
         ctx.update(layouts.mve_pixel_block(call, ctx) if dialect == "mve" else {"mve_pixels": 0})
         ctx["mvp"] = None
         if dialect == "mve" and call.template in layouts.POOL_TEMPLATES:
+            a = call.node.attrs
             taps = {"global_avgpool": ctx["hw"], "avgpool2d": ctx["kh"] * ctx["kw"]}
+            channels = {"add": ctx["oc"], "adaptive_avgpool2d": ctx["pixels"]}
+            if call.template == "adaptive_avgpool2d":  # the largest window
+                taps[call.template] = max(r1 - r0 for r0, r1 in a["rows"]) * max(
+                    c1 - c0 for c0, c1 in a["cols"]
+                )
             ctx["mvp"] = layouts.mve_pool_context(
                 call,
                 int(taps.get(call.template, 1)),
-                int(ctx["ic"] if call.template != "add" else ctx["oc"]),
+                int(channels.get(call.template, ctx["ic"])),
                 add,
             )
+            if call.template == "mul" and ctx["mvp"] is not None:
+                ctx["mvp"].update(
+                    layouts.mve_mul_loops(ctx["pixels"], ctx["oc"], ctx["b_stride"], ctx["mvp"])
+                )
+        ctx["mvg"] = (
+            layouts.mve_gather_context(call)
+            if dialect == "mve" and call.template == "gather"
+            else None
+        )
         if neon is not None:
             self.scratch_elems = max(self.scratch_elems, int(neon.get("scratch_elems", 0)))
         elif ctx.get("wbits"):

@@ -999,6 +999,11 @@ def dsp_gemm_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------ 32-bit requantization
 
 
+def _int8_span(zp: int) -> int:
+    """max |x - zp| over int8 values x."""
+    return max(abs(-128 - zp), abs(127 - zp))
+
+
 def requant32_fits(bound: int, mult: int, shift: int) -> bool:
     """Whether qacc_requantize32 (runtime_c/qacc.h) equals formats.requantize for every
     accumulator of magnitude <= bound with this multiplier and shift (no int32 overflow)."""
@@ -1009,13 +1014,19 @@ def requant32_fits(bound: int, mult: int, shift: int) -> bool:
 
 
 def requant32_ok(call: KernelCall) -> bool:
-    """A conv2d / dense layer whose requantization may use qacc_requantize32: every channel's
-    accumulator (wrapped to A bits, or bounded by the weights when no sum can wrap) fits."""
+    """A conv2d / dense / mul layer whose requantization may use qacc_requantize32: every
+    channel's accumulator (wrapped to A bits, or bounded by the weights, or by the inputs'
+    ranges for mul, when no sum can wrap) fits."""
     node = call.node
-    if node.op not in ("conv2d", "dense") or call.acc_bits is None or node.requant is None:
+    if node.op not in ("conv2d", "dense", "mul") or call.acc_bits is None or node.requant is None:
         return False
-    oc = int(node.params["weight"].shape[0])
-    bound = _acc_bound(node, oc)
+    if node.op == "mul":
+        za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
+        oc = max(np.asarray(node.requant.mult).size, np.asarray(node.requant.shift).size)
+        bound = np.full(oc, _int8_span(za) * _int8_span(zb), dtype=np.int64)
+    else:
+        oc = int(node.params["weight"].shape[0])
+        bound = _acc_bound(node, oc)
     acc = int(call.acc_bits)
     if not bool(np.all(bound < (1 << (acc - 1)))):
         bound = np.full(oc, 1 << (acc - 1), dtype=np.int64)
@@ -1027,18 +1038,21 @@ def requant32_ok(call: KernelCall) -> bool:
     )
 
 
-POOL_TEMPLATES = ("avgpool2d", "global_avgpool", "add")
-"""The Helium kernels of `mve_pool_context`: average pools and the elementwise add."""
+POOL_TEMPLATES = ("avgpool2d", "global_avgpool", "adaptive_avgpool2d", "add", "mul")
+"""The Helium kernels of `mve_pool_context`: average pools, the elementwise add and product."""
 
 
 def mve_pool_context(
     call: KernelCall, taps: int, channels: int, add: AddArray
 ) -> dict[str, Any] | None:
-    """The vector requantization of the Helium average pools and add: the accumulators of 4
+    """The vector requantization of the Helium average pools, add and mul: the accumulators of 4
     channels in int32 lanes — a pool: the exact sum of the (at most `taps`) raw int8 inputs,
     minus IZP times the taps inside the image; add: (a - ZA) * MA + (b - ZB) * MB — modulo
-    2^32, the wrap to A bits (a shift pair; skipped when no sum can reach 2^(A-1)) and the
-    requantization of `_vec_requant_ok` (VMUL, VRSHL, VQADD, VMAX, VMIN).
+    2^32; mul: (a - ZA) * (b - ZB), exact (|.| <= 2^16) — the wrap to A bits (a shift pair;
+    skipped when no sum can reach 2^(A-1)) and the requantization of `_vec_requant_ok` (VMUL,
+    VRSHL, VQADD, VMAX, VMIN).
+    `channels`: the length of the requantization's multiplier and shift arrays (the output
+    pixels of an adaptive average pool, whose divisor is per pixel; `taps`: its largest window).
     None: A > 32 or a multiplier the int32 lanes cannot hold; the portable kernel is used."""
     if call.template not in POOL_TEMPLATES or call.acc_bits is None or call.acc_bits > 32:
         return None
@@ -1049,11 +1063,13 @@ def mve_pool_context(
     if call.template == "add":
         ms = [int(v) for v in np.asarray(node.params["in_mult"]).reshape(-1)]
         zs = [int(v) for v in node.attrs.get("input_zero_points", (0, 0))]
-        bound = sum(abs(m) * max(abs(-128 - z), abs(127 - z)) for m, z in zip(ms, zs, strict=True))
+        bound = sum(abs(m) * _int8_span(z) for m, z in zip(ms, zs, strict=True))
         extra = {"ma": int(wrap(np.int64(ms[0]), 32)), "mb": int(wrap(np.int64(ms[1]), 32))}
+    elif call.template == "mul":
+        za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
+        bound = _int8_span(za) * _int8_span(zb)
     else:
-        zp = int(node.attrs.get("input_zero_point", 0))
-        bound = taps * max(abs(-128 - zp), abs(127 - zp))
+        bound = taps * _int8_span(int(node.attrs.get("input_zero_point", 0)))
     exact = bound < (1 << (acc - 1))
     lane = bound if exact else 1 << (acc - 1)
     if not _vec_requant_ok(node, np.full(channels, lane, dtype=np.int64)):
@@ -1088,3 +1104,45 @@ def mve_pool_context(
             f"{name}: minus the requantization shift per channel (a VRSHL amount)",
         )  # fmt: skip
     return ctx
+
+
+def vector_split(n: int, lanes: int) -> dict[str, int]:
+    """n elements as `full` ones in whole vectors of `lanes` (loaded without a predicate, which
+    GCC handles better) and a `tail` < lanes (one tail-predicated vector, or none)."""
+    return {"full": n - n % lanes, "tail": n % lanes}
+
+
+def mve_mul_loops(
+    pixels: int, channels: int, b_stride: int, mvp: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The loops of the Helium mul: rows of `cols` elements (whole int32x4 vectors, then a
+    tail), `b` advancing `b_step` per row. Two tensors of one shape with one multiplier and
+    shift for all channels are one flat row (one tail per tensor, not one per pixel)."""
+    if b_stride and mvp["mult"] is None:
+        rows, cols, step = 1, pixels * channels, 0
+    else:
+        rows, cols, step = pixels, channels, b_stride
+    return {"rows": rows, "cols": cols, "b_step": step, **vector_split(cols, 4)}
+
+
+def mve_gather_context(call: KernelCall) -> dict[str, Any] | None:
+    """The Helium channel gather: a slice of consecutive channels is a predicated vector copy
+    from channel `start` (16 per VLDRB); any other index list is a VLDRB gather with the index
+    array itself as the offsets (read with a tail predicate, so not padded): 16 uint8 offsets
+    per vector when every index is < 256, else 8 uint16 ones. `clamp`: a fused clamp narrows
+    the int8 range. None (an index >= 2^15, stored as int32_t): the portable kernel."""
+    node = call.node
+    index = [int(i) for i in node.attrs["index"]]
+    rq = node.requant
+    assert rq is not None
+    clamp = rq.lo > -128 or rq.hi < 127
+    oc = len(index)
+    if index == list(range(index[0], index[0] + oc)):
+        return {"start": index[0], "lanes": 16, "vctp": "vctp8q", "gather": False,
+                "clamp": clamp, **vector_split(oc, 16)}  # fmt: skip
+    top = max(index)
+    if top >= 1 << 15:
+        return None
+    lanes = 16 if top < 256 else 8
+    return {"start": 0, "lanes": lanes, "vctp": f"vctp{128 // lanes}q", "gather": True,
+            "clamp": clamp, **vector_split(oc, lanes)}  # fmt: skip

@@ -9,8 +9,9 @@ for the target's core, with the same startup code, board linker script and float
 Cortex-M builds (toolchains/cortex-m.cmake), and counts the instructions of one call of the s8
 function TensorFlow Lite Micro calls for each layer (arm_convolve_wrapper_s8,
 arm_depthwise_conv_wrapper_s8, arm_fully_connected_s8, arm_max_pool_s8, arm_avgpool_s8,
-arm_elementwise_add_s8) between two qacc_mark() calls, as qacc's per-layer counts are taken
-between the marks around a layer. Executables are cached in build/peers, keyed by the sources.
+arm_elementwise_add_s8, arm_elementwise_mul_s8, arm_softmax_s8) between two qacc_mark() calls,
+as qacc's per-layer counts are taken between the marks around a layer. Executables are cached
+in build/peers, keyed by the sources.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ SOURCE_DIRS = (
     "FullyConnectedFunctions",
     "NNSupportFunctions",
     "PoolingFunctions",
+    "SoftmaxFunctions",
     "TransposeFunctions",
 )
 _MARKERS = (
@@ -56,7 +58,10 @@ FPU_FLAGS = {
     "cortex-m55": ("-mfloat-abi=hard",),
 }
 
-KINDS = {"conv": 0, "depthwise": 1, "dense": 2, "maxpool": 3, "avgpool": 4, "add": 5}
+KINDS = {
+    "conv": 0, "depthwise": 1, "dense": 2, "maxpool": 3, "avgpool": 4, "add": 5, "mul": 6,
+    "softmax": 7,
+}  # fmt: skip
 FUNCTIONS = {
     "conv": "arm_convolve_wrapper_s8",
     "depthwise": "arm_depthwise_conv_wrapper_s8",
@@ -64,13 +69,15 @@ FUNCTIONS = {
     "maxpool": "arm_max_pool_s8",
     "avgpool": "arm_avgpool_s8",
     "add": "arm_elementwise_add_s8",
+    "mul": "arm_elementwise_mul_s8",
+    "softmax": "arm_softmax_s8",
 }
 
 
 @dataclass(frozen=True)
 class CmsisLayer:
     """One CMSIS-NN call: its kind (a key of KINDS), 12 integer parameters (see the harness) and
-    the MACs it performs (0 for pooling and add)."""
+    the MACs it performs (0 for pooling, add, mul and softmax)."""
 
     kind: str
     params: tuple[int, ...]
@@ -132,6 +139,16 @@ def add_layer(n: int) -> CmsisLayer:
     return CmsisLayer("add", (n,), 0)
 
 
+def mul_layer(n: int) -> CmsisLayer:
+    """An element-wise product of two tensors of n values (CMSIS-NN has no s8 broadcast one)."""
+    return CmsisLayer("mul", (n,), 0)
+
+
+def softmax_layer(rows: int, row_size: int) -> CmsisLayer:
+    """A softmax over each of `rows` rows of `row_size` values (the channels of each pixel)."""
+    return CmsisLayer("softmax", (rows, row_size), 0)
+
+
 def _ints(v: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in v)
 
@@ -149,7 +166,8 @@ def _quad(v: Any) -> tuple[int, int, int, int]:
 def layers_of(graph: Any) -> dict[str, CmsisLayer]:
     """{qacc layer name: the CMSIS-NN call TFLite Micro makes for it} for the nodes of an integer
     graph that have one (conv2d without dilation, groups 1 or depthwise; dense; max, average and
-    global average pooling; add of two tensors). Reshapes and the rest are left out."""
+    global average pooling; add and mul of two tensors of one shape; softmax). Reshapes and the
+    rest (lut: CMSIS-NN has no s8 table activation) are left out."""
     out: dict[str, CmsisLayer] = {}
     for n in graph.nodes:
         shape = graph.tensors[n.inputs[0]].shape
@@ -180,6 +198,11 @@ def layers_of(graph: Any) -> dict[str, CmsisLayer]:
             out[n.name] = pool_layer("avgpool", h, w, c, (h, w), (h, w))
         elif n.op == "add" and len(n.inputs) == 2:
             out[n.name] = add_layer(int(graph.tensors[n.output].size))
+        elif n.op == "mul" and graph.tensors[n.inputs[1]].size == graph.tensors[n.output].size:
+            out[n.name] = mul_layer(int(graph.tensors[n.output].size))
+        elif n.op == "softmax":
+            size, row = int(graph.tensors[n.output].size), int(shape[-1])
+            out[n.name] = softmax_layer(size // row, row)
     return out
 
 
@@ -307,5 +330,7 @@ __all__ = [
     "dense_layer",
     "instructions",
     "layers_of",
+    "mul_layer",
     "pool_layer",
+    "softmax_layer",
 ]

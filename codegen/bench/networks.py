@@ -17,7 +17,8 @@ with a cumulative average), so every folded layer sees normalised activations, a
 Single layers (``LAYERS``, selected with ``--networks layers`` or by name, not part of ``all``): the
 layer shapes of the Cortex-M comparison with CMSIS-NN (conv3x3 16x16x16->16 and the 32-channel
 ``conv3x3`` above, depthwise 3x3 and pointwise 1x1 on DS-CNN's 25x5x64, dense 256->64, 2x2 max and
-average pooling on 32x32x16, global average pooling on 8x8x64, a residual add on 16x16x32).
+average pooling on 32x32x16, global average pooling on 8x8x64, a residual add and an element-wise
+mul on 16x16x32, a softmax over the 32 channels of 8x8 pixels).
 
 TensorFlow's 'same' padding with stride 2 pads one pixel more at the bottom/right than at the
 top/left; it is written here as nn.ZeroPad2d before a conv with padding 0, as Keras does.
@@ -207,6 +208,25 @@ class Residual(nn.Module):
         return torch.relu(self.conv(x) + x)
 
 
+class Product(nn.Module):
+    """A 1x1 conv and the element-wise product with its input (the mul is the layer of
+    interest)."""
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * x
+
+
+class Softmax(nn.Module):
+    """A softmax over the channels of every pixel (one layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, dim=1)
+
+
 class Dense(nn.Module):
     """One fully connected layer on a flattened 256-vector."""
 
@@ -257,6 +277,8 @@ LAYERS: dict[str, BenchNet] = {
         BenchNet("avgpool", AvgPool, (16, 32, 32), "average pool 2x2 stride 2, 32x32x16"),
         BenchNet("gap", GlobalAvgPool, (64, 8, 8), "global average pool, 8x8x64"),
         BenchNet("add", Residual, (32, 16, 16), "1x1 conv + residual add, 16x16x32"),
+        BenchNet("mul", Product, (32, 16, 16), "1x1 conv + element-wise mul, 16x16x32"),
+        BenchNet("softmax", Softmax, (32, 8, 8), "softmax over 32 channels, 8x8 pixels"),
     )
 }
 """Single layers, compared with CMSIS-NN on Cortex-M; "layers" names them all with conv3x3."""

@@ -15,6 +15,8 @@
  *   3 max pool   h w c 0 kh kw sh sw pad_top pad_left oh ow -> arm_max_pool_s8
  *   4 avg pool   h w c 0 kh kw sh sw pad_top pad_left oh ow -> arm_avgpool_s8
  *   5 add        n                                         -> arm_elementwise_add_s8
+ *   6 mul        n                                         -> arm_elementwise_mul_s8
+ *   7 softmax    rows row_size                             -> arm_softmax_s8
  * Bottom/right padding follow from the output size, as in TFLite. Scratch buffers have the sizes
  * the *_get_buffer_size functions give; the Helium dense layer's kernel sums are computed before
  * the first mark (TFLite Micro does it once, in Prepare). Data and quantization parameters are
@@ -230,6 +232,31 @@ static arm_cmsis_nn_status run_add(int id, const int32_t *p)
     return s;
 }
 
+static arm_cmsis_nn_status run_mul(int id, const int32_t *p)
+{
+    const int32_t n = p[0];
+    int8_t *a = random_s8(n), *b = random_s8(n), *y = alloc((size_t)n);
+    qacc_mark(2 * id);
+    /* TFLite's quantized mul: the product of the offset inputs, one Q31 multiplier and shift. */
+    arm_cmsis_nn_status s = arm_elementwise_mul_s8(a, b, 128, 128, y, -128, 1 << 30, -7, -128, 127, n);
+    qacc_mark(2 * id + 1);
+    free(a), free(b), free(y);
+    return s;
+}
+
+static arm_cmsis_nn_status run_softmax(int id, const int32_t *p)
+{
+    const int32_t rows = p[0], row_size = p[1];
+    int8_t *x = random_s8(rows * row_size), *y = alloc((size_t)(rows * row_size));
+    qacc_mark(2 * id);
+    /* TFLite's parameters for an input scale of 0.1 and beta 1 (multiplier, left shift,
+       diff_min as its Prepare step computes them). */
+    arm_softmax_s8(x, rows, row_size, 1717986918, 23, -248, y);
+    qacc_mark(2 * id + 1);
+    free(x), free(y);
+    return ARM_CMSIS_NN_SUCCESS;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -265,6 +292,8 @@ int main(int argc, char **argv)
         case 3: s = run_pool(i, v + 1, 0); break;
         case 4: s = run_pool(i, v + 1, 1); break;
         case 5: s = run_add(i, v + 1); break;
+        case 6: s = run_mul(i, v + 1); break;
+        case 7: s = run_softmax(i, v + 1); break;
         default: fail(i, "unknown layer kind"); return 2;
         }
         if (s != ARM_CMSIS_NN_SUCCESS) {

@@ -95,6 +95,16 @@ def _mul_wrap(b: GraphBuilder) -> None:
     b.mul(x, x, acc_bits=12)  # 127 * 127 leaves a 12-bit accumulator
 
 
+def _mul_flat(b: GraphBuilder) -> None:
+    x = b.input((5, 3, 7))
+    b.mul(x, b.lut(x, "sigmoid"), input_zero_points=(2, -1))
+
+
+def _mul_broadcast_wrap(b: GraphBuilder) -> None:
+    x = b.input((3, 4, 13), dist="high")
+    b.mul(x, b.global_avgpool(x), acc_bits=11, input_zero_points=(3, -4), per_channel=True)
+
+
 def _branches_concat(b: GraphBuilder) -> None:
     x = b.input((6, 5, 4))
     a = b.conv2d(x, 3, (3, 3), padding=(1, 1, 1, 1), acc_bits=18)
@@ -590,8 +600,18 @@ CASES: list[Case] = [
     ),
     Case("mul_acc16-vectors-square", lambda b: b.mul(*[b.dense(b.input((9,)), 7)] * 2)),
     Case("mul_acc16-wrap-acc12", _mul_wrap, wraps=True),
+    Case("mul_acc16-flat-105-zero-points", _mul_flat),  # Helium: one flat row, a tail of 1
+    Case(  # Helium: channel rows of 13 (a tail of 1), per-channel vector requantization
+        "mul_acc16-broadcast-c13-zero-points-per-channel-wrap-acc11",
+        _mul_broadcast_wrap,
+        wraps=True,
+    ),
     # softmax over the channels (of a vector, or of every pixel)
     Case("softmax-classifier", lambda b: b.softmax(b.dense(b.input((12,)), 10, acc_bits=20))),
+    Case(  # e * 2^17 leaves 32 bits: the 64-bit division
+        "softmax-out-frac16-wide-division",
+        lambda b: b.softmax(b.input((9,)), out=QFormat(8, True, 16)),
+    ),
     Case(
         "softmax-pixels-signed-zero-point-clamped",
         lambda b: b.softmax(b.input((3, 4, 7)), out=QFormat(8, True, 8, -100), lo=-120, hi=100),
@@ -676,6 +696,10 @@ CASES: list[Case] = [
     # zero_insert (a transposed convolution: zeros between the pixels, then a stride-1 conv2d)
     Case("zero_insert-stride3x2", lambda b: b.zero_insert(b.input((3, 4, 5), lo=0), (3, 2))),
     Case("net-conv-transpose-zero-point", _conv_transpose),
+    Case(  # Helium: two full gathers of 16 channels and a tail of 8
+        "gather-channel-shuffle-c40",
+        lambda b: b.gather(b.input((3, 2, 40)), [i // 2 + i % 2 * 20 for i in range(40)]),
+    ),
     Case("net-shuffle-block", _shuffle_block),
     Case("net-conv-lut-chain", _conv_lut_chain),
     Case("net-chain-cnn", _chain_net),

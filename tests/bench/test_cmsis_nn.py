@@ -45,6 +45,8 @@ def test_harness_counts_every_layer_kind(target: str) -> None:
             C.pool_layer("avgpool", 16, 16, 8, (2, 2), (2, 2)),
         ),
         "add": (C.add_layer(256), C.add_layer(1024)),
+        "mul": (C.mul_layer(256), C.mul_layer(1024)),
+        "softmax": (C.softmax_layer(4, 10), C.softmax_layer(16, 10)),
     }
     layers = [x for small, large in pairs.values() for x in (small, small, large)]
     counts = C.instructions(layers, target)
@@ -77,6 +79,26 @@ def test_layers_of_ds_cnn() -> None:
             assert x.params[-2:] == tuple(g.tensors[g.node(name).output].shape[:2])
     stem = next(iter(layers.values()))
     assert stem.params[8:10] == (4, 1)  # TF 'same': top 4, left 1 (bottom/right from the size)
+
+
+def test_layers_of_mul_and_softmax() -> None:
+    """A product of two tensors of one shape is arm_elementwise_mul_s8, a softmax over the
+    channels of every pixel is arm_softmax_s8 with one row per pixel; a product by a
+    per-channel gate (no s8 broadcast in CMSIS-NN) and table functions have no call."""
+    from tests.graphs import GraphBuilder
+
+    b = GraphBuilder("mul_softmax", seed=0, batch=1)
+    x = b.input((4, 5, 6))
+    y = b.mul(x, b.lut(x, "sigmoid"), name="same")
+    y = b.mul(y, b.global_avgpool(y, name="pool"), name="gate")
+    b.softmax(y, name="head")
+    g, _ = b.result()
+    layers = C.layers_of(g)
+    assert set(layers) == {"same", "pool", "head"}
+    assert layers["same"] == C.mul_layer(4 * 5 * 6)
+    assert layers["head"] == C.softmax_layer(4 * 5, 6)
+    assert layers["same"].function == "arm_elementwise_mul_s8"
+    assert layers["head"].function == "arm_softmax_s8"
 
 
 def test_grouped_conv_has_no_cmsis_nn_kernel() -> None:
@@ -147,6 +169,8 @@ TABLE_OPS = {
     "avgpool": "avgpool2d",
     "gap": "global_avgpool",
     "add": "add",
+    "mul": "mul",
+    "softmax": "softmax",
 }
 
 

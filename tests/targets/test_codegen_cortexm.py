@@ -254,6 +254,45 @@ def test_mve_pool_kernels_are_used(graphs: dict[str, Any]) -> None:
         assert "#else /* no MVE" in src, cid
 
 
+def test_mve_kernels_of_the_new_ops_are_used(graphs: dict[str, Any]) -> None:
+    """The Helium lut (VLDRB gather from the rotated table), mul (int32-lane products, the vector
+    requantization, the wrap), gather (VLDRB gather with 8- or 16-bit offsets, or a slice copy)
+    and adaptive pools (vector max; int32-lane sums with the per-pixel requantization) are used
+    on cortex-m55, the portable fallback kept."""
+    t = resolve_target("cortex-m55")
+    for cid, markers in (
+        ("lut-hardswish", ("vldrbq_gather_offset_u8(", "vldrbq_gather_offset_z_u8(")),
+        ("mul_acc16-flat-105-zero-points", ("vmulq_s32(", "P = 1, C = 105")),
+        (
+            "mul_acc16-broadcast-c13-zero-points-per-channel-wrap-acc11",
+            ("vmulq_s32(", "vshlq_n_s32("),
+        ),
+        ("gather-channel-shuffle-c40", ("vldrbq_gather_offset_s8(", "vldrbq_gather_offset_z_s8(")),
+        ("gather-vector-wide", ("vldrbq_gather_offset_s16(", "vldrbq_gather_offset_z_s16(")),
+        ("gather-chunk-clamped", ("START = 5", "vminq_s8(")),
+        ("adaptive_avgpool2d_acc16-ceil-windows-wrap", ("vmulq_n_s32(r", "[px]", "vshlq_n_s32(")),
+        ("adaptive_maxpool2d-upsample-clamped", ("vmaxq_s8(",)),
+    ):
+        files = emit(graphs[cid][0], cid, t)
+        src = files[f"{c_identifier(cid).lower()}.c"]
+        assert all(m in src for m in markers), cid
+        assert "#else /* no MVE" in src, cid
+
+
+def test_dsp_mul_uses_the_32_bit_requantization(graphs: dict[str, Any]) -> None:
+    """On cortex-m4/m7 the mul is the portable kernel (SIMD32 pairs would save little: the
+    requantization per element dominates) with qacc_requantize32, which the inputs' ranges make
+    equal to THE requantization, also when the product wraps."""
+    for target in ("cortex-m4", "cortex-m7"):
+        t = resolve_target(target)
+        for cid in (
+            "mul_acc16-same-shape",
+            "mul_acc16-broadcast-c13-zero-points-per-channel-wrap-acc11",
+        ):
+            src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
+            assert "qacc_requantize32(" in src, (target, cid)
+
+
 # ----------------------------------------------------------------------------- a quantized network
 
 
