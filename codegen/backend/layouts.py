@@ -20,7 +20,10 @@ Accumulation paths (report.json "path" of each layer):
   SDOT (by element) adds four int8 x int8 products into each int32 lane. The operands must stay
   int8, so the input zero point is folded into the bias: sum w (x - zp) = sum w x - zp * sum w
   (mod 2^A), and padding taps hold the raw value zp (they contribute w * zp, cancelled by the same
-  correction).
+  correction). The kernel reads the input in place (a copy with zp in the padding when there is
+  padding), kernel row by kernel row (`_sdot_geometry`), in register blocks of up to 5 pixels x
+  16 output channels whose weights come in one LD1 of four vectors per 4 terms; every input
+  channel count takes it (a 1- or 3-channel stem walks its kernel rows of KW * IC values).
   acc16-sdot is the same kernel for acc_bits <= 16: the int32 lanes hold the sum modulo 2^32, and
   the shift pair by 32 - A wraps it to A bits, which equals wrapping modulo 2^A at every step
   (wrapping addition is associative); it is faster than the int16 MLA path on these cores.
@@ -202,7 +205,6 @@ def path(call: KernelCall, dialect: str, neon: NeonTarget) -> str | None:
         and neon.dotprod
         and gemm_supported(call)
         and _zp_fits_int8(call)
-        and _sdot_pays(call)
     ):
         return f"{name}-sdot"
     return name + _cortexm_suffix(call, dialect)
@@ -241,14 +243,6 @@ def _cortexm_suffix(call: KernelCall, dialect: str) -> str:
     return "-lanes16" if call.acc_bits <= 16 or _taps_fit_int16(taps) else "-lanes32"
 
 
-def _sdot_pays(call: KernelCall) -> bool:
-    """SDOT gathers im2col rows; a conv with fewer than 8 input channels gathers them element by
-    element, slower than the widened-input MLA/SMLAL "rows" path (FashionCNN's 1-channel stem
-    on cortex-a76: 195K vs 73K instructions)."""
-    w = call.node.params["weight"]
-    return w.ndim != 4 or int(w.shape[3]) >= 8
-
-
 def gemm_supported(call: KernelCall) -> bool:
     if call.template not in GEMM_TEMPLATES or call.container_bits is None:
         return False
@@ -279,9 +273,14 @@ def _ceil_to(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _requant_arrays(call: KernelCall, n: int, add: AddArray, lane_bits: int) -> dict[str, Any]:
+def _requant_arrays(
+    call: KernelCall, n: int, add: AddArray, lane_bits: int, lane_bound: np.ndarray | None = None
+) -> dict[str, Any]:
     """Per-channel mult and negated shift, padded to n lanes (padding lanes: mult 0, shift 0);
-    lane_bits: the accumulator lanes of the kernel (16: the int16 requantization may apply)."""
+    lane_bits: the accumulator lanes of the kernel (16: the int16 requantization may apply);
+    lane_bound: a bound per output channel on |the int32 lanes| the kernel requantizes (given:
+    the int32-lane requantization qacc_neon_requant8_32 applies when `_vec_requant_ok` holds for
+    it and every shift is at most 31)."""
     rq = call.node.requant
     assert rq is not None
     real = np.asarray(rq.mult, dtype=np.int64).reshape(-1)
@@ -301,7 +300,24 @@ def _requant_arrays(call: KernelCall, n: int, add: AddArray, lane_bits: int) -> 
         and bool(np.all(shift <= 31))
         and bool(np.all((np.abs(np.broadcast_to(real, left.shape)) << left) < (1 << 16)))
     )
-    extra: dict[str, Any] = {"rq16": rq16}
+    rq32 = (
+        lane_bits == 32
+        and lane_bound is not None
+        and bool(np.all(shift <= 31))
+        and _vec_requant_ok(call.node, lane_bound)
+    )
+    extra: dict[str, Any] = {"rq16": rq16, "rq32": rq32, "rq_mult32": None}
+    if rq32:
+        if bool(np.any(mult[:channels] != 1)):
+            extra["rq_mult32"] = add(
+                "nmult32", "int32_t", [int(v) for v in mult],
+                f"{name}: requantization multiplier per output channel (int32), padded to {n}",
+            )  # fmt: skip
+        extra["rq_rshift32"] = add(
+            "nrshift32", "int32_t", [int(v) for v in rshift],
+            f"{name}: minus the requantization shift per output channel (int32), padded to {n}",
+        )  # fmt: skip
+        return extra
     if rq16:
         extra["rq_mult16"] = add(
             "nmult16", "int16_t", [int(v) for v in mult],
@@ -352,7 +368,11 @@ def gemm_context(
     lanes = 4 if sdot else 8
     ovecs = -(-oc // lanes)
     if sdot:
-        o_max, p_max = 4, 4
+        # P x O int32 accumulators, P input vectors and O weight vectors in 32 registers (a few
+        # left for addresses and temporaries): 5 x 4, 6 x 3, 8 x 2, 8 x 1
+        o_max = 4
+        o = min(o_max, ovecs)
+        p_max = min(8, (SDOT_REGS - o) // (o + 1))
     elif two and not _tiles(call, k)["late"]:
         # three registers per accumulator vector: the int16 tile and two int32 halves
         o_max, p_max = (2, 4) if nt.aarch64 else (2, 1)
@@ -364,13 +384,17 @@ def gemm_context(
     p_n = min(p_max, pixels)
     block = lanes * o_n
     ocp = _ceil_to(oc, block)
-    kstep = 16 if sdot else 8
+    kstep = 4 if sdot else 8
     kp = _ceil_to(k, kstep)
     ic = _ic(graph, call)
     mode = "im2col"
-    if not sdot and k == kp and ic % kstep == 0:
+    if sdot:
+        mode = "sdot"
+        geo = _sdot_geometry(graph, call)
+        kp = int(geo["TKH"] * geo["TKW"] * geo["TC"])
+    elif k == kp and ic % kstep == 0:
         mode = "direct"
-    elif not sdot and (not two or _tiles(call, k)["late"]):
+    elif not two or _tiles(call, k)["late"]:
         # rows pad each kernel row, which moves tile boundaries: only one tile may take it
         kh, _kw, row = _kernel_rows(node.params["weight"], ic)
         dw = int(node.attrs.get("dilation", (1, 1))[1])
@@ -378,7 +402,12 @@ def gemm_context(
             mode = "rows"
             kp = kh * _ceil_to(row, 8)
     wp = np.zeros((ocp, kp), dtype=np.int64)
-    if mode == "rows":
+    if mode == "sdot":
+        # each walked tap (a kernel row, or one input pixel) padded with zero weights to TC terms
+        wt = np.zeros((ocp, geo["TKH"] * geo["TKW"], geo["TC"]), dtype=np.int64)
+        wt[:oc, :, : geo["TREAL"]] = w2.reshape(oc, geo["TKH"] * geo["TKW"], geo["TREAL"])
+        wp = wt.reshape(ocp, kp)
+    elif mode == "rows":
         # each kernel row (KW * IC contiguous inputs) padded with zero weights to a multiple of 8
         tc = kp // kh
         wr = np.zeros((ocp, kh, tc), dtype=np.int64)
@@ -393,7 +422,7 @@ def gemm_context(
         wctype = "int8_t"
         # fold the input zero point into the bias (modulo 2^A): sum w (x - zp) = sum w x - zp sum w
         bias = bias - in_zp * w2.sum(axis=1)
-        desc = "int8, [oc block][k/4][8-channel... 4-channel vector][channel][4 k]"
+        desc = "int8, [oc block][k/4][4-channel vector][channel][4 k]"
     else:
         # [oc block][k][channel within the block]
         packed = wp.reshape(ocp // block, block, kp).transpose(0, 2, 1)
@@ -402,14 +431,16 @@ def gemm_context(
     bp = np.zeros(ocp, dtype=np.int64)
     bias_bits = int(call.acc2_bits) if two and call.acc2_bits else call.acc_bits
     bp[:oc] = wrap(bias, bias_bits)
-    geo = _geometry(graph, call, mode)
-    if geo["direct"]:
-        # the widened, padded input (int16) and the zeros read past its end by the last row
-        scratch = int(geo["IHP"] * geo["IWP"] * geo["IC"] + geo["SLACK"])
-    elif sdot:
-        scratch = -(-(p_n * kp) // 2)  # im2col rows of P pixels, int8
+    if sdot:
+        # the padded int8 input and the bytes read past its end (none: the kernel reads `in`)
+        scratch = -(-int(geo["XBYTES"]) // 2)
     else:
-        scratch = p_n * kp  # im2col rows of P pixels, int16
+        geo = _geometry(graph, call, mode)
+        if geo["direct"]:
+            # the widened, padded input (int16) and the zeros read past its end by the last row
+            scratch = int(geo["IHP"] * geo["IWP"] * geo["IC"] + geo["SLACK"])
+        else:
+            scratch = p_n * kp  # im2col rows of P pixels, int16
     wbits = weight_storage_bits(node)
     woff = scratch
     if wbits:  # then one block of unpacked weights (int8 for SDOT, else int16)
@@ -472,8 +503,80 @@ def gemm_context(
             + (", input zero point folded in" if sdot else "") + f", padded to {ocp} lanes",
         ),
     }  # fmt: skip
-    ctx.update(_requant_arrays(call, ocp, add, lane_bits))
+    ctx.update(_requant_arrays(call, ocp, add, lane_bits, _lane_bound(call) if sdot else None))
     return ctx
+
+
+def _lane_bound(call: KernelCall) -> np.ndarray:
+    """Per output channel, a bound on |the int32 lanes| a conv2d / dense kernel requantizes after
+    its wrap to A bits: the exact sum when no input can make it wrap, else 2^(A-1)."""
+    assert call.acc_bits is not None
+    oc = int(call.node.params["weight"].shape[0])
+    exact = _acc_bound(call.node, oc)
+    full = np.full(oc, 1 << (call.acc_bits - 1), dtype=np.int64)
+    return exact if bool(np.all(exact < full)) else full
+
+
+SDOT_REGS = 29
+"""Vector registers the SDOT register block may hold (of 32): accumulators, inputs, weights."""
+
+SDOT_SLACK = 16
+"""Bytes the SDOT kernel may read past the last input value (its 16-byte loads of a tap's last
+4-term groups; the values past the tap meet zero weights or lanes no SDOT reads)."""
+
+
+def _sdot_geometry(graph: Graph, call: KernelCall) -> dict[str, Any]:
+    """How the SDOT kernel walks its int8 input in place (no im2col gather).
+
+    The input is read raw (the zero point is folded into the bias). With padding, or when a
+    16-byte load could read past the input, the kernel first copies it into the scratch buffer
+    with IZP in the padding rows and columns and SDOT_SLACK bytes after it (`xcopy`); otherwise it
+    reads `in` itself. Each output pixel then walks TKH x TKW "taps" of TC contiguous values (TC:
+    the TREAL values of the tap rounded up to 4; the extra values meet zero weights):
+    rows (dilation 1 along W): a kernel row, KW * IC values; else one input pixel, IC values.
+    A tap is TFULL groups of 16 terms (one 16-byte load per pixel, four SDOT lanes) and
+    TTAIL groups of 4 (one more load, TTAIL lanes). Dense: one pixel of K values."""
+    node = call.node
+    a = node.attrs
+    w = node.params["weight"]
+    if w.ndim == 4:
+        ih, iw, ic = (int(v) for v in graph.tensors[node.inputs[0]].shape)
+        kh, kw = int(w.shape[1]), int(w.shape[2])
+    else:  # dense: one pixel of K inputs
+        ih, iw, ic = 1, 1, int(np.prod(w.shape[1:]))
+        kh, kw = 1, 1
+    sh, sw = (int(v) for v in a.get("stride", (1, 1)))
+    dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
+    pt, pb, pl, pr = (int(v) for v in a.get("padding", (0, 0, 0, 0)))
+    ihp, iwp = ih + pt + pb, iw + pl + pr
+    rows = dw == 1 or kw == 1
+    treal = kw * ic if rows else ic
+    tc = _ceil_to(treal, 4)
+    xcopy = bool(pt or pb or pl or pr) or tc % 16 != 0 or treal != tc
+    return {
+        "IH": ih,
+        "IW": iw,
+        "IHP": ihp,
+        "IWP": iwp,
+        "IC": ic,
+        "TKH": kh,
+        "TKW": 1 if rows else kw,
+        "TROW": dh * iwp * ic,
+        "TCOL": 0 if rows else dw * ic,
+        "TC": tc,
+        "TREAL": treal,
+        "TFULL": tc // 16,
+        "TFULL_TERMS": tc // 16 * 16,
+        "TTAIL": list(range((tc % 16) // 4)),
+        "TTAIL_TERMS": tc % 16,
+        "ROWSTEP": sh * iwp * ic,
+        "COLSTEP": sw * ic,
+        "xcopy": xcopy,
+        "SLACK": SDOT_SLACK if xcopy else 0,
+        "XBYTES": ihp * iwp * ic + SDOT_SLACK if xcopy else 0,
+        "direct": True,
+        "rows": rows,
+    }
 
 
 def _tiles(call: KernelCall, k: int) -> dict[str, Any]:
@@ -594,14 +697,19 @@ def depthwise_context(
     mid = max(0, min(iw, cols - lf))
     ib = np.zeros(cp, dtype=np.int64)
     ib[:c] = wrap(bias - in_zp * w.reshape(c, -1).sum(axis=1), call.acc_bits)
-    s8 = call.container_bits == 16 and bool(np.all(np.abs(w) <= 127))
+    # int8 x int8 products (|w| <= 127, |x| <= 128): one is exact in int16 (acc16: SMLAL.8H into
+    # the lanes), and so is the sum of two (acc32: SMULL.8H + SMLAL.8H per pair of taps, widened
+    # into the int32 lanes by SADDW/SADDW2)
+    s8 = bool(np.all(np.abs(w) <= 127))
     name = node.name
     wbits = weight_storage_bits(node)
     scratch = -(-(rows * cols * cp) // 2)  # int8 bytes in the int16 scratch
+    taps = [(ky * dh * cols + kx * dw) * cp for ky in range(kh) for kx in range(kw)]
     ctx: dict[str, Any] = {
         "neon": True,
         "CP": cp, "ROWS": rows, "COLS": cols, "LF": lf, "MID": mid,
-        "taps": [(ky * dh * cols + kx * dw) * cp for ky in range(kh) for kx in range(kw)],
+        "taps": taps,
+        "tap_pairs": [list(enumerate(taps))[i : i + 2] for i in range(0, len(taps), 2)],
         "s8": s8,
         "wbits": wbits,
         "WOFF": scratch,
@@ -625,7 +733,8 @@ def depthwise_context(
             "wpacked", "int16_t", [int(v) for v in wp.reshape(-1)],
             f"{name}: depthwise weights for the NEON kernel, int16, [tap][channel], {cp} channels",
         )  # fmt: skip
-    ctx.update(_requant_arrays(call, cp, add, call.container_bits))
+    bound = _lane_bound(call) if call.container_bits == 32 else None
+    ctx.update(_requant_arrays(call, cp, add, call.container_bits, bound))
     return ctx
 
 

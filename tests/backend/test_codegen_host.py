@@ -387,6 +387,45 @@ CASES: list[Case] = [
         "conv2d_acc32-c20-k3-same-mult1",
         lambda b: b.conv2d(b.input((5, 6, 20)), 8, (3, 3), padding=(1,) * 4, mult_bits=1),
     ),
+    # the SDOT kernel (dotprod cores): kernel rows of 16-term groups, partial pixel and channel
+    # blocks (5 x 16, 8 x 8), input read in place (no padding), per-pixel taps (dilation along
+    # W) with 4-term tail groups, the int32-lane requantization with and without a multiplier
+    Case(
+        "conv2d_acc32-c32-k3-same-40ch-mult1",
+        lambda b: b.conv2d(b.input((6, 7, 32)), 40, padding=(1,) * 4, mult_bits=1),
+    ),
+    Case(
+        "conv2d_pointwise_acc32-c32to24-in-place-mult4",
+        lambda b: b.conv2d(b.input((5, 6, 32)), 24, (1, 1), mult_bits=4),
+    ),
+    Case(
+        "conv2d_acc16-c20-dilation2-stride2-wrap-acc12",
+        lambda b: b.conv2d(
+            b.input((9, 9, 20), dist="high"),
+            8,
+            (3, 3),
+            (2, 2),
+            (2, 2, 2, 2),
+            (2, 2),
+            acc_bits=12,
+            w_dist="positive",
+            mult_bits=1,
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_acc16-c6-k3-row-tail-wrap-acc16",
+        lambda b: b.conv2d(
+            b.input((6, 5, 6), dist="high"),
+            12,
+            padding=(1, 0, 1, 1),
+            acc_bits=16,
+            w_dist="positive",
+            input_zero_point=5,
+        ),
+        wraps=True,
+    ),
+    Case("dense_acc32-64to20-in-place-mult1", lambda b: b.dense(b.input((64,)), 20, mult_bits=1)),
     # two-stage accumulation: tiles of T terms wrap in acc_bits, their sums (and the bias) in 32
     Case(
         "conv2d_acc16x32-k3-tile8-wrap",

@@ -125,3 +125,26 @@ def test_bench_rejects_bad_options() -> None:
         "cortex-m7", "cortex-m55",
     ]  # fmt: skip
     assert runner.resolve_widths((16, 32)) == [runner.Width(16), runner.Width(32)]
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+def test_sdot_beats_xnnpack_on_dotprod_cores() -> None:
+    """qacc's SDOT path against XNNPACK's qs8 dotprod kernels under the same QEMU CPU
+    (instruction counts are deterministic): on cortex-a76 the 3x3 conv runs at most
+    GOAL_SDOT_PER_MAC per MAC and below XNNPACK, and every bench network's layers that XNNPACK
+    runs (its conv layers) take no more instructions in qacc."""
+    nets = ["conv3x3", "resnet8", "ds_cnn", "mobilenet_v1", "demo"]
+    res = runner.run_bench(
+        ["cortex-a76"], (32,), nets, out=None, log=None, calib_samples=2, progress=False
+    )
+    rows = {r["network"]: r for r in res["rows"]}
+    peers_by = {p["network"]: p for p in res["peers"]}
+    assert set(rows) == set(peers_by) == set(nets)
+    conv = rows["conv3x3"]
+    assert [x["path"] for x in conv["layers"]] == ["acc32-sdot"]
+    assert conv["instructions_per_mac"] <= runner.GOAL_SDOT_PER_MAC
+    for name in nets:
+        p = peers_by[name]
+        assert "error" not in p, p.get("error")
+        assert 0 < p["qacc_acc32_conv_instructions"] <= p["instructions"], (name, p)

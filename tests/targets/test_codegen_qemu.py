@@ -111,7 +111,7 @@ def test_neon_kernels_are_chosen(tmp_path: Path) -> None:
         assert ("QACC_MLA16(a0_0," in src) != sdot  # dotprod: SDOT for the acc16 layers too
         assert ("vdotq_laneq_s32" in src) == sdot
         assert "vmlaq_s16(a, xv, wv)" not in src  # the depthwise layer is acc32 (20 bits)
-        assert "vmlal_s16(al, vget_low_s16(xv)" in src
+        assert "QACC_WIDEN16(pv, al, ah)" in src  # int32 lanes: products of two taps (int16)
         paths = [layer["path"] for layer in json.loads(files["report.json"])["layers"]]
         if sdot:
             assert paths == ["acc16-sdot", "acc32", "acc32-sdot", "acc16-sdot"]
