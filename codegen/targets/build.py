@@ -223,8 +223,24 @@ def _run(
         rc, output = proc.returncode, proc.stdout + proc.stderr
     log.append(output)
     if rc != 0:
-        tail = "\n".join(output.strip().splitlines()[-40:])
-        raise BuildError(f"build failed ({' '.join(cmd[:3])} ...):\n{tail}")
+        raise BuildError(failure_message(cmd, output))
+
+
+_OVERFLOW_RE = re.compile(r"region `(\w+)' overflowed by (\d+) bytes")
+
+
+def failure_message(cmd: Sequence[str], output: str) -> str:
+    """What a failed build step tells the user: one line when the program does not fit the
+    board's memory (the linker's region overflow), else the tail of the build's output."""
+    m = _OVERFLOW_RE.search(output)
+    if m is not None:
+        return (
+            f"the program does not fit the board's memory: the linker's {m[1]} region overflows "
+            f"by {int(m[2]):,} bytes (the model's weights and code); choose a smaller model or a "
+            "target with more flash"
+        )
+    tail = "\n".join(output.strip().splitlines()[-40:])
+    return f"build failed ({' '.join(cmd[:3])} ...):\n{tail}"
 
 
 def configure_args(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from codegen.targets import table
+from codegen.targets.build import failure_message
 from codegen.targets.qemu import (
     EmulatorTimeoutError,
     InsnCounts,
@@ -201,3 +202,18 @@ def test_parse_counts() -> None:
     counts = parse_counts("total 100\nmark 10\nmark 40\nmark 90\n")
     assert counts == InsnCounts(total=100, marks=(10, 40, 90))
     assert counts.phases() == (30, 50)
+
+
+def test_a_model_too_large_for_the_flash_is_one_line() -> None:
+    """The linker's region overflow (a zoo model on a 2 MiB Cortex-M board) becomes one line;
+    other failures keep the build's output."""
+    linker = (
+        "[7/7] Linking C executable net_testbench\nFAILED: net_testbench\n"
+        "ld: net_testbench section `.rodata' will not fit in region `CODE'\n"
+        "ld: region `CODE' overflowed by 344176 bytes\ncollect2: error: ld returned 1 exit status\n"
+    )
+    msg = failure_message(["cmake", "--build", "b"], linker)
+    assert msg.startswith("the program does not fit the board's memory: the linker's CODE region")
+    assert "344,176 bytes" in msg and "\n" not in msg
+    other = failure_message(["cmake", "--build", "b"], "x.c:1: error: nope\n")
+    assert other.startswith("build failed (cmake --build b ...):") and "error: nope" in other
