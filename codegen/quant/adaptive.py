@@ -57,7 +57,6 @@ from codegen.quant.ptq import (
     dyadic,
     format_node,
     is_nonneg,
-    refuse_unsupported,
     tensor_classes,
 )
 from codegen.quant.training import TrainData, fit
@@ -681,7 +680,7 @@ def export(net: QATNet) -> tuple[Graph, dict[str, Any]]:
         elif n.op == "concat":  # inputs share the output's format (tensor classes)
             k = len(n.inputs)
             rq = Requant(np.ones(k, dtype=np.int64), np.zeros(k, dtype=np.int64), 0, lo, hi)
-        else:  # lut, mul, softmax, adaptive pools, gather, maxpool2d, reshape: as in ptq
+        else:  # lut, mul, softmax, resize, adaptive pools, gather, maxpool2d, reshape: as in ptq
             more, params, rq = format_node(n, [fmts[t] for t in n.inputs], fo, lo, hi)
             attrs.update(more)
         nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
@@ -761,7 +760,6 @@ def quantize_adaptive(
         raise QaccError(f"unknown scale kind '{scale}'; choose dyadic or pow2")
     if epochs < 0:
         raise QaccError(f"epochs must be >= 0, got {epochs}")
-    refuse_unsupported(graph, "adaptive")
     wb, ab = resolve_bits(graph, w_bits, a_bits)
     torch.manual_seed(seed)
     net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device)

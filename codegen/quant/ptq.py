@@ -459,8 +459,8 @@ def format_node(
     n: Node, fins: list[QFormat], fo: QFormat, lo: int, hi: int
 ) -> tuple[dict[str, Any], dict[str, np.ndarray], Requant]:
     """Attributes to add, parameters and requantization of an unweighted node that changes no
-    format class (lut, mul, softmax, adaptive pools, gather, maxpool, reshape) in the integer
-    graph, for any formats (power-of-two or dyadic, zero points): every method builds these
+    format class (lut, mul, softmax, resize, adaptive pools, gather, maxpool, reshape) in the
+    integer graph, for any formats (power-of-two or dyadic, zero points): every method builds these
     nodes here. Power-of-two formats give shift-only requantizations (mul: fa + fb - fo)."""
     one = np.ones(1, dtype=np.int64)
     attrs: dict[str, Any] = {}
@@ -485,6 +485,22 @@ def format_node(
             mult, shift = dyadic(np.array([fins[0].scale * fins[1].scale / fo.scale]))
         rq = Requant(mult, shift, fo.zero_point, lo, hi)
         attrs["acc_bits"] = _container_bits(_span(fins[0]) * _span(fins[1]))
+    elif n.op == "resize_bilinear":  # 4 exact products by integer weights, requantized once
+        bits = reference.RESIZE_WEIGHT_BITS
+        for axis in ("row", "col"):
+            w = reference.resize_weights(n.attrs[f"{axis}_lambda"], bits)
+            attrs[f"{axis}_weight"] = tuple(int(v) for v in w)
+        attrs["weight_bits"] = bits
+        if fins[0].zero_point:
+            attrs["input_zero_point"] = fins[0].zero_point
+        if fins[0].is_pow2 and fo.is_pow2:  # the weights' 2^(2 bits) and the formats: a shift
+            mult, shift = one, one * (2 * bits + fins[0].frac - fo.frac)
+        else:
+            mult, shift = dyadic(np.array([fins[0].scale / fo.scale]))
+            shift = shift + 2 * bits
+        rq = Requant(mult, shift, fo.zero_point, lo, hi)
+        # the weights are >= 0 and sum to 2^(2 bits): |acc| <= 2^(2 bits) * max|x - zp|
+        attrs["acc_bits"] = _container_bits(_span(fins[0]) << (2 * bits))
     elif n.op == "softmax":  # an exp table and an exact rounded division (reference.softmax)
         if not fo.is_pow2 or fo.frac < 0:
             raise UnsupportedModelError(f"softmax '{n.name}' needs a power-of-two output")
@@ -540,21 +556,6 @@ def build_integer_graph(
             m, s = _divide_by(count, fins[0].frac, fo.frac)
             rq = Requant(one * m, one * s, fo.zero_point, lo, hi)
             attrs["acc_bits"] = _container_bits(count * max(-fins[0].qmin, fins[0].qmax))
-        elif n.op == "resize_bilinear":  # 4 exact products by integer weights: one shift
-            if not (fins[0].is_pow2 and fo.is_pow2):
-                raise UnsupportedModelError(f"resize '{n.name}' needs power-of-two formats")
-            bits = reference.RESIZE_WEIGHT_BITS
-            for axis in ("row", "col"):
-                w = reference.resize_weights(n.attrs[f"{axis}_lambda"], bits)
-                attrs[f"{axis}_weight"] = tuple(int(v) for v in w)
-            attrs["weight_bits"] = bits
-            izp = fins[0].zero_point
-            if izp:
-                attrs["input_zero_point"] = izp
-            rq = Requant(one, one * (2 * bits + fins[0].frac - fo.frac), fo.zero_point, lo, hi)
-            # the weights are >= 0 and sum to 2^(2 bits): |acc| <= 2^(2 bits) * max|x - zp|
-            peak = max(fins[0].qmax - izp, izp - fins[0].qmin) << (2 * bits)
-            attrs["acc_bits"] = _container_bits(peak)
         elif n.op == "add":
             fm = max(f.frac for f in fins)
             mult = [1 << (fm - f.frac) for f in fins]
@@ -566,24 +567,11 @@ def build_integer_graph(
             k = len(n.inputs)
             shifts = np.array([f.frac - fo.frac for f in fins], dtype=np.int64)
             rq = Requant(np.ones(k, dtype=np.int64), shifts, fo.zero_point, lo, hi)
-        else:  # lut, mul, softmax, adaptive pools, gather, maxpool2d, reshape
+        else:  # lut, mul, softmax, resize, adaptive pools, gather, maxpool2d, reshape
             more, params, rq = format_node(n, fins, fo, lo, hi)
             attrs.update(more)
         nodes.append(Node(n.name, n.op, n.inputs, n.output, attrs, params, rq))
     return graph.with_nodes(tuple(nodes), tensors)
-
-
-PTQ_ONLY_OPS = frozenset({"resize_bilinear"})
-"""Ops only the `ptq` method quantizes so far (`adaptive` and `transform` refuse them)."""
-
-
-def refuse_unsupported(graph: Graph, method: str) -> None:
-    """A one-line error for the first node whose op `method` cannot quantize yet."""
-    for n in graph.nodes:
-        if n.op in PTQ_ONLY_OPS:
-            raise UnsupportedModelError(
-                f"method '{method}' does not support {n.op} (node '{n.name}') yet; use method='ptq'"
-            )
 
 
 def fakequant_overrides(graph: Graph) -> dict[str, dict[str, Any]]:

@@ -53,7 +53,6 @@ from codegen.quant.calibrate import calibrate
 from codegen.quant.ptq import (
     build_integer_graph,
     class_infos,
-    refuse_unsupported,
     tensor_classes,
 )
 from codegen.quant.training import TrainData, fit
@@ -503,7 +502,6 @@ def quantize_transform(
     device: torch.device | str = "cpu",
 ) -> tuple[Graph, dict[str, Any]]:
     """The integer graph of `fg` coded at `bits_per_weight`, and the report's extra entries."""
-    refuse_unsupported(fg, "transform")
     if transform not in TRANSFORMS:
         raise QaccError(f"unknown transform '{transform}'; choose one of {', '.join(TRANSFORMS)}")
     if deploy not in DEPLOYMENTS:

@@ -21,9 +21,9 @@ guaranteed accumulators) -> codegen.compile -> the C output equals qm.reference_
   order, the C writes one array per output.
 
 The squeeze-excitation, ShuffleNet and U-Net patterns (tables, products, softmax, gathers,
-adaptive pools, nearest upsampling) also go through the other methods, adaptive (learned formats:
-W4A4 at 12-bit and W8A8 at 16-bit accumulators, guaranteed) and transform, bit-exact in C; they
-refuse bilinear resizing in one line.
+adaptive pools, nearest and bilinear upsampling) also go through the other methods, adaptive
+(learned formats: W4A4 at 12-bit and W8A8 at 16-bit accumulators, guaranteed) and transform,
+bit-exact in C.
 
 The ONNX exports of the same patterns are compared with these graphs in test_onnx.py (the CASES of
 test_frontend.py); the QEMU tests run six of the networks on cortex-a53 (NEON) and cortex-m55
@@ -149,12 +149,10 @@ class SqueezeExcitation(nn.Module):
 
 class UNet(nn.Module):
     """A small U-Net: encoder (conv, max pool), decoder (x2 upsampling: nearest as a module,
-    bilinear as F.interpolate, or nearest without `bilinear`), skip concatenations, a per-pixel
-    head."""
+    bilinear as F.interpolate), skip concatenations, a per-pixel head."""
 
-    def __init__(self, bilinear: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.bilinear = bilinear
         self.e1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8), nn.ReLU())
         self.e2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU())
         self.mid = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(12, 12, 3, padding=1), nn.ReLU())
@@ -167,10 +165,7 @@ class UNet(nn.Module):
         a = self.e1(x)
         b = self.e2(a)
         d = self.d1(torch.cat((self.up(self.mid(b)), b), 1))
-        if self.bilinear:
-            up = F.interpolate(d, scale_factor=2, mode="bilinear", align_corners=False)
-        else:
-            up = F.interpolate(d, scale_factor=2, mode="nearest")
+        up = F.interpolate(d, scale_factor=2, mode="bilinear", align_corners=False)
         return self.head(self.d2(torch.cat((up, a), 1)))
 
 
@@ -434,19 +429,17 @@ METHODS: dict[str, dict[str, object]] = {
 NEW_OPS = {
     "squeeze_excitation": {"lut", "mul", "softmax"},
     "shufflenet_unit": {"gather", "adaptive_avgpool2d"},
-    "unet": {"adaptive_maxpool2d"},  # nearest upsampling
+    "unet": {"adaptive_maxpool2d", "resize_bilinear"},  # nearest and bilinear upsampling
 }
 
 
 @functools.cache
 def _other_method(key: str, how: str) -> tuple[QuantizedModel, np.ndarray]:
-    """The network (a U-Net with a classifier head, since the training loss is a classifier's,
-    and nearest upsampling, since only PTQ resizes bilinearly) under method `how`, trained for
-    one epoch on its 32 calibration samples."""
+    """The network (a U-Net with a classifier head: the training loss is a classifier's) under
+    method `how`, trained for one epoch on its 32 calibration samples."""
     model, calib, x = _build(key)
     if key == "unet":
-        torch.manual_seed(0)
-        model = nn.Sequential(UNet(bilinear=False), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        model = nn.Sequential(model, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     with torch.no_grad():
         classes = model(torch.as_tensor(calib[:1])).shape[1]
     y = np.random.default_rng(2).integers(0, classes, len(calib))
@@ -546,17 +539,3 @@ def test_other_methods_quantize_transposed_convolutions(method: str) -> None:
     assert zeros.requant.zero_point == fmt.zero_point
     assert g.nodes[2].attrs.get("input_zero_point", 0) == fmt.zero_point
     assert np.array_equal(qm.simulate(x), qm.reference(x))
-
-
-@pytest.mark.parametrize("method", ["adaptive", "transform"])
-def test_other_methods_refuse_bilinear_resizing_in_one_line(method: str) -> None:
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 1), nn.Upsample(scale_factor=2, mode="bilinear"), nn.Flatten(),
-        nn.Linear(4 * 8 * 8, 2),
-    ).eval()  # fmt: skip
-    x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
-    y = np.zeros(8, dtype=np.int64)
-    with pytest.raises(codegen.QaccError) as e:
-        codegen.quantize(model, x, method=method, train=(x, y), progress=False)
-    assert str(e.value).startswith(f"method '{method}' does not support resize_bilinear (node ")
-    assert "\n" not in str(e.value)
