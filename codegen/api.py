@@ -24,7 +24,8 @@ from codegen.core.reference import RunResult, quantize_images
 from codegen.frontend.torch_fx import from_torch
 from codegen.quant.accumulator import POLICIES, Policy, channel_bounds, tile_bounds
 from codegen.quant.distributed import resolve_device
-from codegen.quant.ptq import PTQResult, fakequant_overrides, search
+from codegen.quant.equalize import DEFAULT_CLE, check_cle, equalize
+from codegen.quant.ptq import DEFAULT_CLIP, PTQResult, check_clip, fakequant_overrides, search
 from codegen.quant.rounding import DEFAULT_ROUNDING, check_rounding
 from codegen.quant.training import TrainData
 from codegen.targets.compiled import compile as compile
@@ -296,6 +297,8 @@ def quantize(
     rounding: str = DEFAULT_ROUNDING,
     acc_stages: int = 1,
     acc_tile: int | None = None,
+    clip: str = DEFAULT_CLIP,
+    cle: str = DEFAULT_CLE,
 ) -> QuantizedModel:
     """Quantize an eval-mode nn.Module for accumulators of `acc_bits` bits.
 
@@ -311,6 +314,15 @@ def quantize(
     accumulator-aware error-correcting rounding (AXE: each weight column's rounding error pushed
     onto the columns not yet quantized, every channel kept inside its accumulator budget, then
     bias correction; best below 16 bits).
+    `clip` ("ptq" only): "none" (each layer input's range covers its calibration maximum),
+    "mse" (per input width, the range among it and those 2, 4 and 8 times smaller, the values
+    beyond them saturating, with the least quantization error of the input: finer steps under
+    the same accumulator budget) or "search" (every such range ranked with the widths by the
+    network output; slower). `cle` ("ptq" only): cross-layer equalization of the float network
+    before the search, "none", "weights" (Nagel et al.: equal weight ranges across each ReLU) or
+    "activations" (every channel of a layer's input reaches the same calibration maximum, which
+    tightens the accumulator bound Σ|w|·max|x|); the float outputs are unchanged, and the
+    QuantizedModel's float graph is the equalized one (the weights that were quantized).
     method="adaptive": quantization-aware training on `train` for `epochs` with learned step
     sizes and offsets (LSQ+), `w_bits`/`a_bits` (2..8, per network or {layer: bits}), `scale`
     "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`;
@@ -337,6 +349,10 @@ def quantize(
     if method not in METHODS:
         raise QaccError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
     check_rounding(rounding)
+    check_clip(clip)
+    check_cle(cle)
+    if method != "ptq" and (clip, cle) != (DEFAULT_CLIP, DEFAULT_CLE):
+        raise QaccError(f"clip and cle are options of method 'ptq', not '{method}'")
     if overflow not in POLICIES:
         raise QaccError(f"unknown overflow policy '{overflow}'; choose guaranteed or profiled")
     dev = resolve_device(device)  # before any work: "cuda" without CUDA is a one-line error
@@ -396,9 +412,11 @@ def quantize(
         )
     else:
         acc2 = ACC2_BITS if acc_stages == 2 else None
-        res = search(fg, simulate.nchw_to_nhwc(calib_ir), lab, accs, cast(Policy, overflow), margin,
+        x_nhwc = simulate.nchw_to_nhwc(calib_ir)
+        fg = equalize(fg, cle, x_nhwc)  # the same float function, the graph quantized
+        res = search(fg, x_nhwc, lab, accs, cast(Policy, overflow), margin,
                      progress, device=dev, rounding=rounding, acc2_bits=acc2,
-                     min_tile=acc_tile)  # fmt: skip
+                     min_tile=acc_tile, clip=clip)  # fmt: skip
         graph = res.graph
     qm = QuantizedModel(fg.name, graph, fg, method, overflow)
     qm.report = build_report(qm, res, calib) | extra
@@ -499,6 +517,7 @@ def build_report(qm: QuantizedModel, res: PTQResult | None, calib: np.ndarray) -
                 row["weight_frac"] = [min(wf), max(wf)]
             if res is not None and n.name in res.choices:
                 row["search"] = res.choices[n.name].candidates
+                row["input_clip"] = res.choices[n.name].clip
             total_macs += macs(g, n)
             stored_bits = int(n.attrs.get("weight_bits", 8))
             weight_bytes += -(-int(q.size) * stored_bits // 8) + 4 * int(q.shape[0])

@@ -37,6 +37,8 @@ def _sweep(args: argparse.Namespace) -> int:
         args.qat_epochs,
         args.epochs,
         rounding=[r.strip() for r in args.rounding.split(",") if r.strip()],
+        clip=args.clip,
+        cle=args.cle,
     )
 
 
@@ -127,6 +129,8 @@ def _compile(args: argparse.Namespace) -> int:
             margin=args.margin,
             name=args.name,
             rounding=args.rounding,
+            clip=args.clip,
+            cle=args.cle,
             w_bits=args.w_bits,
             a_bits=args.a_bits,
             scale=args.scale,
@@ -213,6 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     from codegen.data import models
     from codegen.quant.rounding import DEFAULT_ROUNDING, ROUNDINGS
     from codegen.targets.table import TARGETS
+
+    def ptq_options(q: argparse.ArgumentParser, check: bool) -> None:
+        """--clip and --cle (compile: argparse checks the values; sweep: codegen does)."""
+        from codegen.quant.equalize import CLES, DEFAULT_CLE
+        from codegen.quant.ptq import CLIPS, DEFAULT_CLIP
+
+        q.add_argument(
+            "--clip",
+            choices=CLIPS if check else None,
+            default=DEFAULT_CLIP,
+            help="ptq: activation clipping; mse picks per input width the range (the "
+            "calibration maximum or 2, 4, 8 times below, saturating) of least input error; "
+            "search ranks every such range by the network output",
+        )
+        q.add_argument(
+            "--cle",
+            choices=CLES if check else None,
+            default=DEFAULT_CLE,
+            help="ptq: cross-layer equalization before the search (weights: equal weight "
+            "ranges; activations: equal channel maxima, a tighter accumulator bound)",
+        )
 
     p = argparse.ArgumentParser(
         prog="qacc",
@@ -303,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ptq: weight rounding; optq and gpfq push each column's rounding error onto the "
         "columns not yet quantized, inside the accumulator budget (AXE); nearest rounds each",
     )
+    ptq_options(c, check=True)
     c.add_argument(
         "--method",
         choices=("ptq", "adaptive", "transform"),
@@ -385,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ROUNDING,
         help=f"ptq weight rounding, one or more of {', '.join(ROUNDINGS)} (commas)",
     )
+    ptq_options(w, check=False)
     w.add_argument(
         "--out", default="out/sweep", help="directory for sweep.png, sweep.md and sweep.json"
     )

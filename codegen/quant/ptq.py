@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from codegen.core import lut, reference, simulate
-from codegen.core.errors import InfeasibleAccumulatorError, UnsupportedModelError
+from codegen.core.errors import InfeasibleAccumulatorError, QaccError, UnsupportedModelError
 from codegen.core.formats import frac_for_range, round_half_up
 from codegen.core.ir import (
     WEIGHTED_OPS,
@@ -60,6 +60,23 @@ DEFAULT_SIGNED_BITS = 8
 DEFAULT_UNSIGNED_BITS = 7
 RANK_SAMPLES = 2000
 MAX_ACC_BITS = 32
+CLIPS = ("none", "mse", "search")
+"""Activation clipping (`search(clip=)`): "none" keeps each layer input's range covering its
+calibration maximum. The others also consider ranges 2, 4 and 8 times smaller (MAX_CLIP more
+fractional bits at the same width: finer steps, the largest values saturate): "mse" gives each
+candidate width the range of least squared quantization error of the layer's input on the
+ranking samples (at one width the weights do not depend on the input's range, so this trades
+rounding against saturation; no extra network runs); "search" ranks every (width, range)
+candidate by the network's output like the widths (the ranges of one width are tried from the
+widest, and the first that scores no better than the one before ends them)."""
+DEFAULT_CLIP = "none"
+MAX_CLIP = 3
+
+
+def check_clip(clip: str) -> str:
+    if clip not in CLIPS:
+        raise QaccError(f"unknown clip '{clip}'; choose one of {', '.join(CLIPS)}")
+    return clip
 
 
 # ----------------------------------------------------------------------------- tensor classes
@@ -87,8 +104,10 @@ class ClassInfo:
     signed: bool
     absmax: float
 
-    def fmt(self, bits: int) -> QFormat:
-        return QFormat(bits, self.signed, frac_for_range(self.absmax, bits, self.signed))
+    def fmt(self, bits: int, clip: int = 0) -> QFormat:
+        """The format of `bits` bits covering the calibration range, or with `clip` more
+        fractional bits: a range 2^clip times smaller, larger values saturate."""
+        return QFormat(bits, self.signed, frac_for_range(self.absmax, bits, self.signed) + clip)
 
     @property
     def max_bits(self) -> int:
@@ -146,6 +165,7 @@ def class_infos(graph: Graph, classes: TensorUnion, cal: Calibration) -> dict[st
 class LayerChoice:
     input_bits: int
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    clip: int = 0  # fractional bits added to the input's calibrated format (activation clipping)
 
 
 @dataclass
@@ -215,6 +235,19 @@ def smallest_feasible_acc(
     return None
 
 
+def _least_error_clips(
+    cands: list[tuple[int, int]], x: torch.Tensor, info: ClassInfo
+) -> list[tuple[int, int]]:
+    """Of the (width, clip) candidates, per width the one whose format quantizes x (the float
+    layer input on the ranking samples) with the least squared error."""
+    best: dict[int, tuple[float, int]] = {}
+    for bx, cb in cands:
+        err = float((simulate.fake_quant(x, info.fmt(bx, cb)) - x).pow(2).sum())
+        if bx not in best or err < best[bx][0]:
+            best[bx] = (err, cb)
+    return [(bx, cb) for bx, (_, cb) in best.items()]
+
+
 def _fills(a: WeightQuant, b: WeightQuant | None) -> bool:
     """A configuration fills the accumulator unless one more input bit costs no weight bit."""
     return b is None or bool(np.any(b.frac < a.frac))
@@ -233,8 +266,10 @@ def search(
     bias_correction: bool = True,
     acc2_bits: int | None = None,
     min_tile: int | None = None,
+    clip: str = DEFAULT_CLIP,
 ) -> PTQResult:
-    """`rounding` ("nearest", "optq", "gpfq": `codegen.quant.rounding`) turns the weights of
+    """`clip` ("none", "search": `CLIPS`) chooses each layer input's range with its width.
+    `rounding` ("nearest", "optq", "gpfq": `codegen.quant.rounding`) turns the weights of
     every candidate into error-corrected ones, fed the already-quantized prefix's outputs.
 
     Under torchrun the ranges are all-reduced (`calibrate`) and the candidates are ranked on
@@ -248,15 +283,17 @@ def search(
     rank_labels = labels[:RANK_SAMPLES] if labels is not None else None
 
     decided: dict[str, int] = {}
+    clipped: dict[str, int] = {}  # extra fractional bits of a class (activation clipping)
+    clips = range(1) if check_clip(clip) == "none" else range(MAX_CLIP + 1)
     weights: dict[str, WeightQuant] = {}
     choices: dict[str, LayerChoice] = {}
 
-    def formats(extra: Mapping[str, int] = {}) -> dict[str, QFormat]:
-        bits = {**decided, **extra}
+    def formats(extra: Mapping[str, tuple[int, int]] = {}) -> dict[str, QFormat]:
+        chosen = {c: (b, clipped.get(c, 0)) for c, b in decided.items()} | dict(extra)
         return {
-            t: infos[classes.find(t)].fmt(bits[classes.find(t)])
+            t: infos[classes.find(t)].fmt(*chosen[classes.find(t)])
             for t in graph.tensors
-            if classes.find(t) in bits
+            if classes.find(t) in chosen
         }
 
     def overrides(extra: Mapping[str, WeightQuant] = {}) -> dict[str, dict[str, Any]]:
@@ -280,26 +317,32 @@ def search(
                 single.add(node.name)  # one tile holds every term: one acc_bits stage instead
             else:
                 tile = (min_tile, acc2_bits)
-        widths = [decided[cls]] if cls in decided else list(range(MIN_BITS, info.max_bits + 1))
+        if cls in decided:
+            widths, cl = [decided[cls]], [clipped.get(cls, 0)]
+        else:
+            widths, cl = list(range(MIN_BITS, info.max_bits + 1)), list(clips)
         quants = {
-            bx: _layer_weights(node, info.fmt(bx), a, policy, cal, margin, tile) for bx in widths
+            (bx, cb): _layer_weights(node, info.fmt(bx, cb), a, policy, cal, margin, tile)
+            for bx in widths
+            for cb in cl
         }
         cands = []
-        for bx in widths:
-            wq = quants[bx]
+        for bx, cb in quants:
+            wq = quants[bx, cb]
             if wq is None:
                 continue
-            nxt = quants.get(bx + 1) if bx + 1 in quants else None
+            nxt = quants.get((bx + 1, cb))
             if len(widths) > 1 and bx < info.max_bits and not _fills(wq, nxt):
                 continue
-            cands.append(bx)
-        # a width this layer decides for later layers reading the same tensor must fit them too
+            cands.append((bx, cb))
+        # a format this layer decides for later layers reading the same tensor must fit them too
         later = [m for m in weighted if m is not node and classes.find(m.inputs[0]) == cls]
         fit = [
-            bx
-            for bx in cands
+            (bx, cb)
+            for bx, cb in cands
             if all(
-                _layer_weights(m, info.fmt(bx), acc_bits[m.name], policy, cal, margin) is not None
+                _layer_weights(m, info.fmt(bx, cb), acc_bits[m.name], policy, cal, margin)
+                is not None
                 for m in later
             )
         ]
@@ -317,28 +360,33 @@ def search(
                 if need is not None
                 else f"layer '{node.name}' cannot be quantized: {hint}"
             )
-        scored = []
+        scored: list[tuple[tuple[float, ...], int, int]] = []
         index = graph.nodes.index(node)
         state = simulate.prefix(
             graph, rank_x, index, formats=formats(), overrides=overrides(), dtype=torch.float32
         )
         if rounding != "nearest":
             fstate = simulate.prefix(graph, rank_x, index, dtype=torch.float32)
-        for bx in cands:
-            fmts = formats({cls: bx})
+        if clip == "mse" and cls not in decided:  # per width, the clip of least input error
+            cands = _least_error_clips(cands, state[node.inputs[0]], info)
+        worse: set[int] = set()  # widths whose output got worse at a larger clip: stop there
+        for key in cands:
+            if key[0] in worse:
+                continue
+            fmts = formats({cls: key})
             # the class being decided was kept in float by `prefix`: quantize it now
             st = {
                 t: simulate.fake_quant(v, fmts[t]) if classes.find(t) == cls else v
                 for t, v in state.items()
             }
-            wq = quants[bx]
+            wq = quants[key]
             assert wq is not None
             if rounding != "nearest":
                 fi = fmts[node.inputs[0]]
                 stats = layer_stats(
                     node, st[node.inputs[0]], fstate[node.inputs[0]], rounding == "gpfq"
                 )
-                wq = quants[bx] = refine(
+                wq = quants[key] = refine(
                     node, wq, stats, rounding, fi.qmin - fi.zero_point, fi.qmax - fi.zero_point,
                     a, policy, bias_correction,
                 )  # fmt: skip
@@ -351,20 +399,26 @@ def search(
                 state=st,
                 start=index,
             )
-            scored.append((_score(out, rank_ref, rank_labels), bx))
-        best = max(scored)[1]
-        decided[cls] = best
-        weights[node.name] = quants[best]  # type: ignore[assignment]
+            # ties: the wider input, then the smaller clip (the range that saturates less)
+            score = _score(out, rank_ref, rank_labels)
+            if scored and scored[-1][1] == key[0] and scored[-1][0] >= score:
+                worse.add(key[0])
+            scored.append((score, key[0], -key[1]))
+        _, best, neg_clip = max(scored)
+        decided[cls], clipped[cls] = best, -neg_clip
+        weights[node.name] = quants[best, -neg_clip]  # type: ignore[assignment]
         choices[node.name] = LayerChoice(
             best,
             [
                 {
                     "input_bits": bx,
-                    "weight_bits": quants[bx].bits,  # type: ignore[union-attr]
+                    "clip": -nc,
+                    "weight_bits": quants[bx, -nc].bits,  # type: ignore[union-attr]
                     "score": list(s),
                 }
-                for s, bx in scored
+                for s, bx, nc in scored
             ],
+            -neg_clip,
         )
     bar.close()
 

@@ -22,6 +22,8 @@ import torch
 from codegen import api
 from codegen.api import describe_bits
 from codegen.core.errors import InfeasibleAccumulatorError, QaccError
+from codegen.quant.equalize import DEFAULT_CLE, check_cle
+from codegen.quant.ptq import DEFAULT_CLIP, check_clip
 from codegen.quant.rounding import DEFAULT_ROUNDING, ROUNDINGS, check_rounding
 from codegen.quant.training import accuracy as train_accuracy
 
@@ -50,10 +52,15 @@ def run(
     keep: dict[tuple[str, str, int], api.QuantizedModel] | None = None,
     distill: bool = False,
     rounding: Sequence[str] = (DEFAULT_ROUNDING,),
+    clip: str = DEFAULT_CLIP,
+    cle: str = DEFAULT_CLE,
 ) -> dict[str, Any]:
     """Every (method, policy, width) point, PTQ once per weight `rounding`; a width that does
     not fit ends its series. `keep`, if given, receives every quantized model by (method, policy,
-    width) (PTQ: the last rounding's)."""
+    width) (PTQ: the last rounding's). `clip` and `cle` are the PTQ options of
+    `codegen.quantize`."""
+    check_clip(clip)
+    check_cle(cle)
     for m in methods:
         if m not in METHODS:
             raise QaccError(f"unknown sweep method '{m}'; choose from {', '.join(METHODS)}")
@@ -77,7 +84,7 @@ def run(
                     assert rnd is not None
                     qm = api.quantize(
                         net, calib, acc_bits=a, overflow=policy, labels=calib_labels,
-                        progress=progress, rounding=rnd,
+                        progress=progress, rounding=rnd, clip=clip, cle=cle,
                     )  # fmt: skip
                 else:
                     qm = api.quantize(
@@ -110,6 +117,8 @@ def run(
                 )
                 row["weight_bits"], row["activation_bits"] = w_bits, a_bits
                 row["epochs"], row["distill"] = epochs, distill
+            else:
+                row["clip"], row["cle"] = clip, cle
             rows.append(row)
             log(
                 f"  {method:<8} {policy:<10} {rnd or '':<7} {a:>2} bits: {100 * acc:6.2f}% "
@@ -171,12 +180,16 @@ def main(
     train_epochs: int = 4,
     calib_size: int = 2000,
     rounding: Sequence[str] = (DEFAULT_ROUNDING,),
+    clip: str = DEFAULT_CLIP,
+    cle: str = DEFAULT_CLE,
 ) -> int:
     """`qacc sweep`: Fashion-MNIST, the demo network, every width and method; writes the files."""
     from codegen.data import datasets, models, train
 
     for r in rounding:
         check_rounding(r)
+    check_clip(clip)
+    check_cle(cle)
     t0 = time.time()
     x_train, y_train, x_test, y_test = datasets.fashion_mnist()
     net = train.trained(model_name, models.ZOO[model_name](), x_train, y_train, epochs=train_epochs)
@@ -193,6 +206,8 @@ def main(
         epochs=epochs,
         distill=True,
         rounding=rounding,
+        clip=clip,
+        cle=cle,
     )
     paths = write(result, out_dir)
     print(table(result))
