@@ -351,7 +351,7 @@ def quantize(
     check_rounding(rounding)
     check_clip(clip)
     check_cle(cle)
-    if method != "ptq" and (clip, cle) != (DEFAULT_CLIP, DEFAULT_CLE):
+    if method != "ptq" and (clip not in (DEFAULT_CLIP, "none") or cle not in (DEFAULT_CLE, "none")):
         raise QaccError(f"clip and cle are options of method 'ptq', not '{method}'")
     if overflow not in POLICIES:
         raise QaccError(f"unknown overflow policy '{overflow}'; choose guaranteed or profiled")

@@ -38,7 +38,7 @@ from codegen.core.ir import WEIGHTED_OPS, Graph, Node
 from codegen.quant import distributed as ddp
 
 CLES = ("none", "weights", "activations")
-DEFAULT_CLE = "none"
+DEFAULT_CLE = "activations"
 SWEEPS = 20
 """Passes of the "weights" equalization over the chains."""
 MIN_SCALE = 2.0**-16

@@ -69,7 +69,7 @@ ranking samples (at one width the weights do not depend on the input's range, so
 rounding against saturation; no extra network runs); "search" ranks every (width, range)
 candidate by the network's output like the widths (the ranges of one width are tried from the
 widest, and the first that scores no better than the one before ends them)."""
-DEFAULT_CLIP = "none"
+DEFAULT_CLIP = "mse"
 MAX_CLIP = 3
 
 
