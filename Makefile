@@ -27,7 +27,7 @@ xnnpack: apt
 
 $(SETUP_STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,peers]'
 	@touch $@
 
 venv: $(SETUP_STAMP)

@@ -39,6 +39,8 @@ def _sweep(args: argparse.Namespace) -> int:
         rounding=[r.strip() for r in args.rounding.split(",") if r.strip()],
         clip=args.clip,
         cle=args.cle,
+        brevitas=[a.strip() for a in (args.brevitas or "").split(",") if a.strip()],
+        brevitas_bits=_int_list(args.brevitas_bits, "--brevitas-bits"),
     )
 
 
@@ -412,6 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ptq weight rounding, one or more of {', '.join(ROUNDINGS)} (commas)",
     )
     ptq_options(w, check=False)
+    w.add_argument(
+        "--brevitas",
+        nargs="?",
+        const="gpfq",
+        default=None,
+        metavar="ALGS",
+        help="add Brevitas's accumulator-aware PTQ (AXE) as a peer at every width, with gpfq "
+        "and/or gptq (commas; bare flag: gpfq); needs pip install '.[peers]' (default: none, "
+        "no peer)",
+    )
+    w.add_argument(
+        "--brevitas-bits",
+        default="8,8",
+        metavar="W,A",
+        help="--brevitas: weight and activation bits of every layer",
+    )
     w.add_argument(
         "--out", default="out/sweep", help="directory for sweep.png, sweep.md and sweep.json"
     )

@@ -26,6 +26,7 @@ from codegen.quant.equalize import DEFAULT_CLE, check_cle
 from codegen.quant.ptq import DEFAULT_CLIP, check_clip
 from codegen.quant.rounding import DEFAULT_ROUNDING, ROUNDINGS, check_rounding
 from codegen.quant.training import accuracy as train_accuracy
+from codegen.tools import brevitas_peer
 
 WIDTHS = (32, 20, 16, 14, 12, 10)
 METHODS = ("ptq", "adaptive")
@@ -54,16 +55,21 @@ def run(
     rounding: Sequence[str] = (DEFAULT_ROUNDING,),
     clip: str = DEFAULT_CLIP,
     cle: str = DEFAULT_CLE,
+    brevitas: Sequence[str] = (),
+    brevitas_bits: Sequence[int] = (8, 8),
 ) -> dict[str, Any]:
     """Every (method, policy, width) point, PTQ once per weight `rounding`; a width that does
     not fit ends its series. `keep`, if given, receives every quantized model by (method, policy,
     width) (PTQ: the last rounding's). `clip` and `cle` are the PTQ options of
-    `codegen.quantize`."""
+    `codegen.quantize`. `brevitas`: Brevitas AXE algorithms (gpfq, gptq) run as peers at every
+    width on the same calibration images (`tools.brevitas_peer`), with `brevitas_bits` =
+    (weight, activation) bits."""
     check_clip(clip)
     check_cle(cle)
     for m in methods:
         if m not in METHODS:
             raise QaccError(f"unknown sweep method '{m}'; choose from {', '.join(METHODS)}")
+    brevitas_peer.check(brevitas, brevitas_bits)
     if not rounding:
         raise QaccError(f"give at least one rounding: {', '.join(ROUNDINGS)}")
     for r in rounding:
@@ -124,6 +130,18 @@ def run(
                 f"  {method:<8} {policy:<10} {rnd or '':<7} {a:>2} bits: {100 * acc:6.2f}% "
                 f"({100 * (acc - float_acc):+.2f} vs float), {row['overflow_events']} overflows"
             )
+    for alg in brevitas:
+        for a in sorted(widths, reverse=True):
+            w_b, a_b = brevitas_bits
+            row = brevitas_peer.run(
+                net, calib, test, a, algorithm=alg, weight_bits=w_b, act_bits=a_b
+            )
+            rows.append(row)
+            log(
+                f"  {row['method']:<8} {row['policy']:<10} {'':<7} {a:>2} bits: "
+                f"{100 * row['accuracy']:6.2f}% ({100 * (row['accuracy'] - float_acc):+.2f} vs "
+                "float)"
+            )
     return {"float_accuracy": float_acc, "test_samples": len(y_test), "rows": rows}
 
 
@@ -154,6 +172,8 @@ def table(sweep: dict[str, Any]) -> str:
             f"{100 * (r['accuracy'] - fa):+.2f} | {r.get('overflow_events', '')} | "
             f"{r.get('bits', '')} |{tail}"
         )
+    if any(r.get("peer") for r in sweep["rows"]):
+        lines += ["", brevitas_peer.NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -182,6 +202,8 @@ def main(
     rounding: Sequence[str] = (DEFAULT_ROUNDING,),
     clip: str = DEFAULT_CLIP,
     cle: str = DEFAULT_CLE,
+    brevitas: Sequence[str] = (),
+    brevitas_bits: Sequence[int] = (8, 8),
 ) -> int:
     """`qacc sweep`: Fashion-MNIST, the demo network, every width and method; writes the files."""
     from codegen.data import datasets, models, train
@@ -190,11 +212,16 @@ def main(
         check_rounding(r)
     check_clip(clip)
     check_cle(cle)
+    brevitas_peer.check(brevitas, brevitas_bits)  # before the data and the float training
     t0 = time.time()
     x_train, y_train, x_test, y_test = datasets.fashion_mnist()
     net = train.trained(model_name, models.ZOO[model_name](), x_train, y_train, epochs=train_epochs)
     idx = np.random.default_rng(0).choice(len(x_train), calib_size, replace=False)
-    print(f"qacc sweep: {model_name}, widths {', '.join(map(str, widths))}, {', '.join(methods)}")
+    peers = [f"brevitas-axe-{a}" for a in brevitas]
+    print(
+        f"qacc sweep: {model_name}, widths {', '.join(map(str, widths))}, "
+        f"{', '.join([*methods, *peers])}"
+    )
     result = run(
         net,
         x_train[idx],
@@ -208,6 +235,8 @@ def main(
         rounding=rounding,
         clip=clip,
         cle=cle,
+        brevitas=brevitas,
+        brevitas_bits=brevitas_bits,
     )
     paths = write(result, out_dir)
     print(table(result))

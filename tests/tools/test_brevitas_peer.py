@@ -1,0 +1,118 @@
+"""Brevitas AXE as a peer in `qacc sweep`: constrained for real, sane accuracy, in the table, and a
+one-line error when Brevitas is not installed."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from codegen.data import datasets
+from codegen.tools import brevitas_peer, sweep
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.pool(torch.relu(self.c2(x)))
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def digits_net() -> tuple[nn.Module, tuple[np.ndarray, ...]]:
+    from codegen.quant import training
+
+    data = datasets.digits()
+    torch.manual_seed(0)
+    net = Tiny()
+    training.fit(net, data[0], data[1], epochs=6, lr=5e-3, progress=False)
+    return net.eval(), data
+
+
+def _worst_sums(layer: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel, the largest and smallest integer dot product over every input in the
+    layer's input range (weights only, as AXE bounds them)."""
+    w, (lo, hi) = layer["weights"], layer["in"]
+    pos, neg = np.where(w > 0, w, 0).sum(-1), np.where(w < 0, w, 0).sum(-1)
+    return hi * pos + lo * neg, lo * pos + hi * neg
+
+
+@pytest.mark.slow
+def test_axe_weights_fit_the_accumulator_and_keep_accuracy(digits_net) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, _, x_test, y_test) = digits_net
+    calib, acc_bits, bits = x_train[:256], 12, {"weight_bits": 4, "act_bits": 4}
+    limit = 2 ** (acc_bits - 1) - 1
+    float_acc = float(np.mean(net(torch.from_numpy(x_test)).argmax(1).numpy() == y_test))
+
+    axe = brevitas_peer.quantize(net, calib, acc_bits, **bits)
+    layers = brevitas_peer.layer_bounds(axe, x_test)
+    assert [lay["name"].split(".")[-1] for lay in layers][-1] == "fc" and len(layers) == 3
+    for lay in layers:
+        assert lay["in"][1] in (7, 15), lay["in"]  # 4-bit inputs, as asked
+        assert np.abs(lay["weights"]).max() <= 8  # 4-bit weights
+        top, bottom = _worst_sums(lay)
+        assert top.max() <= limit and bottom.min() >= -limit, lay["name"]
+
+    # the same recipe without a tight accumulator breaks that bound: AXE did the constraining
+    loose = brevitas_peer.layer_bounds(brevitas_peer.quantize(net, calib, 32, **bits), x_test)
+    assert max(_worst_sums(lay)[0].max() for lay in loose) > limit
+
+    acc = float(np.mean(brevitas_peer.predict(axe, x_test).argmax(1) == y_test))
+    assert 0.5 < acc <= float_acc + 0.02, (acc, float_acc)
+
+
+@pytest.mark.slow
+def test_sweep_table_json_and_plot_have_the_brevitas_rows(digits_net, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    net, (x_train, y_train, x_test, y_test) = digits_net
+    res = sweep.run(
+        net,
+        x_train[:256],
+        y_train[:256],
+        (x_train, y_train),
+        (x_test, y_test),
+        widths=(16,),
+        methods=("ptq",),
+        progress=False,
+        log=lambda *_: None,
+        brevitas=("gpfq",),
+        brevitas_bits=(4, 4),
+    )
+    peer = [r for r in res["rows"] if r["method"] == "brevitas-axe-gpfq"]
+    assert [r["acc_bits"] for r in peer] == [16] and peer[0]["bits"] == "4/4"
+    assert 0.5 < peer[0]["accuracy"] <= 1.0
+    paths = sweep.write(res, tmp_path)
+    assert json.loads(paths[0].read_text())["rows"][-1]["method"] == "brevitas-axe-gpfq"
+    md = paths[1].read_text()
+    assert "| brevitas-axe-gpfq | fake-quant | 16 |" in md and "| ptq | guaranteed | 16 |" in md
+    assert brevitas_peer.NOTE in md
+    assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+
+def test_missing_brevitas_is_a_one_line_error(monkeypatch, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from codegen import cli
+
+    for mod in ("brevitas", "brevitas_examples", "brevitas_examples.imagenet_classification.ptq"):
+        monkeypatch.setitem(sys.modules, mod, None)  # what `import` sees when it is not installed
+    with pytest.raises(brevitas_peer.PeerMissingError, match=r"pip install '\.\[peers\]'"):
+        brevitas_peer.check(["gpfq"])
+    assert cli.main(["sweep", "--brevitas", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qacc: error: the Brevitas peer needs brevitas")
+    assert err[0].endswith("pip install '.[peers]'") and not (tmp_path / "s").exists()
+    assert cli.main(["sweep", "--brevitas", "axe", "--out", str(tmp_path / "s")]) == 2
+    assert "unknown Brevitas AXE algorithm 'axe'" in capsys.readouterr().err
+    assert cli.main(["sweep", "--brevitas", "--brevitas-bits", "4", "--out", str(tmp_path)]) == 2
+    assert "WEIGHT,ACTIVATION bits" in capsys.readouterr().err
