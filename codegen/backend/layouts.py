@@ -15,7 +15,9 @@ Accumulation paths (report.json "path" of each layer):
   so the -128 * -128 pair overflow of vmull_s8 + vmlal_s8 kernels cannot occur.
 * ``acc32``: 16 < acc_bits <= 32 without dotprod. The same int16 operands, SMLAL/SMLAL2 (by
   element) into int32 lanes: every product (|x - zp| <= 255, |w| <= 128) is exact in int32 and
-  the lanes wrap modulo 2^32; the final wrap to A bits is again a shift pair.
+  the lanes wrap modulo 2^32; the final wrap to A bits is again a shift pair. Like SDOT's, these
+  int32 lanes are requantized in int32 (qacc_neon_requant8_32) where `_vec_requant_ok` proves it
+  equal to THE requantization for the layer's accumulator bound.
 * ``acc32-sdot`` / ``acc16-sdot``: any acc_bits on a core with dotprod (cortex-a76, cortex-a55):
   SDOT (by element) adds four int8 x int8 products into each int32 lane. The operands must stay
   int8, so the input zero point is folded into the bias: sum w (x - zp) = sum w x - zp * sum w
@@ -503,7 +505,12 @@ def gemm_context(
             + (", input zero point folded in" if sdot else "") + f", padded to {ocp} lanes",
         ),
     }  # fmt: skip
-    ctx.update(_requant_arrays(call, ocp, add, lane_bits, _lane_bound(call) if sdot else None))
+    # int32 lanes holding the one-stage sum (SDOT, or SMLAL at acc32): the int32-lane
+    # requantization where the bound proves it exact (two stages: lanes hold the acc2 total)
+    one_stage32 = lane_bits == 32 and not two
+    ctx.update(
+        _requant_arrays(call, ocp, add, lane_bits, _lane_bound(call) if one_stage32 else None)
+    )
     return ctx
 
 
