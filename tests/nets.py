@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -55,3 +57,33 @@ def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2)
     return model.eval()
+
+
+class DigitsCNN(nn.Module):
+    """conv+BN+ReLU, conv+ReLU, max pool, linear: the scikit-learn digits (1x8x8, 10 classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.pool(torch.relu(self.c2(x)))
+        return self.fc(x.flatten(1))
+
+
+def trained_digits_cnn() -> tuple[nn.Module, tuple[Any, ...]]:
+    """DigitsCNN trained 6 epochs on the digits (seeded), and the digits' (x_train, y_train,
+    x_test, y_test)."""
+    from codegen.data import datasets
+    from codegen.quant import training
+
+    data = datasets.digits()
+    torch.manual_seed(0)
+    net = DigitsCNN()
+    training.fit(net, data[0], data[1], epochs=6, lr=5e-3, progress=False)
+    return net, data

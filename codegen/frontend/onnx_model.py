@@ -460,15 +460,21 @@ class _Converter:
         return True
 
     # ------------------------------------------------------------------ ops
-    def conv(self, node: onnx.NodeProto) -> None:
-        a = self.attrs(node)
+    def conv_weight(self, node: onnx.NodeProto) -> tuple[np.ndarray, bool]:
+        """A Conv / ConvTranspose's 4-D weight, and whether the op is 1-D (a sequence is the
+        image (C, 1, L))."""
         w = self.weight(node, 1, "weight")
         assert w is not None  # the checker requires the operand
         one_d = w.ndim == 3
-        if one_d:  # Conv1d: a sequence is the image (C, 1, L)
+        if one_d:
             w = w[:, :, None, :]
         if w.ndim != 4:
-            raise Reject(f"Conv over {w.ndim - 2} dimension(s) (only 1-D and 2-D)")
+            raise Reject(f"{node.op_type} over {w.ndim - 2} dimension(s) (only 1-D and 2-D)")
+        return w, one_d
+
+    def conv(self, node: onnx.NodeProto) -> None:
+        a = self.attrs(node)
+        w, one_d = self.conv_weight(node)
         kernel = (int(w.shape[2]), int(w.shape[3]))
         self.b.conv(
             self.ir_name(node),
@@ -486,13 +492,7 @@ class _Converter:
     def conv_transpose(self, node: onnx.NodeProto) -> None:
         """ConvTranspose with explicit `pads` (or auto_pad VALID) and `output_padding`."""
         a = self.attrs(node)
-        w = self.weight(node, 1, "weight")
-        assert w is not None  # the checker requires the operand
-        one_d = w.ndim == 3
-        if one_d:  # ConvTranspose1d: a sequence is the image (C, 1, L)
-            w = w[:, :, None, :]
-        if w.ndim != 4:
-            raise Reject(f"ConvTranspose over {w.ndim - 2} dimension(s) (only 1-D and 2-D)")
+        w, one_d = self.conv_weight(node)
         auto = a.get("auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else str(auto)
         if "output_shape" in a or auto not in ("NOTSET", "VALID"):

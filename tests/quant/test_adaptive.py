@@ -12,9 +12,9 @@ from torch import nn
 import codegen
 from codegen.core.errors import QaccError
 from codegen.core.formats import requantize
-from codegen.data import datasets
 from codegen.quant import adaptive
 from codegen.quant.accumulator import channel_bounds
+from tests.nets import trained_digits_cnn
 
 # ----------------------------------------------------------------------------- quantizer gradients
 
@@ -212,29 +212,9 @@ def test_weight_step_init_minimises_error() -> None:
 # ----------------------------------------------------------------------------- end to end
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.b1 = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(16 * 16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.b1(self.c1(x)))
-        x = self.pool(torch.relu(self.c2(x)))
-        return self.fc(x.flatten(1))
-
-
 @pytest.fixture(scope="module")
 def digits_net() -> tuple[nn.Module, tuple[np.ndarray, ...]]:
-    from codegen.quant import training
-
-    data = datasets.digits()
-    torch.manual_seed(0)
-    net = Tiny()
-    training.fit(net, data[0], data[1], epochs=6, lr=5e-3, progress=False)
+    net, data = trained_digits_cnn()
     return net, data
 
 
@@ -297,7 +277,7 @@ def test_adaptive_model_is_bit_exact_in_c_on_the_host(digits_net, tmp_path) -> N
     assert np.array_equal(c.run_int(x_test[:200]), qm.reference_int(x_test[:200]))
     assert qm.graph.tensors[qm.graph.node("c2").output].fmt.bits == 3  # type: ignore[union-attr]
     # the header gives the dyadic input scale exactly (FRAC would only be its nearest 2^-n)
-    header = (tmp_path / "m" / "tiny.h").read_text()
+    header = (tmp_path / "m" / "digitscnn.h").read_text()
     fmt = qm.graph.tensors[qm.graph.input].fmt
     assert fmt is not None and not fmt.is_pow2
     assert f"_INPUT_SCALE {fmt.scale!r} " in header

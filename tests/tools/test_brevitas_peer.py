@@ -10,33 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from codegen.data import datasets
 from codegen.tools import brevitas_peer, sweep
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.b1 = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.fc = nn.Linear(16 * 16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.b1(self.c1(x)))
-        x = self.pool(torch.relu(self.c2(x)))
-        return self.fc(x.flatten(1))
+from tests.nets import trained_digits_cnn
 
 
 @pytest.fixture(scope="module")
 def digits_net() -> tuple[nn.Module, tuple[np.ndarray, ...]]:
-    from codegen.quant import training
-
-    data = datasets.digits()
-    torch.manual_seed(0)
-    net = Tiny()
-    training.fit(net, data[0], data[1], epochs=6, lr=5e-3, progress=False)
+    net, data = trained_digits_cnn()
     return net.eval(), data
 
 
