@@ -294,6 +294,19 @@ class _Emitter:
                 )
         return ctx
 
+    def lut_table(self, owner: Node, lut: Node, what: str, rotated: bool) -> str:
+        """The 256-entry table of `lut` as a const array of layer `owner`: at [q + 128], or
+        rotated by 128 (at [(uint8_t)q]) for the input q."""
+        table = np.asarray(lut.params["table"], dtype=np.int64)
+        return self.add_array(
+            owner,
+            what,
+            "int8_t",
+            _ints(np.roll(table, 128) if rotated else table),
+            f"{lut.name}: {lut.attrs['function']} table, output for input q at "
+            + ("[(uint8_t)q] (rotated)" if rotated else "[q + 128]"),
+        )
+
     def title(self, call: KernelCall) -> str:
         node, g = call.node, self.graph
         ins = " + ".join(_shape_text(g.tensors[t].shape) for t in node.inputs)
@@ -326,6 +339,8 @@ class _Emitter:
         rq = node.requant
         if rq is not None:
             parts.append(f"output [{rq.lo}, {rq.hi}]")
+        if call.lut is not None:
+            parts.append(f"then the {call.lut.attrs['function']} table of {call.lut.name} (fused)")
         if node.name in self.plan.inplace:
             parts.append(f"in place over {self.plan.inplace[node.name]}")
         return comment_text(", ".join(parts))
@@ -448,15 +463,10 @@ class _Emitter:
             # Helium: rotated by 128, so the input byte itself is the VLDRB gather offset
             k["table_rotated"] = self.lowered.dialect == "mve"
             k.update(layouts.vector_split(out.size, 16))
-            table = np.asarray(p["table"], dtype=np.int64)
-            k["table"] = self.add_array(
-                node,
-                "table",
-                "int8_t",
-                _ints(np.roll(table, 128) if k["table_rotated"] else table),
-                f"{node.name}: {a['function']} table, output for input q at "
-                + ("[(uint8_t)q] (rotated)" if k["table_rotated"] else "[q + 128]"),
-            )
+            k["table"] = self.lut_table(node, node, "table", k["table_rotated"])
+        # a fused lut, read in the store step: rotated (at [(uint8_t)q]: the byte itself is the
+        # index, also NEON's TBL index)
+        k["lut"] = None if call.lut is None else self.lut_table(node, call.lut, "lut", True)
         if node.op in ("adaptive_avgpool2d", "adaptive_maxpool2d"):  # the windows
             for axis, what in (("rows", "row"), ("cols", "col")):
                 for i, end in ((0, "start"), (1, "end")):
@@ -573,6 +583,8 @@ class _Emitter:
         ctx = self.kernel_context(call, own_params=own and not (mvq and mvq["standalone"]))
         if dsp is not None and call.node.requant is not None:  # scalar requantization
             ctx.update(self.requant_context(call.node, int(ctx["oc"])))
+        if neon is not None:
+            neon["lut"] = ctx["lut"]  # the NEON store macros read it from the NEON context
         ctx["neon"] = neon
         ctx["mve"] = mve
         # DSP: 32-bit requantization where the layer's bounds allow it (no cheap 64-bit shifts)
@@ -774,6 +786,7 @@ class _Emitter:
                     "inputs": list(n.inputs),
                     "output": n.output,
                     "in_place": n.name in plan.inplace,
+                    "fused_lut": None if c.lut is None else c.lut.name,
                 }
             )
         return {
@@ -800,6 +813,7 @@ class _Emitter:
                 "plan": plan.summary(),
             },
             "layers": layers,
+            "fused_luts": self.lowered.fused_luts,
             "macs": sum(int(v["macs"]) for v in layers),
         }
 

@@ -246,7 +246,7 @@ def kernel_table(report: Mapping[str, Any]) -> Table:
     for r in _merged_layers(report):
         code = r["_code"]
         if not code:
-            continue  # folded away (a reshape the kernels read in place)
+            continue  # folded away (a reshape the kernels read in place, a fused table)
         name = str(r.get("name"))
         n, m = ins.get(name), code.get("macs")
         per_mac = f"{n / m:.3f}" if isinstance(n, int) and isinstance(m, int) and m else "-"
@@ -254,7 +254,8 @@ def kernel_table(report: Mapping[str, Any]) -> Table:
             [
                 name,
                 str(code.get("op", r.get("op", "-"))),
-                str(code.get("kernel", "-")),
+                str(code.get("kernel", "-"))
+                + (f" + table of {code['fused_lut']}" if code.get("fused_lut") else ""),
                 str(code.get("path") or "-"),
                 str(r.get("input_format", "-")),
                 str(r.get("output_format", "-")),
@@ -282,6 +283,9 @@ def summary_table(report: Mapping[str, Any]) -> Table:
     widths = sorted({int(r["acc_bits"]) for r in report.get("layers", []) if r.get("acc_bits")})
     rows.append(("accumulator widths", ", ".join(map(str, widths)) or "-"))
     rows.append(("MACs per inference", _int(report.get("macs", q.get("macs")))))
+    fused = report.get("fused_luts")
+    if isinstance(fused, Mapping) and fused:  # tables applied in their producer's store step
+        rows.append(("fused tables", ", ".join(f"{t} into {p}" for t, p in sorted(fused.items()))))
     arena = _int(mem.get("arena_bytes"))
     if "arena_lower_bound" in mem:
         arena += f" (lower bound {_int(mem['arena_lower_bound'])})"

@@ -178,6 +178,24 @@ def _conv_lut_chain(b: GraphBuilder) -> None:
     b.lut(t, "sigmoid", out=QFormat(7, False, 7))
 
 
+def _fused_luts(b: GraphBuilder) -> None:
+    """A table after every kind of producer that applies it in its store step: conv (GEMM
+    paths), depthwise at acc16 and acc32 (int16 and int32 lanes on Helium), pointwise with a
+    clamp before the table, add, mul, avgpool, global average pool and dense; 19 channels leave
+    vector tails everywhere."""
+    x = b.input((8, 8, 5))
+    a = b.lut(b.conv2d(x, 19, (3, 3), padding=(1, 1, 1, 1), acc_bits=16), "hardswish")
+    d = b.lut(b.conv2d(a, 19, (3, 3), padding=(1, 1, 1, 1), groups=19, acc_bits=16), "sigmoid")
+    d = b.conv2d(d, 19, (3, 3), padding=(1, 1, 1, 1), groups=19, acc_bits=20, mult_bits=8)
+    d = b.lut(d, "tanh", out=QFormat(8, True, 7))
+    p = b.lut(b.conv2d(d, 19, (1, 1), acc_bits=18, w_bits=4, lo=0), "silu")
+    s = b.lut(b.add(a, p, acc_bits=16), "tanh")
+    m = b.lut(b.mul(s, a, acc_bits=16), "hardsigmoid", out=QFormat(7, False, 7))
+    v = b.lut(b.avgpool2d(m, acc_bits=16), "gelu")
+    g = b.lut(b.global_avgpool(v, acc_bits=16), "silu")
+    b.lut(b.dense(g, 10, acc_bits=20), "tanh", out=QFormat(8, True, 7))
+
+
 ACC_WIDTHS = range(8, 33)
 
 
@@ -741,6 +759,7 @@ CASES: list[Case] = [
     ),
     Case("net-shuffle-block", _shuffle_block),
     Case("net-conv-lut-chain", _conv_lut_chain),
+    Case("net-fused-luts", _fused_luts),
     Case("net-chain-cnn", _chain_net),
     Case("net-resnet-block", _resnet_block),
     Case("net-inception-inplace-add", _inception),

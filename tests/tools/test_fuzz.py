@@ -67,11 +67,14 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
     widths: set[int] = set()
     attrs: Counter[str] = Counter()
     several = 0
+    fused: Counter[str] = Counter()
     for seed in range(300):
         g, x = fuzz.random_graph(seed)
         assert x.shape == (4, *g.tensors[g.input].shape)
         several += len(g.outputs) > 1
-        kernels.update(c.kernel for c in lower(g).calls)
+        calls = lower(g).calls
+        kernels.update(c.kernel for c in calls)
+        fused.update(c.template for c in calls if c.lut is not None)  # a table in the store
         for n in g.nodes:
             widths.add(n.attrs.get("acc_bits", 0))
             a = n.attrs
@@ -98,6 +101,8 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
     ):  # fmt: skip
         assert kernels[k] > 0, (k, kernels)
     assert set(range(8, 33)) <= widths
+    for t in ("conv2d", "conv2d_pointwise", "conv2d_depthwise", "dense", "add", "avgpool2d"):
+        assert fused[t] > 0, (t, fused)  # tables fused into their producer run in the campaigns
     assert several > 30  # graphs with intermediate (or repeated) tensors as further outputs
     assert min(attrs.values()) > 10 and len(attrs) == 6, attrs
     models = [fuzz.random_model(s) for s in range(40)]
