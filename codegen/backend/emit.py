@@ -334,6 +334,12 @@ class _Emitter:
                 f"two-stage accumulator: tiles of {call.acc_tile} terms in {call.acc_bits} bits"
                 f" ({call.acc_ctype}), their sums in {call.acc2_bits} bits (uint32_t)"
             )
+        elif call.exact_tile is not None:
+            parts.append(
+                f"two-stage accumulator (tiles of {call.exact_tile} terms in"
+                f" {node.attrs['acc_bits']} bits) that no tile can wrap: one {call.acc_bits}-bit"
+                f" stage in {call.acc_ctype}"
+            )
         elif call.acc_bits is not None:
             parts.append(f"accumulator {call.acc_bits} bits in {call.acc_ctype}")
         rq = node.requant
@@ -562,7 +568,7 @@ class _Emitter:
                 add,
             )
         dsp = None
-        if dialect == "dsp" and call.template in ("conv2d_pointwise", "dense"):
+        if dialect == "dsp" and call.template in layouts.GEMM_TEMPLATES:
             dsp = layouts.dsp_gemm_context(
                 call,
                 add,
@@ -588,7 +594,12 @@ class _Emitter:
         ctx["neon"] = neon
         ctx["mve"] = mve
         # DSP: 32-bit requantization where the layer's bounds allow it (no cheap 64-bit shifts)
-        ctx["rq32"] = dialect == "dsp" and layouts.requant32_ok(call)
+        ctx["rq32"] = dialect == "dsp" and layouts.requant32_ok(call, int(ctx["hw"]))
+        ctx["dspp"] = (
+            layouts.dsp_pool_context(call, int(ctx["hw"]), int(ctx["ic"]))
+            if dialect == "dsp"
+            else None
+        )
         # DSP conv: the 4 weight rows are read at LDR immediate offsets (imm12) from one pointer
         ctx["ldr_rows"] = 3 * int(ctx.get("w_stride", 0)) <= 4095
         ctx["dsp"] = dsp
@@ -609,9 +620,12 @@ class _Emitter:
                 int(channels.get(call.template, ctx["ic"])),
                 add,
             )
-            if call.template == "mul" and ctx["mvp"] is not None:
+            if call.template == "resize_bilinear" and ctx["mvp"] is not None:
+                ctx["mvp"].update(layouts.vector_split(int(ctx["ic"]), 4))
+            if call.template in ("add", "mul") and ctx["mvp"] is not None:
+                b_stride = int(ctx.get("b_stride", ctx["oc"]))  # add: two tensors of one shape
                 ctx["mvp"].update(
-                    layouts.mve_mul_loops(ctx["pixels"], ctx["oc"], ctx["b_stride"], ctx["mvp"])
+                    layouts.mve_elementwise_loops(ctx["pixels"], ctx["oc"], b_stride, ctx["mvp"])
                 )
         ctx["mvg"] = (
             layouts.mve_gather_context(call)

@@ -53,7 +53,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from codegen.backend.lower import KernelCall
+from codegen.backend.lower import KernelCall, container_bits
 from codegen.core.formats import wrap
 from codegen.core.ir import Graph, Node
 
@@ -201,6 +201,8 @@ def path(call: KernelCall, dialect: str, neon: NeonTarget) -> str | None:
         ok = dialect == "neon" and two_stage_supported(call)
         return f"acc{call.container_bits}x32" + ("" if ok else "-portable")
     name = f"acc{call.container_bits}"
+    if call.exact_tile is not None:  # two stages that no tile can wrap: one stage
+        name = f"acc{container_bits(int(call.node.attrs['acc_bits']))}x32-as-{name}"
     if (
         dialect == "neon"
         and call.template in GEMM_TEMPLATES
@@ -231,7 +233,9 @@ def _cortexm_suffix(call: KernelCall, dialect: str) -> str:
     w = node.params.get("weight")
     if call.template in GEMM_TEMPLATES and dialect == "mve":
         stream = mve_requant_context(call, _no_array)
-        return "-vmladava-wlstp" if stream is not None and stream["packed"] else "-vmladava"
+        if stream is None or not stream["packed"]:
+            return "-vmladava"
+        return "-vmladava-im2col" if stream["im2col"] else "-vmladava-wlstp"
     if call.template in GEMM_TEMPLATES:
         return "-smlad-w16" if dsp_gemm_context(call, _no_array) is not None else "-smlad"
     if call.template != "conv2d_depthwise" or w is None or weight_storage_bits(node):
@@ -998,6 +1002,30 @@ def _vec_requant_ok(node: Node, lane_bound: np.ndarray) -> bool:
     )  # Python integers: no int64 overflow in the test itself
 
 
+MVE_IM2COL_TAPS = 256
+"""The most taps (KH * KW * ICG) of a Helium conv that copies each pixel's taps (im2col)."""
+
+
+def mve_im2col(call: KernelCall) -> bool:
+    """Whether the Helium conv copies each output pixel's taps into one contiguous buffer (IZP at
+    the padded taps) and runs the pointwise kernel's weight stream over it: for a kernel row of
+    fewer than 16 input values (KW * ICG < 16: few input channels, as a first layer's), whose
+    runs would each take a mostly predicated vector. One group, no horizontal dilation, the
+    output channels in blocks of 4, int8 weights."""
+    node = call.node
+    if call.template != "conv2d" or call.container_bits is None or weight_storage_bits(node):
+        return False
+    o, _, kw, icg = (int(d) for d in node.params["weight"].shape)
+    a = node.attrs
+    return (
+        int(a.get("groups", 1)) == 1
+        and tuple(a.get("dilation", (1, 1)))[1] == 1
+        and o % 4 == 0
+        and kw * icg < 16
+        and node.params["weight"][0].size <= MVE_IM2COL_TAPS
+    )
+
+
 def mve_requant_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
     """The vector requantization of the Helium conv2d / pointwise / dense kernels: the four
     32-bit sums of a block of output channels go into one int32x4 vector, get the bias (and the
@@ -1044,10 +1072,13 @@ def mve_requant_context(call: KernelCall, add: AddArray) -> dict[str, Any] | Non
         )  # fmt: skip
     ctx["packed"] = None
     ctx["standalone"] = False
-    if call.template in ("conv2d_pointwise", "dense") and not weight_storage_bits(node) and oc >= 4:
+    ctx["im2col"] = mve_im2col(call)
+    gemm = call.template in ("conv2d_pointwise", "dense") or ctx["im2col"]
+    if gemm and not weight_storage_bits(node) and oc >= 4:
         # one weight stream for the blocks of 4 output channels: [block][16 inputs][channel][16],
         # inputs padded with zero weights to a multiple of 16; the zero point folded into the
-        # bias (no padding taps: every weight meets an input), bias - IZP * sum(w)
+        # bias (no padding taps: every weight meets an input; im2col: padded taps read IZP),
+        # bias - IZP * sum(w)
         w = np.asarray(node.params["weight"], dtype=np.int64).reshape(oc, -1)
         ic = int(w.shape[1])
         icp = _ceil_to(ic, 16)
@@ -1069,6 +1100,7 @@ def mve_requant_context(call: KernelCall, add: AddArray) -> dict[str, Any] | Non
         )  # fmt: skip
         # every output channel in blocks of 4: the kernel needs no other weights or constants
         ctx["standalone"] = oc % 4 == 0
+        ctx["NIN"] = ic
         ctx["ICP"] = icp
         ctx["IFULL"] = ic // 16
         ctx["ITAIL"] = ic % 16
@@ -1076,17 +1108,28 @@ def mve_requant_context(call: KernelCall, add: AddArray) -> dict[str, Any] | Non
 
 
 def dsp_gemm_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
-    """The DSP-extension pointwise / dense kernel with pre-widened weights (None: the generic
-    DSP kernel). Used when the input and output channel counts are multiples of 4 and the
-    weights are not stored packed: the weights are stored as int16 in the order the inner loop
-    reads them, [block of 4 outputs][4 inputs][output][w0, w2, w1, w3] (the SXTB16 order of the
-    input word), so each SMLAD pair needs one LDRD and no sign extension of weights; this doubles
+    """The DSP-extension conv / pointwise / dense kernel with pre-widened weights (None: the
+    generic DSP kernel). Used when the input and output channel counts are multiples of 4 and
+    the weights are not stored packed (conv2d: one group, no horizontal dilation, and no input
+    zero point when padded, since padded taps are skipped): the weights are stored as int16 in
+    the order the inner loop reads them, [block of 4 outputs][4 inputs][output][w0, w2, w1, w3]
+    (the SXTB16 order of the input word), so each SMLAD pair needs one LDRD and no sign
+    extension of weights; this doubles
     the layer's weight flash. The input zero point is folded into the bias,
-    wrap(bias - IZP * sum(w), A) (no padding: every weight meets an input)."""
-    if call.template not in ("conv2d_pointwise", "dense") or call.container_bits is None:
+    wrap(bias - IZP * sum(w), A) (no padding: every weight meets an input). A conv2d reads the
+    weights of the taps inside the image: run t (a multiple of 4) is at oc * K + 4 * t."""
+    if call.template not in GEMM_TEMPLATES or call.container_bits is None:
         return None
     node = call.node
     if weight_storage_bits(node):
+        return None
+    a = node.attrs
+    if call.template == "conv2d" and (  # a kernel row's taps: one run of whole words
+        int(a.get("groups", 1)) != 1
+        or tuple(a.get("dilation", (1, 1)))[1] != 1
+        or int(node.params["weight"].shape[-1]) % 4
+        or (any(a.get("padding", ())) and int(a.get("input_zero_point", 0)))
+    ):
         return None
     w = np.asarray(node.params["weight"], dtype=np.int64)
     oc = int(w.shape[0])
@@ -1129,17 +1172,25 @@ def requant32_fits(bound: int, mult: int, shift: int) -> bool:
     return shift > -31 and (p << -shift) + 128 <= (1 << 31) - 1
 
 
-def requant32_ok(call: KernelCall) -> bool:
-    """A conv2d / dense / mul layer whose requantization may use qacc_requantize32: every
-    channel's accumulator (wrapped to A bits, or bounded by the weights, or by the inputs'
-    ranges for mul, when no sum can wrap) fits."""
+def requant32_ok(call: KernelCall, taps: int = 0) -> bool:
+    """A conv2d / dense / mul / global average pool layer whose requantization may use
+    qacc_requantize32: every channel's accumulator (wrapped to A bits, or bounded by the
+    weights, or by the inputs' ranges for mul, or by the `taps` inputs of a pool, when no sum
+    can wrap) fits."""
     node = call.node
-    if node.op not in ("conv2d", "dense", "mul") or call.acc_bits is None or node.requant is None:
+    ops: tuple[str, ...] = ("conv2d", "dense", "mul", "global_avgpool")
+    if call.template == "global_avgpool":  # also an average pool over the whole image
+        ops = (node.op,)
+    if node.op not in ops or call.acc_bits is None or node.requant is None:
         return False
-    if node.op == "mul":
-        za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
+    if node.op in ("mul", "global_avgpool", "avgpool2d"):
         oc = max(np.asarray(node.requant.mult).size, np.asarray(node.requant.shift).size)
-        bound = np.full(oc, _int8_span(za) * _int8_span(zb), dtype=np.int64)
+        if node.op == "mul":
+            za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
+            span = _int8_span(za) * _int8_span(zb)
+        else:
+            span = taps * _int8_span(int(node.attrs.get("input_zero_point", 0)))
+        bound = np.full(oc, span, dtype=np.int64)
     else:
         oc = int(node.params["weight"].shape[0])
         bound = _acc_bound(node, oc)
@@ -1154,8 +1205,16 @@ def requant32_ok(call: KernelCall) -> bool:
     )
 
 
-POOL_TEMPLATES = ("avgpool2d", "global_avgpool", "adaptive_avgpool2d", "add", "mul")
-"""The Helium kernels of `mve_pool_context`: average pools, the elementwise add and product."""
+POOL_TEMPLATES = (
+    "avgpool2d",
+    "global_avgpool",
+    "adaptive_avgpool2d",
+    "add",
+    "mul",
+    "resize_bilinear",
+)
+"""The Helium kernels of `mve_pool_context`: average pools, the elementwise add and product,
+the bilinear resizing."""
 
 
 def mve_pool_context(
@@ -1164,7 +1223,8 @@ def mve_pool_context(
     """The vector requantization of the Helium average pools, add and mul: the accumulators of 4
     channels in int32 lanes — a pool: the exact sum of the (at most `taps`) raw int8 inputs,
     minus IZP times the taps inside the image; add: (a - ZA) * MA + (b - ZB) * MB — modulo
-    2^32; mul: (a - ZA) * (b - ZB), exact (|.| <= 2^16) — the wrap to A bits (a shift pair;
+    2^32; mul: (a - ZA) * (b - ZB), exact (|.| <= 2^16); resize_bilinear: the four weighted raw
+    inputs minus IZP * 2^(2B) (`izn`), exact — the wrap to A bits (a shift pair;
     skipped when no sum can reach 2^(A-1)) and the requantization of `_vec_requant_ok` (VMUL,
     VRSHL, VQADD, VMAX, VMIN).
     `channels`: the length of the requantization's multiplier and shift arrays (the output
@@ -1184,6 +1244,13 @@ def mve_pool_context(
     elif call.template == "mul":
         za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
         bound = _int8_span(za) * _int8_span(zb)
+    elif call.template == "resize_bilinear":  # four weights summing to 2^(2B) per output pixel
+        one = 1 << (2 * int(node.attrs["weight_bits"]))
+        izp = int(node.attrs.get("input_zero_point", 0))
+        bound = one * _int8_span(izp)
+        if one * 256 > 1 << 31:  # the raw weighted sums would leave the int32 lanes
+            return None
+        extra = {"izn": izp * one}  # the zero point times the weights' sum, taken out at once
     else:
         bound = taps * _int8_span(int(node.attrs.get("input_zero_point", 0)))
     exact = bound < (1 << (acc - 1))
@@ -1222,17 +1289,28 @@ def mve_pool_context(
     return ctx
 
 
+def dsp_pool_context(call: KernelCall, taps: int, channels: int) -> dict[str, Any] | None:
+    """The DSP global average pool: 4 channels per word, summed by SXTAB16 into two int16 halves
+    (exact when the `taps` raw inputs' sum fits int16), whole words then the tail channels one
+    by one. None (wider sums, or an accumulator wider than 32 bits): the portable kernel."""
+    if call.template != "global_avgpool" or call.acc_bits is None or call.acc_bits > 32:
+        return None
+    if taps * 128 > 1 << 15:
+        return None
+    return vector_split(channels, 4)
+
+
 def vector_split(n: int, lanes: int) -> dict[str, int]:
     """n elements as `full` ones in whole vectors of `lanes` (loaded without a predicate, which
     GCC handles better) and a `tail` < lanes (one tail-predicated vector, or none)."""
     return {"full": n - n % lanes, "tail": n % lanes}
 
 
-def mve_mul_loops(
+def mve_elementwise_loops(
     pixels: int, channels: int, b_stride: int, mvp: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The loops of the Helium mul: rows of `cols` elements (whole int32x4 vectors, then a
-    tail), `b` advancing `b_step` per row. Two tensors of one shape with one multiplier and
+    """The loops of the Helium add and mul: rows of `cols` elements (whole int32x4 vectors, then
+    a tail), `b` advancing `b_step` per row. Two tensors of one shape with one multiplier and
     shift for all channels are one flat row (one tail per tensor, not one per pixel)."""
     if b_stride and mvp["mult"] is None:
         rows, cols, step = 1, pixels * channels, 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 from codegen.backend import memory
 from codegen.core.errors import UnsupportedModelError
+from codegen.core.formats import tile_bounds
 from codegen.core.ir import Graph, Node, conv_out_size
 
 DIALECTS = ("c", "neon", "dsp", "mve")
@@ -100,6 +101,9 @@ class KernelCall:
     """Two-stage accumulation: the width of the tile sums' accumulator (attrs["acc2_bits"])."""
     lut: Node | None = None
     """A `lut` node fused into this kernel (`fuse_luts`): its table is applied in the store step."""
+    exact_tile: int | None = None
+    """A two-stage node (tiles of this many terms) that no tile can wrap, run as one stage of
+    acc_bits = its acc2_bits (`tiles_cannot_wrap`); None otherwise."""
 
     @property
     def acc_ctype(self) -> str | None:
@@ -140,9 +144,10 @@ def _shape(graph: Graph, tensor: str) -> tuple[int, ...]:
     return graph.tensors[tensor].shape
 
 
-def choose_template(graph: Graph, node: Node) -> str:
-    """The kernel template of a node (before the accumulator suffix)."""
-    if node.op == "conv2d" and "acc_tile" in node.attrs:
+def choose_template(graph: Graph, node: Node, one_stage: bool = False) -> str:
+    """The kernel template of a node (before the accumulator suffix); one_stage: a two-stage
+    node run as one stage (`tiles_cannot_wrap`)."""
+    if node.op == "conv2d" and "acc_tile" in node.attrs and not one_stage:
         return "conv2d"  # two stages: the generic kernel (any groups), NEON's GEMM when it applies
     if node.op == "conv2d":
         _, kh, kw, cin_g = node.params["weight"].shape
@@ -325,18 +330,52 @@ def _check_shapes(graph: Graph, node: Node) -> None:
             raise bad(f"bias shape {bias.shape} is not (O,)")
 
 
-def lower_node(graph: Graph, node: Node) -> KernelCall | None:
-    """The kernel call of one node, or None for a reshape (a memory alias)."""
+def tiles_cannot_wrap(graph: Graph, node: Node) -> bool:
+    """Whether a two-stage node equals one stage of acc2_bits <= 32 bits: no tile can wrap (every
+    tile sum fits acc_bits by the exact bound over the input format's values minus the input zero
+    point, and 0 for a padded tap), so the wrapped tile sums are the exact ones and the bias plus
+    them, wrapped to acc2_bits, is the plain sum wrapped once to acc2_bits."""
+    fmt = graph.tensors[node.inputs[0]].fmt
+    acc2 = int(node.attrs.get("acc2_bits", 32))
+    if "acc_tile" not in node.attrs or fmt is None or acc2 > 32:
+        return False
+    zp = int(node.attrs.get("input_zero_point", 0))
+    xmin, xmax = min(0, fmt.qmin - zp), max(0, fmt.qmax - zp)
+    lo, hi = tile_bounds(node.params["weight"], xmin, xmax, int(node.attrs["acc_tile"]))
+    half = 1 << (int(node.attrs["acc_bits"]) - 1)
+    return int(lo.min(initial=0)) >= -half and int(hi.max(initial=0)) < half
+
+
+def whole_image_pool(graph: Graph, node: Node) -> bool:
+    """Whether an average pool's one window is its whole unpadded input: the global average
+    pool's sum and requantization, bit for bit."""
+    if node.op != "avgpool2d" or any(node.attrs.get("padding", (0, 0, 0, 0))):
+        return False
+    h, w = _shape(graph, node.inputs[0])[:2]
+    return tuple(node.attrs["kernel"]) == (h, w) and _shape(graph, node.output)[:2] == (1, 1)
+
+
+def lower_node(graph: Graph, node: Node, dialect: str = "c") -> KernelCall | None:
+    """The kernel call of one node, or None for a reshape (a memory alias). On Cortex-M (the
+    `dsp` and `mve` dialects) a two-stage node that no tile can wrap runs as one stage, and an
+    average pool over the whole image runs the global average pool's kernel."""
     _check_node(graph, node)
     _check_shapes(graph, node)
     if node.op == "reshape":
         return None
-    template = choose_template(graph, node)
+    cortex_m = dialect in ("dsp", "mve")
+    one_stage = cortex_m and tiles_cannot_wrap(graph, node)
+    template = choose_template(graph, node, one_stage)
+    if cortex_m and whole_image_pool(graph, node):
+        template = "global_avgpool"
     if node.op in ACC_OPS:
         acc = int(node.attrs["acc_bits"])
         cb = container_bits(acc)
         if "acc_tile" in node.attrs:
             tile, acc2 = int(node.attrs["acc_tile"]), int(node.attrs.get("acc2_bits", 32))
+            if one_stage:
+                c2 = container_bits(acc2)
+                return KernelCall(node, template, f"{template}_acc{c2}", acc2, c2, exact_tile=tile)
             return KernelCall(node, template, f"{template}_acc{cb}x32", acc, cb, tile, acc2)
         return KernelCall(node, template, f"{template}_acc{cb}", acc, cb)
     return KernelCall(node, template, template, None, None)
@@ -368,7 +407,8 @@ def fuse_luts(graph: Graph, dialect: str) -> LutFusion:
         producer = graph.producer(t)
         if producer is None or producer.op == "reshape" or t in outputs:
             continue
-        if len(graph.consumers(t)) != 1 or choose_template(graph, producer) not in fusable:
+        call = lower_node(graph, producer, dialect)
+        if len(graph.consumers(t)) != 1 or call is None or call.template not in fusable:
             continue
         luts[producer.name] = node
     if not luts:
@@ -394,13 +434,13 @@ def lower(graph: Graph, dialect: str = "c", align: int = 1, fuse: bool = True) -
             "the graph is not quantized (a tensor has no format); quantize it first"
         )
     for node in graph.nodes:  # every node is checked, the fused luts too
-        lower_node(graph, node)
+        lower_node(graph, node, dialect)
     fusion = fuse_luts(graph, dialect) if fuse else LutFusion(graph, {})
     g = fusion.graph
     calls = []
     inplace: dict[str, tuple[int, ...]] = {}
     for node in g.nodes:
-        call = lower_node(g, node)
+        call = lower_node(g, node, dialect)
         if call is None:
             continue
         calls.append(replace(call, lut=fusion.luts.get(node.name)))

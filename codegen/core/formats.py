@@ -137,3 +137,15 @@ def bits_for_values(q: npt.ArrayLike) -> int:
     """Signed bits needed to hold the integers `q` in a symmetric format (at least 1)."""
     m = int(np.max(np.abs(np.asarray(q, dtype=np.int64)), initial=0))
     return m.bit_length() + 1
+
+
+def tile_bounds(q: IntArray, xmin: int, xmax: int, tile: int) -> tuple[IntArray, IntArray]:
+    """Exact (lo, hi) of every tile sum of every channel, (O, ceil(K / T)); q is (O, K). The bias
+    belongs to the second stage, not to a tile."""
+    q = q.reshape(q.shape[0], -1).astype(np.int64)
+    o, k = q.shape
+    a, b = q * xmin, q * xmax
+    pad = -k % tile
+    lo = np.pad(np.minimum(a, b), ((0, 0), (0, pad))).reshape(o, -1, tile).sum(axis=2)
+    hi = np.pad(np.maximum(a, b), ((0, 0), (0, pad))).reshape(o, -1, tile).sum(axis=2)
+    return lo, hi

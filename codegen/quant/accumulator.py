@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from codegen.core.formats import IntArray, round_half_up
+from codegen.core.formats import tile_bounds as tile_bounds  # the reference's tiles
 
 Policy = Literal["guaranteed", "profiled"]
 POLICIES: tuple[Policy, ...] = ("guaranteed", "profiled")
@@ -167,18 +168,6 @@ def tile_candidates(k: int) -> list[int]:
     """Tile lengths T the kernels implement, largest first: K itself (one tile), the multiples of
     8 below K (the NEON kernels widen every 8 terms), then 4, 2 and 1."""
     return [k, *range((k - 1) // 8 * 8, 7, -8), *(t for t in (4, 2, 1) if t < k)]
-
-
-def tile_bounds(q: IntArray, xmin: int, xmax: int, tile: int) -> tuple[IntArray, IntArray]:
-    """Exact (lo, hi) of every tile sum of every channel, (O, ceil(K / T)); q is (O, K). The bias
-    belongs to the second stage, not to a tile."""
-    q = q.reshape(q.shape[0], -1).astype(np.int64)
-    o, k = q.shape
-    a, b = q * xmin, q * xmax
-    pad = -k % tile
-    lo = np.pad(np.minimum(a, b), ((0, 0), (0, pad))).reshape(o, -1, tile).sum(axis=2)
-    hi = np.pad(np.maximum(a, b), ((0, 0), (0, pad))).reshape(o, -1, tile).sum(axis=2)
-    return lo, hi
 
 
 def choose_tile(q: IntArray, xmin: int, xmax: int, acc_bits: int) -> int | None:

@@ -527,6 +527,36 @@ CASES: list[Case] = [
         ),
         wraps=True,
     ),
+    # DSP: int16 weights read by LDRD (one group, ICG % 4 == 0); no padding: the input zero point
+    # is folded into the bias (the padded w16 rows above have none)
+    Case(
+        "conv2d_acc16-c8-k3-stride2-zero-point-w16-wrap-acc13",
+        lambda b: b.conv2d(
+            b.input((7, 8, 8), dist="high"),
+            12,
+            (3, 3),
+            (2, 2),
+            acc_bits=13,
+            w_dist="positive",
+            input_zero_point=5,
+        ),
+        wraps=True,
+    ),
+    # two stages that no tile can wrap (4-bit weights: a tile of 8 terms fits, the whole sum
+    # does not): Cortex-M runs them as one 32-bit stage, its DSP / Helium kernels (Helium:
+    # im2col, 3 * 5 < 16 inputs per kernel row, IZP at the padded taps)
+    Case(
+        "conv2d_acc16x32-tiles-exact-c5to8-zero-point",
+        lambda b: b.conv2d(
+            b.input((6, 7, 5), dist="high"),
+            8,
+            padding=(1,) * 4,
+            acc_bits=16,
+            w_bits=4,
+            acc_tile=8,
+            input_zero_point=3,
+        ),
+    ),
     # dense
     Case(
         "dense_acc16-wrap-acc11-mult3",
@@ -587,7 +617,10 @@ CASES: list[Case] = [
             per_channel=True,
         ),
     ),
-    Case("global_avgpool_acc16-7x5x12", lambda b: b.global_avgpool(b.input((7, 5, 12)))),
+    Case(  # Cortex-M: the global average pool's kernel (its one window is the whole image)
+        "avgpool2d_acc16-whole-image-7x5x12",
+        lambda b: b.avgpool2d(b.input((7, 5, 12)), (7, 5), (1, 1)),
+    ),
     Case(
         "global_avgpool_acc16-wrap-acc10",
         lambda b: b.global_avgpool(b.input((6, 6, 3), dist="high"), acc_bits=10),
@@ -751,7 +784,9 @@ CASES: list[Case] = [
     Case("gather-chunk-clamped", lambda b: b.gather(b.input((4, 6, 9)), range(5, 9), lo=-3, hi=60)),
     Case("gather-vector-wide", lambda b: b.gather(b.input((300,)), range(299, -1, -2))),
     # zero_insert (a transposed convolution: zeros between the pixels, then a stride-1 conv2d)
-    Case("zero_insert-stride3x2", lambda b: b.zero_insert(b.input((3, 4, 5), lo=0), (3, 2))),
+    Case(  # Helium: runs of 19 values (a whole vector and a tail)
+        "zero_insert-stride3x2", lambda b: b.zero_insert(b.input((3, 4, 19), lo=0), (3, 2))
+    ),
     Case("net-conv-transpose-zero-point", _conv_transpose),
     Case(  # Helium: two full gathers of 16 channels and a tail of 8
         "gather-channel-shuffle-c40",
@@ -1269,8 +1304,8 @@ def test_errors_are_reported_before_writing(graphs: dict[str, Any], tmp_path: Pa
 @pytest.mark.parametrize(
     ("attrs", "shape", "message"),
     [
-        ({"stride": (2, 2)}, (7, 7, 5), r"output shape \(7, 7, 5\) should be \(5, 7, 5\)"),
-        ({"stride": (0, 2)}, (7, 7, 5), r"stride \(0, 2\) >= 1"),
+        ({"stride": (2, 2)}, (7, 7, 19), r"output shape \(7, 7, 19\) should be \(5, 7, 19\)"),
+        ({"stride": (0, 2)}, (7, 7, 19), r"stride \(0, 2\) >= 1"),
     ],
 )
 def test_zero_insert_shapes_are_checked(

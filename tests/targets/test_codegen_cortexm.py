@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from codegen.backend import layouts
 from codegen.backend.emit import c_identifier, emit, write_files
+from codegen.backend.lower import lower, tiles_cannot_wrap
 from codegen.core import reference
 from codegen.core.ir import Graph
 from codegen.targets.build import ToolMissingError, resolve_target
@@ -256,9 +258,12 @@ def test_mve_pool_kernels_are_used(graphs: dict[str, Any]) -> None:
 
 def test_mve_kernels_of_the_new_ops_are_used(graphs: dict[str, Any]) -> None:
     """The Helium lut (VLDRB gather from the rotated table), mul (int32-lane products, the vector
-    requantization, the wrap), gather (VLDRB gather with 8- or 16-bit offsets, or a slice copy)
-    and adaptive pools (vector max; int32-lane sums with the per-pixel requantization) are used
-    on cortex-m55, the portable fallback kept."""
+    requantization, the wrap), gather (VLDRB gather with 8- or 16-bit offsets, or a slice copy),
+    adaptive pools (vector max; int32-lane sums with the per-pixel requantization), bilinear
+    resizing (four weighted int32x4 loads, the zero point taken out at once), zero insertion
+    (predicated vector copies and fills), the add (whole vectors and one tail) and the im2col
+    conv (few inputs per kernel row) are used on cortex-m55, the portable fallback kept (but
+    for the im2col conv, whose weights are packed for Helium)."""
     t = resolve_target("cortex-m55")
     for cid, markers in (
         ("lut-hardswish", ("vldrbq_gather_offset_u8(", "vldrbq_gather_offset_z_u8(")),
@@ -272,11 +277,60 @@ def test_mve_kernels_of_the_new_ops_are_used(graphs: dict[str, Any]) -> None:
         ("gather-chunk-clamped", ("START = 5", "vminq_s8(")),
         ("adaptive_avgpool2d_acc16-ceil-windows-wrap", ("vmulq_n_s32(r", "[px]", "vshlq_n_s32(")),
         ("adaptive_maxpool2d-upsample-clamped", ("vmaxq_s8(",)),
+        (
+            "resize_bilinear_acc32-align-corners-zero-point-clamped",
+            ("vmlaq_n_s32(r, ", "vsubq_n_s32(r, IZN)"),
+        ),
+        ("zero_insert-stride3x2", ("vstrbq_p_s8(", "vdupq_n_s8(")),
+        ("add_acc16-residual", ("P = 1, C = 210", "vctp32q(TAIL)")),  # one flat row, a tail
+        ("conv2d_acc16-wrap-acc8", ("int8_t col[ICP];", "wlstp.8")),  # im2col: 3 * 5 < 16
+        ("avgpool2d_acc16-whole-image-7x5x12", ("vldrbq_z_s16(",)),  # the global pool's lanes
     ):
         files = emit(graphs[cid][0], cid, t)
         src = files[f"{c_identifier(cid).lower()}.c"]
         assert all(m in src for m in markers), cid
-        assert "#else /* no MVE" in src, cid
+        packed = "col[ICP]" in src  # no portable fallback: the weights are packed for Helium
+        assert ("#else /* no MVE" in src) != packed and ("needs MVE" in src) == packed, cid
+
+
+@pytest.mark.parametrize("target", CORTEX_M)
+def test_two_stages_without_tile_wraps_run_one_stage(target: str, graphs: dict[str, Any]) -> None:
+    """A two-stage layer runs the dialect's 32-bit kernel exactly when the exact bound proves
+    that no tile can wrap (then its sum is the one-stage sum wrapped to acc2_bits); a layer
+    whose tiles can wrap (the `-wrap` rows do, on their inputs) keeps the portable two stages.
+    The report's path says which."""
+    t = resolve_target(target)
+    marker = DIALECT_MARKERS[t.dialect]
+    for cid in (c for c in CASE_IDS if "acc16x32" in c):
+        g = graphs[cid][0]
+        node = next(n for n in g.nodes if "acc_tile" in n.attrs)
+        call = lower(g, t.dialect, t.align).call(node.name)
+        free = tiles_cannot_wrap(g, node)
+        assert free == ("tiles-exact" in cid), cid
+        assert (call.exact_tile is not None, call.acc_tile is None) == (free, free), cid
+        want = "acc16x32-as-acc32-" if free else "acc16x32-portable"
+        assert str(layouts.path(call, t.dialect, t.neon)).startswith(want), cid
+        src = emit(g, cid, t)[f"{c_identifier(cid).lower()}.c"]
+        assert (marker in src) == free, cid
+
+
+def test_dsp_global_avgpool_sums_int16_pairs() -> None:
+    """On cortex-m4/m7 the global average pool sums 4 channels per word with SXTAB16 (two int16
+    halves) when HW * 128 <= 2^15 (the rows above check it equal, with a channel tail and a
+    wrap), also for an average pool whose window is the whole image; a larger image keeps the
+    portable kernel. Both requantize in 32 bits (the bound of
+    HW inputs, or of the wrapped accumulator, allows it)."""
+    for target in ("cortex-m4", "cortex-m7"):
+        t = resolve_target(target)
+        for cid, dsp in (
+            ("global_avgpool_acc16-c27-zero-point-wrap-acc12", True),
+            ("avgpool2d_acc16-whole-image-7x5x12", True),  # its one window: the whole image
+            ("global_avgpool_acc32-16x17x6-per-channel", False),
+        ):
+            g = next(c for c in CASES if c.id == cid).build()[0]
+            src = emit(g, cid, t)[f"{c_identifier(cid).lower()}.c"]
+            assert ("qacc_dsp_sxtab16_ror8(s13, w)" in src) == dsp, (target, cid)
+            assert "qacc_requantize32(" in src, (target, cid)  # the bounds allow it
 
 
 def test_dsp_mul_uses_the_32_bit_requantization(graphs: dict[str, Any]) -> None:
