@@ -37,12 +37,16 @@ Accumulation paths (report.json "path" of each layer):
   weight layout's order (direct or im2col walk; the "rows" walk pads inside the order, so only a
   single tile, T >= K, takes it), so tile boundaries fall after every T lanes (T = 1, 2, 4),
   every T / 8 blocks of 8 terms (a multiple of 8), or at the end (T >= K: the acc16 register
-  block, widened once after the loop).
+  block, widened once after the loop). Tiles of a multiple of 8 terms below K keep the acc16
+  register block too: the int32 sums live in a buffer on the stack, read, added to (SADDW/SADDW2)
+  and written back once per tile, and are requantized in int32 (qacc_neon_requant8_32) where
+  `_lane_bound`'s per-tile bound proves it equal.
   Other T, groups > 1 and wider first stages use the portable kernel (path ``acc16x32-portable``).
 
 Requantization stays `qacc_requantize`'s function; the kernels evaluate it on 8 lanes at once when
 every multiplier fits int32 (see `qacc_neon_requant8` in the templates, tested against
-formats.requantize), and call qacc_requantize per lane otherwise.
+formats.requantize), and call qacc_requantize per lane otherwise. int16 lanes whose multipliers are
+all 1 (power-of-two scales) take one saturating rounding shift (`qacc_neon_requant8_16s`).
 """
 
 from __future__ import annotations
@@ -280,13 +284,18 @@ def _ceil_to(n: int, m: int) -> int:
 
 
 def _requant_arrays(
-    call: KernelCall, n: int, add: AddArray, lane_bits: int, lane_bound: np.ndarray | None = None
+    call: KernelCall,
+    n: int,
+    add: AddArray,
+    lane_bits: int,
+    lane_bound: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Per-channel mult and negated shift, padded to n lanes (padding lanes: mult 0, shift 0);
     lane_bits: the accumulator lanes of the kernel (16: the int16 requantization may apply);
     lane_bound: a bound per output channel on |the int32 lanes| the kernel requantizes (given:
     the int32-lane requantization qacc_neon_requant8_32 applies when `_vec_requant_ok` holds for
-    it and every shift is at most 31)."""
+    it and every shift is at most 31); int16 lanes whose multipliers are all 1 take
+    qacc_neon_requant8_16s."""
     rq = call.node.requant
     assert rq is not None
     real = np.asarray(rq.mult, dtype=np.int64).reshape(-1)
@@ -312,7 +321,7 @@ def _requant_arrays(
         and bool(np.all(shift <= 31))
         and _vec_requant_ok(call.node, lane_bound)
     )
-    extra: dict[str, Any] = {"rq16": rq16, "rq32": rq32, "rq_mult32": None}
+    extra: dict[str, Any] = {"rq16": rq16, "rq16s": False, "rq32": rq32, "rq_mult32": None}
     if rq32:
         if bool(np.any(mult[:channels] != 1)):
             extra["rq_mult32"] = add(
@@ -322,6 +331,14 @@ def _requant_arrays(
         extra["rq_rshift32"] = add(
             "nrshift32", "int32_t", [int(v) for v in rshift],
             f"{name}: minus the requantization shift per output channel (int32), padded to {n}",
+        )  # fmt: skip
+        return extra
+    if rq16 and bool(np.all(mult[:channels] == 1)) and bool(np.all(np.abs(shift) <= 15)):
+        # every multiplier 1: one saturating rounding shift of the int16 lanes (requant8_16s)
+        extra["rq16s"] = True
+        extra["rq_rshift16"] = add(
+            "nrshift16", "int16_t", [int(v) for v in rshift],
+            f"{name}: minus the requantization shift per output channel (int16), padded to {n}",
         )  # fmt: skip
         return extra
     if rq16:
@@ -379,10 +396,13 @@ def gemm_context(
         o_max = 4
         o = min(o_max, ovecs)
         p_max = min(8, (SDOT_REGS - o) // (o + 1))
-    elif two and not _tiles(call, k)["late"]:
-        # three registers per accumulator vector: the int16 tile and two int32 halves
+    elif two and not _tiles(call, k)["late"] and not _tiles(call, k)["tb"]:
+        # tiles of T < 8 terms, widened after every T lanes: three registers per accumulator
+        # vector, the int16 tile and two int32 halves
         o_max, p_max = (2, 4) if nt.aarch64 else (2, 1)
-    elif call.container_bits == 16:  # (one tile of two stages too: widened after the loop)
+    elif call.container_bits == 16:
+        # (two stages with one tile: widened after the loop; with tiles of a multiple of 8
+        # terms: the int32 sums in a stack buffer, read and written once per tile)
         o_max, p_max = (4, 5) if nt.aarch64 else (4, 2)
     else:
         o_max, p_max = (2, 4) if nt.aarch64 else (2, 2)
@@ -407,6 +427,12 @@ def gemm_context(
         if dw == 1 and kh * _ceil_to(row, 8) <= 2 * kp:
             mode = "rows"
             kp = kh * _ceil_to(row, 8)
+    if nt.aarch64 and two and mode == "direct" and kp >= 64 and o_n < 4 and _tiles(call, k)["mem"]:
+        # two stages, fewer than 4 vectors of output channels: the registers they leave take
+        # more pixels (O x P accumulators, O weights and P inputs in v0-v15 still fit 32
+        # registers). Measured: one stage, short sums or the rows walk lose more than they
+        # gain (GCC then copies inputs into v0-v15 before the MLAs)
+        p_n = _pixel_block(pixels, p_n, A64_WIDE_PIXELS[o_n])
     wp = np.zeros((ocp, kp), dtype=np.int64)
     if mode == "sdot":
         # each walked tap (a kernel row, or one input pixel) padded with zero weights to TC terms
@@ -491,6 +517,8 @@ def gemm_context(
         "KP": kp,
         "KSTEP": kstep,
         "OCP": ocp,
+        # every block of output channels full: each store of 8 lanes writes 8 channels
+        "full8": not sdot and oc % block == 0,
         "scratch_elems": scratch,
         "scratch_bytes": 2 * scratch,
         "wbits": wbits,
@@ -509,22 +537,48 @@ def gemm_context(
             + (", input zero point folded in" if sdot else "") + f", padded to {ocp} lanes",
         ),
     }  # fmt: skip
-    # int32 lanes holding the one-stage sum (SDOT, or SMLAL at acc32): the int32-lane
-    # requantization where the bound proves it exact (two stages: lanes hold the acc2 total)
-    one_stage32 = lane_bits == 32 and not two
+    # int32 lanes (SDOT, SMLAL at acc32, two stages: the acc2 total): the int32-lane
+    # requantization where the bound proves it exact
     ctx.update(
-        _requant_arrays(call, ocp, add, lane_bits, _lane_bound(call) if one_stage32 else None)
+        _requant_arrays(call, ocp, add, lane_bits, _lane_bound(call) if lane_bits == 32 else None)
     )
     return ctx
 
 
+A64_WIDE_PIXELS = {1: 8, 2: 8, 3: 6}
+"""Pixels per register block of the A64 int16-lane GEMM kernel with 1, 2 or 3 vectors of output
+channels (4 vectors: 5 pixels)."""
+
+
+def _pixel_block(pixels: int, low: int, high: int) -> int:
+    """The pixel block in [low, high] (at most `pixels`) of the least estimated cost: blocks
+    times (pixels per block + 2, the block's own overhead in pixels; ties: the largest)."""
+    cands = range(min(low, pixels), min(high, pixels) + 1)
+    return min(cands, key=lambda p: (-(-pixels // p) * (p + 2), -p))
+
+
 def _lane_bound(call: KernelCall) -> np.ndarray:
     """Per output channel, a bound on |the int32 lanes| a conv2d / dense kernel requantizes after
-    its wrap to A bits: the exact sum when no input can make it wrap, else 2^(A-1)."""
+    its wrap to A bits: the exact sum when no input can make it wrap, else 2^(A-1).
+    Two stages: |bias| plus, per tile of T terms (in the weight layout's order, the reference's),
+    the smaller of 2^(A-1) (a wrapped tile sum) and the tile's exact bound, when that stays below
+    2^(A2-1) (the total never wraps), else 2^(A2-1)."""
     assert call.acc_bits is not None
-    oc = int(call.node.params["weight"].shape[0])
-    exact = _acc_bound(call.node, oc)
-    full = np.full(oc, 1 << (call.acc_bits - 1), dtype=np.int64)
+    node = call.node
+    oc = int(node.params["weight"].shape[0])
+    if call.acc_tile is None:
+        exact = _acc_bound(node, oc)
+        top = call.acc_bits
+    else:
+        assert call.acc2_bits is not None
+        t, top = int(call.acc_tile), int(call.acc2_bits)
+        w = np.abs(np.asarray(node.params["weight"], dtype=np.int64)).reshape(oc, -1)
+        k = int(w.shape[1])
+        span = _int8_span(int(node.attrs.get("input_zero_point", 0)))
+        tiles = np.add.reduceat(w, np.arange(0, k, t), axis=1) * span
+        bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
+        exact = np.abs(bias) + np.minimum(tiles, 1 << (call.acc_bits - 1)).sum(axis=1)
+    full = np.full(oc, 1 << (top - 1), dtype=np.int64)
     return exact if bool(np.all(exact < full)) else full
 
 
@@ -596,7 +650,10 @@ def _tiles(call: KernelCall, k: int) -> dict[str, Any]:
     the kernel keeps the one-stage register block and widens after the loop)."""
     t = call.acc_tile
     if t is None:
-        return {"two": False, "tb": 0, "fold_end": False, "late": False, "wrap2_shift": 0}
+        return {
+            "two": False, "tb": 0, "fold_end": False, "late": False, "mem": False,
+            "wrap2_shift": 0,
+        }  # fmt: skip
     assert call.acc2_bits is not None
     return {
         "two": True,
@@ -604,6 +661,9 @@ def _tiles(call: KernelCall, k: int) -> dict[str, Any]:
         "fold_end": t >= 8,
         # one tile (T >= K, T >= 8): the int32 lanes are needed only after the loop
         "late": t >= k and t >= 8,
+        # several tiles of a multiple of 8 terms: the int32 sums live in a buffer on the stack
+        # (the one-stage register block keeps its int16 lanes; each tile reads, adds, writes)
+        "mem": 8 <= t < k,
         "wrap2_shift": 32 - int(call.acc2_bits),
     }
 
@@ -718,7 +778,7 @@ def depthwise_context(
     taps = [(ky * dh * cols + kx * dw) * cp for ky in range(kh) for kx in range(kw)]
     ctx: dict[str, Any] = {
         "neon": True,
-        "CP": cp, "ROWS": rows, "COLS": cols, "LF": lf, "MID": mid,
+        "CP": cp, "full8": cp == c, "ROWS": rows, "COLS": cols, "LF": lf, "MID": mid,
         "taps": taps,
         "tap_pairs": [list(enumerate(taps))[i : i + 2] for i in range(0, len(taps), 2)],
         "s8": s8,

@@ -517,6 +517,20 @@ CASES: list[Case] = [
         wraps=True,
     ),
     Case(
+        "conv2d_acc16x32-stride2-oc-tail-tile16-wrap-acc12",
+        lambda b: b.conv2d(
+            b.input((9, 9, 16), dist="high"),
+            20,
+            (3, 3),
+            (2, 2),
+            (1, 0, 1, 0),
+            acc_bits=12,
+            w_dist="positive",
+            acc_tile=16,
+        ),
+        wraps=True,
+    ),
+    Case(
         "conv2d_acc16x32-pointwise-tile-k",
         lambda b: b.conv2d(b.input((5, 5, 16)), 12, (1, 1), acc_bits=16, acc_tile=16),
     ),

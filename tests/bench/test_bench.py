@@ -101,6 +101,8 @@ def test_bench_single_conv(tmp_path: Path) -> None:
         rows[32]["instructions"] / rows[16]["instructions"], abs=1e-3
     )
     assert 1 < ratio["acc32_over_acc16x32"] < ratio["acc32_over_acc16"]
+    # two stages keep the acc16 register block (int32 tile sums on the stack): >= 1.7x
+    assert ratio["acc32_over_acc16x32"] >= 1.7
     (peer,) = res["peers"]
     assert "error" not in peer, peer.get("error")
     assert peer["instructions"] > 0 and peer["macs"] == EXPECTED_MACS["conv3x3"]

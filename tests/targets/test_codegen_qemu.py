@@ -163,6 +163,31 @@ def test_quantized_network_on_every_neon_target(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("target", ["cortex-a53", "cortex-a7"])
+def test_neon_shift_only_requantize_equals_formats(target: str, tmp_path: Path) -> None:
+    """qacc_neon_requant8_16s (every multiplier 1: one saturating rounding shift of the int16
+    lanes) == formats.requantize, right shifts and saturating left shifts, in the conv and
+    depthwise kernels."""
+    _require(target)
+    b = GraphBuilder("rqs", seed=11, batch=4)
+    x = b.input((6, 5, 16), lo=-20, hi=20)
+    t = b.conv2d(x, 16, padding=(1,) * 4, acc_bits=16, name="conv")
+    b.conv2d(t, 16, padding=(1,) * 4, groups=16, acc_bits=16, name="dw")
+    g, xs = b.result()
+    shift = np.array([-15, -8, -3, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15], dtype=np.int64)
+    nodes = tuple(
+        replace(n, requant=Requant(np.ones(16, dtype=np.int64), np.roll(shift, i), 2, -120, 100))
+        for i, n in enumerate(g.nodes)
+    )
+    g2 = replace(g, nodes=nodes)
+    want = reference.run(g2, xs).output
+    c = compile(g2, target=target, out_dir=tmp_path / "rqs")
+    src = (tmp_path / "rqs" / "rqs.c").read_text()
+    assert src.count("qacc_neon_requant8_16s(a") >= 2  # both kernels take it
+    assert np.array_equal(c.run_int_q(xs), want)
+    assert len(np.unique(want)) > 20  # not everything saturated
+
+
+@pytest.mark.parametrize("target", ["cortex-a53", "cortex-a7"])
 def test_neon_maxpool_vector_channels(target: str, tmp_path: Path) -> None:
     """The NEON maxpool2d on 16-, 8- and 1-channel steps (27 = 16 + 8 + 3 channels): windows
     inside the image, clipped by padding, entirely in the padding; clamps inside int8."""
