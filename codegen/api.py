@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, cast
@@ -23,6 +23,7 @@ from codegen.core.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
 from codegen.core.reference import RunResult, quantize_images
 from codegen.frontend.torch_fx import from_torch
 from codegen.quant.accumulator import POLICIES, Policy, channel_bounds, tile_bounds
+from codegen.quant.adaptive import DEFAULT_DISTILL, DEFAULT_INIT, DEFAULT_LR
 from codegen.quant.distributed import resolve_device
 from codegen.quant.equalize import DEFAULT_CLE, check_cle, equalize
 from codegen.quant.ptq import DEFAULT_CLIP, PTQResult, check_clip, fakequant_overrides, search
@@ -291,7 +292,10 @@ def quantize(
     transform_deploy: str = "auto",
     train: TrainData | None = None,
     epochs: int = 2,
-    distill: bool = False,
+    distill: bool = DEFAULT_DISTILL,
+    lr: float = DEFAULT_LR,
+    init: str = DEFAULT_INIT,
+    on_epoch: Callable[[nn.Module], Mapping[str, float]] | None = None,
     seed: int = 0,
     device: str = "cpu",
     rounding: str = DEFAULT_ROUNDING,
@@ -326,7 +330,12 @@ def quantize(
     method="adaptive": quantization-aware training on `train` for `epochs` with learned step
     sizes and offsets (LSQ+), `w_bits`/`a_bits` (2..8, per network or {layer: bits}), `scale`
     "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`;
-    `distill` adds knowledge distillation from the float model to the training loss.
+    `distill` adds knowledge distillation from the float model to the training loss, `lr` is
+    Adam's initial learning rate (cosine decay), `init` "projected" (A2Q+: the float weights
+    projected onto the accumulator budget before training) or "float", and `on_epoch(net)`, if
+    given, is called with the fake-quant network after every epoch (its figures join the epoch's
+    row of the report's "adaptive" "history"). The defaults and the sweep behind them:
+    docs/adaptive.md.
     `acc_stages=2` (method "ptq"): two-stage accumulation, tiles of T terms summed in `acc_bits`
     and their sums in 32 bits; the weights meet the 32-bit bound and T is chosen per layer so
     that no tile can overflow (report: "acc_tile" per layer; docs/number-semantics.md).
@@ -391,6 +400,9 @@ def quantize(
             progress=progress,
             distill=distill,
             device=dev,
+            lr=lr,
+            init=init,
+            on_epoch=on_epoch,
         )
     elif method == "transform":
         from codegen.quant.transform import quantize_transform

@@ -36,7 +36,7 @@ biases are the integers the training forward pass used, activations carry their 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,13 @@ from codegen.quant.ptq import (
 from codegen.quant.training import TrainData, fit
 
 SCALES = ("dyadic", "pow2")
+INITS = ("float", "projected")
+"""Where training starts: the float weights, or their projection onto the accumulator budget."""
+DEFAULT_INIT = "projected"
+DEFAULT_LR = 3e-3
+DEFAULT_DISTILL = True
+"""The defaults of `quantize_adaptive` (and `codegen.quantize`), chosen from a sweep over three
+networks at 12-bit accumulators: docs/adaptive.md."""
 KEEP_VALUES = frozenset({"maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "zero_insert"})
 """Ops whose outputs are some of their input's values: they need no output quantizer."""
 BIAS_SHARE = 0.5
@@ -232,17 +239,30 @@ class WeightQuant(nn.Module):
             chosen = torch.where(better, cand, chosen)
         self.s_param.copy_(chosen)
 
-    def forward(self, act: ActQuant) -> Layer:
+    @torch.no_grad()
+    def start_inside(self, act: ActQuant) -> None:
+        """A2Q+'s initialisation: replace the float weights by their projection onto the
+        accumulator budget (at the fitted steps), so that training starts inside it."""
+        self.w.copy_(self._projected(act)[0])
+
+    def _projected(
+        self, act: ActQuant
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projected float weights, the bias in accumulator units (kept inside its share of
+        the range), the weight steps, and the input's step and zero point."""
         sx = act.step()
         zp = act.zero_point(sx)
         sw = self.step()
-        o = self.w.shape[0]
-        shape = (o,) + (1,) * (self.w.ndim - 1)
-        # the bias in accumulator units, kept inside its share of the range
         room = self.limit - 1.0  # 1 LSB of slack for the bias' rounding
         bias = torch.clamp(self.b / (sx * sw), -BIAS_SHARE * room, BIAS_SHARE * room)
+        w = project(self.w, sw, bias, act.qmin - zp, act.qmax - zp, room)
+        return w, bias, sw, sx, zp
+
+    def forward(self, act: ActQuant) -> Layer:
+        w, bias, sw, sx, zp = self._projected(act)
         xlo, xhi = act.qmin - zp, act.qmax - zp
-        w = project(self.w, sw, bias, xlo, xhi, room)
+        o = self.w.shape[0]
+        shape = (o,) + (1,) * (self.w.ndim - 1)
         u = w / sw.reshape(shape)
         b = round_ste(bias)
         toward_zero = torch.clamp(trunc_ste(u), -self.qmax, self.qmax)  # fits: see project()
@@ -377,7 +397,8 @@ class QATNet(nn.Module):
     Initialisation runs the calibration data through the network in order, so that every
     quantizer is fitted to the values it will really see: each layer's weight steps to its
     weights under the accumulator constraint, each activation quantizer to the output of the
-    already quantized prefix.
+    already quantized prefix. With `init="projected"` each layer's float weights are then
+    replaced by their projection onto the accumulator budget (`WeightQuant.start_inside`).
     """
 
     def __init__(
@@ -389,6 +410,7 @@ class QATNet(nn.Module):
         acc_bits: Mapping[str, int],
         pow2: bool,
         device: torch.device | str = "cpu",
+        init: str = "float",
     ):
         super().__init__()
         self.pow2 = pow2
@@ -405,6 +427,8 @@ class QATNet(nn.Module):
                 if n.op in WEIGHTED_OPS:
                     wq = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2).to(self.device)
                     wq.fit_steps(self.act(n.inputs[0]))
+                    if init == "projected":
+                        wq.start_inside(self.act(n.inputs[0]))
                     self.layers[n.name] = wq
                 y = self._node(n, [env[t] for t in n.inputs])
                 if n.op not in KEEP_VALUES:
@@ -588,12 +612,14 @@ def train_qat(
     epochs: int,
     seed: int,
     progress: bool,
-    lr: float = 1e-3,
-    distill: bool = False,
+    lr: float = DEFAULT_LR,
+    distill: bool = DEFAULT_DISTILL,
+    on_epoch: Callable[[QATNet], Mapping[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune every parameter (weights, biases, steps, offsets): Adam, cosine decay; with
     `distill`, the float network is the teacher (knowledge distillation). `train` is arrays
-    (x, y), a Dataset or a DataLoader; under torchrun, DistributedDataParallel (see `fit`)."""
+    (x, y), a Dataset or a DataLoader; under torchrun, DistributedDataParallel (see `fit`).
+    `on_epoch(net)` is called after every epoch; its figures join the epoch's history row."""
 
     def teacher(xb: torch.Tensor) -> torch.Tensor:  # the float network the training started from
         x_nhwc = xb.permute(0, 2, 3, 1) if xb.ndim == 4 else xb
@@ -604,7 +630,8 @@ def train_qat(
     x, y = train if isinstance(train, tuple) else (train, None)
     fit(net, x, y, epochs, lr=lr, seed=seed, progress=progress, schedule="cosine",
         desc="adaptive QAT", history=history, teacher=teacher if distill else None,
-        device=net.device)  # fmt: skip
+        device=net.device, on_epoch=None if on_epoch is None else lambda: on_epoch(net),
+    )  # fmt: skip
     return history
 
 
@@ -747,9 +774,11 @@ def quantize_adaptive(
     epochs: int = 2,
     seed: int = 0,
     progress: bool = True,
-    lr: float = 1e-3,
-    distill: bool = False,
+    lr: float = DEFAULT_LR,
+    distill: bool = DEFAULT_DISTILL,
     device: torch.device | str = "cpu",
+    init: str = DEFAULT_INIT,
+    on_epoch: Callable[[QATNet], Mapping[str, float]] | None = None,
 ) -> tuple[Graph, dict[str, Any]]:
     """Train, export and check; returns the integer graph and the method's report section.
 
@@ -760,10 +789,14 @@ def quantize_adaptive(
         raise QaccError(f"unknown scale kind '{scale}'; choose dyadic or pow2")
     if epochs < 0:
         raise QaccError(f"epochs must be >= 0, got {epochs}")
+    if init not in INITS:
+        raise QaccError(f"unknown adaptive init '{init}'; choose {' or '.join(INITS)}")
     wb, ab = resolve_bits(graph, w_bits, a_bits)
     torch.manual_seed(seed)
-    net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device)
-    history = train_qat(net, train, epochs, seed, progress, lr=lr, distill=distill)
+    net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device, init=init)
+    history = train_qat(
+        net, train, epochs, seed, progress, lr=lr, distill=distill, on_epoch=on_epoch
+    )
     qgraph, details = export(net)
     agree = fake_vs_integer(net, qgraph, calib)
     extra = {
@@ -773,6 +806,8 @@ def quantize_adaptive(
             "a_bits": {t: ab[r] for t, r in net.rep.items()},
             "epochs": epochs,
             "distill": distill,
+            "init": init,
+            "lr": lr,
             "history": history,
             "constraint": details["layers"],
             "bound_fixups": details["bound_fixups"],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,7 @@ def fit(
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
     temperature: float = 2.0,
     device: torch.device | str = "cpu",
+    on_epoch: Callable[[], Mapping[str, float]] | None = None,
 ) -> nn.Module:
     """Adam with a one-cycle (training) or cosine (fine-tuning) schedule; one progress bar per
     epoch showing loss and accuracy. Per-epoch figures are appended to `history` if given
@@ -63,7 +64,8 @@ def fit(
     entropy and the distillation loss (KL of the softened outputs, Hinton et al. 2015).
 
     `x` is an array (then `y` holds the labels), a Dataset of (x, y) pairs or a DataLoader;
-    `model` must already be on `device` (the batches are moved there)."""
+    `model` must already be on `device` (the batches are moved there). `on_epoch`, if given, is
+    called after every epoch (the model in eval mode) and its figures join the epoch's row."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     batches = _batches(x, y, batch, seed)
@@ -114,6 +116,9 @@ def fit(
             "loss": loss_sum / max(1, seen),
             "accuracy": correct / max(1, seen),
         }
+        if on_epoch is not None:
+            model.eval()
+            row.update(on_epoch())
         if history is not None:
             history.append(row)
         if ddp.is_main():

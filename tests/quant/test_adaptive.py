@@ -320,6 +320,53 @@ def test_bad_options_are_one_line_errors(digits_net) -> None:  # type: ignore[no
         _adaptive(net, (x_train[:50], y_train[:50]), a_bits={"nope": 4}, epochs=0)
     with pytest.raises(QaccError, match="guaranteed"):
         _adaptive(net, (x_train[:50], y_train[:50]), overflow="profiled", epochs=0)
+    with pytest.raises(QaccError, match="unknown adaptive init 'zero'"):
+        _adaptive(net, (x_train[:50], y_train[:50]), init="zero", epochs=0)
+
+
+def test_projected_init_starts_inside_the_budget_where_the_float_one_projects(digits_net) -> None:  # type: ignore[no-untyped-def]
+    """A2Q+'s init stores the projected weights, which the forward pass projects again: the
+    projection is idempotent, so before training both inits quantize to the same integers; the
+    latent weights of the projected init already lie inside the budget, the float ones not."""
+    net, (x_train, *_) = digits_net
+    g = codegen.api.float_graph(net, x_train[:300], None)
+    bits = adaptive.resolve_bits(g, 4, 4)
+    acc = {n.name: 12 for n in g.nodes}
+    nets = {
+        i: adaptive.QATNet(g, x_train[:300], *bits, acc, pow2=False, init=i) for i in adaptive.INITS
+    }
+    outside = dict.fromkeys(adaptive.INITS, 0.0)
+    for n in g.nodes:
+        if n.op not in ("conv2d", "dense"):
+            continue
+        q = {}
+        for init, qnet in nets.items():
+            wq, act = qnet.layer(n.name), qnet.act(n.inputs[0])
+            with torch.no_grad():
+                moved = float((wq._projected(act)[0] - wq.w).abs().max())
+                q[init] = wq.forward(act)
+            outside[init] = max(outside[init], moved)
+        assert torch.equal(q["float"].q, q["projected"].q), n.name
+        assert torch.equal(q["float"].bias, q["projected"].bias), n.name
+    assert outside["projected"] < 1e-5 < outside["float"]
+
+
+def test_on_epoch_figures_join_the_history(digits_net) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, y_train, x_test, y_test) = digits_net
+    preds: list[np.ndarray] = []
+
+    def after_epoch(q: nn.Module) -> dict[str, float]:
+        assert not q.training
+        with torch.no_grad():
+            preds.append(q(torch.as_tensor(x_test)).argmax(1).numpy())
+        return {"test_accuracy": float(np.mean(preds[-1] == y_test))}
+
+    qm = _adaptive(net, (x_train[:128], y_train[:128]), epochs=2, on_epoch=after_epoch)
+    hist = qm.report["adaptive"]["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert [h["test_accuracy"] for h in hist] == [float(np.mean(p == y_test)) for p in preds]
+    # after the last epoch the callback saw the network that was exported
+    assert np.mean(qm.reference_int(x_test).argmax(1) == preds[-1]) >= 0.99
 
 
 @pytest.mark.slow
@@ -370,8 +417,14 @@ def test_sweep_ptq_against_adaptive_writes_table_plot_and_json(digits_net, tmp_p
         if r["method"] == "adaptive":
             assert r["overflow_events"] == 0 and r["fake_quant_agreement"] >= 0.99
             assert 0.5 < r["accuracy"] <= 1.0
+            # per epoch: the fake-quant network's test accuracy; after the last epoch it is the
+            # exported network, whose predictions the integer ones match but for 1 %
+            assert [e["epoch"] for e in r["per_epoch"]] == [1]
+            assert abs(r["per_epoch"][-1]["fake_quant_test_accuracy"] - r["accuracy"]) <= 0.01
     paths = sweep.write(res, tmp_path)
     assert [p.name for p in paths] == ["sweep.json", "sweep.md", "sweep.png"]
     assert json.loads(paths[0].read_text()) == json.loads(json.dumps(res))
-    assert "| adaptive | guaranteed | 12 |" in paths[1].read_text()
+    md = paths[1].read_text()
+    assert "| adaptive | guaranteed | 12 |" in md
+    assert "| 12 | epoch 1 | fake-quant |" in md and "| 12 | epoch 1 | integer | |" in md
     assert paths[2].read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,121 @@
+"""Sweep the options of adaptive W4A4 training over the zoo networks; print a Markdown table.
+
+Every combination of the grid runs `codegen.quantize(method="adaptive", overflow="guaranteed")`
+on each network and accumulator width, evaluates the fake-quant network on the test images after
+every epoch (the `on_epoch` callback) and the exported integer network (the NumPy reference, which
+the C kernels match bit for bit) at the end. `--train-frac` trains on a random share of the
+training set (exploration: a quarter epoch per "epoch"); `--test` limits the test images.
+
+    PYTHONPATH=. nice -n 10 python scripts/adaptive-sweep.py --nets fashion_cnn,resdw,fashion_ds \
+        --acc 12 --epochs 2 --train-frac 0.25 --test 2000 --lr 1e-3,3e-3 --init float,projected \
+        --distill 0,1 --json out/adaptive-sweep.json
+
+The results behind the defaults are in docs/adaptive.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import codegen
+from codegen.data import datasets, models, train
+from codegen.quant.training import accuracy
+
+FLOAT_EPOCHS = {"resdw": 1}
+"""Networks without a shipped checkpoint: float epochs (trained once, then cached)."""
+
+
+def network(name: str, x: np.ndarray, y: np.ndarray) -> torch.nn.Module:
+    if name in train.checkpoint_info():
+        return train.pretrained(name)
+    return train.trained(name, models.ZOO[name](), x, y, epochs=FLOAT_EPOCHS.get(name, 4))
+
+
+def one(
+    net: torch.nn.Module,
+    data: tuple[np.ndarray, ...],
+    acc_bits: int,
+    epochs: int,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    x_tr, y_tr, x_te, y_te, calib = data
+    t0 = time.time()
+    qm = codegen.quantize(
+        net, calib, acc_bits=acc_bits, method="adaptive", w_bits=4, a_bits=4,
+        overflow="guaranteed", train=(x_tr, y_tr), epochs=epochs, progress=False,
+        on_epoch=lambda q: {"test_accuracy": accuracy(q, x_te, y_te)}, **options,
+    )  # fmt: skip
+    out = qm.run_reference(x_te).output
+    hist = qm.report["adaptive"]["history"]
+    return {
+        "fake_quant_per_epoch": [h["test_accuracy"] for h in hist],
+        "integer": float(np.mean(out.reshape(len(y_te), -1).argmax(1) == y_te)),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--nets", default="fashion_cnn,resdw,fashion_ds")
+    p.add_argument("--acc", default="12", help="accumulator widths (commas)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-frac", type=float, default=1.0)
+    p.add_argument("--test", type=int, default=10000)
+    p.add_argument("--lr", default="1e-3")
+    p.add_argument("--init", default="float")
+    p.add_argument("--distill", default="0")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    x_train, y_train, x_test, y_test = datasets.fashion_mnist()
+    rng = np.random.default_rng(0)
+    calib = x_train[rng.choice(len(x_train), 2000, replace=False)]
+    sub = rng.permutation(len(x_train))[: int(a.train_frac * len(x_train))]
+    x_te, y_te = x_test[: a.test], y_test[: a.test]
+    grid = list(
+        itertools.product(
+            [float(v) for v in a.lr.split(",")],
+            a.init.split(","),
+            [bool(int(v)) for v in a.distill.split(",")],
+        )
+    )
+    print(
+        f"W4A4 guaranteed, {a.epochs} epochs of {len(sub)} training images, {len(y_te)} test "
+        "images; fake-quant test accuracy after each epoch, integer network at the end\n"
+    )
+    print("| network | acc bits | lr | init | distill | float % | fake-quant % per epoch | "
+          "integer % | vs float | s |")  # fmt: skip
+    print("|---|---:|---:|---|---|---:|---|---:|---:|---:|")
+    for name in a.nets.split(","):
+        net = network(name, x_train, y_train)
+        fl = accuracy(net, x_te, y_te)
+        data = (x_train[sub], y_train[sub], x_te, y_te, calib)
+        for acc_bits in [int(v) for v in a.acc.split(",")]:
+            for lr, init, distill in grid:
+                opts = {"lr": lr, "init": init, "distill": distill}
+                r = one(net, data, acc_bits, a.epochs, opts)
+                per = " / ".join(f"{100 * v:.2f}" for v in r["fake_quant_per_epoch"])
+                print(
+                    f"| {name} | {acc_bits} | {lr:g} | {init} | {'on' if distill else 'off'} | "
+                    f"{100 * fl:.2f} | {per} | {100 * r['integer']:.2f} | "
+                    f"{100 * (r['integer'] - fl):+.2f} | {r['seconds']:.0f} |",
+                    flush=True,
+                )
+                if a.json:
+                    row = {"network": name, "acc_bits": acc_bits, "float": fl, **opts, **r,
+                           "epochs": a.epochs, "train": len(sub), "test": len(y_te)}  # fmt: skip
+                    with Path(a.json).open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
