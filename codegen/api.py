@@ -22,6 +22,7 @@ from codegen.core.formats import IntArray, dequantize
 from codegen.core.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
 from codegen.core.reference import RunResult, quantize_images
 from codegen.frontend.torch_fx import from_torch
+from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import POLICIES, Policy, channel_bounds, tile_bounds
 from codegen.quant.adaptive import DEFAULT_DISTILL, DEFAULT_INIT, DEFAULT_LR
 from codegen.quant.distributed import resolve_device
@@ -298,7 +299,7 @@ def quantize(
     on_epoch: Callable[[nn.Module], Mapping[str, float]] | None = None,
     seed: int = 0,
     device: str = "cpu",
-    rounding: str = DEFAULT_ROUNDING,
+    rounding: str | None = None,
     acc_stages: int = 1,
     acc_tile: int | None = None,
     clip: str = DEFAULT_CLIP,
@@ -314,10 +315,11 @@ def quantize(
     the error of every output).
 
     method="ptq": post-training, power-of-two formats filling the accumulator (de Bruin et al.).
-    `rounding` ("ptq" only): "nearest" (default: each weight on its own), or "optq" / "gpfq",
+    `rounding` ("ptq" only): "optq" (the default; "nearest" with acc_stages=2 and under
+    torchrun) or "gpfq",
     accumulator-aware error-correcting rounding (AXE: each weight column's rounding error pushed
     onto the columns not yet quantized, every channel kept inside its accumulator budget, then
-    bias correction; best below 16 bits).
+    bias correction), or "nearest" (each weight on its own: faster, less accurate below 16 bits).
     `clip` ("ptq" only): "none" (each layer input's range covers its calibration maximum),
     "mse" (per input width, the range among it and those 2, 4 and 8 times smaller, the values
     beyond them saturating, with the least quantization error of the input: finer steps under
@@ -357,7 +359,14 @@ def quantize(
     """
     if method not in METHODS:
         raise QaccError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    if rounding is None:  # OPTQ's budget is per channel, not per tile; its statistics per rank
+        rounding = DEFAULT_ROUNDING if acc_stages == 1 and not ddp.active() else "nearest"
     check_rounding(rounding)
+    if rounding != "nearest" and ddp.active():
+        raise QaccError(
+            f"rounding='{rounding}' under torchrun: its layer statistics are not all-reduced, "
+            "so the ranks would build different graphs; use rounding='nearest'"
+        )
     check_clip(clip)
     check_cle(cle)
     if method != "ptq" and (clip not in (DEFAULT_CLIP, "none") or cle not in (DEFAULT_CLE, "none")):
@@ -430,6 +439,7 @@ def quantize(
                      progress, device=dev, rounding=rounding, acc2_bits=acc2,
                      min_tile=acc_tile, clip=clip)  # fmt: skip
         graph = res.graph
+        extra["rounding"] = rounding
     qm = QuantizedModel(fg.name, graph, fg, method, overflow)
     qm.report = build_report(qm, res, calib) | extra
     return qm
@@ -548,10 +558,13 @@ def build_report(qm: QuantizedModel, res: PTQResult | None, calib: np.ndarray) -
 
 
 def describe_bits(qm: QuantizedModel) -> str:
-    """Compact per-layer 'input bits/weight bits' summary, e.g. 'c1 7/8, c2 5/6'."""
+    """Compact per-layer 'input bits/weight bits' summary, e.g. 'c1 7/8, c2 5/6 ÷4': ÷n when
+    activation clipping made the layer's input range n times smaller than its calibration
+    maximum, T= the tile of two-stage accumulation."""
     parts = []
     for row in qm.report["layers"]:
         if "weight_bits" in row:
+            clip = f" ÷{2 ** row['input_clip']}" if row.get("input_clip") else ""
             tile = f" T={row['acc_tile']}" if "acc_tile" in row else ""
-            parts.append(f"{row['name']} {row['input_bits']}/{row['weight_bits']}{tile}")
+            parts.append(f"{row['name']} {row['input_bits']}/{row['weight_bits']}{clip}{tile}")
     return ", ".join(parts)

@@ -40,7 +40,8 @@ def _sweep(args: argparse.Namespace) -> int:
         clip=args.clip,
         cle=args.cle,
         brevitas=[a.strip() for a in (args.brevitas or "").split(",") if a.strip()],
-        brevitas_bits=_int_list(args.brevitas_bits, "--brevitas-bits"),
+        brevitas_bits=[_int_list(b, "--brevitas-bits") for b in args.brevitas_bits],
+        policies=[p.strip() for p in args.policies.split(",") if p.strip()],
     )
 
 
@@ -326,9 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--rounding",
         choices=ROUNDINGS,
-        default=DEFAULT_ROUNDING,
+        default=None,
         help="ptq: weight rounding; optq and gpfq push each column's rounding error onto the "
-        "columns not yet quantized, inside the accumulator budget (AXE); nearest rounds each",
+        f"columns not yet quantized, inside the accumulator budget (AXE); nearest rounds each "
+        f"(default: {DEFAULT_ROUNDING}; nearest with --acc-stages 2)",
     )
     ptq_options(c, check=True)
     c.add_argument(
@@ -409,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--methods", default="ptq,adaptive", help="ptq and/or adaptive (commas)")
     w.add_argument(
+        "--policies",
+        default="guaranteed,profiled",
+        help="ptq overflow policies, guaranteed and/or profiled (commas)",
+    )
+    w.add_argument(
         "--rounding",
         default=DEFAULT_ROUNDING,
         help=f"ptq weight rounding, one or more of {', '.join(ROUNDINGS)} (commas)",
@@ -426,9 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "--brevitas-bits",
-        default="8,8",
+        nargs="+",
+        default=["8,8"],
         metavar="W,A",
-        help="--brevitas: weight and activation bits of every layer",
+        help="--brevitas: weight and activation bits of every layer; several pairs (e.g. 8,8 6,6 "
+        "4,4): each width keeps the pair of best accuracy, as the AXE paper's Pareto frontier "
+        "(default: 8,8)",
     )
     w.add_argument(
         "--out", default="out/sweep", help="directory for sweep.png, sweep.md and sweep.json"

@@ -246,6 +246,23 @@ def prefix(
     return {t: v for t, v in env.items() if t in needed}
 
 
+def advance(
+    graph: Graph,
+    state: Mapping[str, torch.Tensor],
+    start: int,
+    stop: int,
+    *,
+    formats: Mapping[str, QFormat] | None = None,
+    overrides: Overrides | None = None,
+) -> dict[str, torch.Tensor]:
+    """`prefix`'s state at `stop` from its state at `start` (nodes start..stop-1 evaluated), the
+    same tensors as `prefix(stop)` when nodes before `start` saw the same formats and weights."""
+    env = dict(state)
+    _finish(graph, env, start, formats or {}, overrides or {}, None, stop)
+    needed = {t for n in graph.nodes[stop:] for t in n.inputs} | set(graph.outputs)
+    return {t: v for t, v in env.items() if t in needed}
+
+
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x
 

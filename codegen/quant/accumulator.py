@@ -106,28 +106,66 @@ def choose_weight_fracs(
     acc_lo, acc_hi = acc_limits(acc_bits if tile is None else tile[1])
     tile_lo, tile_hi = acc_limits(acc_bits)
     qmax = (1 << (WEIGHT_BITS - 1)) - 1
+    w2 = w.reshape(o, -1)
+    top = _frac_ceilings(w2, b, input_frac, xmin, xmax, acc_hi, policy, observed_max, margin)
     chosen = np.full(o, _FRAC_SEARCH[-1], dtype=np.int64)
     done = np.zeros(o, dtype=bool)
     for f in _FRAC_SEARCH:
-        frac = np.full(o, f, dtype=np.int64)
-        q, bq = quantize_at(w, b, frac, input_frac)
-        ok = np.abs(q.reshape(o, -1)).max(axis=1) <= qmax
+        rows = np.flatnonzero(~done & (top >= f))  # the others cannot fit at f (or are done)
+        if len(rows) == 0:
+            if done.all():
+                break
+            continue
+        frac = np.full(len(rows), f, dtype=np.int64)
+        q, bq = quantize_at(w2[rows], b[rows], frac, input_frac)
+        ok = np.abs(q).max(axis=1, initial=0) <= qmax
         if policy == "guaranteed":
             lo, hi = channel_bounds(q, bq, xmin, xmax)
             ok &= (lo >= acc_lo) & (hi <= acc_hi)
         else:
             assert observed_max is not None, "profiled policy needs observed ranges"
-            peak = observed_max * np.exp2(float(f + input_frac)) * margin
+            seen = observed_max[rows] if np.ndim(observed_max) else observed_max
+            peak = seen * np.exp2(float(f + input_frac)) * margin
             ok &= (peak <= acc_hi) & (np.abs(bq) <= acc_hi)
         if tile is not None:
             tlo, thi = tile_bounds(q, xmin, xmax, tile[0])
             ok &= (tlo.min(axis=1) >= tile_lo) & (thi.max(axis=1) <= tile_hi)
-        new = ok & ~done
-        chosen[new] = f
-        done |= ok
+        chosen[rows[ok]] = f
+        done[rows[ok]] = True
         if done.all():
             break
     return chosen
+
+
+def _frac_ceilings(
+    w: npt.NDArray[np.float64],
+    b: npt.NDArray[np.float64],
+    input_frac: int,
+    xmin: int,
+    xmax: int,
+    acc_hi: int,
+    policy: Policy,
+    observed_max: npt.NDArray[np.float64] | None,
+    margin: float,
+) -> npt.NDArray[np.float64]:
+    """Per channel of w (O, K), a fractional length above which `choose_weight_fracs`'s test
+    fails for sure (inf where no bound applies), one above the estimate for float safety: int8
+    (|round(x)| <= 127 needs |x| < 127.5), the bias (|round(b 2^(f + fi))| <= 2^(A-1)), and
+    `guaranteed`: hi - lo = (xmax - xmin) sum |q| <= 2^A - 1 with sum |q| >= 2^f L1 - K / 2;
+    `profiled`: the observed peak."""
+    k = w.shape[1]
+    with np.errstate(divide="ignore"):
+        bounds = [
+            np.log2(128.0 / np.abs(w).max(axis=1, initial=0)),
+            np.log2((acc_hi + 2.0) / np.abs(b)) - input_frac,
+        ]
+        if policy == "guaranteed" and xmax > xmin:
+            l1 = np.abs(w).sum(axis=1)
+            bounds.append(np.log2(((2.0 * acc_hi + 1) / (xmax - xmin) + k / 2) / l1))
+        elif policy == "profiled" and observed_max is not None:
+            peak = np.broadcast_to(np.asarray(observed_max, dtype=np.float64) * margin, b.shape)
+            bounds.append(np.log2(acc_hi / peak) - input_frac)
+    return np.floor(np.minimum.reduce(bounds)) + 1
 
 
 def feasible(q: IntArray, w: npt.NDArray[np.float64]) -> bool:

@@ -242,10 +242,60 @@ def _least_error_clips(
     layer input on the ranking samples) with the least squared error."""
     best: dict[int, tuple[float, int]] = {}
     for bx, cb in cands:
-        err = float((simulate.fake_quant(x, info.fmt(bx, cb)) - x).pow(2).sum())
+        d = simulate.fake_quant(x, info.fmt(bx, cb)).sub_(x)  # in place: one temporary
+        err = float(d.mul_(d).sum())
         if bx not in best or err < best[bx][0]:
             best[bx] = (err, cb)
     return [(bx, cb) for bx, (_, cb) in best.items()]
+
+
+@dataclass
+class _Candidates:
+    """The (input width, clip) candidates of one layer; their nearest-rounded weights are
+    computed when first asked for (`weights_of`: cached over the whole search)."""
+
+    weights_of: Callable[[Node, QFormat, int, tuple[int, int] | None], WeightQuant | None]
+    node: Node
+    info: ClassInfo
+    acc_bits: int
+    tile: tuple[int, int] | None
+    later: list[tuple[Node, int]]  # later layers reading the same tensor, their widths
+    widths: list[int]
+    quants: dict[tuple[int, int], WeightQuant | None] = field(default_factory=dict)
+
+    def quant(self, bx: int, cb: int) -> WeightQuant | None:
+        if (bx, cb) not in self.quants:
+            fmt = self.info.fmt(bx, cb)
+            self.quants[bx, cb] = self.weights_of(self.node, fmt, self.acc_bits, self.tile)
+        return self.quants[bx, cb]
+
+    def passes(self, bx: int, cb: int) -> bool:
+        """Feasible and filling (one more input bit would cost some channel a weight bit)."""
+        wq = self.quant(bx, cb)
+        if wq is None:
+            return False
+        single = len(self.widths) == 1 or bx >= self.info.max_bits
+        return single or _fills(wq, self.quant(bx + 1, cb))
+
+    def fits(self, bx: int, cb: int) -> bool:
+        fmt = self.info.fmt(bx, cb)
+        return all(self.weights_of(m, fmt, a, None) is not None for m, a in self.later)
+
+    def select(self, clips: Sequence[int]) -> list[tuple[int, int]]:
+        """The feasible, filling candidates; only those that fit the later layers if any does."""
+        cands = [(bx, cb) for bx in self.widths for cb in clips if self.passes(bx, cb)]
+        return [key for key in cands if self.fits(*key)] or cands
+
+
+def _advances(graph: Graph, classes: TensorUnion, cls: str, index: int, known: bool) -> bool:
+    """Whether the prefix state before node `index`, computed with class `cls` still in float
+    (unless `known`: decided by an earlier layer), becomes the one with `cls` decided by
+    quantizing its tensors: no node before `index` reads a tensor of `cls` except the
+    format-preserving ops, which commute with the quantization (their outputs are in `cls` too)."""
+    return known or not any(
+        n.op not in SHARED_FORMAT_OPS and any(classes.find(t) == cls for t in n.inputs)
+        for n in graph.nodes[:index]
+    )
 
 
 def _fills(a: WeightQuant, b: WeightQuant | None) -> bool:
@@ -303,7 +353,20 @@ def search(
             out[name] = {"weight": w, "bias": b}
         return out
 
+    cache: dict[tuple[str, QFormat, int, tuple[int, int] | None], WeightQuant | None] = {}
+
+    def weights_of(
+        node: Node, fmt: QFormat, a: int, tile: tuple[int, int] | None = None
+    ) -> WeightQuant | None:
+        """`_layer_weights`, each (layer, format, width, tile) computed once."""
+        key = (node.name, fmt, a, tile)
+        if key not in cache:
+            cache[key] = _layer_weights(node, fmt, a, policy, cal, margin, tile)
+        return cache[key]
+
     weighted = [n for n in graph.nodes if n.op in WEIGHTED_OPS]
+    qstate: tuple[int, dict[str, torch.Tensor]] | None = None  # (node index, prefix state)
+    fprev: tuple[int, dict[str, torch.Tensor]] | None = None  # the same in float
     single: set[str] = set()  # layers that stay one-stage (K <= min_tile)
     bar = progress_bar(weighted, "bit-width search", progress=progress, unit="layer")
     for node in bar:
@@ -321,32 +384,15 @@ def search(
             widths, cl = [decided[cls]], [clipped.get(cls, 0)]
         else:
             widths, cl = list(range(MIN_BITS, info.max_bits + 1)), list(clips)
-        quants = {
-            (bx, cb): _layer_weights(node, info.fmt(bx, cb), a, policy, cal, margin, tile)
-            for bx in widths
-            for cb in cl
-        }
-        cands = []
-        for bx, cb in quants:
-            wq = quants[bx, cb]
-            if wq is None:
-                continue
-            nxt = quants.get((bx + 1, cb))
-            if len(widths) > 1 and bx < info.max_bits and not _fills(wq, nxt):
-                continue
-            cands.append((bx, cb))
         # a format this layer decides for later layers reading the same tensor must fit them too
-        later = [m for m in weighted if m is not node and classes.find(m.inputs[0]) == cls]
-        fit = [
-            (bx, cb)
-            for bx, cb in cands
-            if all(
-                _layer_weights(m, info.fmt(bx, cb), acc_bits[m.name], policy, cal, margin)
-                is not None
-                for m in later
-            )
+        later = [
+            (m, acc_bits[m.name])
+            for m in weighted
+            if m is not node and classes.find(m.inputs[0]) == cls
         ]
-        cands = fit or cands
+        found = _Candidates(weights_of, node, info, a, tile, later, widths)
+        quants = found.quants
+        cands = found.select(cl)
         if not cands:
             need = smallest_feasible_acc(node, info, policy, cal, margin)
             hint = (
@@ -362,13 +408,25 @@ def search(
             )
         scored: list[tuple[tuple[float, ...], int, int]] = []
         index = graph.nodes.index(node)
-        state = simulate.prefix(
-            graph, rank_x, index, formats=formats(), overrides=overrides(), dtype=torch.float32
-        )
-        if rounding != "nearest":
-            fstate = simulate.prefix(graph, rank_x, index, dtype=torch.float32)
+        # the prefix's outputs (with the formats and weights chosen so far), advanced from the
+        # previous layer's where that is exact (`_advances`)
+        if qstate is None:
+            state = simulate.prefix(
+                graph, rank_x, index, formats=formats(), overrides=overrides(), dtype=torch.float32
+            )
+        else:
+            state = simulate.advance(
+                graph, qstate[1], qstate[0], index, formats=formats(), overrides=overrides()
+            )
         if clip == "mse" and cls not in decided:  # per width, the clip of least input error
             cands = _least_error_clips(cands, state[node.inputs[0]], info)
+        if rounding != "nearest":  # the float network's, advanced from the previous layer's
+            fstate = (
+                simulate.prefix(graph, rank_x, index, dtype=torch.float32)
+                if fprev is None
+                else simulate.advance(graph, fprev[1], fprev[0], index)
+            )
+            fprev = (index, fstate)
         worse: set[int] = set()  # widths whose output got worse at a larger clip: stop there
         for key in cands:
             if key[0] in worse:
@@ -406,6 +464,16 @@ def search(
             scored.append((score, key[0], -key[1]))
         _, best, neg_clip = max(scored)
         decided[cls], clipped[cls] = best, -neg_clip
+        qstate = None
+        if _advances(graph, classes, cls, index, len(widths) == 1):
+            fmts = formats()
+            qstate = (
+                index,
+                {
+                    t: simulate.fake_quant(v, fmts[t]) if classes.find(t) == cls else v
+                    for t, v in state.items()
+                },
+            )
         weights[node.name] = quants[best, -neg_clip]  # type: ignore[assignment]
         choices[node.name] = LayerChoice(
             best,

@@ -25,6 +25,7 @@ import torch
 from codegen import api
 from codegen.api import describe_bits
 from codegen.core.errors import InfeasibleAccumulatorError, QaccError
+from codegen.quant.accumulator import POLICIES
 from codegen.quant.adaptive import DEFAULT_DISTILL
 from codegen.quant.equalize import DEFAULT_CLE, check_cle
 from codegen.quant.ptq import DEFAULT_CLIP, check_clip
@@ -33,6 +34,10 @@ from codegen.quant.training import accuracy as train_accuracy
 from codegen.tools import brevitas_peer
 
 WIDTHS = (32, 20, 16, 14, 12, 10)
+CLIP_NOTE = (
+    "Bits (in/w) per layer; ÷n: activation clipping made the layer's input range n times "
+    "smaller than its calibration maximum (the larger values saturate)."
+)
 METHODS = ("ptq", "adaptive")
 
 
@@ -60,14 +65,16 @@ def run(
     clip: str = DEFAULT_CLIP,
     cle: str = DEFAULT_CLE,
     brevitas: Sequence[str] = (),
-    brevitas_bits: Sequence[int] = (8, 8),
+    brevitas_bits: Sequence[Sequence[int]] = ((8, 8),),
+    policies: Sequence[str] = POLICIES,
 ) -> dict[str, Any]:
     """Every (method, policy, width) point, PTQ once per weight `rounding`; a width that does
     not fit ends its series. `keep`, if given, receives every quantized model by (method, policy,
     width) (PTQ: the last rounding's). `clip` and `cle` are the PTQ options of
     `codegen.quantize`. `brevitas`: Brevitas AXE algorithms (gpfq, gptq) run as peers at every
-    width on the same calibration images (`tools.brevitas_peer`), with `brevitas_bits` =
-    (weight, activation) bits."""
+    width on the same calibration images (`tools.brevitas_peer`), with each (weight, activation)
+    pair of `brevitas_bits`, keeping the best per width. `policies`: PTQ's overflow policies."""
+    _check_policies(policies)
     check_clip(clip)
     check_cle(cle)
     for m in methods:
@@ -83,7 +90,7 @@ def run(
     rows: list[dict[str, Any]] = []
     series: list[tuple[str, str, str | None]] = []
     if "ptq" in methods:
-        series += [("ptq", p, r) for p in ("guaranteed", "profiled") for r in rounding]
+        series += [("ptq", p, r) for p in policies for r in rounding]
     if "adaptive" in methods:
         series.append(("adaptive", "guaranteed", None))
     for method, policy, rnd in series:
@@ -145,23 +152,35 @@ def run(
             )
     for alg in brevitas:
         for a in sorted(widths, reverse=True):
-            w_b, a_b = brevitas_bits
-            row = brevitas_peer.run(
-                net, calib, test, a, algorithm=alg, weight_bits=w_b, act_bits=a_b
-            )
+            row = brevitas_peer.run(net, calib, test, a, algorithm=alg, bits=brevitas_bits)
             rows.append(row)
             log(
                 f"  {row['method']:<8} {row['policy']:<10} {'':<7} {a:>2} bits: "
                 f"{100 * row['accuracy']:6.2f}% ({100 * (row['accuracy'] - float_acc):+.2f} vs "
-                "float)"
+                f"float), bits (in/w) {_bits(row)}"
             )
     return {"float_accuracy": float_acc, "test_samples": len(y_test), "rows": rows}
+
+
+def _check_policies(policies: Sequence[str]) -> None:
+    if not policies or any(p not in POLICIES for p in policies):
+        raise QaccError(
+            f"sweep policies are one or more of {', '.join(POLICIES)}, got {', '.join(policies)}"
+        )
 
 
 def _row(
     method: str, policy: str, acc_bits: int, acc: float | None, **extra: Any
 ) -> dict[str, Any]:
     return {"method": method, "policy": policy, "acc_bits": acc_bits, "accuracy": acc, **extra}
+
+
+def _bits(row: dict[str, Any]) -> str:
+    """The row's bits (in/w); a peer that tried several says which."""
+    tried = row.get("tried") or []
+    if len(tried) < 2:
+        return str(row.get("bits", ""))
+    return f"{row['bits']} (best of {', '.join(t['bits'] for t in tried)})"
 
 
 def table(sweep: dict[str, Any]) -> str:
@@ -183,11 +202,13 @@ def table(sweep: dict[str, Any]) -> str:
         lines.append(
             f"{head} {100 * r['accuracy']:.2f} | "
             f"{100 * (r['accuracy'] - fa):+.2f} | {r.get('overflow_events', '')} | "
-            f"{r.get('bits', '')} |{tail}"
+            f"{_bits(r)} |{tail}"
         )
-    lines += epoch_table(sweep)
+    if any("÷" in str(r.get("bits", "")) for r in sweep["rows"]):
+        lines += ["", CLIP_NOTE]
     if any(r.get("peer") for r in sweep["rows"]):
         lines += ["", brevitas_peer.NOTE]
+    lines += epoch_table(sweep)
     return "\n".join(lines) + "\n"
 
 
@@ -246,7 +267,8 @@ def main(
     clip: str = DEFAULT_CLIP,
     cle: str = DEFAULT_CLE,
     brevitas: Sequence[str] = (),
-    brevitas_bits: Sequence[int] = (8, 8),
+    brevitas_bits: Sequence[Sequence[int]] = ((8, 8),),
+    policies: Sequence[str] = POLICIES,
 ) -> int:
     """`qacc sweep`: Fashion-MNIST, the demo network, every width and method; writes the files."""
     from codegen.data import datasets, models, train
@@ -255,6 +277,7 @@ def main(
         check_rounding(r)
     check_clip(clip)
     check_cle(cle)
+    _check_policies(policies)
     brevitas_peer.check(brevitas, brevitas_bits)  # before the data and the float training
     t0 = time.time()
     x_train, y_train, x_test, y_test = datasets.fashion_mnist()
@@ -279,6 +302,7 @@ def main(
         cle=cle,
         brevitas=brevitas,
         brevitas_bits=brevitas_bits,
+        policies=policies,
     )
     paths = write(result, out_dir)
     print(table(result))

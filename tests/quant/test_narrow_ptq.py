@@ -13,7 +13,7 @@ from torch import nn
 
 import codegen
 from codegen import cli
-from codegen.api import float_graph
+from codegen.api import describe_bits, float_graph
 from codegen.core import simulate
 from codegen.core.errors import QaccError
 from codegen.core.ir import WEIGHTED_OPS, Graph
@@ -118,6 +118,10 @@ def test_clipping_chooses_a_smaller_range_and_lowers_the_error() -> None:
         errs[clip] = float(np.mean((qm.dequantize_output(res.output) - want) ** 2))
         if clip != "none":
             assert first["input_clip"] > 0
+            assert describe_bits(qm).startswith(
+                f"{first['name']} {first['input_bits']}/{first['weight_bits']} "
+                f"÷{2 ** first['input_clip']},"
+            )
             fmt = qm.graph.tensors[qm.graph.input].fmt
             assert fmt is not None and fmt.qmax * fmt.scale < np.abs(calib).max()
     assert max(errs["mse"], errs["search"]) < 0.8 * errs["none"], errs

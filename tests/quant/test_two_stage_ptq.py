@@ -18,7 +18,7 @@ from tests.quant.test_quantize import images
 def test_two_stage_is_the_32_bit_network_with_guaranteed_tiles() -> None:
     model = randomized(Branchy(), seed=4)
     x = images(48, 3, 12, seed=1)
-    qm32 = codegen.quantize(model, x, acc_bits=32, progress=False)
+    qm32 = codegen.quantize(model, x, acc_bits=32, progress=False, rounding="nearest")
     qm2 = codegen.quantize(model, x, acc_bits=16, acc_stages=2, progress=False)
     test = images(100, 3, 12, seed=2) * 1.5
     res = qm2.run_reference(test)
@@ -75,3 +75,10 @@ def test_two_stage_refuses_nonsense(kwargs: dict[str, object], message: str) -> 
         codegen.quantize(randomized(Branchy(), seed=1), images(8, 3, 12), progress=False,
                          **kwargs)  # type: ignore[arg-type]  # fmt: skip
     assert "\n" not in str(e.value)
+
+
+def test_the_default_rounding_is_optq_and_nearest_with_two_stages() -> None:
+    model, x = randomized(Branchy(), seed=1), images(8, 3, 12)
+    one = codegen.quantize(model, x, acc_bits=16, progress=False)
+    two = codegen.quantize(model, x, acc_bits=16, progress=False, acc_stages=2)
+    assert (one.report["rounding"], two.report["rounding"]) == ("optq", "nearest")

@@ -44,8 +44,11 @@ def test_axe_weights_fit_the_accumulator_and_keep_accuracy(digits_net) -> None: 
         top, bottom = _worst_sums(lay)
         assert top.max() <= limit and bottom.min() >= -limit, lay["name"]
 
-    # the same recipe without a tight accumulator breaks that bound: AXE did the constraining
-    loose = brevitas_peer.layer_bounds(brevitas_peer.quantize(net, calib, 32, **bits), x_test)
+    # the recipe without a tight accumulator breaks that bound: AXE did the constraining (GPTQ
+    # here, so that its AXE path, which needs quantized activations, runs too)
+    loose = brevitas_peer.layer_bounds(
+        brevitas_peer.quantize(net, calib, 32, algorithm="gptq", **bits), x_test
+    )
     assert max(_worst_sums(lay)[0].max() for lay in loose) > limit
 
     acc = float(np.mean(brevitas_peer.predict(axe, x_test).argmax(1) == y_test))
@@ -68,7 +71,7 @@ def test_sweep_table_json_and_plot_have_the_brevitas_rows(digits_net, tmp_path) 
         progress=False,
         log=lambda *_: None,
         brevitas=("gpfq",),
-        brevitas_bits=(4, 4),
+        brevitas_bits=((4, 4),),
     )
     peer = [r for r in res["rows"] if r["method"] == "brevitas-axe-gpfq"]
     assert [r["acc_bits"] for r in peer] == [16] and peer[0]["bits"] == "4/4"
@@ -79,6 +82,24 @@ def test_sweep_table_json_and_plot_have_the_brevitas_rows(digits_net, tmp_path) 
     assert "| brevitas-axe-gpfq | fake-quant | 16 |" in md and "| ptq | guaranteed | 16 |" in md
     assert brevitas_peer.NOTE in md
     assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+
+def test_several_bit_pairs_keep_the_best_per_width(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Brevitas itself is exercised above; here each pair's "model" predicts label `w` for every
+    # image, so the pair whose w is the most common label is the most accurate
+    monkeypatch.setattr(
+        brevitas_peer, "quantize", lambda *_, weight_bits, act_bits, **__: weight_bits
+    )
+    monkeypatch.setattr(brevitas_peer, "predict", lambda w, x: np.eye(9)[np.full(len(x), w)])
+    y = np.array([4, 4, 6, 8, 4, 6])
+    row = brevitas_peer.run(
+        nn.Identity(), y, (y, y), 12, algorithm="gptq", bits=((8, 8), (6, 5), (4, 3))
+    )
+    assert row["accuracy"] == np.mean(y == 4) and row["bits"] == "3/4"
+    assert (row["weight_bits"], row["activation_bits"]) == (4, 3)
+    assert [t["bits"] for t in row["tried"]] == ["8/8", "5/6", "3/4"]
+    res = {"float_accuracy": 1.0, "rows": [row]}
+    assert "| 3/4 (best of 8/8, 5/6, 3/4) |" in sweep.table(res)
 
 
 def test_missing_brevitas_is_a_one_line_error(monkeypatch, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -96,3 +117,6 @@ def test_missing_brevitas_is_a_one_line_error(monkeypatch, tmp_path, capsys) -> 
     assert "unknown Brevitas AXE algorithm 'axe'" in capsys.readouterr().err
     assert cli.main(["sweep", "--brevitas", "--brevitas-bits", "4", "--out", str(tmp_path)]) == 2
     assert "WEIGHT,ACTIVATION bits" in capsys.readouterr().err
+    args = ["sweep", "--brevitas", "--brevitas-bits", "8,8", "4,40", "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    assert "each 2..16, got [4, 40]" in capsys.readouterr().err
