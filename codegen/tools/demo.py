@@ -7,8 +7,8 @@ scripts/train-checkpoints.py), on Fashion-MNIST:
 2. post-training quantization at 32, 16, 14 and 12-bit accumulators, policy `guaranteed` (no
    input can overflow): accuracy drop against float and overflow count per width;
 3. SHORT fine-tunes that fit the time budget (one pass over a subset of the training set):
-   adaptive W4A4 accumulator-aware training at 12 bits, which wins back about half of what PTQ
-   loses there (6 full epochs: nearly all of it, `--full`), and transform quantization at 2 bits
+   adaptive W4A4 accumulator-aware training at 12 bits (half the weight and activation bits of
+   PTQ's W8A8; 6 full epochs: `--full`), and transform quantization at 2 bits
    per weight (on FashionCNN: FashionDSCNN has too few weights per layer to code at 2 bits);
 4. the generated C of the adaptive model (packed 4-bit weights) bit-exact against the NumPy
    integer reference on the host (every test image) and under QEMU on cortex-a53 and cortex-m55;
