@@ -113,8 +113,6 @@ def choose_weight_fracs(
     for f in _FRAC_SEARCH:
         rows = np.flatnonzero(~done & (top >= f))  # the others cannot fit at f (or are done)
         if len(rows) == 0:
-            if done.all():
-                break
             continue
         frac = np.full(len(rows), f, dtype=np.int64)
         q, bq = quantize_at(w2[rows], b[rows], frac, input_frac)
