@@ -8,9 +8,11 @@
 For each model of tests/frontend/test_zoo.py's ACCEPTED and HEAVY lists (the same random
 weights, BatchNorm statistics, calibration and test images as the test): PTQ at 16-bit
 accumulators, `guaranteed`; compile for the host; the C output against the NumPy reference.
-With --onnx the model also goes through torch.onnx.export and qacc's ONNX frontend, and its
-integer outputs must equal the torch.fx path's. With --targets the model is also compiled for
-those ARM targets and its first test image run under QEMU (C == reference, instructions).
+With --onnx the model also goes through torch.onnx.export (dynamo) and qacc's ONNX frontend,
+quantized with the same settings, and its integer outputs must equal the torch.fx path's (the
+JSON also has that quantization's seconds, `onnx_quantize_s`). With --targets the model is also
+compiled for those ARM targets and its first test image run under QEMU (C == reference,
+instructions).
 Prints a Markdown table (network, MACs, quantize and compile seconds, flash and arena bytes,
 C == reference, ONNX == torch, per target) and writes it as JSON to --json. Exits 1 if any
 model is not bit-exact or fails.
@@ -42,7 +44,8 @@ def sweep_one(name: str, out: Path, onnx: bool, targets: list[str]) -> dict[str,
     row["quantize_s"] = round(time.perf_counter() - t0, 1)
     row["macs"] = qm.report["macs"]
     t0 = time.perf_counter()
-    c = codegen.compile(qm, target="host", out_dir=out / name)
+    # no test bench: the host runs the shared library in-process (the weights are built once)
+    c = codegen.compile(qm, target="host", out_dir=out / name, testbench=False)
     row["compile_s"] = round(time.perf_counter() - t0, 1)
     memory = c.report["memory"]
     row["flash_bytes"] = memory["flash_weight_bytes"]
@@ -54,14 +57,9 @@ def sweep_one(name: str, out: Path, onnx: bool, targets: list[str]) -> dict[str,
         row[target] = on_target(qm, target, x[:1], want[:1], out / f"{name}-{target}")
     if onnx:
         path = test_onnx.export(model, x[:1], out / f"{name}.onnx", "dynamo")
-        qo = codegen.quantize(
-            str(path),
-            test_zoo.data(test_zoo.CALIB_IMAGES, seed=0),
-            acc_bits=16,
-            overflow="guaranteed",
-            progress=False,
-            name=name,
-        )
+        t0 = time.perf_counter()
+        qo = test_zoo.quantize(name, path)  # the torch path's settings (nearest rounding)
+        row["onnx_quantize_s"] = round(time.perf_counter() - t0, 1)
         row["onnx_equals_torch"] = bool(np.array_equal(qo.reference_int(x), want))
     return row
 

@@ -18,6 +18,14 @@ trace:
 Shape-only subgraphs (Shape, Concat, Expand, CastLike of constants...) are evaluated with the
 `onnx` reference implementation; the model's value shapes come from ONNX shape inference on the
 calibration data's C x H x W.
+
+An adaptive average pool whose windows differ in size or overlap (AlexNet's and VGG's pools to
+6 x 6 and 7 x 7, from smaller features) is spelled out by the dynamo exporter as index
+arithmetic: a Transpose that moves the batch axis, GatherND / Gather of the windows' pixels,
+Where zeroing padding, ReduceMean or Add and Div by the window sizes. Such values are followed
+element by element (`_Gathered`: each is a sum of input elements over a divisor) and become one
+`adaptive_avgpool2d` where something else reads them, if each is the mean of a window of its
+channel; anything else moved across the batch axis is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,7 +66,8 @@ SUPPORTED = (
     "Concat(axis 1), Pad, Dropout, Identity, Unsqueeze/Squeeze (around 1-D ops), HardSwish, "
     "HardSigmoid, Sigmoid, Tanh, LeakyRelu, Gelu, x * Sigmoid(x) (SiLU), x * HardSigmoid(x) "
     "(Hardswish), Reshape/Transpose (channel shuffle), Split/Slice of channels, "
-    "Resize (nearest, linear)"
+    "Resize (nearest, linear), the dynamo exporter's adaptive average pools (Transpose, GatherND, "
+    "Gather, Where, Add, Div, ReduceMean of the windows)"
 )
 _LUT_OPS = {  # ONNX op -> the torch.fx name of the function (codegen.core.lut)
     "HardSwish": "hardswish",
@@ -166,6 +176,32 @@ def _node_label(node: onnx.NodeProto) -> str:
     return node.name or (node.output[0] if node.output else node.op_type)
 
 
+@dataclass(frozen=True)
+class _Gathered:
+    """A value made of the elements of the runtime value `source` (numbered in its framework
+    order, batch axis included): element e is sum(source[terms[e]]) / divisor[e], a term -1
+    is a zero. `start` is the node that moved the batch axis, `node` the last one."""
+
+    source: str
+    terms: np.ndarray  # int64 (*shape, T)
+    divisor: np.ndarray  # float64, broadcasts to shape
+    start: onnx.NodeProto
+    node: onnx.NodeProto
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.terms.shape[:-1])
+
+    def but(self, node: onnx.NodeProto, terms: np.ndarray, divisor: np.ndarray) -> _Gathered:
+        return _Gathered(self.source, terms, divisor, self.start, node)
+
+
+def _terms_to(terms: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`_Gathered.terms` broadcast to a value shape (the terms axis kept)."""
+    lead = (1,) * (len(shape) - (terms.ndim - 1))
+    return np.broadcast_to(terms.reshape(lead + terms.shape), (*shape, terms.shape[-1]))
+
+
 class _Converter:
     def __init__(
         self, model: onnx.ModelProto, path: Path, chw: tuple[int, ...], name: str | None
@@ -199,6 +235,7 @@ class _Converter:
         self.names = Namespace()
         self.fused: set[str] = set()  # outputs of nodes read as part of a pattern (SiLU's Mul)
         self.pieces: dict[str, tuple[str, int, list[tuple[int, int]]]] = {}  # SplitToSequence
+        self.gathered: dict[str, _Gathered] = {}  # values moved across the batch axis
         self.shapes, self.types = self._infer_shapes(chw)
         self.b = IRBuilder(c_identifier(name or self._model_name()), batch=1)
 
@@ -774,13 +811,134 @@ class _Converter:
         )
 
     def transpose(self, node: onnx.NodeProto) -> None:
-        """A permutation of the axes after the batch axis (channel shuffle's transpose)."""
+        """A permutation of the axes after the batch axis (channel shuffle's transpose); one that
+        moves the batch axis starts a `_Gathered` value (an exported adaptive average pool)."""
         rank = len(self.shape(node.input[0]))
         perm = [int(p) for p in self.attrs(node).get("perm", range(rank - 1, -1, -1))]
+        x = self.arg(node, 0)
         if perm[0] != 0:
-            raise Reject("Transpose of the batch axis")
+            shape = self.shape(node.input[0])
+            terms = np.arange(math.prod(shape), dtype=np.int64).reshape(*shape, 1)
+            self.gathered[node.output[0]] = _Gathered(
+                x, terms.transpose(*perm, rank), np.ones(()), node, node
+            )
+            return
         dims = tuple(p - 1 for p in perm[1:])
-        self.b.permute(self.ir_name(node), node.output[0], self.arg(node, 0), dims, "Transpose")
+        self.b.permute(self.ir_name(node), node.output[0], x, dims, "Transpose")
+
+    # ------------------------------------------------------------------ gathered values
+    def gathered_op(self, node: onnx.NodeProto) -> bool:
+        """Follow a node that reads `_Gathered` values into a new one, or return False (the
+        node reads them as tensors: `materialize` them)."""
+        ins = [self.gathered.get(v) for v in node.input]
+        g = ins[0]
+        out = node.output[0]
+        op, a = node.op_type, self.attrs(node)
+        if g is not None and op == "Transpose":
+            perm = [int(p) for p in a.get("perm", range(len(g.shape) - 1, -1, -1))]
+            div = np.broadcast_to(g.divisor, g.shape).transpose(perm)
+            self.gathered[out] = g.but(node, g.terms.transpose(*perm, len(perm)), div)
+        elif g is not None and op in ("GatherND", "Gather") and node.input[1] in self.consts:
+            idx = self.consts[node.input[1]].astype(np.int64)
+            if op == "GatherND":
+                k = idx.shape[-1]
+                if a.get("batch_dims", 0) or k > len(g.shape):
+                    return False
+                at = tuple(np.where(idx[..., j] < 0, idx[..., j] + g.shape[j], idx[..., j])
+                           for j in range(k))  # fmt: skip
+                terms = g.terms[at]
+                div = np.broadcast_to(g.divisor, g.shape)[at]
+            else:
+                axis = int(a.get("axis", 0)) % len(g.shape)
+                idx = np.where(idx < 0, idx + g.shape[axis], idx)
+                terms = np.take(g.terms, idx, axis=axis)
+                div = np.take(np.broadcast_to(g.divisor, g.shape), idx, axis=axis)
+            self.gathered[out] = g.but(node, terms, div)
+        elif op == "Where" and len(node.input) == 3 and node.input[0] in self.consts:
+            cond = self.consts[node.input[0]].astype(bool)
+            which = [i for i in (1, 2) if ins[i] is not None]
+            zero = self.consts.get(node.input[3 - which[0]]) if len(which) == 1 else None
+            if zero is None or np.any(zero != 0):
+                return False
+            g = ins[which[0]]
+            assert g is not None
+            shape = np.broadcast_shapes(cond.shape, g.shape, zero.shape)
+            kept = (cond if which[0] == 1 else ~cond)[..., None]
+            terms = np.where(kept, _terms_to(g.terms, shape), -1)
+            self.gathered[out] = g.but(node, terms, np.broadcast_to(g.divisor, shape))
+        elif op == "Add" and ins[0] is not None and ins[1] is not None:
+            ga, gb = ins[0], ins[1]
+            shape = np.broadcast_shapes(ga.shape, gb.shape)
+            div = np.broadcast_to(ga.divisor, shape)
+            if ga.source != gb.source or np.any(div != np.broadcast_to(gb.divisor, shape)):
+                return False
+            terms = np.concatenate([_terms_to(ga.terms, shape), _terms_to(gb.terms, shape)], -1)
+            self.gathered[out] = ga.but(node, terms, div)
+        elif g is not None and op == "Div" and node.input[1] in self.consts:
+            d = self.consts[node.input[1]].astype(np.float64)
+            if not np.all(np.isfinite(d) & (d > 0)):
+                return False
+            shape = np.broadcast_shapes(g.shape, d.shape)
+            self.gathered[out] = g.but(node, _terms_to(g.terms, shape), g.divisor * d)
+        elif g is not None and op in ("ReduceMean", "ReduceSum"):
+            axes = self.const(node, 1, "axes") if len(node.input) > 1 else a.get("axes")
+            rank = len(g.shape)
+            if axes is None or np.size(axes) == 0:  # (all axes, or none: not a pool's)
+                return False
+            red = sorted({int(v) % rank for v in np.asarray(axes).reshape(-1)})
+            keep = [i for i in range(rank) if i not in red]
+            div = np.broadcast_to(g.divisor, g.shape)
+            first = div[tuple(slice(0, 1) if i in red else slice(None) for i in range(rank))]
+            if not np.array_equal(div, np.broadcast_to(first, g.shape)):
+                return False  # a divisor that differs along the axes summed
+            terms = g.terms.transpose(*keep, *red, rank)
+            terms = terms.reshape(*(g.shape[i] for i in keep), -1)
+            div = first.reshape([g.shape[i] for i in keep])
+            if op == "ReduceMean":
+                div = div * math.prod(g.shape[i] for i in red)
+            if a.get("keepdims", 1):
+                terms = np.expand_dims(terms, tuple(red))
+                div = np.expand_dims(div, tuple(red))
+            self.gathered[out] = g.but(node, terms, div)
+        else:
+            return False
+        return True
+
+    def materialize(self, value: str) -> None:
+        """A `_Gathered` value read as a tensor: an `adaptive_avgpool2d` if each element (n, c,
+        i, j) is the mean of the pixels of rows[i] x cols[j] of the source's channel c."""
+        g = self.gathered.pop(value)
+        src, shape = self.shape(g.source), g.shape
+        refused = Reject(
+            f"values moved across the batch axis at node '{_node_label(g.start)}' (Transpose) "
+            "that are not the means of windows of the image (an exported adaptive average pool)"
+        )
+        if len(src) != 4 or len(shape) != 4 or shape[:2] != src[:2] or shape[0] != 1:
+            raise refused
+        _, c, h, w = src
+        terms = g.terms[0]
+        div = np.broadcast_to(g.divisor, shape)[0]
+
+        def span(v: np.ndarray) -> tuple[int, int]:
+            return (int(v.min()), int(v.max()) + 1) if v.size else (0, 0)
+
+        rows = tuple(span(terms[0, i, 0][terms[0, i, 0] >= 0] // w % h) for i in range(shape[2]))
+        cols = tuple(span(terms[0, 0, j][terms[0, 0, j] >= 0] % w) for j in range(shape[3]))
+        counts = []
+        for i, (r0, r1) in enumerate(rows):
+            for j, (c0, c1) in enumerate(cols):
+                area = (r1 - r0) * (c1 - c0)
+                want = (np.arange(c)[:, None, None] * h * w + np.arange(r0, r1)[:, None] * w
+                        + np.arange(c0, c1)).reshape(c, area)  # fmt: skip
+                got = np.sort(terms[:, i, j], axis=-1)
+                if not area or got.shape[-1] < area or np.any(got[:, :-area] >= 0):
+                    raise refused
+                if not np.array_equal(got[:, -area:], want) or np.any(div[:, i, j] != area):
+                    raise refused
+                counts.append(area)
+        self.b.windowed_pool(
+            self.ir_name(g.node), value, "avgpool2d", g.source, rows, cols, tuple(counts), shape[1:]
+        )
 
     def _pieces(self, node: onnx.NodeProto, axis: int, sizes: list[int]) -> list[tuple[int, int]]:
         rank = len(self.shape(node.input[0]))
@@ -956,6 +1114,14 @@ class _Converter:
                 raise self.fail(node, f"unsupported op {node.domain}.{node.op_type}")
             if all(o in self.consts for o in node.output if o) or self.fold(node):
                 continue
+            try:
+                if any(v in self.gathered for v in node.input) and self.gathered_op(node):
+                    continue
+                for v in node.input:
+                    if v in self.gathered:
+                        self.materialize(v)
+            except Reject as e:
+                raise self.fail(node, str(e)) from None
             handler = self.HANDLERS.get(node.op_type)
             if handler is None:
                 raise self.fail(node)
@@ -965,6 +1131,11 @@ class _Converter:
                 raise self.fail(node, str(e)) from None
         for output in self.graph.output:  # one or more, in the model's order
             out = output.name
+            if out in self.gathered:
+                try:
+                    self.materialize(out)
+                except Reject as e:
+                    raise UnsupportedModelError(f"{e} at the model output '{out}'") from None
             if not self.b.knows(out):
                 raise InvalidModelError("the model computes nothing from its input")
             try:

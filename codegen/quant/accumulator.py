@@ -81,8 +81,65 @@ def quantize_at(
     return q, bq
 
 
+class LayerWeights:
+    """One layer's float weights (O, ...) and what the weight-format search reads of them,
+    computed once for all the calls on that layer (`choose_weight_fracs`, `weight_formats` and
+    `quantize_weights` take one in place of the array; the search tries many input formats
+    per layer):
+
+    - per channel, max |w| and the L1 norm (`_frac_ceilings`);
+    - per fractional length f and channel, the nearest-rounded integers' largest magnitude and
+      their sums of positive and of negative values, for the channels asked for: the exact
+      bound of `channel_bounds` is lo = b + xmin S+ + xmax S-, hi = b + xmax S+ + xmin S-
+      (xmin <= xmax), so no candidate rounds the whole matrix again to test a length;
+
+    Every value is the one the plain computation gives (the same float products, the same
+    rounding, exact integer sums)."""
+
+    def __init__(self, w: npt.NDArray[np.float64]):
+        self.w = np.asarray(w, dtype=np.float64)
+        self.flat = self.w.reshape(self.w.shape[0], -1)
+        mag = np.abs(self.flat)
+        self.absmax = mag.max(axis=1, initial=0)
+        self.l1 = mag.sum(axis=1)
+        # f -> (rows done, max |q|, S+, S-), each (O,)
+        self._sums: dict[int, tuple[npt.NDArray[np.bool_], IntArray, IntArray, IntArray]] = {}
+
+    def at(self, f: int, rows: IntArray) -> tuple[IntArray, IntArray, IntArray]:
+        """(max |q|, S+, S-) of channels `rows` of the weights rounded at fractional length f."""
+        if f not in self._sums:
+            o = self.flat.shape[0]
+            ints = (np.zeros(o, dtype=np.int64) for _ in "mpn")
+            self._sums[f] = (np.zeros(o, dtype=bool), next(ints), next(ints), next(ints))
+        done, maxq, pos, neg = self._sums[f]
+        todo = rows[~done[rows]]
+        if len(todo):
+            q = round_half_up(self.flat[todo] * np.exp2(float(f)))
+            mag = np.abs(q)
+            total, size = q.sum(axis=1), mag.sum(axis=1)
+            maxq[todo] = mag.max(axis=1, initial=0)
+            pos[todo], neg[todo] = (total + size) // 2, (total - size) // 2
+            done[todo] = True
+        return maxq[rows], pos[rows], neg[rows]
+
+    def at_each(self, frac: IntArray) -> tuple[IntArray, IntArray, IntArray]:
+        """`at` of every channel at its own length frac[channel]."""
+        out = tuple(np.zeros(len(frac), dtype=np.int64) for _ in "mpn")
+        for f in np.unique(frac):
+            rows = np.flatnonzero(frac == f)
+            for o, v in zip(out, self.at(int(f), rows), strict=True):
+                o[rows] = v
+        return out  # type: ignore[return-value]
+
+    def integers(self, frac: IntArray) -> IntArray:
+        """The weights rounded at per-channel lengths `frac` (`quantize_at`), in the shape of
+        the layer's weights."""
+        shape = (-1,) + (1,) * (self.w.ndim - 1)
+        return round_half_up(self.w * np.exp2(frac.astype(np.float64)).reshape(shape))
+
+
 def choose_weight_fracs(
-    w: npt.NDArray[np.float64],
+    w: npt.NDArray[np.float64] | LayerWeights,
     b: npt.NDArray[np.float64],
     input_frac: int,
     xmin: int,
@@ -102,23 +159,23 @@ def choose_weight_fracs(
     observed max |pre-activation| (real units) times `margin` fits A bits. Channels that fit at no
     length get the smallest one tried (they will be flagged infeasible by `feasible`).
     """
-    o = w.shape[0]
+    layer = w if isinstance(w, LayerWeights) else LayerWeights(w)
+    o = layer.flat.shape[0]
     acc_lo, acc_hi = acc_limits(acc_bits if tile is None else tile[1])
     tile_lo, tile_hi = acc_limits(acc_bits)
     qmax = (1 << (WEIGHT_BITS - 1)) - 1
-    w2 = w.reshape(o, -1)
-    top = _frac_ceilings(w2, b, input_frac, xmin, xmax, acc_hi, policy, observed_max, margin)
+    top = _frac_ceilings(layer, b, input_frac, xmin, xmax, acc_hi, policy, observed_max, margin)
     chosen = np.full(o, _FRAC_SEARCH[-1], dtype=np.int64)
     done = np.zeros(o, dtype=bool)
     for f in _FRAC_SEARCH:
         rows = np.flatnonzero(~done & (top >= f))  # the others cannot fit at f (or are done)
         if len(rows) == 0:
             continue
-        frac = np.full(len(rows), f, dtype=np.int64)
-        q, bq = quantize_at(w2[rows], b[rows], frac, input_frac)
-        ok = np.abs(q).max(axis=1, initial=0) <= qmax
-        if policy == "guaranteed":
-            lo, hi = channel_bounds(q, bq, xmin, xmax)
+        maxq, pos, neg = layer.at(f, rows)
+        bq = round_half_up(b[rows] * np.exp2(float(f + input_frac)))
+        ok = maxq <= qmax
+        if policy == "guaranteed":  # channel_bounds, from the sums
+            lo, hi = bq + (xmin * pos + xmax * neg), bq + (xmax * pos + xmin * neg)
             ok &= (lo >= acc_lo) & (hi <= acc_hi)
         else:
             assert observed_max is not None, "profiled policy needs observed ranges"
@@ -126,6 +183,9 @@ def choose_weight_fracs(
             peak = seen * np.exp2(float(f + input_frac)) * margin
             ok &= (peak <= acc_hi) & (np.abs(bq) <= acc_hi)
         if tile is not None:
+            q, _ = quantize_at(
+                layer.flat[rows], b[rows], np.full(len(rows), f, dtype=np.int64), input_frac
+            )
             tlo, thi = tile_bounds(q, xmin, xmax, tile[0])
             ok &= (tlo.min(axis=1) >= tile_lo) & (thi.max(axis=1) <= tile_hi)
         chosen[rows[ok]] = f
@@ -136,7 +196,7 @@ def choose_weight_fracs(
 
 
 def _frac_ceilings(
-    w: npt.NDArray[np.float64],
+    layer: LayerWeights,
     b: npt.NDArray[np.float64],
     input_frac: int,
     xmin: int,
@@ -146,20 +206,19 @@ def _frac_ceilings(
     observed_max: npt.NDArray[np.float64] | None,
     margin: float,
 ) -> npt.NDArray[np.float64]:
-    """Per channel of w (O, K), a fractional length above which `choose_weight_fracs`'s test
+    """Per channel of the layer, a fractional length above which `choose_weight_fracs`'s test
     fails for sure (inf where no bound applies), one above the estimate for float safety: int8
     (|round(x)| <= 127 needs |x| < 127.5), the bias (|round(b 2^(f + fi))| <= 2^(A-1)), and
     `guaranteed`: hi - lo = (xmax - xmin) sum |q| <= 2^A - 1 with sum |q| >= 2^f L1 - K / 2;
     `profiled`: the observed peak."""
-    k = w.shape[1]
+    k = layer.flat.shape[1]
     with np.errstate(divide="ignore"):
         bounds = [
-            np.log2(128.0 / np.abs(w).max(axis=1, initial=0)),
+            np.log2(128.0 / layer.absmax),
             np.log2((acc_hi + 2.0) / np.abs(b)) - input_frac,
         ]
         if policy == "guaranteed" and xmax > xmin:
-            l1 = np.abs(w).sum(axis=1)
-            bounds.append(np.log2(((2.0 * acc_hi + 1) / (xmax - xmin) + k / 2) / l1))
+            bounds.append(np.log2(((2.0 * acc_hi + 1) / (xmax - xmin) + k / 2) / layer.l1))
         elif policy == "profiled" and observed_max is not None:
             peak = np.broadcast_to(np.asarray(observed_max, dtype=np.float64) * margin, b.shape)
             bounds.append(np.log2(acc_hi / peak) - input_frac)
@@ -174,8 +233,30 @@ def feasible(q: IntArray, w: npt.NDArray[np.float64]) -> bool:
     return bool(np.all(kept | ~live))
 
 
+def weight_formats(
+    w: npt.NDArray[np.float64] | LayerWeights,
+    b: npt.NDArray[np.float64],
+    input_frac: int,
+    xmin: int,
+    xmax: int,
+    acc_bits: int,
+    policy: Policy = "guaranteed",
+    observed_max: npt.NDArray[np.float64] | None = None,
+    margin: float = 2.0,
+    tile: tuple[int, int] | None = None,
+) -> IntArray | None:
+    """The formats of `quantize_weights` (`choose_weight_fracs`), or None where its weights are
+    not `feasible`; decided from `LayerWeights`' sums, without rounding the whole matrix."""
+    layer = w if isinstance(w, LayerWeights) else LayerWeights(w)
+    frac = choose_weight_fracs(
+        layer, b, input_frac, xmin, xmax, acc_bits, policy, observed_max, margin, tile
+    )
+    maxq, _, _ = layer.at_each(frac)
+    return frac if np.all((maxq >= (1 << (MIN_BITS - 2))) | ~(layer.absmax > 0)) else None
+
+
 def quantize_weights(
-    w: npt.NDArray[np.float64],
+    w: npt.NDArray[np.float64] | LayerWeights,
     b: npt.NDArray[np.float64],
     input_frac: int,
     xmin: int,
@@ -187,14 +268,27 @@ def quantize_weights(
     tile: tuple[int, int] | None = None,
 ) -> WeightQuant | None:
     """Round-to-nearest weights at the largest formats the accumulator allows, or None."""
-    frac = choose_weight_fracs(
-        w, b, input_frac, xmin, xmax, acc_bits, policy, observed_max, margin, tile
+    layer = w if isinstance(w, LayerWeights) else LayerWeights(w)
+    frac = weight_formats(
+        layer, b, input_frac, xmin, xmax, acc_bits, policy, observed_max, margin, tile
     )
-    q, bq = quantize_at(w, b, frac, input_frac)
-    if not feasible(q, w):
-        return None
-    lo, hi = channel_bounds(q, bq, xmin, xmax)
-    return WeightQuant(q, frac, bq, input_frac, lo, hi)
+    return None if frac is None else quantized(layer, b, frac, input_frac, xmin, xmax)
+
+
+def quantized(
+    layer: LayerWeights,
+    b: npt.NDArray[np.float64],
+    frac: IntArray,
+    input_frac: int,
+    xmin: int,
+    xmax: int,
+) -> WeightQuant:
+    """The weights and bias of `quantize_at` at formats `frac`, with the bounds of
+    `channel_bounds` (from `LayerWeights`' sums)."""
+    _, pos, neg = layer.at_each(frac)
+    bq = round_half_up(b * np.exp2((frac + input_frac).astype(np.float64)))
+    lo, hi = bq + (xmin * pos + xmax * neg), bq + (xmax * pos + xmin * neg)
+    return WeightQuant(layer.integers(frac), frac, bq, input_frac, lo, hi)
 
 
 # ----------------------------------------------------------------------------- two stages

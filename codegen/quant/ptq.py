@@ -48,10 +48,12 @@ from codegen.core.progress import bar as progress_bar
 from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import (
     MIN_BITS,
+    LayerWeights,
     Policy,
     WeightQuant,
     choose_tile,
-    quantize_weights,
+    quantized,
+    weight_formats,
 )
 from codegen.quant.calibrate import Calibration, calibrate
 from codegen.quant.rounding import DEFAULT_ROUNDING, layer_stats, refine
@@ -195,7 +197,7 @@ def _score(
     return (float(correct / samples), -mse)
 
 
-def _layer_weights(
+def _layer_formats(
     node: Node,
     fmt: QFormat,
     acc_bits: int,
@@ -203,10 +205,12 @@ def _layer_weights(
     cal: Calibration,
     margin: float,
     tile: tuple[int, int] | None = None,
-) -> WeightQuant | None:
-    w = node.params["weight"].reshape(node.params["weight"].shape[0], -1)
-    wq = quantize_weights(
-        w,
+    layer: LayerWeights | None = None,
+) -> np.ndarray | None:
+    """`weight_formats` (those of `quantize_weights`) for a layer's input format (`layer`: its
+    weights' `LayerWeights`, kept by the caller across the formats it tries)."""
+    return weight_formats(
+        LayerWeights(node.params["weight"]) if layer is None else layer,
         node.params["bias"],
         fmt.frac,
         fmt.qmin - fmt.zero_point,
@@ -217,20 +221,15 @@ def _layer_weights(
         margin,
         tile,
     )
-    if wq is None:
-        return None
-    shape = node.params["weight"].shape
-    return WeightQuant(
-        wq.q.reshape(shape), wq.frac, wq.bias, wq.input_frac, wq.bound_lo, wq.bound_hi
-    )
 
 
 def smallest_feasible_acc(
     node: Node, info: ClassInfo, policy: Policy, cal: Calibration, margin: float
 ) -> int | None:
+    layer = LayerWeights(node.params["weight"])
     for a in range(8, 65):
         for bx in range(MIN_BITS, info.max_bits + 1):
-            if _layer_weights(node, info.fmt(bx), a, policy, cal, margin) is not None:
+            if _layer_formats(node, info.fmt(bx), a, policy, cal, margin, None, layer) is not None:
                 return a
     return None
 
@@ -251,9 +250,11 @@ def _least_error_clips(
 
 @dataclass
 class _Candidates:
-    """The (input width, clip) candidates of one layer; their nearest-rounded weights are
-    computed when first asked for (`weights_of`: cached over the whole search)."""
+    """The (input width, clip) candidates of one layer; their weight formats are computed when
+    first asked for (`formats_of`: cached over the whole search), their nearest-rounded weights
+    (`weights_of`) only for the candidates that are ranked."""
 
+    formats_of: Callable[[Node, QFormat, int, tuple[int, int] | None], np.ndarray | None]
     weights_of: Callable[[Node, QFormat, int, tuple[int, int] | None], WeightQuant | None]
     node: Node
     info: ClassInfo
@@ -269,17 +270,20 @@ class _Candidates:
             self.quants[bx, cb] = self.weights_of(self.node, fmt, self.acc_bits, self.tile)
         return self.quants[bx, cb]
 
+    def formats(self, bx: int, cb: int) -> np.ndarray | None:
+        return self.formats_of(self.node, self.info.fmt(bx, cb), self.acc_bits, self.tile)
+
     def passes(self, bx: int, cb: int) -> bool:
         """Feasible and filling (one more input bit would cost some channel a weight bit)."""
-        wq = self.quant(bx, cb)
-        if wq is None:
+        frac = self.formats(bx, cb)
+        if frac is None:
             return False
         single = len(self.widths) == 1 or bx >= self.info.max_bits
-        return single or _fills(wq, self.quant(bx + 1, cb))
+        return single or _fills(frac, self.formats(bx + 1, cb))
 
     def fits(self, bx: int, cb: int) -> bool:
         fmt = self.info.fmt(bx, cb)
-        return all(self.weights_of(m, fmt, a, None) is not None for m, a in self.later)
+        return all(self.formats_of(m, fmt, a, None) is not None for m, a in self.later)
 
     def select(self, clips: Sequence[int]) -> list[tuple[int, int]]:
         """The feasible, filling candidates; only those that fit the later layers if any does."""
@@ -298,9 +302,10 @@ def _advances(graph: Graph, classes: TensorUnion, cls: str, index: int, known: b
     )
 
 
-def _fills(a: WeightQuant, b: WeightQuant | None) -> bool:
-    """A configuration fills the accumulator unless one more input bit costs no weight bit."""
-    return b is None or bool(np.any(b.frac < a.frac))
+def _fills(a: np.ndarray, b: np.ndarray | None) -> bool:
+    """A configuration (its weight formats `a`) fills the accumulator unless one more input bit
+    (formats `b`, None if infeasible) costs no weight bit."""
+    return b is None or bool(np.any(b < a))
 
 
 def search(
@@ -346,23 +351,45 @@ def search(
             if classes.find(t) in chosen
         }
 
+    real: dict[str, tuple[WeightQuant, dict[str, Any]]] = {}  # dequantized, once per layer
+
     def overrides(extra: Mapping[str, WeightQuant] = {}) -> dict[str, dict[str, Any]]:
         out = {}
         for name, wq in {**weights, **extra}.items():
-            w, b = wq.dequantized()
-            out[name] = {"weight": w, "bias": b}
+            if name not in real or real[name][0] is not wq:
+                w, b = wq.dequantized()
+                real[name] = (wq, {"weight": w, "bias": b})
+            out[name] = real[name][1]
         return out
 
-    cache: dict[tuple[str, QFormat, int, tuple[int, int] | None], WeightQuant | None] = {}
+    cache: dict[tuple[str, QFormat, int, tuple[int, int] | None], np.ndarray | None] = {}
+    layers: dict[str, LayerWeights] = {}  # of the layers not decided yet
+
+    def layer_of(node: Node) -> LayerWeights:
+        if node.name in weights:  # decided (asked again by a later layer's `fits`)
+            return LayerWeights(node.params["weight"])
+        if node.name not in layers:
+            layers[node.name] = LayerWeights(node.params["weight"])
+        return layers[node.name]
+
+    def formats_of(
+        node: Node, fmt: QFormat, a: int, tile: tuple[int, int] | None = None
+    ) -> np.ndarray | None:
+        """`_layer_formats`, each (layer, format, width, tile) computed once."""
+        key = (node.name, fmt, a, tile)
+        if key not in cache:
+            cache[key] = _layer_formats(node, fmt, a, policy, cal, margin, tile, layer_of(node))
+        return cache[key]
 
     def weights_of(
         node: Node, fmt: QFormat, a: int, tile: tuple[int, int] | None = None
     ) -> WeightQuant | None:
-        """`_layer_weights`, each (layer, format, width, tile) computed once."""
-        key = (node.name, fmt, a, tile)
-        if key not in cache:
-            cache[key] = _layer_weights(node, fmt, a, policy, cal, margin, tile)
-        return cache[key]
+        """`quantize_weights` of a layer for an input format (from `formats_of`)."""
+        frac = formats_of(node, fmt, a, tile)
+        if frac is None:
+            return None
+        xmin, xmax = fmt.qmin - fmt.zero_point, fmt.qmax - fmt.zero_point
+        return quantized(layer_of(node), node.params["bias"], frac, fmt.frac, xmin, xmax)
 
     weighted = [n for n in graph.nodes if n.op in WEIGHTED_OPS]
     qstate: tuple[int, dict[str, torch.Tensor]] | None = None  # (node index, prefix state)
@@ -390,7 +417,7 @@ def search(
             for m in weighted
             if m is not node and classes.find(m.inputs[0]) == cls
         ]
-        found = _Candidates(weights_of, node, info, a, tile, later, widths)
+        found = _Candidates(formats_of, weights_of, node, info, a, tile, later, widths)
         quants = found.quants
         cands = found.select(cl)
         if not cands:
@@ -407,6 +434,7 @@ def search(
                 else f"layer '{node.name}' cannot be quantized: {hint}"
             )
         scored: list[tuple[tuple[float, ...], int, int]] = []
+        bits: dict[tuple[int, int], int] = {}  # of the ranked candidates' weights
         index = graph.nodes.index(node)
         # the prefix's outputs (with the formats and weights chosen so far), advanced from the
         # previous layer's where that is exact (`_advances`)
@@ -437,7 +465,7 @@ def search(
                 t: simulate.fake_quant(v, fmts[t]) if classes.find(t) == cls else v
                 for t, v in state.items()
             }
-            wq = quants[key]
+            wq = found.quant(*key)
             assert wq is not None
             if rounding != "nearest":
                 fi = fmts[node.inputs[0]]
@@ -462,6 +490,10 @@ def search(
             if scored and scored[-1][1] == key[0] and scored[-1][0] >= score:
                 worse.add(key[0])
             scored.append((score, key[0], -key[1]))
+            bits[key] = wq.bits
+            # only the best candidate's weights are kept (a big layer's are large)
+            for _, bx, nc in scored[:-1] if max(scored) == scored[-1] else scored[-1:]:
+                quants[bx, -nc] = None
         _, best, neg_clip = max(scored)
         decided[cls], clipped[cls] = best, -neg_clip
         qstate = None
@@ -475,13 +507,14 @@ def search(
                 },
             )
         weights[node.name] = quants[best, -neg_clip]  # type: ignore[assignment]
+        layers.pop(node.name, None)  # decided: free the other candidates' weights
         choices[node.name] = LayerChoice(
             best,
             [
                 {
                     "input_bits": bx,
                     "clip": -nc,
-                    "weight_bits": quants[bx, -nc].bits,  # type: ignore[union-attr]
+                    "weight_bits": bits[bx, -nc],
                     "score": list(s),
                 }
                 for s, bx, nc in scored

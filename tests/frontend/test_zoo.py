@@ -21,9 +21,13 @@ loaded machine (2 cores shared with other jobs): shufflenet_v2_x1_0 (11.8 M MACs
 mobilenet_v3_large (20.1 M MACs) quantize 54 s + compile 85 s, efficientnet_b0 (32.0 M MACs)
 quantize 129 s + compile 81 s, regnet_y_400mf (33.4 M MACs) quantize 113 s + compile 97 s.
 vgg11, vgg11_bn and alexnet: at 64 x 64 their features are 2 x 2 (VGG) or 1 x 1 (AlexNet) and
-the adaptive pool upsamples to 7 x 7 / 6 x 6 (an `adaptive_avgpool2d`); their float graphs equal
-torch (max |difference| 1e-7, 2e-6, 9e-9), but their classifiers hold 129 M and 58 M weights
-(`make zoo` measures them).
+the adaptive pool upsamples to 7 x 7 / 6 x 6 (an `adaptive_avgpool2d`; the dynamo exporter spells
+it out as index arithmetic, which the ONNX frontend reads back as the same node); their float
+graphs equal torch (max |difference| 1e-7, 2e-6, 9e-9), and their classifiers hold 129 M and 58 M
+weights. `scripts/zoo.py --onnx --models NAME` on a loaded machine (2 cores, load ~10):
+alexnet (94.1 M MACs) quantize 264 s (its ONNX file 313 s) + compile 1130 s (mostly the C
+compiler on the 57 MB of weights); vgg11 (730.6 M MACs) quantize 907 s (its ONNX file 183 s) +
+compile 1343 s (129 MB of weights); both C == reference and ONNX == torch.
 """
 
 from __future__ import annotations
