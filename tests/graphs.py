@@ -359,8 +359,11 @@ class GraphBuilder:
         lo: int = -128,
         hi: int = 127,
         zero_point: int = 0,
+        identity: Sequence[int] = (),
         name: str | None = None,
     ) -> str:
+        """Each input requantized by a random multiplier and shift (the first scaled up by a left
+        shift), but the inputs at the indices `identity`: multiplier 1, no shift."""
         shapes = [self.tensors[x].shape for x in xs]
         out_shape = (*shapes[0][:-1], sum(s[-1] for s in shapes))
         out = self._tensor(out_shape, _fmt(lo, hi, zero_point))
@@ -369,6 +372,7 @@ class GraphBuilder:
         shift = np.array([int(m).bit_length() - 1 for m in mult], dtype=np.int64)
         shift[0] = -1 if n > 1 else shift[0]  # one input scaled up by a left shift
         mult[0] = 1 if n > 1 else mult[0]
+        mult[list(identity)], shift[list(identity)] = 1, 0
         attrs: dict[str, Any] = {}
         if input_zero_points is not None:
             attrs["input_zero_points"] = tuple(input_zero_points)

@@ -532,6 +532,8 @@ class _Emitter:
                         "zp": zps[i],
                         "mult": c_int(mult[i if len(mult) > 1 else 0]),
                         "shift": c_int(shift[i if len(shift) > 1 else 0]),
+                        "mult_n": int(mult[i if len(mult) > 1 else 0]),
+                        "shift_n": int(shift[i if len(shift) > 1 else 0]),
                     }
                 )
                 offset += c
@@ -598,6 +600,23 @@ class _Emitter:
         ctx["dspp"] = (
             layouts.dsp_pool_context(call, int(ctx["hw"]), int(ctx["ic"]))
             if dialect == "dsp"
+            else None
+        )
+        ctx["dspr"] = (
+            layouts.dsp_resize_context(call, int(ctx["iw"]), int(ctx["ic"]), add)
+            if dialect == "dsp" and call.template == "resize_bilinear"
+            else None
+        )
+        if ctx["dspr"] is not None:  # the vertical blends of one output row
+            self.scratch_elems = max(self.scratch_elems, int(ctx["dspr"]["scratch_elems"]))
+        if dialect == "dsp" and call.template == "concat":  # copy, or requantize in 32 bits
+            hows = layouts.dsp_concat_inputs(ctx["inputs"], ctx["zp"], ctx["lo"], ctx["hi"])
+            for x, how in zip(ctx["inputs"], hows, strict=True):
+                x["dsp"] = how
+        # DSP zero insertion: the output zero point in the 4 bytes of a word
+        ctx["zp_word"] = (
+            f"0x{(int(ctx['zp']) & 0xFF) * 0x01010101:08X}u"
+            if dialect == "dsp" and call.template == "zero_insert"
             else None
         )
         # DSP conv: the 4 weight rows are read at LDR immediate offsets (imm12) from one pointer

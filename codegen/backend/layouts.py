@@ -141,9 +141,11 @@ def mve_pixel_block(call: KernelCall, k: Mapping[str, Any]) -> dict[str, Any]:
     """The Helium conv's pixel block, from the kernel context `k`: MVE_PIXELS neighbouring output
     pixels per loaded weight vector (0: not taken), each later pixel's input at a VLDRB immediate
     offset (imm7: at most 127 bytes) from the first's, and the input columns from a block's first
-    tap to its last (the kernel takes the block when they all lie inside the image)."""
-    px = MVE_PIXELS
+    tap to its last (the kernel takes the block when they all lie inside the image). Pixels
+    further apart than that offset allows (stride 2 over 32 channels: 64 bytes) take blocks of
+    2 pixels."""
     xoff = int(k["sw"]) * int(k["ic"])
+    px = MVE_PIXELS if (MVE_PIXELS - 1) * xoff <= 127 else 2
     if not (
         call.template == "conv2d"
         and k["groups"] == 1
@@ -1169,7 +1171,8 @@ def mve_requant_context(call: KernelCall, add: AddArray) -> dict[str, Any] | Non
 
 def dsp_gemm_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
     """The DSP-extension conv / pointwise / dense kernel with pre-widened weights (None: the
-    generic DSP kernel). Used when the input and output channel counts are multiples of 4 and
+    generic DSP kernel). Used when the input and output channel counts are multiples of 4 (a
+    dense layer's outputs need not be: its last 1..3 outputs are one narrower block) and
     the weights are not stored packed (conv2d: one group, no horizontal dilation, and no input
     zero point when padded, since padded taps are skipped): the weights are stored as int16 in
     the order the inner loop reads them, [block of 4 outputs][4 inputs][output][w0, w2, w1, w3]
@@ -1195,18 +1198,26 @@ def dsp_gemm_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
     oc = int(w.shape[0])
     w2 = w.reshape(oc, -1)
     ic = int(w2.shape[1])
-    if oc % 4 or ic % 4 or not oc or not ic:
+    tail = oc % 4  # dense only: the last 1..3 outputs are one more, narrower block
+    if (tail and call.template != "dense") or ic % 4 or not oc or not ic:
         return None
     assert call.acc_bits is not None
-    packed = w2.reshape(oc // 4, 4, ic // 4, 4)[:, :, :, [0, 2, 1, 3]].transpose(0, 2, 1, 3)
+    full = oc - tail
+    sx = [0, 2, 1, 3]  # the SXTB16 order of an input word
+    blocks = w2[:full].reshape(full // 4, 4, ic // 4, 4)[:, :, :, sx].transpose(0, 2, 1, 3)
+    last = w2[full:].reshape(tail, ic // 4, 4)[:, :, sx].transpose(1, 0, 2)
+    packed = np.concatenate([blocks.reshape(-1), last.reshape(-1)])
     bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
     zp = int(node.attrs.get("input_zero_point", 0))
     fb = wrap(bias - zp * w2.sum(axis=1), call.acc_bits)
     name = node.name
     return {
+        "full": full,
+        "tail": tail,
         "weights": add(
             "w16", "int16_t", [int(v) for v in packed.reshape(-1)],
-            f"{name}: weights for the DSP kernel, int16, [4 outputs][4 inputs][output][0, 2, 1, 3]",
+            f"{name}: weights for the DSP kernel, int16, [4 outputs][4 inputs][output][0, 2, 1, 3]"
+            + (f", then [4 inputs][the last {tail} outputs][0, 2, 1, 3]" if tail else ""),
         ),
         "bias": add(
             "fbias", "int32_t", [int(v) for v in fb],
@@ -1233,21 +1244,24 @@ def requant32_fits(bound: int, mult: int, shift: int) -> bool:
 
 
 def requant32_ok(call: KernelCall, taps: int = 0) -> bool:
-    """A conv2d / dense / mul / global average pool layer whose requantization may use
-    qacc_requantize32: every channel's accumulator (wrapped to A bits, or bounded by the
-    weights, or by the inputs' ranges for mul, or by the `taps` inputs of a pool, when no sum
-    can wrap) fits."""
+    """A conv2d / dense / mul / global average pool / bilinear resizing layer whose
+    requantization may use qacc_requantize32: every channel's accumulator (wrapped to A bits,
+    or bounded by the weights, or by the inputs' ranges for mul, or by the `taps` inputs of a
+    pool, or by 2^(2B) times the inputs' range for a resizing, when no sum can wrap) fits."""
     node = call.node
-    ops: tuple[str, ...] = ("conv2d", "dense", "mul", "global_avgpool")
+    ops: tuple[str, ...] = ("conv2d", "dense", "mul", "global_avgpool", "resize_bilinear")
     if call.template == "global_avgpool":  # also an average pool over the whole image
         ops = (node.op,)
     if node.op not in ops or call.acc_bits is None or node.requant is None:
         return False
-    if node.op in ("mul", "global_avgpool", "avgpool2d"):
+    if node.op in ("mul", "global_avgpool", "avgpool2d", "resize_bilinear"):
         oc = max(np.asarray(node.requant.mult).size, np.asarray(node.requant.shift).size)
         if node.op == "mul":
             za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
             span = _int8_span(za) * _int8_span(zb)
+        elif node.op == "resize_bilinear":  # four weights summing to 2^(2B)
+            izp = int(node.attrs.get("input_zero_point", 0))
+            span = _int8_span(izp) << (2 * int(node.attrs["weight_bits"]))
         else:
             span = taps * _int8_span(int(node.attrs.get("input_zero_point", 0)))
         bound = np.full(oc, span, dtype=np.int64)
@@ -1358,6 +1372,68 @@ def dsp_pool_context(call: KernelCall, taps: int, channels: int) -> dict[str, An
     if taps * 128 > 1 << 15:
         return None
     return vector_split(channels, 4)
+
+
+def dsp_resize_context(
+    call: KernelCall, iw: int, channels: int, add: AddArray
+) -> dict[str, Any] | None:
+    """The DSP bilinear resizing (cortex-m4/m7), separable in two passes over the scratch buffer.
+
+    Per output row, the vertical blend of its two input rows for every input column, 2 channels
+    per 32-bit MUL: the input bytes biased to u = x + 128 (EOR 0x80) and split by UXTB16 into
+    two 16-bit lanes (channels c, c + 2; and c + 1, c + 3), wt * u_top + wb * u_bottom in one
+    MUL and one MLA: the weights are >= 0 and sum to 2^B (B <= 8), so each lane's value
+    v < 2^(B+8) <= 2^16 never carries into the next lane. Stored as v - 2^15 (EOR 0x80008000):
+    signed halfwords. Per output pixel, the horizontal blend of its two input columns' stored
+    words, wl * v_l + wr * v_r, by the halfword MACs (SMLABB, SMLABT, SMLATB, SMLATT) started
+    at `bias`: minus the lanes' offsets (2^(2B) * 128 from the input bias, less 2^B * 2^15 from
+    the halfword bias) and IZP times the weights' sum 2^(2B), so the sum is the reference's,
+    exact in int32. The channels past the last whole word are blended from the inputs directly.
+
+    The weights of each output row and column as one int16 pair: first | second << 16.
+    `scratch_elems`: int16 elements of the vertical blends of one row (2 words per 4 channels
+    per input column). None: weights wider than 8 bits, or fewer than 4 channels (no whole
+    word): the portable kernel."""
+    node = call.node
+    if call.template != "resize_bilinear" or call.acc_bits is None or channels < 4:
+        return None
+    bits = int(node.attrs["weight_bits"])
+    if bits > 8:
+        return None
+    one = 1 << bits
+    izp = int(node.attrs.get("input_zero_point", 0))
+    full = channels - channels % 4
+    ctx: dict[str, Any] = {
+        "izn": izp << (2 * bits),
+        "bias": (1 << (bits + 15)) - (128 << (2 * bits)) - (izp << (2 * bits)),
+        "words": full // 2,  # words of vertical blends per input column
+        "scratch_elems": iw * full,
+        **vector_split(channels, 4),
+    }
+    for axis in ("row", "col"):
+        w1 = [int(w) for w in node.attrs[f"{axis}_weight"]]
+        ctx[f"{axis}_pair"] = add(
+            f"{axis}_wpair", "int32_t", [(one - w) | w << 16 for w in w1],
+            f"{node.name}: the weights of the two input {axis}s of each output {axis}, as an"
+            f" int16 pair (first | second << 16), in units of 2^-{bits}",
+        )  # fmt: skip
+    return ctx
+
+
+def dsp_concat_inputs(inputs: Sequence[Mapping[str, Any]], zp: int, lo: int, hi: int) -> list[str]:
+    """How the DSP concat (cortex-m4/m7) stores each input (the kernel context's `inputs`, with
+    integer `mult_n`, `shift_n` and `zp`): "copy" when the requantization is the identity on every
+    int8 value (multiplier 1, no shift, the output's zero point, no saturation inside the int8
+    range), copied by words; "rq32" when qacc_requantize32 equals it for every |x - zp| <= 255
+    (`requant32_fits`); else "rq64" (qacc_requantize)."""
+    how = []
+    for x in inputs:
+        m, s, z = int(x["mult_n"]), int(x["shift_n"]), int(x["zp"])
+        if (m, s, z, lo, hi) == (1, 0, zp, -128, 127):
+            how.append("copy")
+        else:
+            how.append("rq32" if requant32_fits(_int8_span(z), m, s) else "rq64")
+    return how
 
 
 def vector_split(n: int, lanes: int) -> dict[str, int]:

@@ -30,7 +30,7 @@ from codegen.core.ir import Graph
 from codegen.targets.build import ToolMissingError, resolve_target
 from codegen.targets.compiled import run_testbench
 from tests.backend.test_codegen_host import CASE_IDS, CASES
-from tests.graphs import overflowed
+from tests.graphs import GraphBuilder, overflowed
 from tests.shared_build import build_once, shared_dir
 
 CORTEX_M = ("cortex-m4", "cortex-m7", "cortex-m55")
@@ -284,6 +284,8 @@ def test_mve_kernels_of_the_new_ops_are_used(graphs: dict[str, Any]) -> None:
         ("zero_insert-stride3x2", ("vstrbq_p_s8(", "vdupq_n_s8(")),
         ("add_acc16-residual", ("P = 1, C = 210", "vctp32q(TAIL)")),  # one flat row, a tail
         ("conv2d_acc16-wrap-acc8", ("int8_t col[ICP];", "wlstp.8")),  # im2col: 3 * 5 < 16
+        ("conv2d_acc32-pixel-blocks-tail", ("PX = 3, XOFF = 8,",)),
+        ("conv2d_acc16-pixel-blocks-stride1x2-wrap-acc14", ("PX = 2, XOFF = 64,",)),  # 2 * 64 > 127
         ("avgpool2d_acc16-whole-image-7x5x12", ("vldrbq_z_s16(",)),  # the global pool's lanes
     ):
         files = emit(graphs[cid][0], cid, t)
@@ -291,6 +293,64 @@ def test_mve_kernels_of_the_new_ops_are_used(graphs: dict[str, Any]) -> None:
         assert all(m in src for m in markers), cid
         packed = "col[ICP]" in src  # no portable fallback: the weights are packed for Helium
         assert ("#else /* no MVE" in src) != packed and ("needs MVE" in src) == packed, cid
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m7"])
+def test_dsp_kernels_of_resize_and_zero_insert_are_used(
+    target: str, graphs: dict[str, Any]
+) -> None:
+    """The DSP bilinear resizing (vertical blends of 2 channels per MUL/MLA in 16-bit lanes, into
+    the scratch buffer; horizontal halfword MACs; the channel tail from the inputs; the portable
+    kernel for fewer than 4 channels) and zero insertion (word copies and fills, 16 values per
+    step) are used on cortex-m4/m7, the portable fallback kept; the rows above check them equal
+    to the reference, with and without a channel tail, an input zero point, per-channel
+    requantization and an output zero point."""
+    t = resolve_target(target)
+    for cid, markers in (
+        ("resize_bilinear_acc32-up2-half-pixel", ("__smlatt(", "c = FULL; c < C")),
+        ("resize_bilinear_acc32-down-per-channel", ("qacc_dsp_uxtb16_ror8(", "__smlabb(")),
+        ("resize_bilinear_acc32-align-corners-zero-point-clamped", ("FULL = 4,", "IZN = -")),
+        ("zero_insert-stride3x2", ("qacc_dsp_store4(dst + 12, z)", "0x00000000u")),
+        ("net-conv-transpose-zero-point", ("qacc_dsp_load4(src))", "0xF7F7F7F7u")),
+    ):
+        src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
+        assert all(m in src for m in markers), (target, cid)
+        assert "#else /* no DSP extension" in src, (target, cid)
+    b = GraphBuilder("rgb", batch=1)  # 3 channels: no whole word
+    b.resize_bilinear(b.input((4, 4, 3)), (8, 8))
+    assert "__ARM_FEATURE_DSP" not in emit(b.graph(), "rgb", t)["rgb.c"], target
+
+
+def test_dsp_concat_copies_or_requantizes_in_32_bits(graphs: dict[str, Any]) -> None:
+    """On cortex-m4/m7 the concat copies an input already in the output format by words and
+    requantizes the others with qacc_requantize32 (exact for int8 inputs); the rows above check
+    it equal to the reference."""
+    for target in ("cortex-m4", "cortex-m7"):
+        t = resolve_target(target)
+        for cid, copies in (("concat-two-branches", 1), ("concat-three-inputs-zero-points", 0)):
+            src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
+            start = src.index("DSP extension: each input")
+            kernel = src[start : src.index("#else /* no DSP extension", start)]
+            assert kernel.count(", copied */") == copies, (target, cid)
+            assert "qacc_requantize32(" in kernel and "qacc_requantize(" not in kernel, cid
+
+
+def test_dsp_dense_widened_with_a_tail(graphs: dict[str, Any]) -> None:
+    """On cortex-m4/m7 a dense layer whose outputs are not a multiple of 4 keeps the pre-widened
+    int16 weights (path -smlad-w16): the last 1..3 outputs are one narrower block (the rows above
+    check it equal, with an input zero point folded into the bias and with wraps)."""
+    for target in ("cortex-m4", "cortex-m7"):
+        t = resolve_target(target)
+        for cid, node_name, full, tail in (
+            ("dense_acc32-wrap-acc32-bias", "dense0", 4, 1),
+            ("dense_acc32-input-zero-point-relu", "dense0", 4, 2),
+            ("net-every-acc-width-8-to-32", "acc16", 0, 3),  # 16-bit container, wraps
+        ):
+            g = graphs[cid][0]
+            call = lower(g, t.dialect, t.align).call(node_name)
+            assert str(layouts.path(call, t.dialect, t.neon)).endswith("-smlad-w16"), cid
+            src = emit(g, cid, t)[f"{c_identifier(cid).lower()}.c"]
+            assert f"oc = {full}; /* the last {tail} outputs */" in src, cid
 
 
 @pytest.mark.parametrize("target", CORTEX_M)
@@ -383,7 +443,6 @@ def _table_graph(kind: str, acc: int) -> tuple[Graph, np.ndarray]:
     """Layers of the Cortex-M benchmark table (issue 18's shapes) at `acc` bits, with weights
     small enough that no sum reaches 2^15 (what the guaranteed quantizer produces for a 16-bit
     accumulator): the acc16 and acc32 graphs differ only in their accumulator width."""
-    from tests.graphs import GraphBuilder
 
     b = GraphBuilder(f"table_{kind}_acc{acc}", seed=3, batch=1)
     if kind == "dw_pw":  # depthwise 3x3, 25x5x64, then pointwise 64 -> 64
