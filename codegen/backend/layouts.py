@@ -392,6 +392,7 @@ def gemm_context(
     # Register blocking: P pixels x O vectors of output channels (8 lanes each, 4 for SDOT).
     lanes = 4 if sdot else 8
     ovecs = -(-oc // lanes)
+    mla16 = False  # the A64 int16-lane (MLA) register block
     if sdot:
         # P x O int32 accumulators, P input vectors and O weight vectors in 32 registers (a few
         # left for addresses and temporaries): 5 x 4, 6 x 3, 8 x 2, 8 x 1
@@ -406,10 +407,18 @@ def gemm_context(
         # (two stages with one tile: widened after the loop; with tiles of a multiple of 8
         # terms: the int32 sums in a stack buffer, read and written once per tile)
         o_max, p_max = (4, 5) if nt.aarch64 else (4, 2)
+        mla16 = nt.aarch64
     else:
         o_max, p_max = (2, 4) if nt.aarch64 else (2, 2)
     o_n = min(o_max, ovecs)
     p_n = min(p_max, pixels)
+    if nt.aarch64 and not sdot and call.container_bits == 32:
+        o_n, p_n = _acc32_block(ovecs, pixels, -(-k // 8))
+    elif mla16:
+        # int16 lanes, 4 x 5 block: fewer pixels when that leaves no partial block (6 x 6
+        # pixels: 9 blocks of 4 rather than 8 of 5, the last holding one real pixel); one vector
+        # of output channels: more pixels
+        p_n = _pixel_block(pixels, 1, A64_ACC16_PIXELS.get(o_n, p_max))
     block = lanes * o_n
     ocp = _ceil_to(oc, block)
     kstep = 4 if sdot else 8
@@ -479,9 +488,14 @@ def gemm_context(
     woff = scratch
     if wbits:  # then one block of unpacked weights (int8 for SDOT, else int16)
         scratch += -(-(block * kp) // 2) if sdot else block * kp
+    ow = int(out_shape[1]) if len(out_shape) == 3 else 1
+    wl = A64_LANES_PER_LOAD.get((call.container_bits, o_n), 1) if nt.aarch64 and not sdot else 1
     ctx: dict[str, Any] = {
         "neon": True,
         "sdot": sdot,
+        # an output row is one run of the walked input (1x1 stride 1 without padding): a pixel's
+        # input row is at q * COLSTEP, no division by OW
+        "contig": bool(geo["direct"]) and int(geo["ROWSTEP"]) == ow * int(geo["COLSTEP"]),
         "P": p_n,
         "O": o_n,
         "pix": [{"i": p, "col": p * kp} for p in range(p_n)],
@@ -497,10 +511,16 @@ def gemm_context(
             for o in range(o_n)
         ],
         "wstep": 16 * o_n if sdot else block,
-        "wx": nt.aarch64 and not sdot and o_n in (2, 4),
+        # A64: the weights of a step come in LD1 of WN vectors (4, 3 for O = 3), each holding
+        # the O vectors of WL consecutive lanes
+        "wx": nt.aarch64 and not sdot and o_n * wl in (2, 3, 4),
+        "WN": o_n * wl,
+        "WL": wl,
         "wlanes": [
             {
                 "l": lane,
+                "wload": lane % wl == 0,
+                "wval": [(lane % wl) * o_n + o for o in range(o_n)],
                 "fold": two and (call.acc_tile or 8) < 8 and (lane + 1) % (call.acc_tile or 8) == 0,
                 "loads": [
                     {
@@ -526,7 +546,7 @@ def gemm_context(
         "wbits": wbits,
         "WOFF": woff,
         "wrap_shift": (16 if two else lane_bits) - call.acc_bits,
-        **_tiles(call, k),
+        **_tiles(call, k, kp),
         **geo,
         "packed": add(
             "wpacked", wctype, [int(v) for v in packed.reshape(-1)],
@@ -545,6 +565,36 @@ def gemm_context(
         _requant_arrays(call, ocp, add, lane_bits, _lane_bound(call) if lane_bits == 32 else None)
     )
     return ctx
+
+
+A64_LANES_PER_LOAD = {(16, 2): 2, (32, 1): 4}
+"""A64 GEMM kernel, (lane bits, vectors of output channels O): lanes whose O weight vectors one
+LD1 of 4 vectors loads (default 1: one LD1 of O vectors per lane, or LDR for O = 1). Measured:
+the other combinations lose more in register moves (inputs copied into v0-v15) than they save."""
+
+A64_ACC16_PIXELS = {1: 6, 2: 6}
+"""Most pixels per register block of the A64 MLA (acc16) GEMM kernel with one or two vectors of
+output channels (otherwise 5). Measured: with more, GCC copies inputs into v0-v15 before the
+MLAs by element and loses more than the larger block saves."""
+
+A64_ACC32_PIXELS = {1: 8, 2: 5, 3: 4, 4: 3}
+"""Pixels per register block of the A64 SMLAL (acc32) GEMM kernel with 1 to 4 vectors of output
+channels: 2 O P int32 accumulators, P inputs (in v0-v15) and O weights in at most 31 registers."""
+
+
+def _acc32_block(ovecs: int, pixels: int, steps: int) -> tuple[int, int]:
+    """(O, P) of the A64 SMLAL kernel: the register block of the least estimated instructions
+    over the layer (blocks of P pixels x O vectors times, per 8-term step, P input loads, 8
+    weight loads (one LD1 of O vectors per lane), 16 P O SMLAL and the loop, plus the bias
+    loads, requantization and stores of a block; ties: more output channels)."""
+
+    def cost(o: int) -> tuple[int, int]:
+        p = min(A64_ACC32_PIXELS[o], pixels)
+        blocks = -(-ovecs // o) * -(-pixels // p)
+        return blocks * (steps * (p + 8 + 16 * p * o + 3) + 12 * p * o + 6 * p), -o
+
+    o = min(range(1, min(4, ovecs) + 1), key=cost)
+    return o, min(A64_ACC32_PIXELS[o], pixels)
 
 
 A64_WIDE_PIXELS = {1: 8, 2: 8, 3: 6}
@@ -646,20 +696,24 @@ def _sdot_geometry(graph: Graph, call: KernelCall) -> dict[str, Any]:
     }
 
 
-def _tiles(call: KernelCall, k: int) -> dict[str, Any]:
+def _tiles(call: KernelCall, k: int, kp: int = 0) -> dict[str, Any]:
     """Where the two-stage kernel widens its int16 tiles: after every `fold` lane (T < 8), every
     `tb` blocks of 8 terms (T a multiple of 8 below K), and at the end (T >= 8; `late`: one tile,
-    the kernel keeps the one-stage register block and widens after the loop)."""
+    the kernel keeps the one-stage register block and widens after the loop). `tb_folds`: when
+    the kp terms walked are whole tiles, the tiles widened in the loop: all but the last, which
+    the kernel widens into registers as it requantizes (0: the partial last tile is widened into
+    the sums in memory after the loop)."""
     t = call.acc_tile
     if t is None:
         return {
-            "two": False, "tb": 0, "fold_end": False, "late": False, "mem": False,
+            "two": False, "tb": 0, "tb_folds": 0, "fold_end": False, "late": False, "mem": False,
             "wrap2_shift": 0,
         }  # fmt: skip
     assert call.acc2_bits is not None
     return {
         "two": True,
         "tb": t // 8 if 8 <= t < k else 0,
+        "tb_folds": kp // t - 1 if 8 <= t < k and kp % t == 0 else 0,
         "fold_end": t >= 8,
         # one tile (T >= K, T >= 8): the int32 lanes are needed only after the loop
         "late": t >= k and t >= 8,
@@ -784,6 +838,9 @@ def depthwise_context(
         "taps": taps,
         "tap_pairs": [list(enumerate(taps))[i : i + 2] for i in range(0, len(taps), 2)],
         "s8": s8,
+        # A64 with int8 weights: 16 channels per pass (one 16-byte load per tap, SMLAL/SMLAL2;
+        # 9 tap weights, 4 int32 sums and 4 biases fit the 32 registers), the last 8 alone
+        "dw16": neon.aarch64 and s8 and not wbits and cp >= 16,
         "wbits": wbits,
         "WOFF": scratch,
         # packed weights: then the 8 channels' unpacked int8 weights of every tap

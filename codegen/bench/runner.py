@@ -508,6 +508,14 @@ def _goals(
                 v,
                 v >= GOAL_RATIO,
             )
+        if p["target"] == "cortex-a53" and "32" in qacc:
+            v = p["instructions"] / qacc["32"]
+            goal(
+                f"{p['network']} on cortex-a53: XNNPACK / qacc acc32 >= 1 (conv layers, no"
+                " dotprod on either side)",
+                v,
+                v >= 1.0,
+            )
         if get_target(p["target"]).has_dotprod and qacc:
             best = min(qacc, key=lambda w: qacc[w])
             v = p["instructions"] / qacc[best]

@@ -382,6 +382,26 @@ CASES: list[Case] = [
             mult_bits=1,
         ),
     ),
+    # NEON (A64): 16 channels per pass, no 8-channel tail
+    Case(
+        "conv2d_depthwise_acc16-c32-wrap-acc13",
+        lambda b: b.conv2d(
+            b.input((5, 6, 32), dist="high"),
+            32,
+            (3, 3),
+            padding=(1,) * 4,
+            groups=32,
+            acc_bits=13,
+            w_dist="positive",
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_depthwise_acc32-c16-stride2-zp",
+        lambda b: b.conv2d(
+            b.input((7, 7, 16)), 16, (3, 3), (2, 2), (1,) * 4, groups=16, input_zero_point=4
+        ),
+    ),
     Case(
         "conv2d_depthwise_acc32-c17-wrap-acc32",
         lambda b: b.conv2d(
@@ -526,6 +546,18 @@ CASES: list[Case] = [
             (2, 2),
             (1, 0, 1, 0),
             acc_bits=12,
+            w_dist="positive",
+            acc_tile=16,
+        ),
+        wraps=True,
+    ),
+    Case(  # 72 terms in tiles of 16: the last tile (8 terms) is partial
+        "conv2d_acc16x32-k3-tile16-partial-wrap-acc14",
+        lambda b: b.conv2d(
+            b.input((5, 5, 8), dist="high"),
+            8,
+            padding=(1,) * 4,
+            acc_bits=14,
             w_dist="positive",
             acc_tile=16,
         ),

@@ -107,6 +107,8 @@ def test_bench_single_conv(tmp_path: Path) -> None:
     assert "error" not in peer, peer.get("error")
     assert peer["instructions"] > 0 and peer["macs"] == EXPECTED_MACS["conv3x3"]
     assert peer["qacc_acc16_conv_instructions"] == rows[16]["layers"][0]["instructions"]
+    # the acc32 path (SMLAL, no dotprod) is an honest baseline: no more than XNNPACK's kernel
+    assert rows[32]["layers"][0]["instructions"] <= peer["instructions"]
     text = out.getvalue()
     assert "conv3x3" in text and "xnnpack" in text and "acc16" in text and "acc32" in text
     assert "acc16x32" in text and "xnnpack/qacc-acc16x32" in text
