@@ -42,6 +42,8 @@ def _sweep(args: argparse.Namespace) -> int:
         brevitas=[a.strip() for a in (args.brevitas or "").split(",") if a.strip()],
         brevitas_bits=[_int_list(b, "--brevitas-bits") for b in args.brevitas_bits],
         policies=[p.strip() for p in args.policies.split(",") if p.strip()],
+        train_samples=args.train_samples,
+        test_samples=args.test_samples,
     )
 
 
@@ -411,6 +413,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--methods", default="ptq,adaptive", help="ptq and/or adaptive (commas)")
     w.add_argument(
+        "--train-samples",
+        type=int,
+        default=None,
+        help="adaptive and Brevitas A2Q+ training: a random subset of that many training images "
+        "(default: all 60 000)",
+    )
+    w.add_argument(
+        "--test-samples",
+        type=int,
+        default=None,
+        help="evaluate on the first that many test images (default: all 10 000)",
+    )
+    w.add_argument(
         "--policies",
         default="guaranteed,profiled",
         help="ptq overflow policies, guaranteed and/or profiled (commas)",
@@ -427,9 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
         const="gpfq",
         default=None,
         metavar="ALGS",
-        help="add Brevitas's accumulator-aware PTQ (AXE) as a peer at every width, with gpfq "
-        "and/or gptq (commas; bare flag: gpfq); needs pip install '.[peers]' (default: none, "
-        "no peer)",
+        help="add Brevitas as a peer at every width: its accumulator-aware PTQ (AXE) with gpfq "
+        "and/or gptq, and/or a2q+ (its accumulator-aware training, at the adaptive rows' bits, "
+        "images, epochs and optimiser) (commas; bare flag: gpfq); needs pip install '.[peers]' "
+        "(default: none, no peer)",
     )
     w.add_argument(
         "--brevitas-bits",

@@ -57,6 +57,7 @@ def fit(
     temperature: float = 2.0,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[], Mapping[str, float]] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Adam with a one-cycle (training) or cosine (fine-tuning) schedule; one progress bar per
     epoch showing loss and accuracy. Per-epoch figures are appended to `history` if given
@@ -65,7 +66,8 @@ def fit(
 
     `x` is an array (then `y` holds the labels), a Dataset of (x, y) pairs or a DataLoader;
     `model` must already be on `device` (the batches are moved there). `on_epoch`, if given, is
-    called after every epoch (the model in eval mode) and its figures join the epoch's row."""
+    called after every epoch (the model in eval mode) and its figures join the epoch's row.
+    `penalty`, if given, is called after every forward pass and its value added to the loss."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     batches = _batches(x, y, batch, seed)
@@ -99,6 +101,8 @@ def fit(
                     reduction="batchmean",
                 )  # fmt: skip
                 loss = 0.5 * loss + 0.5 * temperature**2 * kd
+            if penalty is not None:
+                loss = loss + penalty()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -26,7 +26,7 @@ from codegen import api
 from codegen.api import describe_bits
 from codegen.core.errors import InfeasibleAccumulatorError, QaccError
 from codegen.quant.accumulator import POLICIES
-from codegen.quant.adaptive import DEFAULT_DISTILL
+from codegen.quant.adaptive import DEFAULT_DISTILL, DEFAULT_LR
 from codegen.quant.equalize import DEFAULT_CLE, check_cle
 from codegen.quant.ptq import DEFAULT_CLIP, check_clip
 from codegen.quant.rounding import DEFAULT_ROUNDING, ROUNDINGS, check_rounding
@@ -73,7 +73,9 @@ def run(
     width) (PTQ: the last rounding's). `clip` and `cle` are the PTQ options of
     `codegen.quantize`. `brevitas`: Brevitas AXE algorithms (gpfq, gptq) run as peers at every
     width on the same calibration images (`tools.brevitas_peer`), with each (weight, activation)
-    pair of `brevitas_bits`, keeping the best per width. `policies`: PTQ's overflow policies."""
+    pair of `brevitas_bits`, keeping the best per width; "a2q+": Brevitas's A2Q+ trained at
+    `w_bits`/`a_bits` with the adaptive rows' images, epochs and optimiser. `policies`: PTQ's
+    overflow policies."""
     _check_policies(policies)
     check_clip(clip)
     check_cle(cle)
@@ -152,7 +154,13 @@ def run(
             )
     for alg in brevitas:
         for a in sorted(widths, reverse=True):
-            row = brevitas_peer.run(net, calib, test, a, algorithm=alg, bits=brevitas_bits)
+            if alg in brevitas_peer.QAT:  # trained as the adaptive rows are
+                row = brevitas_peer.run_a2q(
+                    net, calib, train, test, a, peer=alg, weight_bits=w_bits, act_bits=a_bits,
+                    epochs=epochs, lr=DEFAULT_LR, distill=distill, progress=progress,
+                )  # fmt: skip
+            else:
+                row = brevitas_peer.run(net, calib, test, a, algorithm=alg, bits=brevitas_bits)
             rows.append(row)
             log(
                 f"  {row['method']:<8} {row['policy']:<10} {'':<7} {a:>2} bits: "
@@ -206,8 +214,7 @@ def table(sweep: dict[str, Any]) -> str:
         )
     if any("÷" in str(r.get("bits", "")) for r in sweep["rows"]):
         lines += ["", CLIP_NOTE]
-    if any(r.get("peer") for r in sweep["rows"]):
-        lines += ["", brevitas_peer.NOTE]
+    lines += [line for note in brevitas_peer.notes(sweep["rows"]) for line in ("", note)]
     lines += epoch_table(sweep)
     return "\n".join(lines) + "\n"
 
@@ -269,8 +276,13 @@ def main(
     brevitas: Sequence[str] = (),
     brevitas_bits: Sequence[Sequence[int]] = ((8, 8),),
     policies: Sequence[str] = POLICIES,
+    train_samples: int | None = None,
+    test_samples: int | None = None,
 ) -> int:
-    """`qacc sweep`: Fashion-MNIST, the demo network, every width and method; writes the files."""
+    """`qacc sweep`: Fashion-MNIST, the demo network, every width and method; writes the files.
+    `train_samples`: train adaptive (and Brevitas A2Q+) on that many training images, a random
+    subset (the float network still trains on all); `test_samples`: evaluate on the first that
+    many test images."""
     from codegen.data import datasets, models, train
 
     for r in rounding:
@@ -282,8 +294,12 @@ def main(
     t0 = time.time()
     x_train, y_train, x_test, y_test = datasets.fashion_mnist()
     net = train.trained(model_name, models.ZOO[model_name](), x_train, y_train, epochs=train_epochs)
+    for n, what, pool in ((train_samples, "train", x_train), (test_samples, "test", x_test)):
+        if n is not None and not 1 <= n <= len(pool):
+            raise QaccError(f"--{what}-samples must be 1..{len(pool)}, got {n}")
     idx = np.random.default_rng(0).choice(len(x_train), calib_size, replace=False)
-    peers = [f"brevitas-axe-{a}" for a in brevitas]
+    sub = np.random.default_rng(1).permutation(len(x_train))[:train_samples]
+    peers = [brevitas_peer.method_name(a) for a in brevitas]
     print(
         f"qacc sweep: {model_name}, widths {', '.join(map(str, widths))}, "
         f"{', '.join([*methods, *peers])}"
@@ -292,8 +308,8 @@ def main(
         net,
         x_train[idx],
         y_train[idx],
-        (x_train, y_train),
-        (x_test, y_test),
+        (x_train[sub], y_train[sub]),
+        (x_test[:test_samples], y_test[:test_samples]),
         widths=widths,
         methods=methods,
         epochs=epochs,

@@ -1,5 +1,5 @@
-"""Brevitas AXE as a peer in `qacc sweep`: constrained for real, sane accuracy, in the table, and a
-one-line error when Brevitas is not installed."""
+"""Brevitas AXE and A2Q+ as peers in `qacc sweep`: constrained for real, sane accuracy, in the
+table, and a one-line error when Brevitas is not installed."""
 
 from __future__ import annotations
 
@@ -84,6 +84,62 @@ def test_sweep_table_json_and_plot_have_the_brevitas_rows(digits_net, tmp_path) 
     assert paths[2].read_bytes().startswith(b"\x89PNG")
 
 
+def test_a2q_plus_training_keeps_every_channel_inside_its_budget(digits_net) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, y_train, x_test, y_test) = digits_net
+    acc_bits = 12
+    limit = 2 ** (acc_bits - 1) - 1
+    qmodel = brevitas_peer.a2q_model(net, x_train[:256], acc_bits)
+    history = brevitas_peer.train_a2q(qmodel, net, (x_train, y_train), 1, lr=3e-3, distill=True)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    layers = brevitas_peer.layer_bounds(qmodel.eval(), x_test)
+    assert len(layers) == 3
+    used = []
+    for lay in layers:
+        assert lay["in"] == (0, 15), lay["in"]  # unsigned 4-bit inputs: images and ReLU outputs
+        w = lay["weights"]
+        assert np.abs(w).max() <= 7  # 4-bit narrow weights
+        # A2Q+'s budget: zero-centred weights of L1 norm <= (2^P - 2) / (2^N - 1), so that each
+        # sign holds at most half of it, and rounding toward zero keeps it
+        half = (2**acc_bits - 2) / (2**4 - 1) / 2
+        assert np.where(w > 0, w, 0).sum(-1).max() <= half
+        assert -np.where(w < 0, w, 0).sum(-1).min() <= half
+        top, bottom = _worst_sums(lay)  # what that means: no input can overflow
+        assert top.max() <= limit and bottom.min() >= -limit, lay["name"]
+        used.append(top.max() / limit)
+    assert max(used) > 0.5  # the budget binds: 4-bit weights over 72 terms could reach 3.7x it
+    acc = float(np.mean(brevitas_peer.predict(qmodel, x_test).argmax(1) == y_test))
+    assert acc > 0.5, acc
+
+
+def test_sweep_prints_the_a2q_plus_row(digits_net, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, y_train, x_test, y_test) = digits_net
+    res = sweep.run(
+        net,
+        x_train[:256],
+        y_train[:256],
+        (x_train[:256], y_train[:256]),
+        (x_test, y_test),
+        widths=(12,),
+        methods=(),
+        epochs=1,
+        progress=False,
+        log=lambda *_: None,
+        brevitas=("a2q+",),
+    )  # fmt: skip (two training steps: the bound and the accuracy are checked above)
+    (row,) = res["rows"]
+    assert (row["method"], row["acc_bits"], row["bits"], row["epochs"]) == (
+        "brevitas-a2q+",
+        12,
+        "4/4",
+        1,
+    )
+    assert [h["epoch"] for h in row["history"]] == [1]
+    assert row["accuracy"] == row["history"][-1]["test_accuracy"]
+    md = sweep.write(res, tmp_path)[1].read_text()
+    assert "| brevitas-a2q+ | fake-quant | 12 |" in md
+    assert brevitas_peer.QAT_NOTE in md and brevitas_peer.NOTE not in md
+
+
 def test_several_bit_pairs_keep_the_best_per_width(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # Brevitas itself is exercised above; here each pair's "model" predicts label `w` for every
     # image, so the pair whose w is the most common label is the most accurate
@@ -114,7 +170,7 @@ def test_missing_brevitas_is_a_one_line_error(monkeypatch, tmp_path, capsys) -> 
     assert len(err) == 1 and err[0].startswith("qacc: error: the Brevitas peer needs brevitas")
     assert err[0].endswith("pip install '.[peers]'") and not (tmp_path / "s").exists()
     assert cli.main(["sweep", "--brevitas", "axe", "--out", str(tmp_path / "s")]) == 2
-    assert "unknown Brevitas AXE algorithm 'axe'" in capsys.readouterr().err
+    assert "unknown Brevitas peer 'axe'" in capsys.readouterr().err
     assert cli.main(["sweep", "--brevitas", "--brevitas-bits", "4", "--out", str(tmp_path)]) == 2
     assert "WEIGHT,ACTIVATION bits" in capsys.readouterr().err
     args = ["sweep", "--brevitas", "--brevitas-bits", "8,8", "4,40", "--out", str(tmp_path)]
