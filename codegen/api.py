@@ -334,7 +334,9 @@ def quantize(
     "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`;
     `distill` adds knowledge distillation from the float model to the training loss, `lr` is
     Adam's initial learning rate (cosine decay), `init` "projected" (A2Q+: the float weights
-    projected onto the accumulator budget before training) or "float", and `on_epoch(net)`, if
+    projected onto the accumulator budget before training), "optq" (accumulator-aware OPTQ's
+    integer weights at the adaptive formats: training starts from that PTQ result) or "float",
+    and `on_epoch(net)`, if
     given, is called with the fake-quant network after every epoch (its figures join the epoch's
     row of the report's "adaptive" "history"). The defaults and the sweep behind them:
     docs/adaptive.md.

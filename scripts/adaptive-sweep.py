@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ def one(
     acc_bits: int,
     epochs: int,
     options: dict[str, Any],
+    check_c: int = 0,
 ) -> dict[str, Any]:
     x_tr, y_tr, x_te, y_te, calib = data
     t0 = time.time()
@@ -55,9 +57,17 @@ def one(
     )  # fmt: skip
     out = qm.run_reference(x_te).output
     hist = qm.report["adaptive"]["history"]
+    c_equal = None
+    if check_c:  # the C on the host computes the integer network, logit for logit
+        with tempfile.TemporaryDirectory() as tmp:
+            c = codegen.compile(qm, target="host", out_dir=tmp)
+            c_equal = bool(
+                np.array_equal(c.run_int(x_te[:check_c]), qm.reference_int(x_te[:check_c]))
+            )
     return {
         "fake_quant_per_epoch": [h["test_accuracy"] for h in hist],
         "integer": float(np.mean(out.reshape(len(y_te), -1).argmax(1) == y_te)),
+        "c_equals_reference": c_equal,
         "seconds": round(time.time() - t0, 1),
     }
 
@@ -73,6 +83,9 @@ def main() -> None:
     p.add_argument("--init", default="float")
     p.add_argument("--distill", default="0")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--check-c", type=int, default=0, help="compare the host C with the reference on N images"
+    )
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -102,12 +115,14 @@ def main() -> None:
         for acc_bits in [int(v) for v in a.acc.split(",")]:
             for lr, init, distill in grid:
                 opts = {"lr": lr, "init": init, "distill": distill}
-                r = one(net, data, acc_bits, a.epochs, opts)
+                r = one(net, data, acc_bits, a.epochs, opts, a.check_c)
+                check = r["c_equals_reference"]
                 per = " / ".join(f"{100 * v:.2f}" for v in r["fake_quant_per_epoch"])
                 print(
                     f"| {name} | {acc_bits} | {lr:g} | {init} | {'on' if distill else 'off'} | "
                     f"{100 * fl:.2f} | {per} | {100 * r['integer']:.2f} | "
-                    f"{100 * (r['integer'] - fl):+.2f} | {r['seconds']:.0f} |",
+                    f"{100 * (r['integer'] - fl):+.2f} | {r['seconds']:.0f} |"
+                    + ("" if check is None else f" C == reference: {check} |"),
                     flush=True,
                 )
                 if a.json:

@@ -59,13 +59,15 @@ from codegen.quant.ptq import (
     is_nonneg,
     tensor_classes,
 )
+from codegen.quant.rounding import columns, layer_stats, optq_factor
 from codegen.quant.training import TrainData, fit
 
 SCALES = ("dyadic", "pow2")
-INITS = ("float", "projected")
-"""Where training starts: the float weights, or their projection onto the accumulator budget."""
+INITS = ("float", "projected", "optq")
+"""Where training starts: the float weights, their projection onto the accumulator budget, or
+the accumulator-aware OPTQ rounding of them (`WeightQuant.start_optq`)."""
 DEFAULT_INIT = "projected"
-DEFAULT_LR = 3e-3
+DEFAULT_LR = 1e-3
 DEFAULT_DISTILL = True
 """The defaults of `quantize_adaptive` (and `codegen.quantize`), chosen from a sweep over three
 networks at 12-bit accumulators: docs/adaptive.md."""
@@ -79,6 +81,8 @@ INIT_VALUES = 200_000
 """Values per tensor sampled for an activation quantizer's initial step and zero point."""
 STEP_SEARCH = 24
 """Weight-step candidates tried upward from the error-minimising step (x1.25 or x2 each)."""
+OPTQ_STEPS = (0, -1, 1)
+"""init="optq": weight steps tried per channel, in powers of 1.25 (2 for pow2) of the fitted one."""
 ADD_FRAC_BITS = 10
 """A residual add brings both operands to 2^-10 of the finer scale (exact for pow2 scales)."""
 OUTPUT_BITS = 8
@@ -207,6 +211,7 @@ class WeightQuant(nn.Module):
         self.b = nn.Parameter(torch.as_tensor(np.asarray(node.params["bias"], dtype=np.float32)))
         self.bits, self.pow2, self.acc_bits = bits, pow2, acc_bits
         self.qmax = (1 << (bits - 1)) - 1
+        self.zeros_move = False  # project()'s option: set by start_optq
         self.limit = float((1 << (acc_bits - 1)) - 1)
         k = int(np.prod(w.shape[1:]))
         self.g = 1.0 / math.sqrt(k * self.qmax)
@@ -245,6 +250,53 @@ class WeightQuant(nn.Module):
         accumulator budget (at the fitted steps), so that training starts inside it."""
         self.w.copy_(self._projected(act)[0])
 
+    @torch.no_grad()
+    def start_optq(self, node: Node, act: ActQuant, x: torch.Tensor) -> None:
+        """Accumulator-aware OPTQ (AXE, `codegen.quant.rounding`) at this layer's formats: the
+        float weights become the integers OPTQ chooses on the layer's quantized calibration
+        inputs x (NCHW, or (N, K)) times the weight steps, each inside the budget the training
+        forward pass allows, so its projection leaves them be and training starts from OPTQ's
+        integer network. Per channel the step is the fitted one or one of OPTQ_STEPS nearby,
+        whichever leaves the smaller output error (w - w^)^T H (w - w^) (AXE's finer steps)."""
+        sx = act.step()
+        zp = act.zero_point(sx)
+        xlo, xhi = int(act.qmin - zp), int(act.qmax - zp)
+        codes = torch.floor(x.detach().double().cpu() / float(sx) + 0.5)  # code - zero point
+        stats = layer_stats(node, codes, codes, cross=False)
+        h = stats.h
+        dead = h.diagonal(dim1=1, dim2=2) <= 0
+        u = optq_factor(h)
+        o = self.w.shape[0]
+        g = h.shape[0]
+        w = self.w.detach().double().cpu().reshape(g, o // g, -1)
+        base = self.s_param.detach().clone()
+        room = self.limit - 1.0
+        best = torch.full((o,), math.inf, dtype=torch.float64)
+        chosen_s, chosen_w = base.clone(), self.w.detach().clone()
+        for k in OPTQ_STEPS:
+            self.s_param.copy_(base + (k if self.pow2 else k * math.log2(1.25)))
+            sw = self.step().detach().double().cpu()
+            bias = torch.clamp(
+                self.b.detach().double().cpu() / (float(sx) * sw),
+                -BIAS_SHARE * room, BIAS_SHARE * room,
+            )  # fmt: skip
+            # the float budget of _projected, floored: its projection is then the identity
+            up = torch.floor(room - bias).to(torch.int64).reshape(g, -1)
+            dn = torch.floor(room + bias).to(torch.int64).reshape(g, -1)
+            swg = sw.reshape(g, -1, 1)
+            q = columns(w / swg, up, dn, dead, u, h, h, "optq", xlo, xhi, True, self.qmax)
+            d = w - q.double() * swg
+            err = torch.einsum("gok,gkl,gol->go", d, h, d).reshape(o)
+            better = err < best
+            best = torch.where(better, err, best)
+            chosen_s = torch.where(better.to(base.device), self.s_param, chosen_s)
+            cand = (q.double() * swg).reshape(self.w.shape).to(self.w)
+            keep = better.reshape((o,) + (1,) * (self.w.ndim - 1)).to(self.w.device)
+            chosen_w = torch.where(keep, cand, chosen_w)
+        self.s_param.copy_(chosen_s)
+        self.w.copy_(chosen_w)
+        self.zeros_move = True
+
     def _projected(
         self, act: ActQuant
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,7 +307,7 @@ class WeightQuant(nn.Module):
         sw = self.step()
         room = self.limit - 1.0  # 1 LSB of slack for the bias' rounding
         bias = torch.clamp(self.b / (sx * sw), -BIAS_SHARE * room, BIAS_SHARE * room)
-        w = project(self.w, sw, bias, act.qmin - zp, act.qmax - zp, room)
+        w = project(self.w, sw, bias, act.qmin - zp, act.qmax - zp, room, self.zeros_move)
         return w, bias, sw, sx, zp
 
     def forward(self, act: ActQuant) -> Layer:
@@ -290,6 +342,7 @@ def project(
     xlo: torch.Tensor,
     xhi: torch.Tensor,
     room: float,
+    zeros_move: bool = False,
 ) -> torch.Tensor:
     """Bring each channel's weights inside the accumulator bound (the A2Q / A2Q+ constraint).
 
@@ -301,13 +354,23 @@ def project(
     with many terms and a small budget becomes sparse instead of uniformly tiny). Otherwise one
     factor scales both signs. `room` is the accumulator's largest value less the bias' rounding
     slack; rounding toward zero afterwards can only shrink P and N.
+
+    With `zeros_move` a weight at exactly 0 (inside the budget) keeps its gradient, which relu
+    gives only above 0: init="optq" starts with most weights at integer multiples of the step,
+    many of them 0, which would otherwise never move (measured: FashionCNN 86.6 % against 90.0 %
+    after two quarter epochs). Other inits keep relu (their measured figures are with it).
     """
     o = w.shape[0]
     shape = (o,) + (1,) * (w.ndim - 1)
     up, down = room - bias, room + bias  # what the weights may add above / below the bias
     if float(xlo.detach()) == 0.0:
-        pos = _l1_ball(F.relu(w), up / xhi * sw)
-        neg = _l1_ball(F.relu(-w), down / xhi * sw)
+        if zeros_move:  # max(w, 0) and max(w, 0) - w: a weight at exactly 0 keeps its gradient
+            plus = w.clamp_min(0.0)
+            pos = _l1_ball(plus, up / xhi * sw, True)
+            neg = _l1_ball(plus - w, down / xhi * sw, True)
+        else:
+            pos = _l1_ball(F.relu(w), up / xhi * sw)
+            neg = _l1_ball(F.relu(-w), down / xhi * sw)
         return pos - neg
     u = w / sw.reshape(shape)
     tiny = 1e-12
@@ -319,7 +382,7 @@ def project(
     return w * g.reshape(shape)
 
 
-def _l1_ball(v: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+def _l1_ball(v: torch.Tensor, cap: torch.Tensor, zeros_move: bool = False) -> torch.Tensor:
     """Per channel (rows of v >= 0), relu(v - t) with the smallest t >= 0 whose sum <= cap.
 
     The kept set comes from sorting (Duchi et al. 2008, on detached values): with u the row
@@ -339,7 +402,8 @@ def _l1_ball(v: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
     t = ((flat * kept).sum(1) - cap.clamp_min(0.0)) / kept.sum(1).clamp_min(1.0)
     t = torch.where(n_kept > 0, t, d.max(dim=1).values)  # nothing kept: a zero budget
     t = torch.where(d.sum(1) > c, t.clamp_min(0.0), torch.zeros_like(t))
-    return F.relu(v - t.reshape((o,) + (1,) * (v.ndim - 1)))
+    shifted = v - t.reshape((o,) + (1,) * (v.ndim - 1))
+    return shifted.clamp_min(0.0) if zeros_move else F.relu(shifted)  # clamp: v = t = 0 moves
 
 
 def init_weight_steps(w: np.ndarray, qmax: int, pow2: bool) -> np.ndarray:
@@ -429,6 +493,8 @@ class QATNet(nn.Module):
                     wq.fit_steps(self.act(n.inputs[0]))
                     if init == "projected":
                         wq.start_inside(self.act(n.inputs[0]))
+                    elif init == "optq":
+                        wq.start_optq(n, self.act(n.inputs[0]), env[n.inputs[0]])
                     self.layers[n.name] = wq
                 y = self._node(n, [env[t] for t in n.inputs])
                 if n.op not in KEEP_VALUES:

@@ -168,12 +168,7 @@ def refine(
     h = stats.h
     diag = h.diagonal(dim1=1, dim2=2)
     dead = diag <= 0  # (G, K): inputs that are always zero
-    if rounding == "optq":
-        damp = DAMPING * diag.mean(-1).clamp_min(1e-12)
-        hd = h + torch.diag_embed(torch.where(dead, 1.0, 0.0).double() + damp[:, None] * (~dead))
-        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
-    else:
-        u = torch.where(dead, 1.0, diag)  # GPFQ: the diagonal
+    u = optq_factor(h) if rounding == "optq" else torch.where(dead, 1.0, diag)  # GPFQ: diag
     qmax = (1 << (WEIGHT_BITS - 1)) - 1
 
     def run(frac: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -181,7 +176,8 @@ def refine(
         scale = torch.from_numpy(np.exp2(frac.astype(np.float64)))
         w = (torch.from_numpy(w_real) * scale[:, None]).reshape(g, og, k)
         bias = torch.from_numpy(bq).reshape(g, og)
-        q = _columns(w, bias, dead, u, h, stats.c, rounding, xmin, xmax, acc_lo, acc_hi, exact)
+        up, dn = acc_hi - bias, bias - acc_lo  # slack of hi and lo with no weights
+        q = columns(w, up, dn, dead, u, h, stats.c, rounding, xmin, xmax, exact, qmax)
         return q, bq
 
     def error(q: torch.Tensor, frac: np.ndarray) -> torch.Tensor:
@@ -223,9 +219,20 @@ def refine(
     return WeightQuant(qs, frac, bq, wq.input_frac, lo, hi)
 
 
-def _columns(
+def optq_factor(h: torch.Tensor) -> torch.Tensor:
+    """OPTQ's upper Cholesky factor of H^-1 (G, K, K), H = X~^T X~ (G, K, K) plus 1 % damping
+    (inputs that are always zero get a unit diagonal)."""
+    diag = h.diagonal(dim1=1, dim2=2)
+    dead = diag <= 0
+    damp = DAMPING * diag.mean(-1).clamp_min(1e-12)
+    hd = h + torch.diag_embed(torch.where(dead, 1.0, 0.0).double() + damp[:, None] * (~dead))
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+
+
+def columns(
     w: torch.Tensor,
-    bias: torch.Tensor,
+    up: torch.Tensor,
+    dn: torch.Tensor,
     dead: torch.Tensor,
     u: torch.Tensor,
     h: torch.Tensor,
@@ -233,20 +240,19 @@ def _columns(
     rounding: str,
     xmin: int,
     xmax: int,
-    acc_lo: int,
-    acc_hi: int,
     exact: bool,
+    qmax: int,
 ) -> torch.Tensor:
-    """Integer weights (G, Og, K) from w (G, Og, K, integer units), one column at a time.
+    """Integer weights (G, Og, K) in [-qmax, qmax] from w (G, Og, K, integer units), one column
+    at a time.
 
     `u`: OPTQ's upper Cholesky factor of H^-1 (G, K, K), or GPFQ's diag(X~^T X~) (G, K) with
-    `h` = X~^T X~ and `c` = X~^T X; `bias` (G, Og) in accumulator units."""
+    `h` = X~^T X~ and `c` = X~^T X; `up` and `dn` (G, Og, int64): how far each channel's exact
+    sum may rise above and fall below its bias (the accumulator's limits less the bias)."""
     g, og, k = w.shape
     wf = w  # the float target (GPFQ)
     w = w.clone()
     w[dead.unsqueeze(1).expand_as(w)] = 0.0
-    qmax = (1 << (WEIGHT_BITS - 1)) - 1
-    up, dn = acc_hi - bias, bias - acc_lo  # slack of hi and lo with no weights
     pos = torch.zeros(g, og, dtype=torch.int64)
     neg = torch.zeros(g, og, dtype=torch.int64)
     theta = torch.zeros(g, og, dtype=torch.float64)

@@ -117,6 +117,30 @@ def test_projection_gradient_matches_finite_differences() -> None:
     )
 
 
+def test_zeros_move_gives_a_zero_weight_its_gradient_and_changes_nothing_else() -> None:
+    """relu's gradient at exactly 0 is 0: a zero weight would never move (init="optq" starts
+    with many); `zeros_move` gives it the identity's gradient inside the budget, and the same
+    projected values and gradients everywhere else."""
+    torch.manual_seed(1)
+    w0 = torch.randn(4, 20, dtype=torch.float64)
+    w0[:, ::3] = 0.0
+    sw = torch.tensor([0.05, 0.08, 0.2, 0.1], dtype=torch.float64)
+    bias = torch.tensor([10.0, -30.0, 0.0, 5.0], dtype=torch.float64)
+    xlo, xhi = torch.tensor(0.0, dtype=torch.float64), torch.tensor(15.0, dtype=torch.float64)
+    out, grads = [], []
+    for zeros_move in (False, True):
+        w = w0.clone().requires_grad_(True)
+        p = adaptive.project(w, sw, bias, xlo, xhi, 5000.0, zeros_move)  # no channel binds
+        p.sum().backward()
+        assert w.grad is not None
+        out.append(p.detach())
+        grads.append(w.grad)
+    zero = w0 == 0
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], w0)
+    assert torch.equal(grads[0][~zero], grads[1][~zero])
+    assert bool((grads[0][zero] == 0).all()) and bool((grads[1][zero] == 1).all())
+
+
 def _l1_projection_by_bisection(v: np.ndarray, cap: float) -> np.ndarray:
     """Euclidean projection of v >= 0 onto {sum <= cap}: relu(v - t), t found by bisection on
     the sum (an algorithm independent of the sorting one under test)."""
@@ -348,7 +372,25 @@ def test_projected_init_starts_inside_the_budget_where_the_float_one_projects(di
             outside[init] = max(outside[init], moved)
         assert torch.equal(q["float"].q, q["projected"].q), n.name
         assert torch.equal(q["float"].bias, q["projected"].bias), n.name
-    assert outside["projected"] < 1e-5 < outside["float"]
+        # OPTQ's latent weights are its integers times the steps: the forward pass keeps them
+        shape = (-1,) + (1,) * (q["optq"].q.ndim - 1)
+        latent = nets["optq"].layer(n.name).w
+        assert torch.allclose(q["optq"].q * q["optq"].w_step.reshape(shape), latent, rtol=1e-6)
+        assert not torch.equal(q["optq"].q, q["projected"].q), n.name
+    assert max(outside["projected"], outside["optq"]) < 1e-5 < outside["float"]
+
+
+def test_optq_init_is_inside_the_budget_and_bit_exact_in_c(digits_net, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """init="optq" exports OPTQ's integer network untrained (epochs=0): every channel's exact
+    bound fits, the fake-quant network predicts as the integer one, and the C matches it."""
+    net, (x_train, y_train, x_test, _) = digits_net
+    qm = _adaptive(net, (x_train[:50], y_train[:50]), init="optq", epochs=0)
+    rep = qm.report["adaptive"]
+    assert rep["init"] == "optq" and rep["bound_fixups"] == 0
+    assert all(row["fits"] for row in rep["constraint"].values())
+    assert rep["fake_vs_integer_agreement_calib"] >= 0.99
+    c = codegen.compile(qm, target="host", out_dir=tmp_path / "m", sanitize=True)
+    assert np.array_equal(c.run_int(x_test[:100]), qm.reference_int(x_test[:100]))
 
 
 def test_on_epoch_figures_join_the_history(digits_net) -> None:  # type: ignore[no-untyped-def]
