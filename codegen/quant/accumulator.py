@@ -77,8 +77,20 @@ def quantize_at(
     """Round-to-nearest (half up) weights and bias at per-channel fractional lengths."""
     shape = (-1,) + (1,) * (w.ndim - 1)
     q = round_half_up(w * np.exp2(frac.astype(np.float64)).reshape(shape))
-    bq = round_half_up(b * np.exp2((frac + input_frac).astype(np.float64)))
-    return q, bq
+    return q, _bias_at(b, frac, input_frac)
+
+
+def _bias_at(b: npt.NDArray[np.float64], frac: IntArray | int, input_frac: int) -> IntArray:
+    """The bias rounded (half up) in accumulator units 2^-(frac + input_frac)."""
+    return round_half_up(b * np.exp2((np.asarray(frac) + input_frac).astype(np.float64)))
+
+
+def _sum_bounds(
+    bq: IntArray, pos: IntArray, neg: IntArray, xmin: int, xmax: int
+) -> tuple[IntArray, IntArray]:
+    """`channel_bounds` from each channel's sums of positive (pos) and negative (neg) integer
+    weights: lo = b + xmin S+ + xmax S-, hi = b + xmax S+ + xmin S- (xmin <= xmax)."""
+    return bq + (xmin * pos + xmax * neg), bq + (xmax * pos + xmin * neg)
 
 
 class LayerWeights:
@@ -131,12 +143,6 @@ class LayerWeights:
                 o[rows] = v
         return out  # type: ignore[return-value]
 
-    def integers(self, frac: IntArray) -> IntArray:
-        """The weights rounded at per-channel lengths `frac` (`quantize_at`), in the shape of
-        the layer's weights."""
-        shape = (-1,) + (1,) * (self.w.ndim - 1)
-        return round_half_up(self.w * np.exp2(frac.astype(np.float64)).reshape(shape))
-
 
 def choose_weight_fracs(
     w: npt.NDArray[np.float64] | LayerWeights,
@@ -172,10 +178,10 @@ def choose_weight_fracs(
         if len(rows) == 0:
             continue
         maxq, pos, neg = layer.at(f, rows)
-        bq = round_half_up(b[rows] * np.exp2(float(f + input_frac)))
+        bq = _bias_at(b[rows], f, input_frac)
         ok = maxq <= qmax
-        if policy == "guaranteed":  # channel_bounds, from the sums
-            lo, hi = bq + (xmin * pos + xmax * neg), bq + (xmax * pos + xmin * neg)
+        if policy == "guaranteed":
+            lo, hi = _sum_bounds(bq, pos, neg, xmin, xmax)
             ok &= (lo >= acc_lo) & (hi <= acc_hi)
         else:
             assert observed_max is not None, "profiled policy needs observed ranges"
@@ -228,9 +234,12 @@ def _frac_ceilings(
 def feasible(q: IntArray, w: npt.NDArray[np.float64]) -> bool:
     """Every channel with a nonzero float weight keeps at least one nonzero integer weight."""
     o = q.shape[0]
-    live = np.abs(w.reshape(o, -1)).max(axis=1) > 0
-    kept = np.abs(q.reshape(o, -1)).max(axis=1) >= (1 << (MIN_BITS - 2))
-    return bool(np.all(kept | ~live))
+    return _kept(np.abs(q.reshape(o, -1)).max(axis=1), np.abs(w.reshape(o, -1)).max(axis=1))
+
+
+def _kept(maxq: IntArray, absmax: npt.NDArray[np.float64]) -> bool:
+    """`feasible` from each channel's largest integer and largest float weight magnitude."""
+    return bool(np.all((maxq >= (1 << (MIN_BITS - 2))) | ~(absmax > 0)))
 
 
 def weight_formats(
@@ -252,7 +261,7 @@ def weight_formats(
         layer, b, input_frac, xmin, xmax, acc_bits, policy, observed_max, margin, tile
     )
     maxq, _, _ = layer.at_each(frac)
-    return frac if np.all((maxq >= (1 << (MIN_BITS - 2))) | ~(layer.absmax > 0)) else None
+    return frac if _kept(maxq, layer.absmax) else None
 
 
 def quantize_weights(
@@ -286,9 +295,9 @@ def quantized(
     """The weights and bias of `quantize_at` at formats `frac`, with the bounds of
     `channel_bounds` (from `LayerWeights`' sums)."""
     _, pos, neg = layer.at_each(frac)
-    bq = round_half_up(b * np.exp2((frac + input_frac).astype(np.float64)))
-    lo, hi = bq + (xmin * pos + xmax * neg), bq + (xmax * pos + xmin * neg)
-    return WeightQuant(layer.integers(frac), frac, bq, input_frac, lo, hi)
+    q, bq = quantize_at(layer.w, b, frac, input_frac)
+    lo, hi = _sum_bounds(bq, pos, neg, xmin, xmax)
+    return WeightQuant(q, frac, bq, input_frac, lo, hi)
 
 
 # ----------------------------------------------------------------------------- two stages
