@@ -98,6 +98,12 @@ static inline int8_t qacc_requantize(int64_t acc, int64_t mult, int shift, int32
     return (int8_t)qacc_saturate(qacc_add64(v, zero_point), lo, hi); /* saturate(v + zp) */
 }
 
+/* Saturating instructions (SSAT / USAT: Armv7-M, Armv8-M Mainline, 32-bit Armv7-A and later). */
+#if defined(__ARM_FEATURE_SAT) && !defined(__aarch64__)
+#include <arm_acle.h>
+#define QACC_HAVE_SSAT 1
+#endif
+
 /*
  * qacc_requantize in 32-bit arithmetic, for cores without cheap 64-bit shifts (Cortex-M4/M7).
  * Equal to qacc_requantize when |acc * mult| = P satisfies (codegen/backend/layouts.py
@@ -115,6 +121,18 @@ static inline int8_t qacc_requantize32(int32_t acc, int32_t mult, int shift, int
         v *= (int32_t)1 << -shift;
     }
     v += zero_point;
+#if defined(QACC_HAVE_SSAT)
+    /* saturate(v, lo, hi) is saturate(SSAT(v, 8), lo, hi) since [lo, hi] lies inside the int8
+       range: one instruction where [lo, hi] is the whole int8 range (SSAT #8) or [0, 127] (a
+       ReLU: USAT #7); lo and hi are constants where this is inlined, so one branch remains */
+    if (lo == -128 && hi == 127) {
+        return (int8_t)__ssat(v, 8);
+    }
+    if (lo == 0 && hi == 127) {
+        return (int8_t)__usat(v, 7);
+    }
+    v = __ssat(v, 8);
+#endif
     return (int8_t)(v < lo ? lo : v > hi ? hi : v);
 }
 

@@ -360,10 +360,12 @@ class GraphBuilder:
         hi: int = 127,
         zero_point: int = 0,
         identity: Sequence[int] = (),
+        mult_shift: Sequence[tuple[int, int]] = (),
         name: str | None = None,
     ) -> str:
         """Each input requantized by a random multiplier and shift (the first scaled up by a left
-        shift), but the inputs at the indices `identity`: multiplier 1, no shift."""
+        shift), but the inputs at the indices `identity`: multiplier 1, no shift; `mult_shift`:
+        every input's (multiplier, shift), given."""
         shapes = [self.tensors[x].shape for x in xs]
         out_shape = (*shapes[0][:-1], sum(s[-1] for s in shapes))
         out = self._tensor(out_shape, _fmt(lo, hi, zero_point))
@@ -373,6 +375,8 @@ class GraphBuilder:
         shift[0] = -1 if n > 1 else shift[0]  # one input scaled up by a left shift
         mult[0] = 1 if n > 1 else mult[0]
         mult[list(identity)], shift[list(identity)] = 1, 0
+        if mult_shift:
+            mult, shift = (np.array(v, dtype=np.int64) for v in zip(*mult_shift, strict=True))
         attrs: dict[str, Any] = {}
         if input_zero_points is not None:
             attrs["input_zero_points"] = tuple(input_zero_points)

@@ -466,8 +466,9 @@ class _Emitter:
             )
         if node.op == "lut":  # the table is the layer: stored whatever the dialect
             k["size"] = out.size
-            # Helium: rotated by 128, so the input byte itself is the VLDRB gather offset
-            k["table_rotated"] = self.lowered.dialect == "mve"
+            # Helium / DSP: rotated by 128, so the input byte itself is the VLDRB gather offset
+            # or the UXTB-extracted index
+            k["table_rotated"] = self.lowered.dialect in ("mve", "dsp")
             k.update(layouts.vector_split(out.size, 16))
             k["table"] = self.lut_table(node, node, "table", k["table_rotated"])
         # a fused lut, read in the store step: rotated (at [(uint8_t)q]: the byte itself is the
@@ -596,7 +597,10 @@ class _Emitter:
         ctx["neon"] = neon
         ctx["mve"] = mve
         # DSP: 32-bit requantization where the layer's bounds allow it (no cheap 64-bit shifts)
-        ctx["rq32"] = dialect == "dsp" and layouts.requant32_ok(call, int(ctx["hw"]))
+        pool_taps = (
+            int(ctx["kh"]) * int(ctx["kw"]) if call.template == "avgpool2d" else int(ctx["hw"])
+        )
+        ctx["rq32"] = dialect == "dsp" and layouts.requant32_ok(call, pool_taps)
         ctx["dspp"] = (
             layouts.dsp_pool_context(call, int(ctx["hw"]), int(ctx["ic"]))
             if dialect == "dsp"
@@ -612,7 +616,34 @@ class _Emitter:
         if dialect == "dsp" and call.template == "concat":  # copy, or requantize in 32 bits
             hows = layouts.dsp_concat_inputs(ctx["inputs"], ctx["zp"], ctx["lo"], ctx["hi"])
             for x, how in zip(ctx["inputs"], hows, strict=True):
-                x["dsp"] = how
+                x["dsp"], x["dspl"] = how["how"], how
+        shapes = (int(ctx[n]) for n in ("ih", "iw", "oh", "ow", "ic"))
+        ctx["dspm"] = (
+            layouts.dsp_maxpool_context(call, *shapes)
+            if dialect == "dsp" and call.template == "maxpool2d"
+            else layouts.dsp_avgpool_context(call, *shapes)
+            if dialect == "dsp" and call.template == "avgpool2d"
+            else None
+        )
+        ctx["dspa"] = (
+            layouts.dsp_add_context(call, int(ctx["pixels"]), int(ctx["oc"]))
+            if dialect == "dsp" and call.template == "add"
+            else None
+        )
+        ctx["dspl"] = (  # the DSP table lookup: 4 values per word
+            layouts.vector_split(int(ctx["size"]), 4)
+            if dialect == "dsp" and call.template == "lut"
+            else None
+        )
+        ctx["dspg"] = (
+            layouts.dsp_gather_context(call)
+            if dialect == "dsp" and call.template == "gather"
+            else None
+        )
+        if dialect == "mve" and call.template == "concat":  # copy, or requantize in lanes
+            mves = layouts.mve_concat_inputs(ctx["inputs"], ctx["zp"], ctx["lo"], ctx["hi"])
+            for x, mv in zip(ctx["inputs"], mves, strict=True):
+                x["mve"] = mv
         # DSP zero insertion: the output zero point in the 4 bytes of a word
         ctx["zp_word"] = (
             f"0x{(int(ctx['zp']) & 0xFF) * 0x01010101:08X}u"

@@ -1301,19 +1301,25 @@ def requant32_fits(bound: int, mult: int, shift: int) -> bool:
 
 
 def requant32_ok(call: KernelCall, taps: int = 0) -> bool:
-    """A conv2d / dense / mul / global average pool / bilinear resizing layer whose
+    """A conv2d / dense / add / mul / average pool / bilinear resizing layer whose
     requantization may use qacc_requantize32: every channel's accumulator (wrapped to A bits,
-    or bounded by the weights, or by the inputs' ranges for mul, or by the `taps` inputs of a
-    pool, or by 2^(2B) times the inputs' range for a resizing, when no sum can wrap) fits."""
+    or bounded by the weights, or by the inputs' ranges and multipliers for add and mul, or by
+    the `taps` inputs of a pool, or by 2^(2B) times the inputs' range for a resizing, when no
+    sum can wrap) fits."""
     node = call.node
-    ops: tuple[str, ...] = ("conv2d", "dense", "mul", "global_avgpool", "resize_bilinear")
+    ops: tuple[str, ...] = ("conv2d", "dense", "add", "mul", "global_avgpool", "avgpool2d")
+    ops += ("resize_bilinear",)
     if call.template == "global_avgpool":  # also an average pool over the whole image
         ops = (node.op,)
     if node.op not in ops or call.acc_bits is None or node.requant is None:
         return False
-    if node.op in ("mul", "global_avgpool", "avgpool2d", "resize_bilinear"):
+    if node.op in ("add", "mul", "global_avgpool", "avgpool2d", "resize_bilinear"):
         oc = max(np.asarray(node.requant.mult).size, np.asarray(node.requant.shift).size)
-        if node.op == "mul":
+        if node.op == "add":
+            ms = [int(v) for v in np.asarray(node.params["in_mult"]).reshape(-1)]
+            zs = [int(v) for v in node.attrs.get("input_zero_points", (0, 0))]
+            span = sum(abs(m) * _int8_span(z) for m, z in zip(ms, zs, strict=True))
+        elif node.op == "mul":
             za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
             span = _int8_span(za) * _int8_span(zb)
         elif node.op == "resize_bilinear":  # four weights summing to 2^(2B)
@@ -1477,20 +1483,216 @@ def dsp_resize_context(
     return ctx
 
 
-def dsp_concat_inputs(inputs: Sequence[Mapping[str, Any]], zp: int, lo: int, hi: int) -> list[str]:
+def _inside(n_out: int, n_in: int, k: int, stride: int, pad: int) -> tuple[int, int]:
+    """The output positions [first, last) whose window of k inputs lies inside the n_in inputs
+    along one axis (first = last: none)."""
+    inside = [o for o in range(n_out) if o * stride >= pad and o * stride - pad + k <= n_in]
+    return (inside[0], inside[-1] + 1) if inside else (0, 0)
+
+
+def _dsp_windows(
+    call: KernelCall, ih: int, iw: int, oh: int, ow: int, channels: int
+) -> dict[str, Any]:
+    """The windows of a DSP pool: output rows [y0, y1) times columns [x0, x1) have their window
+    inside the image (its KH * KW taps at the constant offsets `taps` from the window's corner,
+    unrolled); `full` channels in whole words, a `tail` of 0..3."""
+    a = call.node.attrs
+    kh, kw = (int(v) for v in a["kernel"])
+    sh, sw = (int(v) for v in a.get("stride", (1, 1)))
+    pt, _, pl, _ = (int(v) for v in a.get("padding", (0, 0, 0, 0)))
+    y0, y1 = _inside(oh, ih, kh, sh, pt)
+    x0, x1 = _inside(ow, iw, kw, sw, pl)
+    return {
+        "y0": y0, "y1": y1, "x0": x0, "x1": x1, "inside": y1 > y0 and x1 > x0,
+        "taps": [(ky * iw + kx) * channels for ky in range(kh) for kx in range(kw)],
+        **vector_split(channels, 4),
+    }  # fmt: skip
+
+
+def dsp_maxpool_context(
+    call: KernelCall, ih: int, iw: int, oh: int, ow: int, channels: int
+) -> dict[str, Any]:
+    """The DSP max pool (cortex-m4/m7): 4 channels per word, the running maximum of 4 int8
+    lanes by SSUB8 + SEL (GE flags per byte), the clamp likewise against words of LO / HI.
+    Windows inside the image read their taps unrolled (`_dsp_windows`); the others loop over
+    the taps inside the image. The channels past the last whole word, one at a time."""
+    rq = call.node.requant
+    assert rq is not None
+    return {
+        "clamp_lo": rq.lo > -128, "clamp_hi": rq.hi < 127,
+        "lo_word": _word(rq.lo),
+        "hi_word": _word(rq.hi),
+        **_dsp_windows(call, ih, iw, oh, ow, channels),
+    }  # fmt: skip
+
+
+def dsp_avgpool_context(
+    call: KernelCall, ih: int, iw: int, oh: int, ow: int, channels: int
+) -> dict[str, Any] | None:
+    """The DSP average pool (cortex-m4/m7): 4 channels per word, SXTAB16 adds bytes 0, 2 and
+    (rotated) 1, 3 of every tap to two pairs of int16 sums (exact: KH * KW * 128 <= 2^15), then
+    each channel's sum minus IZP per tap inside the image, wrapped to A bits (`exact`: no sum can
+    reach 2^(A-1), the wrap is left out) and requantized. Windows as `_dsp_windows`. None
+    (larger windows, an accumulator wider than 32 bits): the portable kernel."""
+    if call.template != "avgpool2d" or call.acc_bits is None or call.acc_bits > 32:
+        return None
+    kh, kw = (int(v) for v in call.node.attrs["kernel"])
+    if kh * kw * 128 > 1 << 15:
+        return None
+    span = kh * kw * _int8_span(int(call.node.attrs.get("input_zero_point", 0)))
+    return {
+        "exact": span < 1 << (call.acc_bits - 1),
+        **_dsp_windows(call, ih, iw, oh, ow, channels),
+    }
+
+
+def dsp_add_context(call: KernelCall, pixels: int, channels: int) -> dict[str, Any] | None:
+    """The DSP residual add (cortex-m4/m7): 4 elements per word of each input, split by SXTB16
+    into int16 lanes (0, 2 and, rotated, 1, 3); each sum (a - ZA) * MA + (b - ZB) * MB as two
+    halfword MACs (SMLABB / SMLATB) started at K = -(ZA * MA + ZB * MB): exact modulo 2^32,
+    then reduced to the container and to A bits as in the portable kernel. The multipliers must
+    be int16: any value modulo 2^16 for a 16-bit container (the sum is taken modulo 2^16), the
+    integer itself for a 32-bit one; `exact`: no sum can reach 2^(A-1) (the wrap is the
+    identity and is left out). One multiplier and shift for all channels: the tensors are
+    one flat row; else rows of `channels` elements. None: the portable kernel."""
+    cb = call.container_bits
+    if call.template != "add" or cb is None or cb > 32 or call.acc_bits is None:
+        return None
+    node = call.node
+    assert node.requant is not None
+    ms = [int(v) for v in np.asarray(node.params["in_mult"]).reshape(-1)]
+    zs = [int(v) for v in node.attrs.get("input_zero_points", (0, 0))]
+    m16 = [int(wrap(np.int64(m), 16)) for m in ms] if cb == 16 else ms
+    if any(not -(1 << 15) <= m < 1 << 15 for m in m16):
+        return None
+    k = -sum(m * z for m, z in zip(m16, zs, strict=True))
+    bound = sum(abs(m) * _int8_span(z) for m, z in zip(m16, zs, strict=True))
+    flat = all(np.asarray(v).size == 1 for v in (node.requant.mult, node.requant.shift))
+    rows, cols = (1, pixels * channels) if flat else (pixels, channels)
+    return {
+        "ma": m16[0], "mb": m16[1],
+        "mab": f"0x{(m16[0] & 0xFFFF) | (m16[1] & 0xFFFF) << 16:08X}u",
+        "k": int(wrap(np.int64(k), 32)),
+        "exact": bound < 1 << (call.acc_bits - 1),  # no sum reaches 2^(A-1): no wrap
+        "rows": rows, "cols": cols,
+        **vector_split(cols, 4),
+    }  # fmt: skip
+
+
+DSP_GATHER_MOVES = 64
+"""The most word and byte moves per pixel of the unrolled DSP gather."""
+
+
+def dsp_gather_context(call: KernelCall) -> dict[str, Any] | None:
+    """The DSP channel gather (cortex-m4/m7), unrolled per pixel: the output channels as runs of
+    consecutive input channels, each run copied by (possibly unaligned) words, then its last
+    0..3 bytes, at constant offsets (`moves`: word or byte, output and input offset; `runs`:
+    how many runs). None (a fused
+    clamp, or more than DSP_GATHER_MOVES moves per pixel): the portable kernel."""
+    node = call.node
+    rq = node.requant
+    assert rq is not None
+    if rq.lo > -128 or rq.hi < 127:
+        return None
+    index = [int(i) for i in node.attrs["index"]]
+    runs: list[dict[str, int]] = []
+    for c, i in enumerate(index):
+        if runs and runs[-1]["src"] + runs[-1]["n"] == i:
+            runs[-1]["n"] += 1
+        else:
+            runs.append({"dst": c, "src": i, "n": 1})
+    moves = []  # (word?, output offset, input offset)
+    for r in runs:
+        words = r["n"] // 4
+        moves += [(True, r["dst"] + 4 * j, r["src"] + 4 * j) for j in range(words)]
+        moves += [(False, r["dst"] + j, r["src"] + j) for j in range(4 * words, r["n"])]
+    if len(moves) > DSP_GATHER_MOVES:
+        return None
+    return {"moves": [{"word": w, "dst": d, "src": s} for w, d, s in moves], "runs": len(runs)}
+
+
+def _word(v: int) -> str:
+    """The int8 value v in the 4 bytes of a word, as a C literal."""
+    return f"0x{(v & 0xFF) * 0x01010101:08X}u"
+
+
+def dsp_concat_inputs(
+    inputs: Sequence[Mapping[str, Any]], zp: int, lo: int, hi: int
+) -> list[dict[str, Any]]:
     """How the DSP concat (cortex-m4/m7) stores each input (the kernel context's `inputs`, with
-    integer `mult_n`, `shift_n` and `zp`): "copy" when the requantization is the identity on every
-    int8 value (multiplier 1, no shift, the output's zero point, no saturation inside the int8
-    range), copied by words; "rq32" when qacc_requantize32 equals it for every |x - zp| <= 255
-    (`requant32_fits`); else "rq64" (qacc_requantize)."""
-    how = []
+    integer `mult_n`, `shift_n` and `zp`), `how`: "copy" when the requantization is the identity
+    on every int8 value (multiplier 1, no shift, the output's zero point, no saturation inside the
+    int8 range), copied by words; "lanes" for multiplier 1, no input zero point and a shift s in
+    [-7, 7] (s < 0 only with output zero point 0), 4 values per word: round_shift(x, s) for s > 0
+    as SHADD8 (the halving add, floor((a + b) / 2) per byte without overflow) with 2^(s-1), then
+    s - 1 halvings (nested floors are the floor of the quotient), x * 2^-s for s < 0 as -s
+    saturating doublings (QADD8: each saturates on the side the exact value does), the zero point
+    by a saturating QADD8 (exact: the value before it is), the clamp by SSUB8 + SEL; the last 0..3
+    values by qacc_requantize32; "rq32" when qacc_requantize32 equals the requantization for
+    every |x - zp| <= 255 (`requant32_fits`); else "rq64" (qacc_requantize)."""
+    out = []
     for x in inputs:
         m, s, z = int(x["mult_n"]), int(x["shift_n"]), int(x["zp"])
+        d: dict[str, Any] = {"how": "rq32" if requant32_fits(_int8_span(z), m, s) else "rq64"}
         if (m, s, z, lo, hi) == (1, 0, zp, -128, 127):
-            how.append("copy")
-        else:
-            how.append("rq32" if requant32_fits(_int8_span(z), m, s) else "rq64")
-    return how
+            d["how"] = "copy"
+        elif m == 1 and z == 0 and -7 <= s <= 7 and (s >= 0 or zp == 0):
+            d = {
+                "how": "lanes",
+                "round": _word(1 << (s - 1)) if s > 0 else None,
+                "halvings": max(0, s - 1),
+                "doublings": max(0, -s),
+                "zp_word": _word(zp) if zp else None,
+                "lo_word": _word(lo) if lo > -128 else None,
+                "hi_word": _word(hi) if hi < 127 else None,
+            }
+        out.append(d)
+    return out
+
+
+def lane_requant_bits(zp: int, mult: int, shift: int) -> int | None:
+    """The narrowest Helium lane (8, 16 or 32 bits) in which the vector requantization of an
+    int8 input x (VSUB of zp, VMUL by mult, VRSHL by -shift, VQADD of the output zero point,
+    VMAX/VMIN) equals formats.requantize(x - zp, mult, shift, ...) for every int8 x: x - zp,
+    (x - zp) * mult and that times 2^-shift (shift < 0) lie inside the lane for both ends of the
+    int8 range (VRSHL's rounding right shift is round_shift at any precision, and a saturating
+    VQADD keeps every value on its side of [lo, hi]). None: no lane holds them."""
+    if shift < -30:
+        return None
+    ends = [-128 - zp, 127 - zp]
+    steps = [ends, [v * mult for v in ends], [v * mult << max(0, -shift) for v in ends]]
+    for bits in (8, 16, 32):
+        top = 1 << (bits - 1)
+        if all(-top <= v < top for vs in steps for v in vs):
+            return bits
+    return None
+
+
+def mve_concat_inputs(
+    inputs: Sequence[Mapping[str, Any]], zp: int, lo: int, hi: int
+) -> list[dict[str, Any]]:
+    """How the Helium concat (cortex-m55) stores each input (the kernel context's `inputs`, with
+    integer `mult_n`, `shift_n` and `zp`): copied 16 values per vector (VLDRB/VSTRB) when the
+    requantization is the identity on every int8 value; else requantized in the narrowest lanes
+    that hold it exactly (`lane_requant_bits`: 16, 8 or 4 values per widening VLDRB); else
+    (`bits` None) one value at a time by qacc_requantize. `full`/`tail`: the input's channels in
+    whole vectors and the rest (one tail-predicated vector)."""
+    out = []
+    for x in inputs:
+        m, s, z = int(x["mult_n"]), int(x["shift_n"]), int(x["zp"])
+        copy = (m, s, z, lo, hi) == (1, 0, zp, -128, 127)
+        bits = 8 if copy else lane_requant_bits(z, m, s)
+        lanes = 128 // bits if bits else 1
+        out.append(
+            {
+                "copied": copy,  # not "copy": a dict method in Jinja
+                "bits": bits,
+                "lanes": lanes,
+                "rshift": -s,
+                **vector_split(int(x["c"]), lanes),
+            }
+        )
+    return out
 
 
 def vector_split(n: int, lanes: int) -> dict[str, int]:

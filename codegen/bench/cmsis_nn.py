@@ -9,7 +9,8 @@ for the target's core, with the same startup code, board linker script and float
 Cortex-M builds (toolchains/cortex-m.cmake), and counts the instructions of one call of the s8
 function TensorFlow Lite Micro calls for each layer (arm_convolve_wrapper_s8,
 arm_depthwise_conv_wrapper_s8, arm_fully_connected_s8, arm_max_pool_s8, arm_avgpool_s8,
-arm_elementwise_add_s8, arm_elementwise_mul_s8, arm_softmax_s8) between two qacc_mark() calls,
+arm_elementwise_add_s8, arm_elementwise_mul_s8, arm_softmax_s8; arm_concatenation_s8_x once per
+input of a channel concat) between two qacc_mark() calls,
 as qacc's per-layer counts are taken between the marks around a layer. Executables are cached
 in build/peers, keyed by the sources.
 """
@@ -39,6 +40,7 @@ FIELDS = 13
 # The source directories whose int8 kernels (and their helpers) the harness links.
 SOURCE_DIRS = (
     "BasicMathFunctions",
+    "ConcatenationFunctions",
     "ConvolutionFunctions",
     "FullyConnectedFunctions",
     "NNSupportFunctions",
@@ -60,7 +62,7 @@ FPU_FLAGS = {
 
 KINDS = {
     "conv": 0, "depthwise": 1, "dense": 2, "maxpool": 3, "avgpool": 4, "add": 5, "mul": 6,
-    "softmax": 7,
+    "softmax": 7, "concat": 8,
 }  # fmt: skip
 FUNCTIONS = {
     "conv": "arm_convolve_wrapper_s8",
@@ -71,6 +73,7 @@ FUNCTIONS = {
     "add": "arm_elementwise_add_s8",
     "mul": "arm_elementwise_mul_s8",
     "softmax": "arm_softmax_s8",
+    "concat": "arm_concatenation_s8_x",
 }
 
 
@@ -149,6 +152,15 @@ def softmax_layer(rows: int, row_size: int) -> CmsisLayer:
     return CmsisLayer("softmax", (rows, row_size), 0)
 
 
+def concat_layer(pixels: int, channels: Sequence[int]) -> CmsisLayer:
+    """A channel concat of NHWC tensors of `pixels` pixels (CMSIS-NN copies each input without
+    rescaling: TFLite Micro's int8 concat needs one format for all). At most FIELDS - 3 inputs
+    (the harness reads a fixed number of fields): PeerError beyond."""
+    if len(channels) > FIELDS - 3:
+        raise PeerError(f"the CMSIS-NN harness takes at most {FIELDS - 3} concat inputs")
+    return CmsisLayer("concat", (pixels, len(channels), *(int(c) for c in channels)), 0)
+
+
 def _ints(v: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in v)
 
@@ -166,7 +178,8 @@ def _quad(v: Any) -> tuple[int, int, int, int]:
 def layers_of(graph: Any) -> dict[str, CmsisLayer]:
     """{qacc layer name: the CMSIS-NN call TFLite Micro makes for it} for the nodes of an integer
     graph that have one (conv2d without dilation, groups 1 or depthwise; dense; max, average and
-    global average pooling; add and mul of two tensors of one shape; softmax). Reshapes and the
+    global average pooling; add and mul of two tensors of one shape; softmax; channel concat of
+    at most FIELDS - 3 inputs). Reshapes and the
     rest (lut: CMSIS-NN has no s8 table activation) are left out."""
     out: dict[str, CmsisLayer] = {}
     for n in graph.nodes:
@@ -203,6 +216,10 @@ def layers_of(graph: Any) -> dict[str, CmsisLayer]:
         elif n.op == "softmax":
             size, row = int(graph.tensors[n.output].size), int(shape[-1])
             out[n.name] = softmax_layer(size // row, row)
+        elif n.op == "concat" and len(n.inputs) <= FIELDS - 3:
+            ins = [graph.tensors[t].shape for t in n.inputs]
+            pixels = int(graph.tensors[n.output].size) // int(graph.tensors[n.output].shape[-1])
+            out[n.name] = concat_layer(pixels, [int(s[-1]) for s in ins])
     return out
 
 

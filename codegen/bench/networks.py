@@ -18,7 +18,8 @@ Single layers (``LAYERS``, selected with ``--networks layers`` or by name, not p
 layer shapes of the Cortex-M comparison with CMSIS-NN (conv3x3 16x16x16->16 and the 32-channel
 ``conv3x3`` above, depthwise 3x3 and pointwise 1x1 on DS-CNN's 25x5x64, dense 256->64, 2x2 max and
 average pooling on 32x32x16, global average pooling on 8x8x64, a residual add and an element-wise
-mul on 16x16x32, a softmax over the 32 channels of 8x8 pixels).
+mul on 16x16x32, a softmax over the 32 channels of 8x8 pixels, the channel concat of two 1x1
+conv branches on 16x16x32).
 
 TensorFlow's 'same' padding with stride 2 pads one pixel more at the bottom/right than at the
 top/left; it is written here as nn.ZeroPad2d before a conv with padding 0, as Keras does.
@@ -208,6 +209,19 @@ class Residual(nn.Module):
         return torch.relu(self.conv(x) + x)
 
 
+class Branches(nn.Module):
+    """Two 1x1 conv branches and the channel concat of their outputs (the concat is the layer of
+    interest)."""
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        self.a = nn.Conv2d(channels, channels // 2, 1, bias=False)
+        self.b = nn.Conv2d(channels, channels // 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+
+
 class Product(nn.Module):
     """A 1x1 conv and the element-wise product with its input (the mul is the layer of
     interest)."""
@@ -279,6 +293,7 @@ LAYERS: dict[str, BenchNet] = {
         BenchNet("add", Residual, (32, 16, 16), "1x1 conv + residual add, 16x16x32"),
         BenchNet("mul", Product, (32, 16, 16), "1x1 conv + element-wise mul, 16x16x32"),
         BenchNet("softmax", Softmax, (32, 8, 8), "softmax over 32 channels, 8x8 pixels"),
+        BenchNet("concat", Branches, (32, 16, 16), "two 1x1 convs + channel concat, 16x16x32"),
     )
 }
 """Single layers, compared with CMSIS-NN on Cortex-M; "layers" names them all with conv3x3."""

@@ -17,6 +17,7 @@
  *   5 add        n                                         -> arm_elementwise_add_s8
  *   6 mul        n                                         -> arm_elementwise_mul_s8
  *   7 softmax    rows row_size                             -> arm_softmax_s8
+ *   8 concat     pixels n c0 .. c(n-1)                     -> arm_concatenation_s8_x per input
  * Bottom/right padding follow from the output size, as in TFLite. Scratch buffers have the sizes
  * the *_get_buffer_size functions give; the Helium dense layer's kernel sums are computed before
  * the first mark (TFLite Micro does it once, in Prepare). Data and quantization parameters are
@@ -257,6 +258,30 @@ static arm_cmsis_nn_status run_softmax(int id, const int32_t *p)
     return ARM_CMSIS_NN_SUCCESS;
 }
 
+static arm_cmsis_nn_status run_concat(int id, const int32_t *p)
+{
+    /* channel concat of NHWC tensors: the innermost axis, CMSIS-NN's x (n <= 10 inputs) */
+    const int32_t pixels = p[0], n = p[1];
+    int8_t *x[10];
+    int32_t oc = 0;
+    for (int i = 0; i < n; i++) {
+        x[i] = random_s8(pixels * p[2 + i]);
+        oc += p[2 + i];
+    }
+    int8_t *y = alloc((size_t)(pixels * oc));
+    qacc_mark(2 * id);
+    for (int i = 0, offset = 0; i < n; offset += p[2 + i], i++) {
+        arm_concatenation_s8_x(x[i], (uint16_t)p[2 + i], (uint16_t)pixels, 1, 1, y, (uint16_t)oc,
+                               (uint32_t)offset);
+    }
+    qacc_mark(2 * id + 1);
+    for (int i = 0; i < n; i++) {
+        free(x[i]);
+    }
+    free(y);
+    return ARM_CMSIS_NN_SUCCESS;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 2) {
@@ -294,6 +319,7 @@ int main(int argc, char **argv)
         case 5: s = run_add(i, v + 1); break;
         case 6: s = run_mul(i, v + 1); break;
         case 7: s = run_softmax(i, v + 1); break;
+        case 8: s = run_concat(i, v + 1); break;
         default: fail(i, "unknown layer kind"); return 2;
         }
         if (s != ARM_CMSIS_NN_SUCCESS) {

@@ -119,6 +119,21 @@ def _concat3(b: GraphBuilder) -> None:
     b.concat([x, a, c], input_zero_points=(50, 3, 0), zero_point=-7)
 
 
+def _concat_lanes(b: GraphBuilder) -> None:
+    """Helium: requantized in 8-, 16- and 32-bit lanes and one value at a time (a left shift no
+    lane holds), whole vectors and tails, a zero point and a clamp."""
+    x = b.input((3, 2, 37))
+    xs = [x, *(b.maxpool2d(x, (1, 1), (1, 1)) for _ in range(3))]
+    ms = [(1, 2), (300, 5), (90, 3), (3, -24)]
+    b.concat(xs, input_zero_points=(0, -20, 7, 0), mult_shift=ms, zero_point=5, lo=-100, hi=110)
+
+
+def _concat_copy_and_lanes(b: GraphBuilder) -> None:
+    """An input copied by whole vectors (words on the DSP) and a tail, one in 8-bit lanes."""
+    x = b.input((2, 3, 37))
+    b.concat([x, b.maxpool2d(x, (1, 1), (1, 1))], mult_shift=[(1, 0), (1, 1)])
+
+
 def _concat_vectors(b: GraphBuilder) -> None:
     x = b.input((19,))
     b.concat([b.dense(x, 5, acc_bits=20), b.dense(x, 3, acc_bits=12)])
@@ -721,6 +736,11 @@ CASES: list[Case] = [
         wraps=True,
     ),
     Case("add_acc32-wrap-acc32", _wide_add, wraps=True),
+    Case(  # DSP: MA as int16 modulo 2^16 (the sum is taken modulo 2^16)
+        "add_acc16-mult-beyond-int16-zero-point-wrap",
+        lambda b: _residual(b, acc_bits=16, in_mult=(40000, 3), input_zero_points=(2, 0)),
+        wraps=True,
+    ),
     Case(
         "add_acc16-unit-mult-zero-points-wrap-acc8",  # Helium: the plain vector sum
         lambda b: _residual(b, acc_bits=8, in_mult=(1, 1), input_zero_points=(4, -3)),
@@ -757,6 +777,8 @@ CASES: list[Case] = [
     Case("concat-two-branches", _branches_concat),
     Case("concat-three-inputs-zero-points", _concat3),
     Case("concat-vectors", _concat_vectors),
+    Case("concat-lanes-8-16-32-scalar-clamped", _concat_lanes),
+    Case("concat-copy-and-8-bit-lanes", _concat_copy_and_lanes),
     # networks
     Case("lut-hardswish", lambda b: b.lut(b.input((6, 7, 5)), "hardswish")),
     Case(
@@ -830,6 +852,10 @@ CASES: list[Case] = [
     ),
     Case("gather-chunk-clamped", lambda b: b.gather(b.input((4, 6, 9)), range(5, 9), lo=-3, hi=60)),
     Case("gather-vector-wide", lambda b: b.gather(b.input((300,)), range(299, -1, -2))),
+    Case(  # DSP: runs of 11, 2 and 6 channels: words, then bytes
+        "gather-split-runs-words-and-bytes",
+        lambda b: b.gather(b.input((2, 3, 26)), [*range(3, 14), 0, 1, *range(20, 26)]),
+    ),
     # zero_insert (a transposed convolution: zeros between the pixels, then a stride-1 conv2d)
     Case(  # Helium: runs of 19 values (a whole vector and a tail)
         "zero_insert-stride3x2", lambda b: b.zero_insert(b.input((3, 4, 19), lo=0), (3, 2))

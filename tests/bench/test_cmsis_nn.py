@@ -47,6 +47,7 @@ def test_harness_counts_every_layer_kind(target: str) -> None:
         "add": (C.add_layer(256), C.add_layer(1024)),
         "mul": (C.mul_layer(256), C.mul_layer(1024)),
         "softmax": (C.softmax_layer(4, 10), C.softmax_layer(16, 10)),
+        "concat": (C.concat_layer(16, (8, 5)), C.concat_layer(64, (8, 5))),
     }
     layers = [x for small, large in pairs.values() for x in (small, small, large)]
     counts = C.instructions(layers, target)
@@ -99,6 +100,22 @@ def test_layers_of_mul_and_softmax() -> None:
     assert layers["head"] == C.softmax_layer(4 * 5, 6)
     assert layers["same"].function == "arm_elementwise_mul_s8"
     assert layers["head"].function == "arm_softmax_s8"
+
+
+def test_layers_of_concat() -> None:
+    """A channel concat is one arm_concatenation_s8_x call per input (its channels, the pixels);
+    past FIELDS - 3 inputs the harness has no room: no call, and concat_layer refuses."""
+    from tests.graphs import GraphBuilder
+
+    b = GraphBuilder("cat", seed=0, batch=1)
+    x = b.input((4, 5, 6))
+    y = b.concat([x, b.maxpool2d(x, (1, 1), (1, 1))], name="two")
+    b.concat([y] * 11, name="eleven")
+    layers = C.layers_of(b.result()[0])
+    assert layers["two"] == C.concat_layer(20, (6, 6)) and "eleven" not in layers
+    assert layers["two"].function == "arm_concatenation_s8_x"
+    with pytest.raises(PeerError, match="at most 10"):
+        C.concat_layer(20, [12] * 11)
 
 
 def test_grouped_conv_has_no_cmsis_nn_kernel() -> None:
@@ -171,6 +188,7 @@ TABLE_OPS = {
     "add": "add",
     "mul": "mul",
     "softmax": "softmax",
+    "concat": "concat",
 }
 
 

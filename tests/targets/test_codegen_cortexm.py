@@ -13,6 +13,7 @@ the Debian package), it never skips.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -322,17 +323,30 @@ def test_dsp_kernels_of_resize_and_zero_insert_are_used(
 
 
 def test_dsp_concat_copies_or_requantizes_in_32_bits(graphs: dict[str, Any]) -> None:
-    """On cortex-m4/m7 the concat copies an input already in the output format by words and
-    requantizes the others with qacc_requantize32 (exact for int8 inputs); the rows above check
-    it equal to the reference."""
+    """On cortex-m4/m7 the concat copies an input already in the output format by words,
+    requantizes one with multiplier 1, no zero point and a small shift 4 values per word
+    (SHADD8 / QADD8) and the others with qacc_requantize32 (exact for int8 inputs) or, for a
+    left shift beyond int32, qacc_requantize; the rows above check it equal to the reference."""
     for target in ("cortex-m4", "cortex-m7"):
         t = resolve_target(target)
-        for cid, copies in (("concat-two-branches", 1), ("concat-three-inputs-zero-points", 0)):
+        for cid, copies, words, rq64 in (
+            ("concat-two-branches", 1, 1, False),  # (1, -1): one saturating doubling
+            ("concat-three-inputs-zero-points", 0, 0, False),
+            ("concat-copy-and-8-bit-lanes", 1, 1, False),  # (1, 1): one halving
+            ("concat-lanes-8-16-32-scalar-clamped", 0, 1, True),  # ZP, LO, HI words
+        ):
             src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
             start = src.index("DSP extension: each input")
             kernel = src[start : src.index("#else /* no DSP extension", start)]
             assert kernel.count(", copied */") == copies, (target, cid)
-            assert "qacc_requantize32(" in kernel and "qacc_requantize(" not in kernel, cid
+            assert kernel.count(", 4 per word */") == words, (target, cid)
+            assert "qacc_requantize32(" in kernel, cid
+            assert ("qacc_requantize(" in kernel) == rq64, cid
+        src = emit(graphs["concat-lanes-8-16-32-scalar-clamped"][0], "c", t)["c.c"]
+        assert all(m in src for m in ("__shadd8(v, (int8x4_t)0x02020202u)", "__shadd8(v, 0)"))
+        assert all(m in src for m in ("0x05050505u", "qacc_dsp_min8((uint32_t)v, 0x6E6E6E6Eu)"))
+        src = emit(graphs["concat-two-branches"][0], "c", t)["c.c"]
+        assert "v = __qadd8(v, v);" in src, target
 
 
 def test_dsp_dense_widened_with_a_tail(graphs: dict[str, Any]) -> None:
@@ -405,6 +419,69 @@ def test_dsp_mul_uses_the_32_bit_requantization(graphs: dict[str, Any]) -> None:
         ):
             src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
             assert "qacc_requantize32(" in src, (target, cid)
+
+
+def test_mve_concat_copies_or_requantizes_in_lanes(graphs: dict[str, Any]) -> None:
+    """On cortex-m55 the concat copies an input already in the output format 16 values per
+    vector and requantizes the others in the narrowest lanes that hold them exactly (8, 16 or 32
+    bits), one value at a time where none does; the rows above check it equal to the reference."""
+    t = resolve_target("cortex-m55")
+    for cid, kinds in (
+        ("concat-two-branches", ("16-bit lanes", "copied")),
+        ("concat-copy-and-8-bit-lanes", ("copied", "8-bit lanes")),
+        (
+            "concat-lanes-8-16-32-scalar-clamped",
+            ("8-bit lanes", "32-bit lanes", "16-bit lanes", ""),
+        ),
+    ):
+        src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
+        start = src.index("Helium: each input")
+        kernel = src[start : src.index("#else /* no MVE", start)]
+        got = tuple(m or "" for m in re.findall(r"zero point -?\d+(?:, (.*?))? \*/", kernel))
+        assert got == kinds, cid
+        assert ("qacc_requantize(" in kernel) == ("" in kinds), cid
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m7"])
+def test_dsp_pool_add_lut_gather_kernels_are_used(target: str, graphs: dict[str, Any]) -> None:
+    """On cortex-m4/m7 the max pool takes 4 channels per SSUB8 + SEL (windows inside the image
+    unrolled, the clamp likewise), the average pool 4 channels per SXTAB16 pair (the wrap left
+    out where no sum reaches 2^(A-1)), the residual add two halfword MACs per element from SXTB16
+    lanes (without the wrap where no sum reaches 2^(A-1); a 32-bit container with a multiplier
+    beyond int16 keeps the portable kernel), the table lookup 4 values per word and the gather
+    unrolled word and byte moves per pixel (the portable kernel under a clamp or past
+    DSP_GATHER_MOVES). The rows above check them equal to the reference."""
+    t = resolve_target(target)
+    for cid, markers in (
+        ("maxpool2d-k2s2-odd", ("qacc_dsp_load4(in + xo + c + 50)", "for (c = FULL; c < C")),
+        (
+            "maxpool2d-c21-k3s2-pad-clamp",
+            ("qacc_dsp_min8(v, 0x64646464u)", "(v, 0xCECECECEu); /* LO"),
+        ),
+        ("avgpool2d_acc16-k3s1-pad1", ("s02 = __sxtab16(s02, (int8x4_t)w);", "no wrap")),
+        ("avgpool2d_acc16-c19-zero-point-wrap-acc10", ("Y0 = 1, Y1 = 3,", "wrapped to ACC_BITS")),
+        (
+            "add_acc16-residual",
+            ("__smlatt(b02, M,", "nothing wraps", "y[c + 3] = qacc_requantize32(s3,"),
+        ),
+        ("add_acc16-mult-beyond-int16-zero-point-wrap", ("0x00039C40u", "qacc_wrap16((uint16_t)")),
+    ):
+        src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
+        assert all(m in src for m in markers), (target, cid)
+        assert "#else /* no DSP extension" in src, (target, cid)
+    src = emit(graphs["add_acc32-wrap-acc32"][0], "w", t)["w.c"]
+    assert "__smlabb(" not in src, target  # in_mult 2^24: beyond int16 in a 32-bit container
+    for cid, markers in (  # the table lookup: 4 values per word; the gather: unrolled moves
+        ("lut-tanh-vector", ("y3 = t[w >> 24];", "FULL = 36")),
+        ("gather-split-runs-words-and-bytes", ("qacc_dsp_load4(x + 7)", "y[18] = x[25];")),
+        ("gather-channel-shuffle", ("8 runs", "y[7] = x[7];")),
+    ):
+        src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
+        assert all(m in src for m in markers), (target, cid)
+        assert "#else /* no DSP extension" in src, (target, cid)
+    for cid in ("gather-chunk-clamped", "gather-vector-wide"):  # a clamp; 150 moves per pixel
+        src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
+        assert "qacc_dsp_load4(" not in src, (target, cid)
 
 
 # ----------------------------------------------------------------------------- a quantized network
