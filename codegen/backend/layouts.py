@@ -38,9 +38,12 @@ Accumulation paths (report.json "path" of each layer):
   single tile, T >= K, takes it), so tile boundaries fall after every T lanes (T = 1, 2, 4),
   every T / 8 blocks of 8 terms (a multiple of 8), or at the end (T >= K: the acc16 register
   block, widened once after the loop). Tiles of a multiple of 8 terms below K keep the acc16
-  register block too: the int32 sums live in a buffer on the stack, read, added to (SADDW/SADDW2)
-  and written back once per tile, and are requantized in int32 (qacc_neon_requant8_32) where
-  `_lane_bound`'s per-tile bound proves it equal.
+  register block too: the int32 sums live in a buffer on the stack; the first tile sets them to
+  the bias plus its sum (SADDW/SADDW2 from the bias, STP), each later tile reads, adds and writes
+  them back, and the last tile is widened into registers as the sums are requantized in int32
+  (qacc_neon_requant8_32, where `_lane_bound`'s per-tile bound proves it equal). Where a tap
+  holds whole tiles, the kernel loops over the tap's tiles and starts each with MUL (no restart
+  at 0); where a tile holds whole taps, it counts taps rather than blocks of 8 terms.
   Other T, groups > 1 and wider first stages use the portable kernel (path ``acc16x32-portable``).
 
 Requantization stays `qacc_requantize`'s function; the kernels evaluate it on 8 lanes at once when
@@ -547,6 +550,7 @@ def gemm_context(
         "WOFF": woff,
         "wrap_shift": (16 if two else lane_bits) - call.acc_bits,
         **_tiles(call, k, kp),
+        **_fold_unit(call, k, int(geo["TC"])),
         **geo,
         "packed": add(
             "wpacked", wctype, [int(v) for v in packed.reshape(-1)],
@@ -699,21 +703,24 @@ def _sdot_geometry(graph: Graph, call: KernelCall) -> dict[str, Any]:
 def _tiles(call: KernelCall, k: int, kp: int = 0) -> dict[str, Any]:
     """Where the two-stage kernel widens its int16 tiles: after every `fold` lane (T < 8), every
     `tb` blocks of 8 terms (T a multiple of 8 below K), and at the end (T >= 8; `late`: one tile,
-    the kernel keeps the one-stage register block and widens after the loop). `tb_folds`: when
-    the kp terms walked are whole tiles, the tiles widened in the loop: all but the last, which
-    the kernel widens into registers as it requantizes (0: the partial last tile is widened into
-    the sums in memory after the loop)."""
+    the kernel keeps the one-stage register block and widens after the loop). `mem`: the int32
+    sums live on the stack; the loop widens `folds` tiles into them, the first onto the bias, and
+    the kernel widens the last tile into registers as it requantizes."""
     t = call.acc_tile
     if t is None:
         return {
-            "two": False, "tb": 0, "tb_folds": 0, "fold_end": False, "late": False, "mem": False,
-            "wrap2_shift": 0,
+            "two": False, "tb": 0, "folds": 0, "fold_guard": False, "fold_end": False,
+            "late": False, "mem": False, "wrap2_shift": 0,
         }  # fmt: skip
     assert call.acc2_bits is not None
     return {
         "two": True,
         "tb": t // 8 if 8 <= t < k else 0,
-        "tb_folds": kp // t - 1 if 8 <= t < k and kp % t == 0 else 0,
+        # tiles of sums in memory: the tiles widened in the loop (the first sets the sums to the
+        # bias plus its sum); the last, whole or partial, is widened into registers at the end
+        "folds": -(-kp // t) - 1 if 8 <= t < k else 0,
+        # the walked terms end on a whole tile: the loop must not widen that last one
+        "fold_guard": 8 <= t < k and kp % t == 0,
         "fold_end": t >= 8,
         # one tile (T >= K, T >= 8): the int32 lanes are needed only after the loop
         "late": t >= k and t >= 8,
@@ -722,6 +729,21 @@ def _tiles(call: KernelCall, k: int, kp: int = 0) -> dict[str, Any]:
         "mem": 8 <= t < k,
         "wrap2_shift": 32 - int(call.acc2_bits),
     }
+
+
+def _fold_unit(call: KernelCall, k: int, tc: int) -> dict[str, Any]:
+    """Where the kernel with tiles of sums in memory (`mem`) counts toward a tile: a tap walks TC
+    terms; tiles inside a tap (TC a multiple of T): a loop over the tap's tiles, a check per
+    tile; whole taps per tile (T a multiple of TC): a check per tap; else per block of 8 terms.
+    fold_n: the units per tile."""
+    t = call.acc_tile
+    if t is None or not 8 <= t < k:
+        return {"fold_unit": "", "fold_n": 0}
+    if tc % t == 0:
+        return {"fold_unit": "tile", "fold_n": 1}
+    if t % tc == 0:
+        return {"fold_unit": "tap", "fold_n": t // tc}
+    return {"fold_unit": "block", "fold_n": t // 8}
 
 
 def _ic(graph: Graph, call: KernelCall) -> int:
@@ -797,7 +819,10 @@ def depthwise_context(
     at constant offsets without bounds checks. The input zero point is folded into the bias,
     ibias = wrap(bias - IZP * sum(w), A), exact modulo 2^A: a padding tap holds IZP and adds
     w * IZP, which the folded bias cancels, as the reference's x - IZP = 0. acc16 multiplies int8
-    inputs by int8 weights (SMLAL.8H, products exact in int16) when every weight fits int8."""
+    inputs by int8 weights (SMLAL.8H, products exact in int16) when every weight fits int8.
+    On A64 the int16-lane kernel computes R output pixels of a row per block (`_dw_rows`), so
+    that each loaded input column feeds every pixel that reads it, and with at most 8 channels
+    and stride 1 two pixels per 16-byte load (`pairs`: the tap weights repeated in both halves)."""
     if not depthwise_supported(graph, call):
         return None
     node = call.node
@@ -832,6 +857,9 @@ def depthwise_context(
     wbits = weight_storage_bits(node)
     scratch = -(-(rows * cols * cp) // 2)  # int8 bytes in the int16 scratch
     taps = [(ky * dh * cols + kx * dw) * cp for ky in range(kh) for kx in range(kw)]
+    lanes16 = neon.aarch64 and s8 and not wbits and call.container_bits == 16
+    pairs = lanes16 and cp == 8 and sw == 1 and ow >= 2
+    r_n = _dw_rows(ow, sw, kh, kw, dw) if lanes16 and cp >= 16 and kh * kw <= DW_ROW_TAPS else 1
     ctx: dict[str, Any] = {
         "neon": True,
         "CP": cp, "full8": cp == c, "ROWS": rows, "COLS": cols, "LF": lf, "MID": mid,
@@ -841,6 +869,14 @@ def depthwise_context(
         # A64 with int8 weights: 16 channels per pass (one 16-byte load per tap, SMLAL/SMLAL2;
         # 9 tap weights, 4 int32 sums and 4 biases fit the 32 registers), the last 8 alone
         "dw16": neon.aarch64 and s8 and not wbits and cp >= 16,
+        # int16 lanes: R output pixels of a row per block (each input column loaded once for all
+        # of them), or two pixels of at most 8 channels per 16-byte load
+        "R": r_n,
+        "rpix": list(range(r_n)),
+        "rsched": _dw_row_schedule(r_n, sw, kh, kw, dh, dw, cols, cp),
+        "pairs": pairs,
+        "ow_odd": ow % 2 == 1,
+        "rover": -ow % r_n,  # the last block of a row starts this many pixels back
         "wbits": wbits,
         "WOFF": scratch,
         # packed weights: then the 8 channels' unpacked int8 weights of every tap
@@ -863,9 +899,54 @@ def depthwise_context(
             "wpacked", "int16_t", [int(v) for v in wp.reshape(-1)],
             f"{name}: depthwise weights for the NEON kernel, int16, [tap][channel], {cp} channels",
         )  # fmt: skip
+    if pairs:
+        ctx["packed_pairs"] = add(
+            "wpairs", "int8_t", [int(v) for v in np.concatenate([wp, wp], axis=1).reshape(-1)],
+            f"{name}: depthwise weights for the NEON kernel, int8, [tap][2 pixels][channel]",
+        )  # fmt: skip
     bound = _lane_bound(call) if call.container_bits == 32 else None
     ctx.update(_requant_arrays(call, cp, add, call.container_bits, bound))
     return ctx
+
+
+DW_ROW_TAPS = 9
+"""Most taps of a depthwise kernel whose int16-lane NEON kernel blocks output pixels (the tap
+weights, 2 R accumulators and the requantization constants stay in the 32 vector registers)."""
+
+DW_ROW_PIXELS = 6
+"""Most output pixels per block of the int16-lane NEON depthwise kernel."""
+
+
+def _dw_columns(r: int, sw: int, kw: int, dw: int) -> list[int]:
+    """The input columns (relative to the block's first pixel) that R pixels' taps read."""
+    return sorted({p * sw + kx * dw for p in range(r) for kx in range(kw)})
+
+
+def _dw_rows(ow: int, sw: int, kh: int, kw: int, dw: int) -> int:
+    """R of the int16-lane depthwise kernel: the block of the least estimated instructions per
+    output row (blocks of R pixels, the last one overlapping when R does not divide OW, times
+    one load per input column and kernel row plus, per pixel, two SMLAL per tap and about 12
+    for the bias, requantization and stores); ties: the smaller block."""
+
+    def cost(r: int) -> tuple[int, int]:
+        return -(-ow // r) * (kh * len(_dw_columns(r, sw, kw, dw)) + r * (2 * kh * kw + 12)), r
+
+    return min(range(1, min(DW_ROW_PIXELS, ow) + 1), key=cost)
+
+
+def _dw_row_schedule(
+    r: int, sw: int, kh: int, kw: int, dh: int, dw: int, cols: int, cp: int
+) -> list[dict[str, Any]]:
+    """Per input column read by a block of R pixels (kernel row by kernel row): its byte offset
+    from the block's first pixel in the padded scratch and the (pixel, tap index) pairs it feeds."""
+    out = []
+    for ky in range(kh):
+        for c in _dw_columns(r, sw, kw, dw):
+            macs = [
+                (p, ky * kw + kx) for p in range(r) for kx in range(kw) if p * sw + kx * dw == c
+            ]
+            out.append({"off": (ky * dh * cols + c) * cp, "macs": macs})
+    return out
 
 
 def neon_context(

@@ -354,7 +354,7 @@ CASES: list[Case] = [
         "conv2d_depthwise_acc32-multiplier2",
         lambda b: b.conv2d(b.input((5, 6, 3)), 6, (3, 3), padding=(0, 1, 1, 0), groups=3),
     ),
-    Case(
+    Case(  # 5 channels, stride 1 (A64): two pixels per 16-byte load, the last pair overlapping
         "conv2d_depthwise_acc16-wrap-acc9",
         lambda b: b.conv2d(
             b.input((5, 5, 5), dist="high"), 5, (3, 3), groups=5, acc_bits=9, w_dist="positive"
@@ -397,11 +397,12 @@ CASES: list[Case] = [
             mult_bits=1,
         ),
     ),
-    # NEON (A64): 16 channels per pass, no 8-channel tail
+    # NEON (A64): 16 channels per pass, no 8-channel tail; int16 lanes: blocks of 4 pixels along
+    # a row of 11, the last one overlapping
     Case(
         "conv2d_depthwise_acc16-c32-wrap-acc13",
         lambda b: b.conv2d(
-            b.input((5, 6, 32), dist="high"),
+            b.input((5, 11, 32), dist="high"),
             32,
             (3, 3),
             padding=(1,) * 4,
@@ -410,6 +411,19 @@ CASES: list[Case] = [
             w_dist="positive",
         ),
         wraps=True,
+    ),
+    Case(  # 16 channels, stride 2: blocks of pixels along a row, the last one overlapping
+        "conv2d_depthwise_acc16-c16-rows-stride2-zp",
+        lambda b: b.conv2d(
+            b.input((5, 15, 16)),
+            16,
+            (3, 3),
+            (2, 2),
+            (1,) * 4,
+            groups=16,
+            acc_bits=16,
+            input_zero_point=-5,
+        ),
     ),
     Case(
         "conv2d_depthwise_acc32-c16-stride2-zp",
@@ -493,10 +507,10 @@ CASES: list[Case] = [
         ),
         wraps=True,
     ),
-    Case(
-        "conv2d_acc16x32-k3-tile16-relu",
+    Case(  # taps of 16 terms in tiles of 24: tile boundaries inside taps (counted per 8 terms)
+        "conv2d_acc16x32-k3-tile24-relu",
         lambda b: b.conv2d(
-            b.input((7, 6, 16), lo=0, hi=127), 24, padding=(1,) * 4, acc_bits=16, acc_tile=16, lo=0
+            b.input((7, 6, 16), lo=0, hi=127), 24, padding=(1,) * 4, acc_bits=16, acc_tile=24, lo=0
         ),
     ),
     Case(
@@ -572,6 +586,18 @@ CASES: list[Case] = [
             b.input((5, 5, 8), dist="high"),
             8,
             padding=(1,) * 4,
+            acc_bits=14,
+            w_dist="positive",
+            acc_tile=16,
+        ),
+        wraps=True,
+    ),
+    Case(  # 1x1, 32 terms in two tiles of 16: one tile widened in the loop (onto the bias)
+        "conv2d_acc16x32-pointwise-two-tiles-wrap-acc14",
+        lambda b: b.conv2d(
+            b.input((3, 4, 32), dist="high"),
+            16,
+            (1, 1),
             acc_bits=14,
             w_dist="positive",
             acc_tile=16,
