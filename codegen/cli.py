@@ -44,6 +44,7 @@ def _sweep(args: argparse.Namespace) -> int:
         policies=[p.strip() for p in args.policies.split(",") if p.strip()],
         train_samples=args.train_samples,
         test_samples=args.test_samples,
+        check_c=args.check_c,
     )
 
 
@@ -424,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="evaluate on the first that many test images (default: all 10 000)",
+    )
+    w.add_argument(
+        "--check-c",
+        type=int,
+        default=0,
+        metavar="N",
+        help="generate and build every qacc row's C for the host and check it bit-exact against "
+        "the integer reference on the first N test images (default: 0, no check)",
     )
     w.add_argument(
         "--policies",

@@ -9,7 +9,14 @@ integer quantization with float scales (per-channel weights, per-tensor symmetri
 unsigned after ReLU, 32-bit bias), activation calibration, then `apply_gpfq` (or `apply_gptq`,
 with quantized activations, which its AXE needs for the input range) with
 `max_accumulator_bit_width=A`, then bias correction. Every layer is constrained (the
-example's filter only frees a 3-channel first layer and a 1000-way classifier).
+example's filter only frees a 3-channel first layer and a 1000-way classifier). The example's
+graph quantizer is given qacc's formats where its defaults would cost Brevitas a bit that qacc
+keeps (`_graph_quantize`, shared with A2Q+): `torch.relu` becomes a ReLU module (an unsigned
+`QuantReLU`, where Brevitas would quantize a residual add's output as signed before the ReLU,
+and graph equalization sees through it), a quantizer whose input is never negative (images in
+[0, 1], a global pooling of ReLU outputs) is unsigned, and the logits get 8 bits, not the
+activation bits. The example's other options stay at its defaults: no activation equalization,
+no act-order, no learned rounding, statistics (not MSE) for the scales.
 
 The accuracy is that of Brevitas's fake-quantized torch model (float scales, no integer
 requantization), on the images given; AXE's bound covers the weights only (no bias), per
@@ -50,6 +57,7 @@ import torch
 from torch import nn
 
 from codegen.core.errors import QaccError
+from codegen.quant.adaptive import DEFAULT_LR
 
 ALGORITHMS = ("gpfq", "gptq")
 """Brevitas's AXE PTQ algorithms."""
@@ -144,28 +152,13 @@ def quantize(
     calibrated on `calib` (N x C x H x W float). `net` itself is left untouched."""
     check([algorithm], [(weight_bits, act_bits)])
     ptq = _brevitas()
-    from brevitas.graph.quantize import preprocess_for_quantize
-
     loader = _batches(calib)
     torch.manual_seed(0)
     with _quiet(), torch.no_grad():
-        model = copy.deepcopy(net).float().eval()
-        model = preprocess_for_quantize(
-            model, equalize_iters=equalize_iters, equalize_merge_bias=True, merge_bn=True
-        )
-        qmodel = ptq.quantize_model(
-            model,
-            backend="fx",
-            weight_bit_width=weight_bits,
-            act_bit_width=act_bits,
-            bias_bit_width=32,
-            weight_quant_granularity="per_channel",
-            act_quant_percentile=99.999,
-            act_quant_type="sym",
-            scale_factor_type="float_scale",
-            quant_format="int",
-        )
-        qmodel.eval()
+        qmodel = _graph_quantize(
+            net, _axe_maps(weight_bits, act_bits), act_bits, loader[0][0],
+            equalize_iters=equalize_iters, merge_bn=True,
+        )  # fmt: skip
         qmodel(loader[0][0])  # initialises the scale factors, as the example does
         ptq.calibrate(loader, qmodel)
         if algorithm == "gpfq":
@@ -179,6 +172,55 @@ def quantize(
                 max_accumulator_bit_width=acc_bits,
             )
         ptq.apply_bias_correction(loader, qmodel)
+    return qmodel
+
+
+def _axe_maps(weight_bits: int, act_bits: int) -> dict[str, Any]:
+    """Brevitas fx quantizer's layer maps of its ImageNet PTQ example (`quantize_model` with the
+    fx backend and the example's defaults): integer formats with float scales, per-channel
+    symmetric weights (scales from their statistics), per-tensor symmetric activations (99.999th
+    percentile, unsigned where Brevitas knows them non-negative), 32-bit bias."""
+    layers, _, acts, identities = _brevitas().create_quant_maps(
+        dtype=torch.float32, device="cpu", bias_bit_width=32,
+        weight_bit_width=weight_bits, weight_param_method="stats",
+        weight_scale_type="float_scale", weight_quant_type="sym",
+        weight_quant_granularity="per_channel", weight_narrow_range=False,
+        weight_quant_format="int", act_quant_format="int", uint_sym_act_for_unsigned_values=True,
+        act_bit_width=act_bits, act_scale_type="float_scale", act_scale_computation_type="static",
+        act_param_method="stats", act_quant_type="sym", act_quant_granularity="per_tensor",
+        act_quant_percentile=99.999,
+    )  # fmt: skip
+    return {"compute_layer_map": layers, "quant_act_map": acts, "quant_identity_map": identities}
+
+
+def _graph_quantize(
+    net: nn.Module,
+    maps: dict[str, Any],
+    act_bits: int,
+    x: torch.Tensor,
+    *,
+    equalize_iters: int,
+    merge_bn: bool,
+) -> Any:
+    """A float copy of `net` through Brevitas's fx graph quantizer with `maps`, as both peers use
+    it: traced, `torch.relu` made a ReLU module (so that it becomes Brevitas's unsigned
+    `QuantReLU` and graph equalization sees through it, as it does through `nn.ReLU`),
+    preprocessed (BN merged if `merge_bn`, `equalize_iters` iterations of graph equalization),
+    quantized, then qacc's input and logit formats (`_formats`, seen on `x`)."""
+    from brevitas.fx import symbolic_trace
+    from brevitas.graph.quantize import preprocess_for_quantize
+    from brevitas.graph.quantize import quantize as fx_quantize
+    from brevitas.graph.standardize import TorchFunctionalToModule
+
+    model = symbolic_trace(copy.deepcopy(net).float().eval())
+    model = TorchFunctionalToModule(((torch.relu, nn.ReLU), (torch.relu_, nn.ReLU))).apply(model)
+    model = preprocess_for_quantize(
+        model, trace_model=False, equalize_iters=equalize_iters, equalize_merge_bias=True,
+        merge_bn=merge_bn,
+    )  # fmt: skip
+    qmodel = fx_quantize(model, **maps)
+    qmodel.eval()
+    _formats(qmodel, maps, act_bits, x)
     return qmodel
 
 
@@ -288,23 +330,15 @@ def a2q_model(
     if peer not in QAT:
         raise QaccError(f"'{peer}' is not a Brevitas training peer: {', '.join(QAT)}")
     ptq = _brevitas()
-    from brevitas.graph.quantize import preprocess_for_quantize
-    from brevitas.graph.quantize import quantize as fx_quantize
-    from brevitas.graph.standardize import TorchFunctionalToModule
     from brevitas_examples.imagenet_classification.a2q.ep_init import apply_ep_init
 
     loader = _batches(calib)
     maps = _a2q_maps(acc_bits, weight_bits, act_bits, plus=peer == "a2q+")
     torch.manual_seed(0)
     with _quiet():
-        model = copy.deepcopy(net).float().eval()
-        model = preprocess_for_quantize(model, equalize_iters=0, merge_bn=merge_bn)
-        # torch.relu as a ReLU module, so that it becomes Brevitas's unsigned QuantReLU
-        relu = ((torch.relu, nn.ReLU), (torch.relu_, nn.ReLU))
-        model = TorchFunctionalToModule(relu).apply(model)
-        qmodel = fx_quantize(model, **maps)
-        qmodel.eval()
-        _formats(qmodel, maps, act_bits, loader[0][0])
+        qmodel = _graph_quantize(
+            net, maps, act_bits, loader[0][0], equalize_iters=0, merge_bn=merge_bn
+        )
         with torch.no_grad():
             qmodel(loader[0][0])  # initialises the scale factors
         apply_ep_init(qmodel, loader[0][0])
@@ -399,7 +433,7 @@ def run_a2q(
     weight_bits: int = 4,
     act_bits: int = 4,
     epochs: int = 2,
-    lr: float = 3e-3,
+    lr: float = DEFAULT_LR,
     distill: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:

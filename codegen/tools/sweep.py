@@ -67,6 +67,7 @@ def run(
     brevitas: Sequence[str] = (),
     brevitas_bits: Sequence[Sequence[int]] = ((8, 8),),
     policies: Sequence[str] = POLICIES,
+    check_c: int = 0,
 ) -> dict[str, Any]:
     """Every (method, policy, width) point, PTQ once per weight `rounding`; a width that does
     not fit ends its series. `keep`, if given, receives every quantized model by (method, policy,
@@ -75,7 +76,9 @@ def run(
     width on the same calibration images (`tools.brevitas_peer`), with each (weight, activation)
     pair of `brevitas_bits`, keeping the best per width; "a2q+": Brevitas's A2Q+ trained at
     `w_bits`/`a_bits` with the adaptive rows' images, epochs and optimiser. `policies`: PTQ's
-    overflow policies."""
+    overflow policies. `check_c`: generate and build every qacc row's C for the host and compare
+    its integer outputs with the reference's on the first that many test images (the row's
+    "c_bit_exact")."""
     _check_policies(policies)
     check_clip(clip)
     check_cle(cle)
@@ -83,6 +86,7 @@ def run(
         if m not in METHODS:
             raise QaccError(f"unknown sweep method '{m}'; choose from {', '.join(METHODS)}")
     brevitas_peer.check(brevitas, brevitas_bits)
+    _check_something(methods, brevitas)
     if not rounding:
         raise QaccError(f"give at least one rounding: {', '.join(ROUNDINGS)}")
     for r in rounding:
@@ -147,10 +151,13 @@ def run(
                 ]
             else:
                 row["clip"], row["cle"] = clip, cle
+            if check_c:
+                row["c_bit_exact"] = _c_bit_exact(qm, x_test[:check_c], res.output[:check_c])
             rows.append(row)
             log(
                 f"  {method:<8} {policy:<10} {rnd or '':<7} {a:>2} bits: {100 * acc:6.2f}% "
                 f"({100 * (acc - float_acc):+.2f} vs float), {row['overflow_events']} overflows"
+                + (f", C bit-exact: {row['c_bit_exact']}" if check_c else "")
             )
     for alg in brevitas:
         for a in sorted(widths, reverse=True):
@@ -167,7 +174,24 @@ def run(
                 f"{100 * row['accuracy']:6.2f}% ({100 * (row['accuracy'] - float_acc):+.2f} vs "
                 f"float), bits (in/w) {_bits(row)}"
             )
-    return {"float_accuracy": float_acc, "test_samples": len(y_test), "rows": rows}
+    out = {"float_accuracy": float_acc, "test_samples": len(y_test), "rows": rows}
+    if check_c:
+        out["c_check_images"] = min(check_c, len(y_test))
+    return out
+
+
+def _c_bit_exact(qm: api.QuantizedModel, x: np.ndarray, reference_out: np.ndarray) -> bool:
+    """Whether the generated C, built and run on the host, computes `reference_out` on `x`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        c_out = api.compile(qm, target="host", out_dir=tmp).run_int(x)
+    return bool(np.array_equal(c_out, reference_out))
+
+
+def _check_something(methods: Sequence[str], brevitas: Sequence[str]) -> None:
+    if not methods and not brevitas:
+        raise QaccError("nothing to sweep: give --methods and/or --brevitas")
 
 
 def _check_policies(policies: Sequence[str]) -> None:
@@ -212,6 +236,14 @@ def table(sweep: dict[str, Any]) -> str:
             f"{100 * (r['accuracy'] - fa):+.2f} | {r.get('overflow_events', '')} | "
             f"{_bits(r)} |{tail}"
         )
+    checked = [r["c_bit_exact"] for r in sweep["rows"] if "c_bit_exact" in r]
+    if checked:
+        lines += [
+            "",
+            f"C on the host bit-exact with the integer reference on the first "
+            f"{sweep.get('c_check_images', '?')} test images: {sum(checked)} of {len(checked)} "
+            "qacc rows.",
+        ]
     if any("÷" in str(r.get("bits", "")) for r in sweep["rows"]):
         lines += ["", CLIP_NOTE]
     lines += [line for note in brevitas_peer.notes(sweep["rows"]) for line in ("", note)]
@@ -278,11 +310,13 @@ def main(
     policies: Sequence[str] = POLICIES,
     train_samples: int | None = None,
     test_samples: int | None = None,
+    check_c: int = 0,
 ) -> int:
     """`qacc sweep`: Fashion-MNIST, the demo network, every width and method; writes the files.
     `train_samples`: train adaptive (and Brevitas A2Q+) on that many training images, a random
     subset (the float network still trains on all); `test_samples`: evaluate on the first that
-    many test images."""
+    many test images; `check_c`: compare every qacc row's host C with the reference on the first
+    that many test images."""
     from codegen.data import datasets, models, train
 
     for r in rounding:
@@ -291,6 +325,7 @@ def main(
     check_cle(cle)
     _check_policies(policies)
     brevitas_peer.check(brevitas, brevitas_bits)  # before the data and the float training
+    _check_something(methods, brevitas)
     t0 = time.time()
     x_train, y_train, x_test, y_test = datasets.fashion_mnist()
     net = train.trained(model_name, models.ZOO[model_name](), x_train, y_train, epochs=train_epochs)
@@ -319,6 +354,7 @@ def main(
         brevitas=brevitas,
         brevitas_bits=brevitas_bits,
         policies=policies,
+        check_c=check_c,
     )
     paths = write(result, out_dir)
     print(table(result))

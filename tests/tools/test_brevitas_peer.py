@@ -4,6 +4,7 @@ table, and a one-line error when Brevitas is not installed."""
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from codegen.tools import brevitas_peer, sweep
-from tests.nets import trained_digits_cnn
+from tests.nets import Branchy, randomized, trained_digits_cnn
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_axe_weights_fit_the_accumulator_and_keep_accuracy(digits_net) -> None: 
     layers = brevitas_peer.layer_bounds(axe, x_test)
     assert [lay["name"].split(".")[-1] for lay in layers][-1] == "fc" and len(layers) == 3
     for lay in layers:
-        assert lay["in"][1] in (7, 15), lay["in"]  # 4-bit inputs, as asked
+        assert lay["in"] == (0, 15), lay["in"]  # unsigned 4-bit inputs: images, ReLU outputs
         assert np.abs(lay["weights"]).max() <= 8  # 4-bit weights
         top, bottom = _worst_sums(lay)
         assert top.max() <= limit and bottom.min() >= -limit, lay["name"]
@@ -53,6 +54,48 @@ def test_axe_weights_fit_the_accumulator_and_keep_accuracy(digits_net) -> None: 
 
     acc = float(np.mean(brevitas_peer.predict(axe, x_test).argmax(1) == y_test))
     assert 0.5 < acc <= float_acc + 0.02, (acc, float_acc)
+
+
+def test_axe_graph_quantizer_gives_qacc_formats() -> None:
+    """Brevitas's graph quantizer as AXE uses it: images in [0, 1] get an unsigned input
+    quantizer, `torch.relu` (here after a residual add) an unsigned QuantReLU, every layer an
+    unsigned input, the logits 8 bits; Brevitas's own defaults differ on each."""
+    import brevitas.nn as qnn
+    from brevitas.graph.quantize import preprocess_for_quantize
+    from brevitas.graph.quantize import quantize as fx_quantize
+
+    net = randomized(Branchy(cin=1))
+    x = torch.from_numpy(np.random.default_rng(0).random((4, 1, 12, 12), dtype=np.float32))
+    maps = brevitas_peer._axe_maps(4, 4)
+    qmodel = brevitas_peer._graph_quantize(net, maps, 4, x, equalize_iters=1, merge_bn=True)
+    plain = fx_quantize(preprocess_for_quantize(net), **maps).eval()
+
+    def quantizers(m: nn.Module) -> tuple[Any, Any, list[Any]]:
+        """The input's and the logits' quantizers, and the functions called in the graph."""
+        nodes = list(m.graph.nodes)
+        (first,) = next(n for n in nodes if n.op == "placeholder").users
+        (last,) = next(n for n in nodes if n.op == "output").all_input_nodes
+        calls = [n.target for n in nodes if n.op == "call_function"]
+        return m.get_submodule(first.target), m.get_submodule(last.target), calls
+
+    inp, out, calls = quantizers(qmodel)
+    assert not inp.act_quant.is_signed and int(inp.act_quant.bit_width()) == 4
+    assert out.act_quant.is_signed and int(out.act_quant.bit_width()) == 8
+    assert torch.relu not in calls  # the five torch.relu: QuantReLU, unsigned, as nn.ReLU's are
+    relus = [m for m in qmodel.modules() if isinstance(m, qnn.QuantReLU)]
+    assert len(relus) == 5 and not any(r.act_quant.is_signed for r in relus)
+    layers = brevitas_peer.layer_bounds(qmodel, x.numpy())
+    assert len(layers) == 6 and all(lay["in"] == (0, 15) for lay in layers), layers
+    inp, out, calls = quantizers(plain)  # without: a signed image, 4-bit logits, a signed ReLU
+    assert inp.act_quant.is_signed and int(out.act_quant.bit_width()) == 4 and torch.relu in calls
+
+
+def test_a2q_learning_rate_is_adaptive_default() -> None:
+    import inspect
+
+    from codegen.quant.adaptive import DEFAULT_LR
+
+    assert inspect.signature(brevitas_peer.run_a2q).parameters["lr"].default == DEFAULT_LR
 
 
 @pytest.mark.slow
@@ -72,7 +115,9 @@ def test_sweep_table_json_and_plot_have_the_brevitas_rows(digits_net, tmp_path) 
         log=lambda *_: None,
         brevitas=("gpfq",),
         brevitas_bits=((4, 4),),
+        check_c=50,
     )
+    assert [r["c_bit_exact"] for r in res["rows"] if not r.get("peer")] == [True, True]
     peer = [r for r in res["rows"] if r["method"] == "brevitas-axe-gpfq"]
     assert [r["acc_bits"] for r in peer] == [16] and peer[0]["bits"] == "4/4"
     assert 0.5 < peer[0]["accuracy"] <= 1.0
@@ -81,6 +126,7 @@ def test_sweep_table_json_and_plot_have_the_brevitas_rows(digits_net, tmp_path) 
     md = paths[1].read_text()
     assert "| brevitas-axe-gpfq | fake-quant | 16 |" in md and "| ptq | guaranteed | 16 |" in md
     assert brevitas_peer.NOTE in md
+    assert "bit-exact with the integer reference on the first 50 test images: 2 of 2" in md
     assert paths[2].read_bytes().startswith(b"\x89PNG")
 
 
@@ -176,3 +222,5 @@ def test_missing_brevitas_is_a_one_line_error(monkeypatch, tmp_path, capsys) -> 
     args = ["sweep", "--brevitas", "--brevitas-bits", "8,8", "4,40", "--out", str(tmp_path)]
     assert cli.main(args) == 2
     assert "each 2..16, got [4, 40]" in capsys.readouterr().err
+    assert cli.main(["sweep", "--methods", "", "--out", str(tmp_path / "s")]) == 2
+    assert "nothing to sweep" in capsys.readouterr().err and not (tmp_path / "s").exists()
