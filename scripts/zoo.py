@@ -10,18 +10,21 @@ weights, BatchNorm statistics, calibration and test images as the test): PTQ at 
 accumulators, `guaranteed`; compile for the host; the C output against the NumPy reference.
 With --onnx the model also goes through torch.onnx.export (dynamo) and qacc's ONNX frontend,
 quantized with the same settings, and its integer outputs must equal the torch.fx path's (the
-JSON also has that quantization's seconds, `onnx_quantize_s`). With --targets the model is also
-compiled for those ARM targets and its first test image run under QEMU (C == reference,
+table shows that quantization's seconds after the torch path's). With --targets the model is
+also compiled for those ARM targets and its first test image run under QEMU (C == reference,
 instructions).
-Prints a Markdown table (network, MACs, quantize and compile seconds, flash and arena bytes,
-C == reference, ONNX == torch, per target) and writes it as JSON to --json. Exits 1 if any
-model is not bit-exact or fails.
+Prints a Markdown table (network, MACs, quantize seconds (torch / ONNX), compile seconds, flash
+and arena bytes, C == reference, ONNX == torch, peak RSS, per target) and writes it as JSON to
+--json. Exits 1 if any model is not bit-exact or fails. Peak RSS is the largest resident set of
+this process or of a finished child (the C compiler) so far: run one model per process
+(`--models NAME`) for a figure of that model alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -61,7 +64,18 @@ def sweep_one(name: str, out: Path, onnx: bool, targets: list[str]) -> dict[str,
         qo = test_zoo.quantize(name, path)  # the torch path's settings (nearest rounding)
         row["onnx_quantize_s"] = round(time.perf_counter() - t0, 1)
         row["onnx_equals_torch"] = bool(np.array_equal(qo.reference_int(x), want))
+    row["peak_rss_mb"] = peak_rss_mb()
     return row
+
+
+def peak_rss_mb() -> int:
+    """The largest resident set, in MiB, of this process or of a child it waited for (the C
+    compiler under CMake and ninja) so far (Linux counts ru_maxrss in KiB)."""
+    kib = max(
+        resource.getrusage(who).ru_maxrss
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return round(kib / 1024)
 
 
 def on_target(
@@ -87,18 +101,20 @@ def table(rows: list[dict[str, Any]], targets: list[str]) -> str:
         return f"{yes(r['c_equals_reference'])}, {r['instructions']:,} instr."
 
     lines = [
-        "| network | MACs | quantize s | compile s | flash B | arena B | C == reference "
-        "| ONNX == torch |" + "".join(f" {t} |" for t in targets),
-        "|---|--:|--:|--:|--:|--:|---|---|" + "---|" * len(targets),
+        "| network | MACs | quantize s (torch / ONNX) | compile s | flash B | arena B "
+        "| C == reference | ONNX == torch | peak RSS MiB |" + "".join(f" {t} |" for t in targets),
+        "|---|--:|--:|--:|--:|--:|---|---|--:|" + "---|" * len(targets),
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['network']} | error: {r['error']} |||||||" + "|" * len(targets))
+            lines.append(f"| {r['network']} | error: {r['error']} ||||||||" + "|" * len(targets))
             continue
+        quantize = " / ".join(str(r[k]) for k in ("quantize_s", "onnx_quantize_s") if k in r)
         lines.append(
-            f"| {r['network']} | {r['macs']:,} | {r['quantize_s']} | {r['compile_s']} "
+            f"| {r['network']} | {r['macs']:,} | {quantize} | {r['compile_s']} "
             f"| {r['flash_bytes']:,} | {r['arena_bytes']:,} | {yes(r['c_equals_reference'])} "
-            f"| {yes(r.get('onnx_equals_torch'))} |" + "".join(f" {on(r[t])} |" for t in targets)
+            f"| {yes(r.get('onnx_equals_torch'))} | {r['peak_rss_mb']:,} |"
+            + "".join(f" {on(r[t])} |" for t in targets)
         )
     return "\n".join(lines)
 

@@ -682,6 +682,11 @@ class IRBuilder:
         self.emit(name, value, "softmax", [x], nchw)
 
     def concat(self, name: str, value: str, x_values: list[str], nchw: tuple[int, ...]) -> None:
+        """Concatenation of channels; of one value it is that value (DenseNet's `torch.cat` of
+        a block's first features, which the ONNX exporters write as an Identity)."""
+        if len(x_values) == 1:
+            self.same(value, x_values[0])
+            return
         self.emit(name, value, "concat", [self.tensor(v) for v in x_values], nchw)
 
     def zero_pad(self, value: str, x_value: str, pad: Pad4) -> None:

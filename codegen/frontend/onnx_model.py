@@ -1065,6 +1065,8 @@ class _Converter:
             training = self.const(node, 2, "training_mode")
             if training is not None and bool(training.reshape(-1)[0]):
                 raise Reject("Dropout with training_mode=True")
+        if self._meta_list(node, "pkg.torch.onnx.name_scopes"):
+            self.ir_name(node)  # an fx node (DenseNet's cat of one value): it took a name there
         self.b.same(node.output[0], self.arg(node, 0))
 
     HANDLERS: ClassVar[dict[str, Callable[[_Converter, onnx.NodeProto], None]]] = {

@@ -1340,6 +1340,8 @@ def test_build_many_standalone(graphs: dict[str, Any], tmp_path: Path) -> None:
     assert np.array_equal(run_testbench(r.testbench, x, (37,), (10,)), want)
     r2 = build(d)
     assert (d / "libdense.a").is_file() and r2.shared_lib is not None
+    # the static and shared libraries and the test bench share one object of the weights
+    assert r2.testbench is not None and len(list(r2.build_dir.rglob("dense_weights.c.o"))) == 1
 
 
 def test_run_and_run_int_with_a_model_object(graphs: dict[str, Any], tmp_path: Path) -> None:

@@ -163,6 +163,15 @@ CASES = {
     ),
     "cat_dim1": lambda: Lambda(lambda s, x: torch.cat([s.a(x), x], dim=1), a=nn.Conv2d(C, 3, 1)),
     "cat_dim_neg3": lambda: Lambda(lambda s, x: torch.cat((x, s.a(x)), -3), a=nn.Conv2d(C, 2, 1)),
+    # DenseNet's first dense layer: the cat of one value (the features so far), BN-ReLU-conv,
+    # and the next layer's cat of the features and the new ones
+    "cat_single": lambda: Lambda(
+        lambda s, x: (lambda f: torch.cat([f, s.c(s.r(s.bn(torch.cat([f], 1))))], 1))(s.p(x)),
+        p=nn.MaxPool2d(2),
+        bn=_bn(C),
+        r=nn.ReLU(),
+        c=nn.Conv2d(C, 3, 1),
+    ),
     # element-wise functions: one `lut` node each (modules, functions, tensor methods)
     "lut_modules": lambda: seq(
         nn.Conv2d(C, 6, 3),
@@ -430,6 +439,7 @@ NEW_OPS = {  # the ops each normalised pattern becomes
     "stochastic_depth": ["conv2d", "add"],
     "act_on_input": ["lut", "conv2d"],
     "act_after_cat": ["conv2d", "concat", "lut"],
+    "cat_single": ["maxpool2d", "conv2d", "conv2d", "concat"],  # the BN: a depthwise conv
     "act_after_act": ["lut", "conv2d"],
     "act_shared": ["conv2d", "lut", "add"],
     "bn2d_standalone": ["conv2d", "conv2d"],

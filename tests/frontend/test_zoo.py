@@ -27,7 +27,8 @@ graphs equal torch (max |difference| 1e-7, 2e-6, 9e-9), and their classifiers ho
 weights. `scripts/zoo.py --onnx --models NAME` on a loaded machine (2 cores, load ~10):
 alexnet (94.1 M MACs) quantize 264 s (its ONNX file 313 s) + compile 1130 s (mostly the C
 compiler on the 57 MB of weights); vgg11 (730.6 M MACs) quantize 907 s (its ONNX file 183 s) +
-compile 1343 s (129 MB of weights); both C == reference and ONNX == torch.
+compile 1343 s (129 MB of weights); both C == reference and ONNX == torch. docs/zoo.md has the
+table of the other HEAVY models through both frontends.
 """
 
 from __future__ import annotations
