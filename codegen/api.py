@@ -297,6 +297,7 @@ def quantize(
     lr: float = DEFAULT_LR,
     init: str = DEFAULT_INIT,
     on_epoch: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    adaptive: Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str = "cpu",
     rounding: str | None = None,
@@ -338,8 +339,10 @@ def quantize(
     integer weights at the adaptive formats: training starts from that PTQ result) or "float",
     and `on_epoch(net)`, if
     given, is called with the fake-quant network after every epoch (its figures join the epoch's
-    row of the report's "adaptive" "history"). The defaults and the sweep behind them:
-    docs/adaptive.md.
+    row of the report's "adaptive" "history"). `adaptive` sets the training recipe's further
+    options by name (batch, scale_lr, head_lr, warmup, kd_weight, temperature, weight_decay,
+    budget_bits, budget_ramp, zeros_move: `codegen.quant.adaptive.Recipe`). The defaults and
+    the sweep behind them: docs/adaptive.md.
     `acc_stages=2` (method "ptq"): two-stage accumulation, tiles of T terms summed in `acc_bits`
     and their sums in 32 bits; the weights meet the 32-bit bound and T is chosen per layer so
     that no tile can overflow (report: "acc_tile" per layer; docs/number-semantics.md).
@@ -373,6 +376,8 @@ def quantize(
     check_cle(cle)
     if method != "ptq" and (clip not in (DEFAULT_CLIP, "none") or cle not in (DEFAULT_CLE, "none")):
         raise QaccError(f"clip and cle are options of method 'ptq', not '{method}'")
+    if adaptive and method != "adaptive":
+        raise QaccError(f"adaptive= sets options of method 'adaptive', not '{method}'")
     if overflow not in POLICIES:
         raise QaccError(f"unknown overflow policy '{overflow}'; choose guaranteed or profiled")
     dev = resolve_device(device)  # before any work: "cuda" without CUDA is a one-line error
@@ -414,6 +419,7 @@ def quantize(
             lr=lr,
             init=init,
             on_epoch=on_epoch,
+            options=adaptive,
         )
     elif method == "transform":
         from codegen.quant.transform import quantize_transform

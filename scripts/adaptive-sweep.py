@@ -10,7 +10,9 @@ training set (exploration: a quarter epoch per "epoch"); `--test` limits the tes
         --acc 12 --epochs 2 --train-frac 0.25 --test 2000 --lr 1e-3,3e-3 --init float,projected \
         --distill 0,1 --json out/adaptive-sweep.json
 
-The results behind the defaults are in docs/adaptive.md.
+`--opts` runs one recipe (quantize's `adaptive=` options) per occurrence, e.g.
+`--opts kd_weight=1,warmup=0.05 --opts batch=64`; `--seed` sets the training seed (the batch
+order). The results behind the defaults are in docs/adaptive.md.
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ def one(
     }
 
 
+def recipe_of(text: str) -> dict[str, Any]:
+    """'batch=64,zeros_move=true' -> {"batch": 64, "zeros_move": True} (quantize's adaptive=)."""
+    out: dict[str, Any] = {}
+    for pair in filter(None, text.split(",")):
+        key, value = pair.split("=")
+        low = value.lower()
+        out[key] = low == "true" if low in ("true", "false") else json.loads(value)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nets", default="fashion_cnn,resdw,fashion_ds")
@@ -83,8 +95,16 @@ def main() -> None:
     p.add_argument("--init", default="float")
     p.add_argument("--distill", default="0")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="the training seed (quantize's seed)")
     p.add_argument(
         "--check-c", type=int, default=0, help="compare the host C with the reference on N images"
+    )
+    p.add_argument(
+        "--opts",
+        action="append",
+        default=None,
+        help="one recipe (quantize's adaptive=): name=value pairs joined by commas, e.g. "
+        "batch=64,scale_lr=3; repeat for a grid",
     )
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     a = p.parse_args()
@@ -99,6 +119,7 @@ def main() -> None:
             [float(v) for v in a.lr.split(",")],
             a.init.split(","),
             [bool(int(v)) for v in a.distill.split(",")],
+            [recipe_of(o) for o in a.opts or [""]],
         )
     )
     print(
@@ -106,22 +127,22 @@ def main() -> None:
         "images; fake-quant test accuracy after each epoch, integer network at the end\n"
     )
     print("| network | acc bits | lr | init | distill | float % | fake-quant % per epoch | "
-          "integer % | vs float | s |")  # fmt: skip
-    print("|---|---:|---:|---|---|---:|---|---:|---:|---:|")
+          "integer % | vs float | s | options |")  # fmt: skip
+    print("|---|---:|---:|---|---|---:|---|---:|---:|---:|---|")
     for name in a.nets.split(","):
         net = network(name, x_train, y_train)
         fl = accuracy(net, x_te, y_te)
         data = (x_train[sub], y_train[sub], x_te, y_te, calib)
         for acc_bits in [int(v) for v in a.acc.split(",")]:
-            for lr, init, distill in grid:
-                opts = {"lr": lr, "init": init, "distill": distill}
+            for lr, init, distill, rec in grid:
+                opts = {"lr": lr, "init": init, "distill": distill, "seed": a.seed, "adaptive": rec}
                 r = one(net, data, acc_bits, a.epochs, opts, a.check_c)
                 check = r["c_equals_reference"]
                 per = " / ".join(f"{100 * v:.2f}" for v in r["fake_quant_per_epoch"])
                 print(
                     f"| {name} | {acc_bits} | {lr:g} | {init} | {'on' if distill else 'off'} | "
                     f"{100 * fl:.2f} | {per} | {100 * r['integer']:.2f} | "
-                    f"{100 * (r['integer'] - fl):+.2f} | {r['seconds']:.0f} |"
+                    f"{100 * (r['integer'] - fl):+.2f} | {r['seconds']:.0f} | {rec or ''} |"
                     + ("" if check is None else f" C == reference: {check} |"),
                     flush=True,
                 )

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,59 @@ DEFAULT_LR = 1e-3
 DEFAULT_DISTILL = True
 """The defaults of `quantize_adaptive` (and `codegen.quantize`), chosen from a sweep over three
 networks at 12-bit accumulators: docs/adaptive.md."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training recipe's further options (`quantize(..., adaptive=...)` takes them by name);
+    the defaults and the sweep behind them: docs/adaptive.md."""
+
+    batch: int = 128
+    """Images per training step."""
+    scale_lr: float = 1.0
+    """Learning rate of the quantizers' steps and offsets, relative to `lr`."""
+    head_lr: float = 1.0
+    """Learning rate of the last weighted layer's weights (the classifier), relative to `lr`."""
+    warmup: float = 0.0
+    """Share of the training steps over which the rates rise linearly from 0 (then cosine)."""
+    kd_weight: float = 0.5
+    """With distillation, the distillation term's share of the loss (the rest: cross entropy)."""
+    temperature: float = 2.0
+    """Distillation temperature."""
+    weight_decay: float = 0.0
+    """L2 weight decay (Adam's) on the latent weights (not on biases, steps or offsets)."""
+    budget_bits: float = 0.0
+    """Extra accumulator bits the projection allows at the start of training, ..."""
+    budget_ramp: float = 0.0
+    """... taken off linearly over this share of the training steps (the limit shrinks
+    geometrically), then the exact budget."""
+    zeros_move: bool | None = None
+    """Whether a latent weight at exactly 0 keeps its gradient (`project`); None: with init
+    "optq" only."""
+
+
+def recipe(options: Mapping[str, Any] | None) -> Recipe:
+    """The Recipe with `options` (names of Recipe's fields) set; a one-line error otherwise."""
+    options = dict(options or {})
+    known = Recipe.__dataclass_fields__
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise QaccError(f"unknown adaptive options {unknown}; known: {sorted(known)}")
+    r = Recipe(**options)
+    numbers = [v for k, v in asdict(r).items() if k != "zeros_move"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+        raise QaccError(f"adaptive options take numbers (zeros_move: True/False), got {options}")
+    if not isinstance(r.batch, int) or r.batch < 1:
+        raise QaccError(f"adaptive option batch must be an integer >= 1, got {r.batch}")
+    if r.warmup < 0 or r.warmup >= 1 or not 0 <= r.kd_weight <= 1:
+        raise QaccError("adaptive options: 0 <= warmup < 1, 0 <= kd_weight <= 1")
+    if min(r.scale_lr, r.head_lr, r.temperature) <= 0 or r.weight_decay < 0:
+        raise QaccError("adaptive options: scale_lr, head_lr, temperature > 0, weight_decay >= 0")
+    if r.budget_bits < 0 or not 0 <= r.budget_ramp <= 1:
+        raise QaccError("adaptive options: budget_bits >= 0, 0 <= budget_ramp <= 1")
+    return r
+
+
 KEEP_VALUES = frozenset({"maxpool2d", "adaptive_maxpool2d", "reshape", "gather", "zero_insert"})
 """Ops whose outputs are some of their input's values: they need no output quantizer."""
 BIAS_SHARE = 0.5
@@ -212,7 +265,8 @@ class WeightQuant(nn.Module):
         self.bits, self.pow2, self.acc_bits = bits, pow2, acc_bits
         self.qmax = (1 << (bits - 1)) - 1
         self.zeros_move = False  # project()'s option: set by start_optq
-        self.limit = float((1 << (acc_bits - 1)) - 1)
+        self.exact_limit = float((1 << (acc_bits - 1)) - 1)
+        self.limit = self.exact_limit  # wider while Recipe.budget_bits is ramped off
         k = int(np.prod(w.shape[1:]))
         self.g = 1.0 / math.sqrt(k * self.qmax)
         step = init_weight_steps(w.reshape(w.shape[0], -1), self.qmax, pow2)
@@ -672,6 +726,43 @@ def _check_keys(m: Mapping[str, int], allowed: set[str], what: str) -> None:
 # ----------------------------------------------------------------------------- training
 
 
+def param_groups(net: QATNet, lr: float, r: Recipe) -> list[dict[str, Any]]:
+    """Adam's parameter groups: latent weights (the classifier's at `head_lr`, all with
+    `weight_decay`), biases, and the quantizers' steps and offsets (at `scale_lr`)."""
+    weighted = [n.name for n in net.graph.nodes if n.op in WEIGHTED_OPS]
+    head = net.layer(weighted[-1]) if weighted else None
+    layers = [net.layer(n) for n in weighted]
+    body = [q.w for q in layers if q is not head]
+    groups = [
+        {"params": body, "lr": lr, "weight_decay": r.weight_decay},
+        {"params": [q.b for q in layers], "lr": lr, "weight_decay": 0.0},
+        {
+            "params": [q.s_param for q in layers]
+            + [p for a in net.acts.values() for p in (a.s_param, a.beta)],
+            "lr": lr * r.scale_lr,
+            "weight_decay": 0.0,
+        },
+    ]
+    if head is not None:
+        groups.append({"params": [head.w], "lr": lr * r.head_lr, "weight_decay": r.weight_decay})
+    return [g for g in groups if g["params"]]
+
+
+def budget_schedule(net: QATNet, r: Recipe) -> Callable[[float], None] | None:
+    """Recipe.budget_bits: every layer's accumulator limit starts 2^budget_bits times wider and
+    shrinks geometrically to the exact one over the first `budget_ramp` of the training steps."""
+    if r.budget_bits <= 0 or r.budget_ramp <= 0:
+        return None
+    layers = [net.layer(n) for n in net.layers]
+
+    def on_step(done: float) -> None:
+        extra = r.budget_bits * max(0.0, 1.0 - done / r.budget_ramp)
+        for q in layers:
+            q.limit = q.exact_limit * 2.0**extra if extra > 0 else q.exact_limit
+
+    return on_step
+
+
 def train_qat(
     net: QATNet,
     train: TrainData,
@@ -681,11 +772,14 @@ def train_qat(
     lr: float = DEFAULT_LR,
     distill: bool = DEFAULT_DISTILL,
     on_epoch: Callable[[QATNet], Mapping[str, float]] | None = None,
+    r: Recipe | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune every parameter (weights, biases, steps, offsets): Adam, cosine decay; with
     `distill`, the float network is the teacher (knowledge distillation). `train` is arrays
     (x, y), a Dataset or a DataLoader; under torchrun, DistributedDataParallel (see `fit`).
-    `on_epoch(net)` is called after every epoch; its figures join the epoch's history row."""
+    `on_epoch(net)` is called after every epoch; its figures join the epoch's history row.
+    `r`: the recipe's further options (Recipe)."""
+    r = r or Recipe()
 
     def teacher(xb: torch.Tensor) -> torch.Tensor:  # the float network the training started from
         x_nhwc = xb.permute(0, 2, 3, 1) if xb.ndim == 4 else xb
@@ -694,10 +788,15 @@ def train_qat(
 
     history: list[dict[str, float]] = []
     x, y = train if isinstance(train, tuple) else (train, None)
-    fit(net, x, y, epochs, lr=lr, seed=seed, progress=progress, schedule="cosine",
-        desc="adaptive QAT", history=history, teacher=teacher if distill else None,
+    ramp = budget_schedule(net, r)
+    fit(net, x, y, epochs, batch=r.batch, lr=lr, seed=seed, progress=progress,
+        schedule="cosine", desc="adaptive QAT", history=history,
+        teacher=teacher if distill else None, temperature=r.temperature,
         device=net.device, on_epoch=None if on_epoch is None else lambda: on_epoch(net),
+        groups=param_groups(net, lr, r), warmup=r.warmup, kd_weight=r.kd_weight, on_step=ramp,
     )  # fmt: skip
+    if ramp is not None:
+        ramp(1.0)  # the exact budget, whatever the number of steps
     return history
 
 
@@ -845,6 +944,7 @@ def quantize_adaptive(
     device: torch.device | str = "cpu",
     init: str = DEFAULT_INIT,
     on_epoch: Callable[[QATNet], Mapping[str, float]] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[Graph, dict[str, Any]]:
     """Train, export and check; returns the integer graph and the method's report section.
 
@@ -857,11 +957,16 @@ def quantize_adaptive(
         raise QaccError(f"epochs must be >= 0, got {epochs}")
     if init not in INITS:
         raise QaccError(f"unknown adaptive init '{init}'; choose {' or '.join(INITS)}")
+    r = recipe(options)
     wb, ab = resolve_bits(graph, w_bits, a_bits)
     torch.manual_seed(seed)
     net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device, init=init)
+    if r.zeros_move is not None:
+        for q in net.layers.values():
+            assert isinstance(q, WeightQuant)
+            q.zeros_move = r.zeros_move
     history = train_qat(
-        net, train, epochs, seed, progress, lr=lr, distill=distill, on_epoch=on_epoch
+        net, train, epochs, seed, progress, lr=lr, distill=distill, on_epoch=on_epoch, r=r
     )
     qgraph, details = export(net)
     agree = fake_vs_integer(net, qgraph, calib)
@@ -874,6 +979,7 @@ def quantize_adaptive(
             "distill": distill,
             "init": init,
             "lr": lr,
+            "options": asdict(r),
             "history": history,
             "constraint": details["layers"],
             "bound_fixups": details["bound_fixups"],

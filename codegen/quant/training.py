@@ -12,6 +12,7 @@ exactly the single-process loop (NumPy permutation, same batches, same results).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -58,6 +59,10 @@ def fit(
     device: torch.device | str = "cpu",
     on_epoch: Callable[[], Mapping[str, float]] | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    groups: list[dict[str, Any]] | None = None,
+    warmup: float = 0.0,
+    kd_weight: float = 0.5,
+    on_step: Callable[[float], None] | None = None,
 ) -> nn.Module:
     """Adam with a one-cycle (training) or cosine (fine-tuning) schedule; one progress bar per
     epoch showing loss and accuracy. Per-epoch figures are appended to `history` if given
@@ -67,7 +72,13 @@ def fit(
     `x` is an array (then `y` holds the labels), a Dataset of (x, y) pairs or a DataLoader;
     `model` must already be on `device` (the batches are moved there). `on_epoch`, if given, is
     called after every epoch (the model in eval mode) and its figures join the epoch's row.
-    `penalty`, if given, is called after every forward pass and its value added to the loss."""
+    `penalty`, if given, is called after every forward pass and its value added to the loss.
+
+    `groups` (Adam parameter groups, each with its own "lr" and "weight_decay") replaces
+    `model.parameters()`; `warmup` (cosine only) is the share of the steps over which the rates
+    rise linearly from 0 before the cosine decay; `kd_weight` is the distillation term's share of
+    the loss; `on_step(done)`, if given, is called before every step with the share of the
+    training steps already taken."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     batches = _batches(x, y, batch, seed)
@@ -75,13 +86,16 @@ def fit(
     if ddp.active():
         ids = [dev.index] if dev.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters() if groups is None else groups, lr=lr)
     steps = max(1, epochs * len(batches))
     sched: torch.optim.lr_scheduler.LRScheduler
     if schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    elif warmup > 0:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warmup))
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    taken = 0
     for epoch in range(epochs):
         net.train()
         label = f"{desc} epoch {epoch + 1}/{epochs}"
@@ -91,6 +105,9 @@ def fit(
         start = time.perf_counter()
         for xb, yb in bar:
             xb, yb = xb.to(dev, torch.float32), yb.to(dev, torch.int64)
+            if on_step is not None:
+                on_step(taken / steps)
+            taken += 1
             out = net(xb)
             loss = nn.functional.cross_entropy(out, yb)
             if teacher is not None:
@@ -100,7 +117,7 @@ def fit(
                     nn.functional.log_softmax(out / temperature, dim=1), soft,
                     reduction="batchmean",
                 )  # fmt: skip
-                loss = 0.5 * loss + 0.5 * temperature**2 * kd
+                loss = (1.0 - kd_weight) * loss + kd_weight * temperature**2 * kd
             if penalty is not None:
                 loss = loss + penalty()
             opt.zero_grad()
@@ -132,6 +149,19 @@ def fit(
     if differ:
         log.warning("ranks disagreed on %d parameter values after training; took rank 0's", differ)
     return model.eval()
+
+
+def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
+    """The rate's factor at each step: linear from 0 over the first `warmup` share of the
+    steps, then cosine decay to 0 (CosineAnnealingLR's curve) over the rest."""
+    w = max(1, round(warmup * steps))
+
+    def factor(step: int) -> float:
+        if step < w:
+            return (step + 1) / w
+        return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+
+    return factor
 
 
 class _Batches:

@@ -470,3 +470,81 @@ def test_sweep_ptq_against_adaptive_writes_table_plot_and_json(digits_net, tmp_p
     assert "| adaptive | guaranteed | 12 |" in md
     assert "| 12 | epoch 1 | fake-quant |" in md and "| 12 | epoch 1 | integer | |" in md
     assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def test_warmup_cosine_rises_linearly_then_follows_the_cosine() -> None:
+    from codegen.quant.training import warmup_cosine
+
+    steps = 200
+    f = [warmup_cosine(steps, 0.1)(s) for s in range(steps)]
+    assert np.allclose(f[:20], np.arange(1, 21) / 20)  # linear up to the full rate
+    tail = np.array(f[20:])
+    assert tail[0] == 1.0 and np.all(np.diff(tail) < 0) and tail[-1] < 1e-3
+    # after the warm-up, CosineAnnealingLR's closed form over the remaining steps
+    assert np.allclose(tail, 0.5 * (1 + np.cos(np.pi * np.arange(180) / 180)))
+
+
+def test_groups_at_one_rate_train_exactly_as_plain_adam() -> None:
+    """The recipe's parameter groups (all at `lr`, no decay) and a kd_weight of 0.5 are the
+    old loop step for step: the defaults leave the training unchanged."""
+    from codegen.quant.training import fit
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 256)
+    teacher = nn.Linear(6, 3)
+    states = []
+    for groups in (False, True):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        g = None
+        if groups:
+            ps = list(m.parameters())
+            g = [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "lr": 1e-2, "weight_decay": 0}]
+        fit(m, x, y, epochs=2, batch=32, lr=1e-2, schedule="cosine", progress=False,
+            teacher=lambda xb: teacher(xb).detach(), groups=g, kd_weight=0.5)  # fmt: skip
+        states.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*states, strict=True))
+
+
+def test_recipe_groups_and_budget_ramp(digits_net) -> None:  # type: ignore[no-untyped-def]
+    """Every parameter is in exactly one group at its rate; the budget ramp starts
+    2^budget_bits wider and is exact from `budget_ramp` of the steps on."""
+    net, (x_train, *_) = digits_net
+    g = codegen.api.float_graph(net, x_train[:100], None)
+    acc = {n.name: 12 for n in g.nodes}
+    qnet = adaptive.QATNet(g, x_train[:100], *adaptive.resolve_bits(g, 4, 4), acc, pow2=False)
+    opts = {"scale_lr": 3.0, "head_lr": 2.0, "weight_decay": 1e-4}
+    r = adaptive.recipe({**opts, "budget_bits": 2, "budget_ramp": 0.5})
+    groups = adaptive.param_groups(qnet, 1e-3, r)
+    ids = [id(p) for gr in groups for p in gr["params"]]
+    assert sorted(ids) == sorted(id(p) for p in qnet.parameters())
+    rate = {id(p): (gr["lr"], gr["weight_decay"]) for gr in groups for p in gr["params"]}
+    head = [n.name for n in g.nodes if n.op in ("conv2d", "dense")][-1]
+    for name, wq in qnet.layers.items():
+        assert rate[id(wq.w)] == (2e-3 if name == head else 1e-3, 1e-4)
+        assert rate[id(wq.b)] == (1e-3, 0.0) and rate[id(wq.s_param)] == (3e-3, 0.0)
+    ramp = adaptive.budget_schedule(qnet, r)
+    assert ramp is not None
+    layers = list(qnet.layers.values())
+    for done, factor in ((0.0, 4.0), (0.25, 2.0), (0.5, 1.0), (0.9, 1.0)):
+        ramp(done)
+        assert all(q.limit == q.exact_limit * factor for q in layers), done
+    assert adaptive.budget_schedule(qnet, adaptive.recipe({})) is None
+
+
+def test_recipe_options_are_checked(digits_net) -> None:  # type: ignore[no-untyped-def]
+    net, (x_train, *_) = digits_net
+    with pytest.raises(QaccError, match="unknown adaptive options"):
+        adaptive.recipe({"batch_size": 64})
+    for bad in ({"batch": 0}, {"batch": 64.0}, {"warmup": 1.0}, {"kd_weight": 2.0},
+                {"head_lr": 0.0}, {"weight_decay": -1.0}, {"budget_ramp": 2.0}):  # fmt: skip
+        with pytest.raises(QaccError, match="adaptive option"):
+            adaptive.recipe(bad)
+    with pytest.raises(QaccError, match="take numbers"):
+        adaptive.recipe({"batch": "64"})
+    with pytest.raises(QaccError, match="not 'ptq'"):
+        codegen.quantize(net, x_train[:50], method="ptq", adaptive={"batch": 64})
