@@ -60,7 +60,7 @@ from codegen.quant.ptq import (
     tensor_classes,
 )
 from codegen.quant.rounding import columns, layer_stats, optq_factor
-from codegen.quant.training import TrainData, fit
+from codegen.quant.training import BATCH, KD_WEIGHT, TEMPERATURE, TrainData, fit
 
 SCALES = ("dyadic", "pow2")
 INITS = ("float", "projected", "optq")
@@ -78,7 +78,7 @@ class Recipe:
     """The training recipe's further options (`quantize(..., adaptive=...)` takes them by name);
     the defaults and the sweep behind them: docs/adaptive.md."""
 
-    batch: int = 128
+    batch: int = BATCH
     """Images per training step."""
     scale_lr: float = 1.0
     """Learning rate of the quantizers' steps and offsets, relative to `lr`."""
@@ -86,9 +86,9 @@ class Recipe:
     """Learning rate of the last weighted layer's weights (the classifier), relative to `lr`."""
     warmup: float = 0.0
     """Share of the training steps over which the rates rise linearly from 0 (then cosine)."""
-    kd_weight: float = 0.5
+    kd_weight: float = KD_WEIGHT
     """With distillation, the distillation term's share of the loss (the rest: cross entropy)."""
-    temperature: float = 2.0
+    temperature: float = TEMPERATURE
     """Distillation temperature."""
     weight_decay: float = 0.0
     """L2 weight decay (Adam's) on the latent weights (not on biases, steps or offsets)."""

@@ -42,12 +42,20 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 2000) 
     return correct / len(x)
 
 
+BATCH = 128
+"""Images per training step."""
+TEMPERATURE = 2.0
+"""Distillation temperature."""
+KD_WEIGHT = 0.5
+"""With a teacher, the distillation term's share of the loss."""
+
+
 def fit(
     model: nn.Module,
     x: np.ndarray | Dataset[Any] | DataLoader[Any],
     y: np.ndarray | None = None,
     epochs: int = 4,
-    batch: int = 128,
+    batch: int = BATCH,
     lr: float = 2e-3,
     seed: int = 0,
     progress: bool = True,
@@ -55,13 +63,13 @@ def fit(
     desc: str = "train",
     history: list[dict[str, float]] | None = None,
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    temperature: float = 2.0,
+    temperature: float = TEMPERATURE,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[], Mapping[str, float]] | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     groups: list[dict[str, Any]] | None = None,
     warmup: float = 0.0,
-    kd_weight: float = 0.5,
+    kd_weight: float = KD_WEIGHT,
     on_step: Callable[[float], None] | None = None,
 ) -> nn.Module:
     """Adam with a one-cycle (training) or cosine (fine-tuning) schedule; one progress bar per
