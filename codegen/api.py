@@ -26,7 +26,7 @@ from codegen.quant import distributed as ddp
 from codegen.quant.accumulator import POLICIES, Policy, channel_bounds, tile_bounds
 from codegen.quant.adaptive import DEFAULT_DISTILL, DEFAULT_INIT, DEFAULT_LR
 from codegen.quant.distributed import resolve_device
-from codegen.quant.equalize import DEFAULT_CLE, check_cle, equalize
+from codegen.quant.equalize import ADAPTIVE_CLE, DEFAULT_CLE, check_cle, equalize
 from codegen.quant.ptq import DEFAULT_CLIP, PTQResult, check_clip, fakequant_overrides, search
 from codegen.quant.rounding import DEFAULT_ROUNDING, check_rounding
 from codegen.quant.training import TrainData
@@ -304,7 +304,7 @@ def quantize(
     acc_stages: int = 1,
     acc_tile: int | None = None,
     clip: str = DEFAULT_CLIP,
-    cle: str = DEFAULT_CLE,
+    cle: str | None = None,
 ) -> QuantizedModel:
     """Quantize an eval-mode nn.Module for accumulators of `acc_bits` bits.
 
@@ -373,9 +373,11 @@ def quantize(
             "so the ranks would build different graphs; use rounding='nearest'"
         )
     check_clip(clip)
-    check_cle(cle)
-    if method != "ptq" and (clip not in (DEFAULT_CLIP, "none") or cle not in (DEFAULT_CLE, "none")):
-        raise QaccError(f"clip and cle are options of method 'ptq', not '{method}'")
+    if method != "ptq" and clip not in (DEFAULT_CLIP, "none"):
+        raise QaccError(f"clip is an option of method 'ptq', not '{method}'")
+    if method == "transform" and cle not in (None, "none"):
+        raise QaccError("cle is an option of methods 'ptq' and 'adaptive', not 'transform'")
+    cle = check_cle(cle or (ADAPTIVE_CLE if method == "adaptive" else DEFAULT_CLE))
     if adaptive and method != "adaptive":
         raise QaccError(f"adaptive= sets options of method 'adaptive', not '{method}'")
     if overflow not in POLICIES:
@@ -403,6 +405,7 @@ def quantize(
 
         if overflow != "guaranteed":
             raise QaccError("method 'adaptive' trains for overflow='guaranteed' only")
+        fg = equalize(fg, cle, simulate.nchw_to_nhwc(calib_ir))  # the same float function
         graph, extra = quantize_adaptive(
             fg,
             calib_ir,

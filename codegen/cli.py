@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def ptq_options(q: argparse.ArgumentParser, check: bool) -> None:
         """--clip and --cle (compile: argparse checks the values; sweep: codegen does)."""
-        from codegen.quant.equalize import CLES, DEFAULT_CLE
+        from codegen.quant.equalize import ADAPTIVE_CLE, CLES, DEFAULT_CLE
         from codegen.quant.ptq import CLIPS, DEFAULT_CLIP
 
         q.add_argument(
@@ -240,9 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument(
             "--cle",
             choices=CLES if check else None,
-            default=DEFAULT_CLE,
-            help="ptq: cross-layer equalization before the search (weights: equal weight "
-            "ranges; activations: equal channel maxima, a tighter accumulator bound)",
+            default=None,
+            help="ptq and adaptive: cross-layer equalization of the float network first "
+            "(weights: equal weight ranges; activations: equal channel maxima, a tighter "
+            f"accumulator bound; default: {DEFAULT_CLE} for ptq, {ADAPTIVE_CLE} for adaptive)",
         )
 
     p = argparse.ArgumentParser(

@@ -75,12 +75,19 @@ def one(
 
 
 def recipe_of(text: str) -> dict[str, Any]:
-    """'batch=64,zeros_move=true' -> {"batch": 64, "zeros_move": True} (quantize's adaptive=)."""
+    """'batch=64,zeros_move=true,rounding=fit' -> {"batch": 64, "zeros_move": True,
+    "rounding": "fit"} (quantize's adaptive=)."""
     out: dict[str, Any] = {}
     for pair in filter(None, text.split(",")):
         key, value = pair.split("=")
         low = value.lower()
-        out[key] = low == "true" if low in ("true", "false") else json.loads(value)
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError:  # a name, e.g. rounding=fit
+                out[key] = value
     return out
 
 
@@ -95,6 +102,7 @@ def main() -> None:
     p.add_argument("--init", default="float")
     p.add_argument("--distill", default="0")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cle", default=None, help="cross-layer equalization first (quantize's cle)")
     p.add_argument("--seed", type=int, default=0, help="the training seed (quantize's seed)")
     p.add_argument(
         "--check-c", type=int, default=0, help="compare the host C with the reference on N images"
@@ -135,7 +143,8 @@ def main() -> None:
         data = (x_train[sub], y_train[sub], x_te, y_te, calib)
         for acc_bits in [int(v) for v in a.acc.split(",")]:
             for lr, init, distill, rec in grid:
-                opts = {"lr": lr, "init": init, "distill": distill, "seed": a.seed, "adaptive": rec}
+                opts = {"lr": lr, "init": init, "distill": distill, "seed": a.seed, "adaptive": rec,
+                        "cle": a.cle}  # fmt: skip
                 r = one(net, data, acc_bits, a.epochs, opts, a.check_c)
                 check = r["c_equals_reference"]
                 per = " / ".join(f"{100 * v:.2f}" for v in r["fake_quant_per_epoch"])

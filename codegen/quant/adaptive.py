@@ -67,6 +67,7 @@ INITS = ("float", "projected", "optq")
 """Where training starts: the float weights, their projection onto the accumulator budget, or
 the accumulator-aware OPTQ rounding of them (`WeightQuant.start_optq`)."""
 DEFAULT_INIT = "projected"
+ROUNDINGS = ("a2q", "fit")
 DEFAULT_LR = 1e-3
 DEFAULT_DISTILL = True
 """The defaults of `quantize_adaptive` (and `codegen.quantize`), chosen from a sweep over three
@@ -100,6 +101,10 @@ class Recipe:
     zeros_move: bool | None = None
     """Whether a latent weight at exactly 0 keeps its gradient (`project`); None: with init
     "optq" only."""
+    rounding: str = "a2q"
+    """How the projected weights become integers where rounding to nearest breaks the bound:
+    "a2q" rounds that whole channel toward zero (A2Q), "fit" rounds only the fewest, cheapest
+    weights toward zero (`_fewest_toward_zero`)."""
 
 
 def recipe(options: Mapping[str, Any] | None) -> Recipe:
@@ -110,7 +115,7 @@ def recipe(options: Mapping[str, Any] | None) -> Recipe:
     if unknown:
         raise QaccError(f"unknown adaptive options {unknown}; known: {sorted(known)}")
     r = Recipe(**options)
-    numbers = [v for k, v in asdict(r).items() if k != "zeros_move"]
+    numbers = [v for k, v in asdict(r).items() if k not in ("zeros_move", "rounding")]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
         raise QaccError(f"adaptive options take numbers (zeros_move: True/False), got {options}")
     if not isinstance(r.batch, int) or r.batch < 1:
@@ -119,6 +124,10 @@ def recipe(options: Mapping[str, Any] | None) -> Recipe:
         raise QaccError("adaptive options: 0 <= warmup < 1, 0 <= kd_weight <= 1")
     if min(r.scale_lr, r.head_lr, r.temperature) <= 0 or r.weight_decay < 0:
         raise QaccError("adaptive options: scale_lr, head_lr, temperature > 0, weight_decay >= 0")
+    if r.rounding not in ROUNDINGS:
+        raise QaccError(
+            f"adaptive option rounding: choose {' or '.join(ROUNDINGS)}, got {r.rounding!r}"
+        )
     if r.budget_bits < 0 or not 0 <= r.budget_ramp <= 1:
         raise QaccError("adaptive options: budget_bits >= 0, 0 <= budget_ramp <= 1")
     return r
@@ -257,7 +266,7 @@ class Layer:
 class WeightQuant(nn.Module):
     """Weights of one layer, their learnable per-channel steps, and the accumulator constraint."""
 
-    def __init__(self, node: Node, bits: int, acc_bits: int, pow2: bool):
+    def __init__(self, node: Node, bits: int, acc_bits: int, pow2: bool, rounding: str = "a2q"):
         super().__init__()
         w = np.asarray(node.params["weight"], dtype=np.float32)
         self.w = nn.Parameter(torch.as_tensor(w))
@@ -265,6 +274,7 @@ class WeightQuant(nn.Module):
         self.bits, self.pow2, self.acc_bits = bits, pow2, acc_bits
         self.qmax = (1 << (bits - 1)) - 1
         self.zeros_move = False  # project()'s option: set by start_optq
+        self.rounding = rounding  # Recipe.rounding
         self.exact_limit = float((1 << (acc_bits - 1)) - 1)
         self.limit = self.exact_limit  # wider while Recipe.budget_bits is ramped off
         k = int(np.prod(w.shape[1:]))
@@ -373,9 +383,67 @@ class WeightQuant(nn.Module):
         b = round_ste(bias)
         toward_zero = torch.clamp(trunc_ste(u), -self.qmax, self.qmax)  # fits: see project()
         nearest = torch.clamp(round_ste(u), -self.qmax, self.qmax)
+        if self.rounding == "fit":
+            flip = _fewest_toward_zero(
+                u.detach(), nearest.detach(), toward_zero.detach(), b.detach(),
+                float(xlo.detach()), float(xhi.detach()), self.limit,
+            )  # fmt: skip
+            nearest = torch.where(flip, toward_zero, nearest)
         fits = _fits(nearest.detach(), b.detach(), xlo.detach(), xhi.detach(), self.limit)
         q = torch.where(fits.reshape(shape), nearest, toward_zero)
         return Layer(q, b, sw, sx, zp)
+
+
+def _fewest_toward_zero(
+    u: torch.Tensor,
+    nearest: torch.Tensor,
+    toward_zero: torch.Tensor,
+    bias: torch.Tensor,
+    xlo: float,
+    xhi: float,
+    limit: float,
+) -> torch.Tensor:
+    """Which weights to round toward zero instead of to nearest so that every channel's exact
+    bound fits [-limit - 1, limit]: per channel the fewest, cheapest ones.
+
+    Only a weight that rounded away from zero can move (by one step, toward zero), and the
+    cheapest is the one whose fractional part is closest to 1/2 (its squared error grows by
+    2f - 1). With unsigned inputs (xlo = 0) each sign bounds one side: a positive weight moved
+    lowers the top of the bound by xhi, a negative one raises the bottom by xhi, so each sign
+    moves exactly as many as its side needs. Otherwise every move shrinks both sides (a
+    positive weight: the top by xhi, the bottom by -xlo; a negative one the other way round) and
+    the cheapest moves are taken, in order, until both fit. Rounding every weight toward zero
+    fits (`project`), so the moves always suffice."""
+    o = u.shape[0]
+    uu, n = u.reshape(o, -1).double(), nearest.reshape(o, -1).double()
+    movable = n != toward_zero.reshape(o, -1)
+    cost = torch.where(movable, uu.abs() - toward_zero.reshape(o, -1).double().abs(), math.inf)
+    pos, neg = (n > 0).double(), (n < 0).double()
+    p, m = (n * pos).sum(1), (-n * neg).sum(1)
+    b = bias.double()
+    hi = b + p * xhi - m * xlo
+    lo = b + p * xlo - m * xhi
+    if xlo == 0.0:
+        need_p = torch.ceil((hi - limit).clamp_min(0.0) / xhi)
+        need_m = torch.ceil((-limit - 1.0 - lo).clamp_min(0.0) / xhi)
+        flip = torch.zeros_like(movable)
+        for sign, need in ((pos, need_p), (neg, need_m)):
+            key = torch.where(sign > 0, cost, math.inf)
+            rank = key.argsort(dim=1, stable=True).argsort(dim=1)
+            flip |= movable & (sign > 0) & (rank < need[:, None])
+        return flip.reshape(u.shape)
+    order = cost.argsort(dim=1, stable=True)
+    ok = movable.gather(1, order).double()
+    dp = torch.cumsum(ok * pos.gather(1, order), 1)
+    dm = torch.cumsum(ok * neg.gather(1, order), 1)
+    zero = torch.zeros((o, 1), dtype=dp.dtype, device=dp.device)
+    dp, dm = torch.cat([zero, dp], 1), torch.cat([zero, dm], 1)
+    fit = (hi[:, None] - dp * xhi + dm * xlo <= limit) & (
+        lo[:, None] - dp * xlo + dm * xhi >= -limit - 1.0
+    )
+    k = torch.where(fit.any(1), fit.double().argmax(1), float(fit.shape[1] - 1))
+    rank = order.argsort(dim=1)
+    return (movable & (rank < k[:, None])).reshape(u.shape)
 
 
 def _fits(
@@ -529,6 +597,7 @@ class QATNet(nn.Module):
         pow2: bool,
         device: torch.device | str = "cpu",
         init: str = "float",
+        rounding: str = "a2q",
     ):
         super().__init__()
         self.pow2 = pow2
@@ -543,7 +612,8 @@ class QATNet(nn.Module):
             env = {graph.input: self._init_act(graph.input, x, a_bits)(x)}
             for n in graph.nodes:
                 if n.op in WEIGHTED_OPS:
-                    wq = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2).to(self.device)
+                    wq = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2, rounding)
+                    wq = wq.to(self.device)
                     wq.fit_steps(self.act(n.inputs[0]))
                     if init == "projected":
                         wq.start_inside(self.act(n.inputs[0]))
@@ -960,7 +1030,10 @@ def quantize_adaptive(
     r = recipe(options)
     wb, ab = resolve_bits(graph, w_bits, a_bits)
     torch.manual_seed(seed)
-    net = QATNet(graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device, init=init)
+    net = QATNet(
+        graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device, init=init,
+        rounding=r.rounding,
+    )  # fmt: skip
     if r.zeros_move is not None:
         for q in net.layers.values():
             assert isinstance(q, WeightQuant)

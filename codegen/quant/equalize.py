@@ -39,6 +39,8 @@ from codegen.quant import distributed as ddp
 
 CLES = ("none", "weights", "activations")
 DEFAULT_CLE = "activations"
+ADAPTIVE_CLE = "none"
+"""method="adaptive"'s default (docs/adaptive.md)."""
 SWEEPS = 20
 """Passes of the "weights" equalization over the chains."""
 MIN_SCALE = 2.0**-16

@@ -63,25 +63,25 @@ def run(
     distill: bool = DEFAULT_DISTILL,
     rounding: Sequence[str] = (DEFAULT_ROUNDING,),
     clip: str = DEFAULT_CLIP,
-    cle: str = DEFAULT_CLE,
+    cle: str | None = None,
     brevitas: Sequence[str] = (),
     brevitas_bits: Sequence[Sequence[int]] = ((8, 8),),
     policies: Sequence[str] = POLICIES,
     check_c: int = 0,
 ) -> dict[str, Any]:
-    """Every (method, policy, width) point, PTQ once per weight `rounding`; a width that does
-    not fit ends its series. `keep`, if given, receives every quantized model by (method, policy,
-    width) (PTQ: the last rounding's). `clip` and `cle` are the PTQ options of
-    `codegen.quantize`. `brevitas`: Brevitas AXE algorithms (gpfq, gptq) run as peers at every
-    width on the same calibration images (`tools.brevitas_peer`), with each (weight, activation)
-    pair of `brevitas_bits`, keeping the best per width; "a2q+": Brevitas's A2Q+ trained at
-    `w_bits`/`a_bits` with the adaptive rows' images, epochs and optimiser. `policies`: PTQ's
-    overflow policies. `check_c`: generate and build every qacc row's C for the host and compare
-    its integer outputs with the reference's on the first that many test images (the row's
-    "c_bit_exact")."""
+    """Every (method, policy, width) point, PTQ once per weight `rounding`; a width that does not
+    fit ends its series. `keep`, if given, receives every quantized model by (method, policy,
+    width) (PTQ: the last rounding's). `clip` (PTQ) and `cle` (PTQ and adaptive; None: each
+    method's default) are options of `codegen.quantize`. `brevitas`: Brevitas AXE algorithms
+    (gpfq, gptq) run as peers at every width on the same calibration images
+    (`tools.brevitas_peer`), with each (weight, activation) pair of `brevitas_bits`, keeping the
+    best per width; "a2q+": Brevitas's A2Q+ trained at `w_bits`/`a_bits` with the adaptive rows'
+    images, epochs and optimiser. `policies`: PTQ's overflow policies. `check_c`: generate and
+    build every qacc row's C for the host and compare its integer outputs with the reference's
+    on the first that many test images (the row's "c_bit_exact")."""
     _check_policies(policies)
     check_clip(clip)
-    check_cle(cle)
+    check_cle(cle or DEFAULT_CLE)
     for m in methods:
         if m not in METHODS:
             raise QaccError(f"unknown sweep method '{m}'; choose from {', '.join(METHODS)}")
@@ -112,7 +112,7 @@ def run(
                 else:
                     qm = api.quantize(
                         net, calib, acc_bits=a, method="adaptive", w_bits=w_bits, a_bits=a_bits,
-                        train=train, epochs=epochs, progress=progress, distill=distill,
+                        train=train, epochs=epochs, progress=progress, distill=distill, cle=cle,
                         on_epoch=lambda q: {"test_accuracy": train_accuracy(q, x_test, y_test)},
                     )  # fmt: skip
             except InfeasibleAccumulatorError as e:
@@ -150,7 +150,7 @@ def run(
                     for h in qm.report["adaptive"]["history"]
                 ]
             else:
-                row["clip"], row["cle"] = clip, cle
+                row["clip"], row["cle"] = clip, cle or DEFAULT_CLE
             if check_c:
                 row["c_bit_exact"] = _c_bit_exact(qm, x_test[:check_c], res.output[:check_c])
             rows.append(row)
@@ -304,7 +304,7 @@ def main(
     calib_size: int = 2000,
     rounding: Sequence[str] = (DEFAULT_ROUNDING,),
     clip: str = DEFAULT_CLIP,
-    cle: str = DEFAULT_CLE,
+    cle: str | None = None,
     brevitas: Sequence[str] = (),
     brevitas_bits: Sequence[Sequence[int]] = ((8, 8),),
     policies: Sequence[str] = POLICIES,
@@ -322,7 +322,7 @@ def main(
     for r in rounding:
         check_rounding(r)
     check_clip(clip)
-    check_cle(cle)
+    check_cle(cle or DEFAULT_CLE)
     _check_policies(policies)
     brevitas_peer.check(brevitas, brevitas_bits)  # before the data and the float training
     _check_something(methods, brevitas)

@@ -210,6 +210,51 @@ def test_weights_round_to_nearest_unless_the_bound_binds(acc_bits: int) -> None:
         assert set(zero_rows) - set(near_rows)
 
 
+@pytest.mark.parametrize("xlo,xhi", [(0, 15), (0, 255), (-3, 12), (-8, 7)])
+def test_fit_rounding_moves_the_fewest_cheapest_weights_toward_zero(xlo: int, xhi: int) -> None:
+    """rounding="fit": every channel fits the exact bound; only weights that rounded away from
+    zero move, by one step; with unsigned inputs each sign moves no more weights than its side
+    of the bound needs, the ones closest to a half first; far fewer than A2Q's whole channels."""
+    rng = np.random.default_rng(xhi - xlo)
+    moved = whole_channels = 0
+    for acc_bits in (10, 12, 16):
+        room = (1 << (acc_bits - 1)) - 2
+        lim = room + 1
+        w = torch.as_tensor(rng.normal(0, 1, (16, 100)))
+        sw = torch.as_tensor(rng.uniform(0.02, 0.3, 16))
+        bias = torch.as_tensor(np.floor(rng.uniform(-room / 2, room / 2, 16) + 0.5))
+        p = adaptive.project(w, sw, bias, torch.tensor(float(xlo)), torch.tensor(float(xhi)), room)
+        u = p / sw[:, None]
+        tz, nr = torch.clamp(torch.trunc(u), -7, 7), torch.clamp(torch.floor(u + 0.5), -7, 7)
+        flip = adaptive._fewest_toward_zero(u, nr, tz, bias, float(xlo), float(xhi), float(lim))
+        q = torch.where(flip, tz, nr).numpy().astype(np.int64)
+        b = bias.numpy().astype(np.int64)
+        lo, hi = channel_bounds(q, b, xlo, xhi)
+        assert hi.max() <= lim and lo.min() >= -lim - 1
+        assert not (flip & (nr == tz)).any()  # only weights that rounded away from zero
+        lo0, hi0 = channel_bounds(nr.numpy().astype(np.int64), b, xlo, xhi)
+        over = (hi0 > lim) | (lo0 < -lim - 1)
+        assert not flip[torch.as_tensor(~over)].any()  # channels that fit keep nearest
+        moved += int(flip.sum())
+        whole_channels += int((nr != tz)[torch.as_tensor(over)].sum())
+        if xlo == 0:
+            frac = (u.abs() - tz.abs()).numpy()
+            for c in np.flatnonzero(over):
+                for sign in (1, -1):
+                    f = flip[c].numpy() & (np.sign(nr[c].numpy()) == sign)
+                    if not f.any():
+                        continue
+                    back = q[c].copy()
+                    j = np.flatnonzero(f)[frac[c][f].argmax()]  # the costliest move undone
+                    back[j] = nr[c, j]
+                    lo1, hi1 = channel_bounds(back[None], b[c : c + 1], xlo, xhi)
+                    assert hi1[0] > lim or lo1[0] < -lim - 1  # one fewer does not fit
+                    rest = (nr[c].numpy() != tz[c].numpy()) & ~flip[c].numpy()
+                    rest &= np.sign(nr[c].numpy()) == sign
+                    assert frac[c][rest].min(initial=1.0) >= frac[c][f].max()  # cheapest first
+    assert 0 < moved < whole_channels / 3
+
+
 def test_dyadic_multipliers() -> None:
     m = np.array([1e-4, 0.0123, 0.5, 0.99, 3.7])
     mult, shift = adaptive.dyadic(m)

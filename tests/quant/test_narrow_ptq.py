@@ -144,7 +144,8 @@ def test_bad_option_values_are_one_line_errors(capsys: pytest.CaptureFixture[str
     for kw, msg in [
         ({"clip": "max"}, "unknown clip 'max'; choose one of none, mse, search"),
         ({"cle": "yes"}, "unknown cle 'yes'; choose one of none, weights, activations"),
-        ({"clip": "search", "method": "transform"}, "clip and cle are options of method 'ptq'"),
+        ({"clip": "search", "method": "transform"}, "clip is an option of method 'ptq'"),
+        ({"cle": "weights", "method": "transform"}, "cle is an option of methods 'ptq' and"),
     ]:
         with pytest.raises(QaccError, match=msg):
             codegen.quantize(net, x, acc_bits=16, progress=False, **kw)  # type: ignore[arg-type]
