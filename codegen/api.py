@@ -16,7 +16,6 @@ from codegen.core.errors import (
     InvalidDataError,
     InvalidModelError,
     QaccError,
-    UnsupportedModelError,
 )
 from codegen.core.formats import IntArray, dequantize
 from codegen.core.ir import WEIGHTED_OPS, Graph, macs, terms_per_output
@@ -209,19 +208,20 @@ def _check_calib(calib: Any) -> np.ndarray:
     return calib.astype(np.float32, copy=False)
 
 
-def _check_labels(labels: Any, n: int, classes: int) -> np.ndarray | None:
+def _check_labels(
+    labels: Any, n: int, classes: int, what: str = "labels", per: str = "calibration sample"
+) -> np.ndarray | None:
     if labels is None:
         return None
     lab = np.asarray(labels)
     if lab.ndim != 1 or lab.shape[0] != n:
         raise InvalidDataError(
-            f"labels have shape {tuple(lab.shape)}, expected ({n},): "
-            "one label per calibration sample"
+            f"{what} have shape {tuple(lab.shape)}, expected ({n},): one label per {per}"
         )
     if lab.dtype.kind not in "iu":
-        raise InvalidDataError(f"labels must be integers (got dtype {lab.dtype})")
+        raise InvalidDataError(f"{what} must be integers (got dtype {lab.dtype})")
     if lab.size and (lab.min() < 0 or lab.max() >= classes):
-        raise InvalidDataError(f"labels must be class indices in [0, {classes - 1}]")
+        raise InvalidDataError(f"{what} must be class indices in [0, {classes - 1}]")
     return lab.astype(np.int64)
 
 
@@ -357,7 +357,13 @@ def quantize(
     `transform="uniform"` is the baseline: every weight at the same bit depth per layer.
 
     `train` is arrays (x_train, y_train), a torch Dataset of (x, y) pairs or a DataLoader
-    (calibration data stays an array). `device` ("cpu" or "cuda") runs calibration, training and
+    (calibration data stays an array). A model with several outputs takes one label entry per
+    output, in the model's order: train=(x_train, (y_1, y_2, ...)), a Dataset yielding
+    (x, (y_1, y_2, ...)) or a DataLoader of such batches; an entry is class indices for an
+    N x classes output or None (no labels: with adaptive's distillation that output distils
+    from the float network's same output, otherwise it adds nothing to the loss). The loss is
+    the sum over the outputs; the history's "accuracy" is the first labelled output's, and
+    "accuracy_k" output k's (from 0). `device` ("cpu" or "cuda") runs calibration, training and
     the fake-quant simulation there; the integer reference stays NumPy on the CPU. Under
     torchrun (torch.distributed initialised) training is DistributedDataParallel and the
     calibration ranges are all-reduced: see docs/distributed.md.
@@ -387,11 +393,6 @@ def quantize(
     fg = float_graph(model, calib, name)
     _check_images(calib, fg, "calibration data")
     calib_ir = to_ir_input(calib, fg)  # what the quantizers read (NCHW; a sequence as H = 1)
-    if len(fg.outputs) > 1 and method != "ptq":
-        raise UnsupportedModelError(
-            f"method '{method}' takes a model with one output, this one has {len(fg.outputs)}: "
-            "use method 'ptq'"
-        )
     out_shape = fg.tensors[fg.output].shape
     lab = _check_labels(labels, calib.shape[0], out_shape[-1])
     if acc_bits is None:
@@ -409,7 +410,7 @@ def quantize(
         graph, extra = quantize_adaptive(
             fg,
             calib_ir,
-            _check_train(train, fg, "adaptive"),
+            _check_train(train, fg, "adaptive", distill),
             accs,
             w_bits=w_bits,
             a_bits=a_bits,
@@ -430,7 +431,7 @@ def quantize(
         graph, extra = quantize_transform(
             fg,
             calib_ir,
-            None if train is None else _check_train(train, fg, "transform"),
+            None if train is None else _check_train(train, fg, "transform", False),
             accs,
             policy=cast(Policy, overflow),
             bits_per_weight=bits_per_weight,
@@ -473,11 +474,13 @@ def float_graph(
     return from_torch(model, calib, name)
 
 
-def _check_train(train: Any, fg: Graph, method: str) -> TrainData:
+def _check_train(train: Any, fg: Graph, method: str, teacher: bool) -> TrainData:
     """The (inputs, labels) training pair of the methods that (re)train, or the user's torch
-    Dataset of (x, y) pairs or DataLoader (used as given: qacc does not read it ahead)."""
+    Dataset of (x, y) pairs or DataLoader (used as given: qacc does not read it ahead; `fit`
+    checks its batches). A model with several outputs takes a tuple of labels, one entry per
+    output (`_check_output_labels`); `teacher`: the method distils from the float network."""
     out = fg.user_shape(fg.output)
-    if len(out) != 1:  # the training loss is a classifier's: one label per sample
+    if len(fg.outputs) == 1 and len(out) != 1:  # the loss is a classifier's: one label a sample
         raise InvalidModelError(
             f"method '{method}' trains on one class label per sample, but the model's output is "
             f"not N x classes (per sample {out}, channels last); train a classifier head or use "
@@ -486,15 +489,49 @@ def _check_train(train: Any, fg: Graph, method: str) -> TrainData:
     if isinstance(train, (Dataset, DataLoader)):
         return train
     if not (isinstance(train, tuple) and len(train) == 2):
+        labels = "y_train" if len(fg.outputs) == 1 else "(y_1, y_2, ...)"
         raise InvalidDataError(
-            f"method '{method}' needs train=(x_train, y_train) (inputs N x C x H x W and labels), "
-            "a torch Dataset of (x, y) pairs or a DataLoader"
+            f"method '{method}' needs train=(x_train, {labels}) (inputs N x C x H x W and "
+            "labels), a torch Dataset of (x, y) pairs or a DataLoader"
         )
     x = _check_images(train[0], fg, "training inputs").astype(np.float32, copy=False)
     x = to_ir_input(x, fg)
+    if len(fg.outputs) > 1:
+        return x, _check_output_labels(train[1], fg, x.shape[0], method, teacher)
     y = _check_labels(train[1], x.shape[0], fg.tensors[fg.output].shape[-1])
     assert y is not None
     return x, y
+
+
+def _check_output_labels(
+    labels: Any, fg: Graph, n: int, method: str, teacher: bool
+) -> tuple[np.ndarray | None, ...]:
+    """The training labels of a model with several outputs: a tuple (or list) with one entry
+    per output, class indices (n,) for an N x classes output or None (that output then trains
+    by distillation only, or not at all without a teacher); at least one entry is not None
+    unless the method distils."""
+    k = len(fg.outputs)
+    if not (isinstance(labels, (tuple, list)) and len(labels) == k):
+        raise InvalidDataError(
+            f"the model has {k} outputs: give train=(x_train, (y_1, ..., y_{k})), one label "
+            "array (class indices) or None per output"
+        )
+    ys: list[np.ndarray | None] = []
+    for i, (t, lab) in enumerate(zip(fg.outputs, labels, strict=True)):
+        shape = fg.user_shape(t)
+        if lab is not None and len(shape) != 1:
+            raise InvalidDataError(
+                f"output {i} ('{t}') is not N x classes (per sample {shape}): its training "
+                "labels must be None"
+            )
+        what = f"training labels of output {i} ('{t}')"
+        ys.append(_check_labels(lab, n, shape[-1], what, "training sample"))
+    if all(y is None for y in ys) and not teacher:
+        raise InvalidDataError(
+            f"method '{method}' needs the labels of at least one output"
+            + (" (or distill=True)" if method == "adaptive" else "")
+        )
+    return tuple(ys)
 
 
 def build_report(qm: QuantizedModel, res: PTQResult | None, calib: np.ndarray) -> dict[str, Any]:

@@ -60,7 +60,7 @@ from codegen.quant.ptq import (
     tensor_classes,
 )
 from codegen.quant.rounding import columns, layer_stats, optq_factor
-from codegen.quant.training import BATCH, KD_WEIGHT, TEMPERATURE, TrainData, fit
+from codegen.quant.training import BATCH, KD_WEIGHT, TEMPERATURE, Outputs, TrainData, fit
 
 SCALES = ("dyadic", "pow2")
 INITS = ("float", "projected", "optq")
@@ -702,7 +702,8 @@ class QATNet(nn.Module):
             m = sx / (count * sy)
             return float(_realised(m) / m)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The output (NCHW for an image), or the tuple of them for several outputs."""
         g = self.graph
         env = {g.input: self.act(g.input)(x)}
         for n in g.nodes:
@@ -710,7 +711,7 @@ class QATNet(nn.Module):
             if n.op not in KEEP_VALUES:  # those keep their input's values
                 y = self.act(n.output)(y)
             env[n.output] = y
-        return env[g.output]
+        return env[g.output] if len(g.outputs) == 1 else tuple(env[t] for t in g.outputs)
 
 
 def _produced_by(graph: Graph, tensor: str, op: str) -> bool:
@@ -746,7 +747,9 @@ def resolve_bits(
 
     `a_bits` keys are layer names (their output), "input", "output" and "default"; a single int
     sets the input and hidden activations while the network output keeps 8 bits (logits feed no
-    accumulator, and 4-bit logits would tie). An 8-bit input costs the first layer 4 bits of
+    accumulator, and 4-bit logits would tie). "output" is the (first) output's; the further
+    outputs of a model with several take it too unless a layer reads them (a feature map the
+    network goes on from keeps the hidden width). An 8-bit input costs the first layer 4 bits of
     accumulator headroom: at 12 bits it leaves its weights about 8 integer units of L1 mass.
     """
     weighted = [n.name for n in graph.nodes if n.op in WEIGHTED_OPS]
@@ -776,6 +779,10 @@ def resolve_bits(
     last = graph.producer(graph.output)
     if last is not None and last.name not in per_layer:
         by_tensor[graph.output] = int(io["output"])
+    for t in graph.extra_outputs:
+        prod = graph.producer(t)
+        if prod is not None and prod.name not in per_layer and not graph.consumers(t):
+            by_tensor[t] = int(io["output"])
     rep = _rep_tensors(graph)
     ab: dict[str, int] = {}
     for t, r in rep.items():  # a shared format takes the widest of its members
@@ -847,14 +854,19 @@ def train_qat(
     """Fine-tune every parameter (weights, biases, steps, offsets): Adam, cosine decay; with
     `distill`, the float network is the teacher (knowledge distillation). `train` is arrays
     (x, y), a Dataset or a DataLoader; under torchrun, DistributedDataParallel (see `fit`).
+    With several outputs the labels are a tuple (one entry per output, None: distillation
+    only) and each output distils from the float network's same output (`training.fit`).
     `on_epoch(net)` is called after every epoch; its figures join the epoch's history row.
     `r`: the recipe's further options (Recipe)."""
     r = r or Recipe()
 
-    def teacher(xb: torch.Tensor) -> torch.Tensor:  # the float network the training started from
+    def teacher(xb: torch.Tensor) -> Outputs:  # the float network the training started from
         x_nhwc = xb.permute(0, 2, 3, 1) if xb.ndim == 4 else xb
-        out = simulate.run(net.graph, x_nhwc, dtype=torch.float32, device=xb.device)
-        return torch.as_tensor(out, dtype=torch.float32, device=xb.device).reshape(len(xb), -1)
+        outs = simulate.run_outputs(net.graph, x_nhwc, dtype=torch.float32, device=xb.device)
+        ts = [torch.as_tensor(o, dtype=torch.float32, device=xb.device) for o in outs]
+        if len(ts) == 1:
+            return ts[0].reshape(len(xb), -1)
+        return tuple(t.permute(0, 3, 1, 2) if t.ndim == 4 else t for t in ts)  # as net's, NCHW
 
     history: list[dict[str, float]] = []
     x, y = train if isinstance(train, tuple) else (train, None)
@@ -1063,13 +1075,17 @@ def quantize_adaptive(
 
 
 def fake_vs_integer(net: QATNet, qgraph: Graph, x: np.ndarray) -> float:
-    """Share of inputs on which the fake-quant network and the integer graph predict alike."""
+    """Share of inputs on which the fake-quant network and the integer graph predict alike
+    (the argmax of the first output, for a model with several)."""
     from codegen.core import reference
+
+    def first(out: Outputs) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out[0]
 
     with torch.no_grad():
         fake = np.concatenate(
             [
-                net(torch.as_tensor(x[i : i + 512]).to(net.device)).cpu().numpy()
+                first(net(torch.as_tensor(x[i : i + 512]).to(net.device))).cpu().numpy()
                 for i in range(0, len(x), 512)
             ]
         )

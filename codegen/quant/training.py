@@ -2,6 +2,9 @@
 plain minibatch Adam with a progress bar.
 
 Data is either NumPy arrays (x, y) or the user's torch Dataset of (x, y) pairs or DataLoader.
+A model with several outputs returns a tuple of them; its labels are then a tuple with one entry
+per output (class indices, or None for an output without labels), and the loss is the sum of the
+outputs' losses (`_output_loss`).
 Under torchrun (torch.distributed initialised) the model is wrapped in DistributedDataParallel,
 arrays and Datasets are sharded by a DistributedSampler (`batch` stays the global batch: each of
 the W ranks takes batch // W), a DataLoader is used as given (its sampler's `set_epoch` is
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset, default_collate
 
 from codegen.core.errors import QaccError
 from codegen.core.progress import bar as progress_bar
@@ -28,8 +31,14 @@ from codegen.quant import distributed as ddp
 
 log = logging.getLogger("qacc")
 
-TrainData = tuple[np.ndarray, np.ndarray] | Dataset[Any] | DataLoader[Any]
+Labels = np.ndarray | tuple[np.ndarray | None, ...]
+"""Class indices (N,), or for a model with several outputs one entry per output (None: none)."""
+TrainData = tuple[np.ndarray, Labels] | Dataset[Any] | DataLoader[Any]
 """What `train=` takes: arrays (x, y), a Dataset of (x, y) pairs, or a DataLoader of batches."""
+Batch = tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor | None, ...]]
+"""One training batch: inputs, and labels (a tuple with one entry per output: several outputs)."""
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+"""A network's output, or the tuple of its outputs."""
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 2000) -> float:
@@ -53,7 +62,7 @@ KD_WEIGHT = 0.5
 def fit(
     model: nn.Module,
     x: np.ndarray | Dataset[Any] | DataLoader[Any],
-    y: np.ndarray | None = None,
+    y: Labels | None = None,
     epochs: int = 4,
     batch: int = BATCH,
     lr: float = 2e-3,
@@ -62,7 +71,7 @@ def fit(
     schedule: str = "onecycle",
     desc: str = "train",
     history: list[dict[str, float]] | None = None,
-    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher: Callable[[torch.Tensor], Outputs] | None = None,
     temperature: float = TEMPERATURE,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[], Mapping[str, float]] | None = None,
@@ -81,6 +90,11 @@ def fit(
     `model` must already be on `device` (the batches are moved there). `on_epoch`, if given, is
     called after every epoch (the model in eval mode) and its figures join the epoch's row.
     `penalty`, if given, is called after every forward pass and its value added to the loss.
+
+    A model with several outputs (it returns a tuple; the `teacher` too) takes a tuple of labels
+    per batch, one entry per output: class indices for an N x classes output, or None. The loss
+    is the sum over the outputs of `_output_loss`; the epoch's row gives the first labelled
+    output's accuracy as "accuracy" and every labelled output k's (from 0) as "accuracy_k".
 
     `groups` (Adam parameter groups, each with its own "lr" and "weight_decay") replaces
     `model.parameters()`; `warmup` (cosine only) is the share of the steps over which the rates
@@ -108,43 +122,56 @@ def fit(
         net.train()
         label = f"{desc} epoch {epoch + 1}/{epochs}"
         bar = progress_bar(batches.epoch(epoch), label, progress=progress, total=len(batches))
-        seen = correct = 0
+        seen = 0
+        correct: np.ndarray | None = None  # per output
         loss_sum = 0.0
         start = time.perf_counter()
         for xb, yb in bar:
-            xb, yb = xb.to(dev, torch.float32), yb.to(dev, torch.int64)
+            xb = xb.to(dev, torch.float32)
             if on_step is not None:
                 on_step(taken / steps)
             taken += 1
             out = net(xb)
-            loss = nn.functional.cross_entropy(out, yb)
-            if teacher is not None:
-                with torch.no_grad():
-                    soft = nn.functional.softmax(teacher(xb) / temperature, dim=1)
-                kd = nn.functional.kl_div(
-                    nn.functional.log_softmax(out / temperature, dim=1), soft,
-                    reduction="batchmean",
-                )  # fmt: skip
-                loss = (1.0 - kd_weight) * loss + kd_weight * temperature**2 * kd
+            if isinstance(out, torch.Tensor):  # one output
+                if not isinstance(yb, torch.Tensor):
+                    raise QaccError(
+                        "the model has one output: the training labels must be one tensor of "
+                        f"class indices per batch, not a tuple of {len(yb)}"
+                    )
+                yb = yb.to(dev, torch.int64)
+                want: torch.Tensor | None = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        t = teacher(xb)
+                    assert isinstance(t, torch.Tensor)
+                    want = t
+                loss = _output_loss(out, yb, want, temperature, kd_weight)
+                hits = [float((out.argmax(1) == yb).sum())]
+            else:
+                loss, hits = _outputs_loss(out, yb, xb, teacher, temperature, kd_weight)
             if penalty is not None:
                 loss = loss + penalty()
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            seen += len(yb)
-            correct += int((out.argmax(1) == yb).sum())
-            loss_sum += float(loss.detach()) * len(yb)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            seen += len(xb)
+            correct = np.array(hits, dtype=np.float64) + (0.0 if correct is None else correct)
+            loss_sum += float(loss.detach()) * len(xb)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{_first(correct) / seen:.3f}")
         bar.close()
         # the epoch's figures over all ranks (the same on every rank)
-        tot = ddp.all_reduce(np.array([loss_sum, seen, correct], dtype=np.float64), "sum")
-        loss_sum, seen, correct = float(tot[0]), int(tot[1]), int(tot[2])
+        counts = np.zeros(1) if correct is None else correct
+        tot = ddp.all_reduce(np.array([loss_sum, seen, *counts], dtype=np.float64), "sum")
+        loss_sum, seen, counts = float(tot[0]), int(tot[1]), tot[2:]
         row = {
             "epoch": epoch + 1,
             "loss": loss_sum / max(1, seen),
-            "accuracy": correct / max(1, seen),
+            "accuracy": _first(counts) / max(1, seen),
         }
+        if len(counts) > 1:
+            row.update({f"accuracy_{k}": float(c) / max(1, seen)
+                        for k, c in enumerate(counts) if not math.isnan(c)})  # fmt: skip
         if on_epoch is not None:
             model.eval()
             row.update(on_epoch())
@@ -157,6 +184,92 @@ def fit(
     if differ:
         log.warning("ranks disagreed on %d parameter values after training; took rank 0's", differ)
     return model.eval()
+
+
+def _output_loss(
+    out: torch.Tensor,
+    labels: torch.Tensor | None,
+    want: torch.Tensor | None,
+    temperature: float,
+    kd_weight: float,
+) -> torch.Tensor:
+    """One output's loss: cross entropy on its labels, mixed with distillation from the
+    teacher's same output (`want`) at `kd_weight`; without labels, the distillation term alone.
+    An N x classes output distils the softened class distribution (KL); any other output (a
+    feature map, a sequence) its values (mean squared error); it takes no labels."""
+    if labels is None and out.ndim != 2:
+        assert want is not None
+        return nn.functional.mse_loss(out, want)
+    kd: torch.Tensor | None = None
+    if want is not None:
+        with torch.no_grad():
+            soft = nn.functional.softmax(want / temperature, dim=1)
+        kd = nn.functional.kl_div(
+            nn.functional.log_softmax(out / temperature, dim=1), soft, reduction="batchmean"
+        )
+    if labels is None:
+        assert kd is not None
+        return temperature**2 * kd
+    loss = nn.functional.cross_entropy(out, labels)
+    if kd is not None:
+        loss = (1.0 - kd_weight) * loss + kd_weight * temperature**2 * kd
+    return loss
+
+
+def _outputs_loss(
+    outs: tuple[torch.Tensor, ...],
+    labels: torch.Tensor | tuple[torch.Tensor | None, ...],
+    xb: torch.Tensor,
+    teacher: Callable[[torch.Tensor], Outputs] | None,
+    temperature: float,
+    kd_weight: float,
+) -> tuple[torch.Tensor, list[float]]:
+    """The loss of a model with several outputs, the sum of `_output_loss` over those with
+    labels or a teacher, and each output's correct predictions (NaN: no labels)."""
+    n = len(outs)
+    if not isinstance(labels, tuple) or len(labels) != n:
+        got = f"a tuple of {len(labels)}" if isinstance(labels, tuple) else "one tensor"
+        raise QaccError(
+            f"the model has {n} outputs: the training labels must be a tuple of {n} per batch "
+            f"(class indices, or None for an output without labels), got {got}"
+        )
+    wants: tuple[torch.Tensor | None, ...] = (None,) * n
+    if teacher is not None:
+        with torch.no_grad():
+            t = teacher(xb)
+        assert isinstance(t, tuple) and len(t) == n
+        wants = t
+    total: torch.Tensor | None = None
+    hits: list[float] = []
+    for k, (out, lab, want) in enumerate(zip(outs, labels, wants, strict=True)):
+        if lab is not None:
+            if out.ndim != 2:
+                raise QaccError(
+                    f"output {k} is not N x classes (per sample {tuple(out.shape[1:])}): its "
+                    "training labels must be None"
+                )
+            if tuple(lab.shape) != (len(xb),):
+                raise QaccError(
+                    f"the training labels of output {k} have shape {tuple(lab.shape)}, expected "
+                    f"({len(xb)},): one class index per sample"
+                )
+            lab = lab.to(out.device, torch.int64)
+            hits.append(float((out.argmax(1) == lab).sum()))
+        else:
+            hits.append(math.nan)
+        if lab is None and want is None:
+            continue  # nothing to learn from here: the other outputs train the shared layers
+        loss = _output_loss(out, lab, want, temperature, kd_weight)
+        total = loss if total is None else total + loss
+    if total is None:
+        raise QaccError("no output has training labels and there is no teacher to distil from")
+    return total, hits
+
+
+def _first(counts: np.ndarray) -> float:
+    """The first labelled output's count of correct predictions (0 with none)."""
+    labelled = counts[~np.isnan(counts)]
+    return float(labelled[0]) if len(labelled) else 0.0
 
 
 def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
@@ -175,53 +288,90 @@ def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
 class _Batches:
     """The batches of one epoch, and their number (for the schedule and the bar)."""
 
-    def __init__(
-        self, count: int, make: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
-    ):
+    def __init__(self, count: int, make: Callable[[int], Iterable[Batch]]):
         self.count, self.make = count, make
 
     def __len__(self) -> int:
         return self.count
 
-    def epoch(self, e: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, e: int) -> Iterable[Batch]:
         return self.make(e)
 
 
+class _PerOutput(Dataset[Any]):
+    """Arrays x and one label array (or None) per output, as (x_i, (y1_i, y2_i, ...)) pairs."""
+
+    def __init__(self, x: torch.Tensor, ys: tuple[torch.Tensor | None, ...]):
+        self.x, self.ys = x, ys
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        return self.x[i], tuple(None if y is None else y[i] for y in self.ys)
+
+
+def _collate(items: list[Any]) -> Any:
+    """The DataLoader's default collation, but a label tuple (several outputs) is collated entry
+    by entry, and an entry that is None (an output without labels) stays None."""
+    first = items[0]
+    if isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[1], tuple):
+        columns = list(zip(*(item[1] for item in items), strict=True))
+        ys = tuple(None if c[0] is None else default_collate(list(c)) for c in columns)
+        return default_collate([item[0] for item in items]), ys
+    return default_collate(items)
+
+
 def _batches(
-    x: np.ndarray | Dataset[Any] | DataLoader[Any], y: np.ndarray | None, batch: int, seed: int
+    x: np.ndarray | Dataset[Any] | DataLoader[Any], y: Labels | None, batch: int, seed: int
 ) -> _Batches:
     if isinstance(x, np.ndarray):
         if y is None:
             raise QaccError("training arrays need labels: pass (x_train, y_train)")
-        xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+        xt = torch.as_tensor(x)
+        take: Callable[[torch.Tensor], Batch]
+        if isinstance(y, tuple):  # several outputs: one label array (or None) per output
+            ys = tuple(None if v is None else torch.as_tensor(v) for v in y)
+            data: Dataset[Any] = _PerOutput(xt, ys)
+
+            def take(idx: torch.Tensor) -> Batch:
+                return xt[idx], tuple(None if v is None else v[idx] for v in ys)
+        else:
+            yt = torch.as_tensor(y)
+            data = TensorDataset(xt, yt)
+
+            def take(idx: torch.Tensor) -> Batch:
+                return xt[idx], yt[idx]
+
         if not ddp.active():  # today's single-process loop, batch for batch
             rng = np.random.default_rng(seed)
             n = len(x)
 
-            def from_arrays(e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            def from_arrays(e: int) -> Iterator[Batch]:
                 order = torch.as_tensor(rng.permutation(n))
                 for i in range(0, n, batch):
-                    idx = order[i : i + batch]
-                    yield xt[idx], yt[idx]
+                    yield take(order[i : i + batch])
 
             return _Batches((n + batch - 1) // batch, from_arrays)
-        x = TensorDataset(xt, yt)
+        x = data
     if isinstance(x, DataLoader):
         loader = x
     elif isinstance(x, Dataset):
         if ddp.active():
             sampler: Any = DistributedSampler(x, ddp.world(), ddp.rank(), shuffle=True, seed=seed)
-            loader = DataLoader(x, batch_size=max(1, batch // ddp.world()), sampler=sampler)
+            loader = DataLoader(x, batch_size=max(1, batch // ddp.world()), sampler=sampler,
+                                collate_fn=_collate)  # fmt: skip
         else:
             gen = torch.Generator().manual_seed(seed)
-            loader = DataLoader(x, batch_size=batch, shuffle=True, generator=gen)
+            loader = DataLoader(x, batch_size=batch, shuffle=True, generator=gen,
+                                collate_fn=_collate)  # fmt: skip
     else:
         raise QaccError(
             f"training data must be arrays (x, y), a torch Dataset or a DataLoader, "
             f"got {type(x).__name__}"
         )
 
-    def from_loader(e: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def from_loader(e: int) -> Iterable[Batch]:
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, DistributedSampler):  # ours, or one the user's DataLoader has
             sampler.set_epoch(e)
@@ -240,9 +390,18 @@ def _sized(loader: DataLoader[Any]) -> int:
         ) from e
 
 
-def _pairs(loader: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _pairs(loader: Iterable[Any]) -> Iterator[Batch]:
     for item in loader:
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise QaccError("training batches must be (inputs, labels) pairs")
         xb, yb = item
-        yield torch.as_tensor(xb), torch.as_tensor(yb)
+        yield torch.as_tensor(xb), _labels(yb)
+
+
+def _labels(yb: Any) -> torch.Tensor | tuple[torch.Tensor | None, ...]:
+    """A batch's labels: a tensor, or (several outputs) a tuple or list of tensors and Nones."""
+    if isinstance(yb, (tuple, list)) and all(
+        v is None or isinstance(v, (torch.Tensor, np.ndarray)) for v in yb
+    ):
+        return tuple(None if v is None else torch.as_tensor(v) for v in yb)
+    return torch.as_tensor(yb)

@@ -219,20 +219,24 @@ def sensitivities(
     """Squared logit error per unit of weight error energy, per layer: the layer's weights get
     small white noise (NOISE times their RMS) and the network output moves; this puts the
     distortions of all layers on one scale (the network's output) for the global allocation.
+    With several outputs, the squared errors of all of them are summed.
     Under torchrun the noise is the same on every rank (same seed) and the per-sample errors
     are summed over the ranks (float64 all-reduce)."""
     rng = np.random.default_rng(seed)
-    ref = simulate.run(fg, x_nhwc, dtype=torch.float32, device=device)
+    ref = simulate.run_outputs(fg, x_nhwc, dtype=torch.float32, device=device)
     sums: dict[str, float] = {}
     energy: dict[str, float] = {}
     for n in nodes:
         w = np.asarray(n.params["weight"], dtype=np.float64)
         sigma = NOISE * math.sqrt(float((w**2).mean())) or 1.0
         noisy = w + sigma * rng.standard_normal(w.shape)
-        y = simulate.run(
+        ys = simulate.run_outputs(
             fg, x_nhwc, overrides={n.name: {"weight": noisy}}, dtype=torch.float32, device=device
         )
-        sums[n.name] = float(((y - ref) ** 2).reshape(len(y), -1).sum(axis=1).sum())
+        sums[n.name] = sum(
+            float(((y - r) ** 2).reshape(len(y), -1).sum(axis=1).sum())
+            for y, r in zip(ys, ref, strict=True)
+        )
         energy[n.name] = float(((noisy - w) ** 2).sum())
     total = ddp.all_reduce_dict(sums, "sum")
     count = float(ddp.all_reduce(np.array([float(len(x_nhwc))]), "sum")[0])
@@ -706,7 +710,8 @@ class _Coded(torch.nn.Module):
             y = _fq(self.u[name], f[3], f[4], f[5]) @ y
         return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The output, or the tuple of them for a model with several."""
         env = {self.fg.input: x}
         for node in self.fg.nodes:
             xs = [env[t] for t in node.inputs]
@@ -716,7 +721,8 @@ class _Coded(torch.nn.Module):
                 pre = simulate.eval_node(node, xs, {})
             lo, hi = node.attrs.get("clamp", (-math.inf, math.inf))
             env[node.output] = pre if (lo, hi) == (-math.inf, math.inf) else pre.clamp(lo, hi)
-        return env[self.fg.output]
+        outs = self.fg.outputs
+        return env[outs[0]] if len(outs) == 1 else tuple(env[t] for t in outs)
 
     def export(self) -> None:
         """Write the trained latent values back into the codes."""
@@ -751,7 +757,10 @@ def retrain(
 ) -> list[dict[str, float]]:
     """Adam on the fake-quantized codes (bit depths and steps fixed, cosine-decayed LR); the
     codes are updated in place. Returns the loss and accuracy of each epoch. `train` is arrays
-    (x, y), a Dataset or a DataLoader; under torchrun, DistributedDataParallel (see `fit`)."""
+    (x, y), a Dataset or a DataLoader; under torchrun, DistributedDataParallel (see `fit`).
+    With several outputs the labels are a tuple with one entry per output and the loss is the
+    sum of the labelled outputs' cross entropies (an output whose labels are None adds nothing:
+    there is no teacher)."""
     model = _Coded(fg, codes, device).to(device)
     history: list[dict[str, float]] = []
     x, y = train if isinstance(train, tuple) else (train, None)

@@ -383,14 +383,6 @@ def test_dict_and_repeated_outputs() -> None:
         qm.dequantize_output(ints[0])
 
 
-@pytest.mark.parametrize("method", ["adaptive", "transform"])
-def test_other_methods_refuse_several_outputs_in_one_line(method: str) -> None:
-    calib = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
-    with pytest.raises(codegen.QaccError, match=rf"^method '{method}' takes a model with one "
-                       r"output, this one has 2: use method 'ptq'$"):  # fmt: skip
-        codegen.quantize(TwoHeads().eval(), calib, method=method, progress=False)
-
-
 def test_calibration_of_the_wrong_rank_is_one_line() -> None:
     with pytest.raises(InvalidDataError, match=r"N x C x H x W \(images\), N x C x L"):
         codegen.quantize(fc_autoencoder(), np.zeros((4, 1, 1, 1, 640), np.float32))
