@@ -9,9 +9,12 @@ import pickle
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from codegen.quant.training import TrainData
 
 from codegen.core.errors import QaccError
 
@@ -114,14 +117,19 @@ def _compile(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     calib = _load_array(args.calib, "calibration")
     labels = _load_array(args.labels, "labels") if args.labels else None
-    train = None
+    train: TrainData | None = None
     if args.train_data or args.train_labels:
         if not (args.train_data and args.train_labels):
             raise QaccError("give both --train-data and --train-labels (or neither)")
-        train = (
-            _load_array(args.train_data, "training data"),
-            _load_array(args.train_labels, "training labels"),
-        )
+        files = args.train_labels.split(",")
+        ys = tuple(None if f == "none" else _load_array(f, "training labels") for f in files)
+        x_train = _load_array(args.train_data, "training data")
+        if len(ys) > 1:
+            train = (x_train, ys)
+        elif ys[0] is None:
+            raise QaccError("--train-labels 'none' is for one output of several; give a .npy")
+        else:
+            train = (x_train, ys[0])
     with staged_output(Path(args.out), force=args.force) as tmp:
         qm = codegen.quantize(
             model,
@@ -375,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--train-labels",
         default=None,
-        help="adaptive/transform: training labels, .npy int (default: none)",
+        help="adaptive/transform: training labels, .npy int (default: none); a model with "
+        "several outputs takes one file per output, comma-separated, 'none' for an output "
+        "trained by distillation only",
     )
     c.add_argument(
         "--train-epochs", type=int, default=2, help="adaptive/transform: training epochs"

@@ -27,6 +27,20 @@ def not_a_module():
 def broken():
     raise RuntimeError("checkpoint missing")
 
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten())
+        self.a, self.b = nn.Linear(6 * 64, 5), nn.Linear(6 * 64, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.a(h), self.b(h)
+
+def two():
+    torch.manual_seed(0)
+    return Two().eval()
+
 def sequence():
     torch.manual_seed(0)
     return nn.Sequential(
@@ -133,6 +147,22 @@ def test_compile_adaptive_then_verify(work: Path) -> None:
     )  # fmt: skip
     assert half.returncode == 2 and "--train-labels" in half.stderr
     assert len(half.stderr.strip().splitlines()) == 1
+    # two outputs: one labels file per output, 'none' for one trained by distillation only
+    two = qacc(
+        "compile", "net.py:two", "--calib", "calib.npy", "--method", "adaptive",
+        "--acc-bits", "12", "--train-data", "calib.npy", "--train-labels", "labels.npy,none",
+        "--train-epochs", "1", "--out", "out-two", cwd=work,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    v = qacc("verify", "out-two", "--inputs", "x.npy", cwd=work)
+    assert v.returncode == 0 and "20 bit-exact, 0 differ" in v.stdout, v.stdout + v.stderr
+    alone = qacc(
+        "compile", "net.py:make", "--calib", "calib.npy", "--method", "adaptive",
+        "--train-data", "calib.npy", "--train-labels", "none", "--out", "out-y", cwd=work,
+    )  # fmt: skip
+    assert alone.returncode == 2 and alone.stderr.strip().splitlines() == [
+        "qacc: error: --train-labels 'none' is for one output of several; give a .npy"
+    ]
 
 
 @pytest.mark.slow
