@@ -101,6 +101,9 @@ class Recipe:
     zeros_move: bool | None = None
     """Whether a latent weight at exactly 0 keeps its gradient (`project`); None: with init
     "optq" only."""
+    pruned_grad: bool = False
+    """Whether weights the projection sets to 0 (below its threshold) keep their gradient
+    (straight through), so that they can grow back into the budget (`_l1_ball`)."""
     rounding: str = "a2q"
     """How the projected weights become integers where rounding to nearest breaks the bound:
     "a2q" rounds that whole channel toward zero (A2Q), "fit" rounds only the fewest, cheapest
@@ -115,15 +118,21 @@ def recipe(options: Mapping[str, Any] | None) -> Recipe:
     if unknown:
         raise QaccError(f"unknown adaptive options {unknown}; known: {sorted(known)}")
     r = Recipe(**options)
-    numbers = [v for k, v in asdict(r).items() if k not in ("zeros_move", "rounding")]
+    numbers = [
+        v for k, v in asdict(r).items() if k not in ("zeros_move", "pruned_grad", "rounding")
+    ]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-        raise QaccError(f"adaptive options take numbers (zeros_move: True/False), got {options}")
+        raise QaccError(
+            f"adaptive options take numbers (zeros_move, pruned_grad: True/False), got {options}"
+        )
     if not isinstance(r.batch, int) or r.batch < 1:
         raise QaccError(f"adaptive option batch must be an integer >= 1, got {r.batch}")
     if r.warmup < 0 or r.warmup >= 1 or not 0 <= r.kd_weight <= 1:
         raise QaccError("adaptive options: 0 <= warmup < 1, 0 <= kd_weight <= 1")
     if min(r.scale_lr, r.head_lr, r.temperature) <= 0 or r.weight_decay < 0:
         raise QaccError("adaptive options: scale_lr, head_lr, temperature > 0, weight_decay >= 0")
+    if not isinstance(r.pruned_grad, bool):
+        raise QaccError(f"adaptive option pruned_grad takes True/False, got {r.pruned_grad}")
     if r.rounding not in ROUNDINGS:
         raise QaccError(
             f"adaptive option rounding: choose {' or '.join(ROUNDINGS)}, got {r.rounding!r}"
@@ -274,6 +283,7 @@ class WeightQuant(nn.Module):
         self.bits, self.pow2, self.acc_bits = bits, pow2, acc_bits
         self.qmax = (1 << (bits - 1)) - 1
         self.zeros_move = False  # project()'s option: set by start_optq
+        self.pruned_grad = False  # project()'s option: Recipe.pruned_grad
         self.rounding = rounding  # Recipe.rounding
         self.exact_limit = float((1 << (acc_bits - 1)) - 1)
         self.limit = self.exact_limit  # wider while Recipe.budget_bits is ramped off
@@ -371,7 +381,10 @@ class WeightQuant(nn.Module):
         sw = self.step()
         room = self.limit - 1.0  # 1 LSB of slack for the bias' rounding
         bias = torch.clamp(self.b / (sx * sw), -BIAS_SHARE * room, BIAS_SHARE * room)
-        w = project(self.w, sw, bias, act.qmin - zp, act.qmax - zp, room, self.zeros_move)
+        w = project(
+            self.w, sw, bias, act.qmin - zp, act.qmax - zp, room, self.zeros_move,
+            self.pruned_grad,
+        )  # fmt: skip
         return w, bias, sw, sx, zp
 
     def forward(self, act: ActQuant) -> Layer:
@@ -465,6 +478,7 @@ def project(
     xhi: torch.Tensor,
     room: float,
     zeros_move: bool = False,
+    pruned_grad: bool = False,
 ) -> torch.Tensor:
     """Bring each channel's weights inside the accumulator bound (the A2Q / A2Q+ constraint).
 
@@ -488,11 +502,11 @@ def project(
     if float(xlo.detach()) == 0.0:
         if zeros_move:  # max(w, 0) and max(w, 0) - w: a weight at exactly 0 keeps its gradient
             plus = w.clamp_min(0.0)
-            pos = _l1_ball(plus, up / xhi * sw, True)
-            neg = _l1_ball(plus - w, down / xhi * sw, True)
+            pos = _l1_ball(plus, up / xhi * sw, True, pruned_grad)
+            neg = _l1_ball(plus - w, down / xhi * sw, True, pruned_grad)
         else:
-            pos = _l1_ball(F.relu(w), up / xhi * sw)
-            neg = _l1_ball(F.relu(-w), down / xhi * sw)
+            pos = _l1_ball(F.relu(w), up / xhi * sw, False, pruned_grad)
+            neg = _l1_ball(F.relu(-w), down / xhi * sw, False, pruned_grad)
         return pos - neg
     u = w / sw.reshape(shape)
     tiny = 1e-12
@@ -504,7 +518,9 @@ def project(
     return w * g.reshape(shape)
 
 
-def _l1_ball(v: torch.Tensor, cap: torch.Tensor, zeros_move: bool = False) -> torch.Tensor:
+def _l1_ball(
+    v: torch.Tensor, cap: torch.Tensor, zeros_move: bool = False, pruned_grad: bool = False
+) -> torch.Tensor:
     """Per channel (rows of v >= 0), relu(v - t) with the smallest t >= 0 whose sum <= cap.
 
     The kept set comes from sorting (Duchi et al. 2008, on detached values): with u the row
@@ -525,7 +541,11 @@ def _l1_ball(v: torch.Tensor, cap: torch.Tensor, zeros_move: bool = False) -> to
     t = torch.where(n_kept > 0, t, d.max(dim=1).values)  # nothing kept: a zero budget
     t = torch.where(d.sum(1) > c, t.clamp_min(0.0), torch.zeros_like(t))
     shifted = v - t.reshape((o,) + (1,) * (v.ndim - 1))
-    return shifted.clamp_min(0.0) if zeros_move else F.relu(shifted)  # clamp: v = t = 0 moves
+    out = shifted.clamp_min(0.0) if zeros_move else F.relu(shifted)  # clamp: v = t = 0 moves
+    if pruned_grad:  # a pruned weight (0 forward) gets dL/dv as if kept, apart from t
+        pruned = (shifted <= 0).detach().to(v.dtype)
+        out = out + (v - v.detach()) * pruned
+    return out
 
 
 def init_weight_steps(w: np.ndarray, qmax: int, pow2: bool) -> np.ndarray:
@@ -1046,9 +1066,10 @@ def quantize_adaptive(
         graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device, init=init,
         rounding=r.rounding,
     )  # fmt: skip
-    if r.zeros_move is not None:
-        for q in net.layers.values():
-            assert isinstance(q, WeightQuant)
+    for q in net.layers.values():
+        assert isinstance(q, WeightQuant)
+        q.pruned_grad = r.pruned_grad
+        if r.zeros_move is not None:
             q.zeros_move = r.zeros_move
     history = train_qat(
         net, train, epochs, seed, progress, lr=lr, distill=distill, on_epoch=on_epoch, r=r

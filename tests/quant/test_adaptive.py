@@ -255,6 +255,24 @@ def test_fit_rounding_moves_the_fewest_cheapest_weights_toward_zero(xlo: int, xh
     assert 0 < moved < whole_channels / 3
 
 
+def test_pruned_grad_lets_weights_below_the_threshold_learn() -> None:
+    """pruned_grad: the projection's forward values are unchanged, and a weight it sets to 0
+    gets the loss' gradient (straight through) instead of none."""
+    v = torch.tensor([[3.0, 2.0, 0.5, 0.2]], requires_grad=True)
+    cap = torch.tensor([3.0])
+    plain = adaptive._l1_ball(v, cap)
+    (plain * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert v.grad is not None
+    assert v.grad[0, 2:].tolist() == [0.0, 0.0]
+    g_plain, v.grad = v.grad.clone(), None
+    ste = adaptive._l1_ball(v, cap, pruned_grad=True)
+    assert torch.equal(ste, plain)
+    (ste * torch.tensor([1.0, 2.0, 3.0, 4.0])).sum().backward()
+    assert v.grad is not None
+    assert v.grad[0, 2:].tolist() == [3.0, 4.0]
+    assert torch.equal(v.grad[0, :2], g_plain[0, :2])  # kept weights: the same gradient
+
+
 def test_dyadic_multipliers() -> None:
     m = np.array([1e-4, 0.0123, 0.5, 0.99, 3.7])
     mult, shift = adaptive.dyadic(m)
