@@ -104,10 +104,17 @@ class Recipe:
     pruned_grad: bool = False
     """Whether weights the projection sets to 0 (below its threshold) keep their gradient
     (straight through), so that they can grow back into the budget (`_l1_ball`)."""
+    integer_budget: bool = False
+    """Whether the projection's L1 radius is the one at which the rounded integer weights use
+    the accumulator budget (`_rounded_cap`) rather than the float weights."""
     rounding: str = "a2q"
     """How the projected weights become integers where rounding to nearest breaks the bound:
     "a2q" rounds that whole channel toward zero (A2Q), "fit" rounds only the fewest, cheapest
     weights toward zero (`_fewest_toward_zero`)."""
+
+
+FLAGS = ("pruned_grad", "integer_budget")
+"""The Recipe's True/False options."""
 
 
 def recipe(options: Mapping[str, Any] | None) -> Recipe:
@@ -118,12 +125,11 @@ def recipe(options: Mapping[str, Any] | None) -> Recipe:
     if unknown:
         raise QaccError(f"unknown adaptive options {unknown}; known: {sorted(known)}")
     r = Recipe(**options)
-    numbers = [
-        v for k, v in asdict(r).items() if k not in ("zeros_move", "pruned_grad", "rounding")
-    ]
+    numbers = [v for k, v in asdict(r).items() if k not in (*FLAGS, "zeros_move", "rounding")]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
         raise QaccError(
-            f"adaptive options take numbers (zeros_move, pruned_grad: True/False), got {options}"
+            f"adaptive options take numbers ({', '.join(FLAGS)}, zeros_move: True/False; "
+            f"rounding: a name), got {options}"
         )
     if not isinstance(r.batch, int) or r.batch < 1:
         raise QaccError(f"adaptive option batch must be an integer >= 1, got {r.batch}")
@@ -131,8 +137,9 @@ def recipe(options: Mapping[str, Any] | None) -> Recipe:
         raise QaccError("adaptive options: 0 <= warmup < 1, 0 <= kd_weight <= 1")
     if min(r.scale_lr, r.head_lr, r.temperature) <= 0 or r.weight_decay < 0:
         raise QaccError("adaptive options: scale_lr, head_lr, temperature > 0, weight_decay >= 0")
-    if not isinstance(r.pruned_grad, bool):
-        raise QaccError(f"adaptive option pruned_grad takes True/False, got {r.pruned_grad}")
+    for flag in FLAGS:
+        if not isinstance(getattr(r, flag), bool):
+            raise QaccError(f"adaptive option {flag} takes True/False, got {getattr(r, flag)}")
     if r.rounding not in ROUNDINGS:
         raise QaccError(
             f"adaptive option rounding: choose {' or '.join(ROUNDINGS)}, got {r.rounding!r}"
@@ -275,7 +282,7 @@ class Layer:
 class WeightQuant(nn.Module):
     """Weights of one layer, their learnable per-channel steps, and the accumulator constraint."""
 
-    def __init__(self, node: Node, bits: int, acc_bits: int, pow2: bool, rounding: str = "a2q"):
+    def __init__(self, node: Node, bits: int, acc_bits: int, pow2: bool, r: Recipe | None = None):
         super().__init__()
         w = np.asarray(node.params["weight"], dtype=np.float32)
         self.w = nn.Parameter(torch.as_tensor(w))
@@ -283,8 +290,9 @@ class WeightQuant(nn.Module):
         self.bits, self.pow2, self.acc_bits = bits, pow2, acc_bits
         self.qmax = (1 << (bits - 1)) - 1
         self.zeros_move = False  # project()'s option: set by start_optq
-        self.pruned_grad = False  # project()'s option: Recipe.pruned_grad
-        self.rounding = rounding  # Recipe.rounding
+        r = r or Recipe()
+        self.pruned_grad, self.integer_budget = r.pruned_grad, r.integer_budget  # project()'s
+        self.rounding = r.rounding
         self.exact_limit = float((1 << (acc_bits - 1)) - 1)
         self.limit = self.exact_limit  # wider while Recipe.budget_bits is ramped off
         k = int(np.prod(w.shape[1:]))
@@ -383,7 +391,7 @@ class WeightQuant(nn.Module):
         bias = torch.clamp(self.b / (sx * sw), -BIAS_SHARE * room, BIAS_SHARE * room)
         w = project(
             self.w, sw, bias, act.qmin - zp, act.qmax - zp, room, self.zeros_move,
-            self.pruned_grad,
+            self.pruned_grad, self.qmax if self.integer_budget else None,
         )  # fmt: skip
         return w, bias, sw, sx, zp
 
@@ -479,6 +487,7 @@ def project(
     room: float,
     zeros_move: bool = False,
     pruned_grad: bool = False,
+    integer_qmax: int | None = None,
 ) -> torch.Tensor:
     """Bring each channel's weights inside the accumulator bound (the A2Q / A2Q+ constraint).
 
@@ -495,18 +504,26 @@ def project(
     gives only above 0: init="optq" starts with most weights at integer multiples of the step,
     many of them 0, which would otherwise never move (measured: FashionCNN 86.6 % against 90.0 %
     after two quarter epochs). Other inits keep relu (their measured figures are with it).
+
+    With `integer_qmax` (the codes' largest magnitude) each L1 ball's radius is the one at which
+    the projected weights, rounded to nearest (and clamped), use the integer budget, instead of
+    the one at which the float weights do (`_rounded_cap`).
     """
     o = w.shape[0]
     shape = (o,) + (1,) * (w.ndim - 1)
     up, down = room - bias, room + bias  # what the weights may add above / below the bias
     if float(xlo.detach()) == 0.0:
+        cap_p, cap_n = up / xhi * sw, down / xhi * sw
+        if integer_qmax is not None:
+            cap_p = cap_p * _rounded_cap(F.relu(w), cap_p, sw, integer_qmax)
+            cap_n = cap_n * _rounded_cap(F.relu(-w), cap_n, sw, integer_qmax)
         if zeros_move:  # max(w, 0) and max(w, 0) - w: a weight at exactly 0 keeps its gradient
             plus = w.clamp_min(0.0)
-            pos = _l1_ball(plus, up / xhi * sw, True, pruned_grad)
-            neg = _l1_ball(plus - w, down / xhi * sw, True, pruned_grad)
+            pos = _l1_ball(plus, cap_p, True, pruned_grad)
+            neg = _l1_ball(plus - w, cap_n, True, pruned_grad)
         else:
-            pos = _l1_ball(F.relu(w), up / xhi * sw, False, pruned_grad)
-            neg = _l1_ball(F.relu(-w), down / xhi * sw, False, pruned_grad)
+            pos = _l1_ball(F.relu(w), cap_p, False, pruned_grad)
+            neg = _l1_ball(F.relu(-w), cap_n, False, pruned_grad)
         return pos - neg
     u = w / sw.reshape(shape)
     tiny = 1e-12
@@ -516,6 +533,43 @@ def project(
     lo = p * -xlo + n * xhi
     g = torch.clamp(torch.minimum(up / (hi + tiny), down / (lo + tiny)), max=1.0)
     return w * g.reshape(shape)
+
+
+ROUNDED_CAP_STEPS = 40
+"""Bisection steps of `_rounded_cap`'s threshold (to 2^-40 of the largest weight)."""
+
+
+@torch.no_grad()
+def _rounded_cap(v: torch.Tensor, cap: torch.Tensor, unit: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per channel (rows of v >= 0), the factor f such that projecting v onto the L1 ball of
+    radius f * cap and rounding to nearest in `unit`s (clamped to qmax) gives integers whose sum
+    is at most cap / unit, with the smallest such threshold: soft thresholding at t shrinks every
+    weight by t, and the integers' sum sum_i min(qmax, round((v_i - t) / unit)) only falls as t
+    grows, so t is found by bisection. Weights that round to 0 no longer waste the budget (the
+    float radius spends it on values below half a unit). Detached: a constant for the gradients."""
+    o = v.shape[0]
+    a = (v.reshape(o, -1) / unit.reshape(o, 1)).double()
+    budget = (cap / unit).double()
+
+    def used(t: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.floor(a - t[:, None] + 0.5), 0, qmax).sum(1)
+
+    lo = torch.zeros(o, dtype=a.dtype, device=a.device)
+    hi = a.max(1).values + 1.0
+    for _ in range(ROUNDED_CAP_STEPS):
+        mid = (lo + hi) / 2
+        fits = used(mid) <= budget
+        hi, lo = torch.where(fits, mid, hi), torch.where(fits, lo, mid)
+    t = torch.where(used(lo) <= budget, lo, hi)  # lo = 0 when nothing needs cutting
+    # halfway to the next threshold at which a weight would round up one more unit: the
+    # float32 projection then stays off the rounding edge
+    above = torch.remainder(a - 0.5 - t[:, None], 1.0)
+    gap = torch.where((a - 0.5 > t[:, None]) & (above > 0), above, 1.0).min(1).values
+    t = torch.where(t > 0, t + gap / 2, t)
+    radius = F.relu(a - t[:, None]).sum(1)
+    if_all = a.sum(1) + 1.0  # nothing cut: a radius above the whole mass keeps v as it is
+    radius = torch.where(t > 0, radius, if_all)
+    return (radius / budget.clamp_min(1e-12)).to(cap.dtype)
 
 
 def _l1_ball(
@@ -617,7 +671,7 @@ class QATNet(nn.Module):
         pow2: bool,
         device: torch.device | str = "cpu",
         init: str = "float",
-        rounding: str = "a2q",
+        r: Recipe | None = None,
     ):
         super().__init__()
         self.pow2 = pow2
@@ -632,7 +686,7 @@ class QATNet(nn.Module):
             env = {graph.input: self._init_act(graph.input, x, a_bits)(x)}
             for n in graph.nodes:
                 if n.op in WEIGHTED_OPS:
-                    wq = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2, rounding)
+                    wq = WeightQuant(n, w_bits[n.name], acc_bits[n.name], pow2, r)
                     wq = wq.to(self.device)
                     wq.fit_steps(self.act(n.inputs[0]))
                     if init == "projected":
@@ -1064,11 +1118,10 @@ def quantize_adaptive(
     torch.manual_seed(seed)
     net = QATNet(
         graph, calib, wb, ab, acc_bits, pow2=scale == "pow2", device=device, init=init,
-        rounding=r.rounding,
+        r=r,
     )  # fmt: skip
     for q in net.layers.values():
         assert isinstance(q, WeightQuant)
-        q.pruned_grad = r.pruned_grad
         if r.zeros_move is not None:
             q.zeros_move = r.zeros_move
     history = train_qat(

@@ -273,6 +273,28 @@ def test_pruned_grad_lets_weights_below_the_threshold_learn() -> None:
     assert torch.equal(v.grad[0, :2], g_plain[0, :2])  # kept weights: the same gradient
 
 
+def test_integer_budget_projection_spends_the_budget_on_the_rounded_integers() -> None:
+    """integer_budget: the L1 radius is the one at which the projected weights, rounded to
+    nearest, use the integer budget: never above it, at most one unit below it here (with
+    the float radius a channel of many small weights can round to nothing at all), and a channel
+    inside its budget is kept as it is."""
+    rng = np.random.default_rng(3)
+    v = torch.as_tensor(rng.uniform(0, 0.1, (5, 3136)))
+    sw = torch.as_tensor([0.02, 0.03, 0.05, 0.01, 1.0])
+    budget = torch.as_tensor([136.0, 136.0, 60.0, 300.0, 1e6])
+    cap = budget * sw
+    used = {}
+    for integer in (False, True):
+        c = cap * adaptive._rounded_cap(v, cap, sw, 7) if integer else cap
+        p = adaptive._l1_ball(v, c)
+        q = torch.clamp(torch.floor(p / sw[:, None] + 0.5), 0, 7)
+        used[integer] = q.sum(1)
+        if integer:
+            assert torch.equal(p[4], v[4])  # inside the budget: untouched
+    assert (used[True][:4] <= budget[:4]).all() and (used[True][:4] >= budget[:4] - 1).all()
+    assert used[False][2] == 0 and (used[True] >= used[False].clamp_max(used[True])).all()
+
+
 def test_dyadic_multipliers() -> None:
     m = np.array([1e-4, 0.0123, 0.5, 0.99, 3.7])
     mult, shift = adaptive.dyadic(m)
