@@ -104,10 +104,10 @@ class Recipe:
     pruned_grad: bool = False
     """Whether weights the projection sets to 0 (below its threshold) keep their gradient
     (straight through), so that they can grow back into the budget (`_l1_ball`)."""
-    integer_budget: bool = False
+    integer_budget: bool = True
     """Whether the projection's L1 radius is the one at which the rounded integer weights use
     the accumulator budget (`_rounded_cap`) rather than the float weights."""
-    rounding: str = "a2q"
+    rounding: str = "fit"
     """How the projected weights become integers where rounding to nearest breaks the bound:
     "a2q" rounds that whole channel toward zero (A2Q), "fit" rounds only the fewest, cheapest
     weights toward zero (`_fewest_toward_zero`)."""

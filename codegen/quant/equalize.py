@@ -39,7 +39,7 @@ from codegen.quant import distributed as ddp
 
 CLES = ("none", "weights", "activations")
 DEFAULT_CLE = "activations"
-ADAPTIVE_CLE = "none"
+ADAPTIVE_CLE = "activations"
 """method="adaptive"'s default (docs/adaptive.md)."""
 SWEEPS = 20
 """Passes of the "weights" equalization over the chains."""

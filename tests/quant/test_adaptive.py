@@ -183,7 +183,7 @@ def test_projection_then_truncation_fits_the_exact_bound(xlo: int, xhi: int) -> 
 
 @pytest.mark.parametrize("acc_bits", [12, 16])
 def test_weights_round_to_nearest_unless_the_bound_binds(acc_bits: int) -> None:
-    """Channels whose nearest-rounded integers fit the exact bound keep them; the others are
+    """rounding="a2q" (A2Q's rule): channels whose nearest-rounded integers fit the exact bound keep them; the others are
     rounded toward zero and fit too."""
     from codegen.core.ir import Node
 
@@ -191,7 +191,8 @@ def test_weights_round_to_nearest_unless_the_bound_binds(acc_bits: int) -> None:
     w = rng.normal(0, 1, (12, 128)).astype(np.float32)
     w[:6, 8:] = 0.0  # 8 terms of up to 7 x 15: inside the bound at either width
     node = Node("fc", "dense", ("x",), "y", {}, {"weight": w, "bias": np.zeros(12, np.float32)})
-    wq = adaptive.WeightQuant(node, bits=4, acc_bits=acc_bits, pow2=False)
+    a2q = adaptive.Recipe(rounding="a2q", integer_budget=False)
+    wq = adaptive.WeightQuant(node, bits=4, acc_bits=acc_bits, pow2=False, r=a2q)
     act = _act(bits=4, step=0.1, zp=0)  # unsigned codes 0..15
     with torch.no_grad():
         lay = wq.forward(act)
