@@ -598,7 +598,11 @@ class _Emitter:
         ctx["mve"] = mve
         # DSP: 32-bit requantization where the layer's bounds allow it (no cheap 64-bit shifts)
         pool_taps = (
-            int(ctx["kh"]) * int(ctx["kw"]) if call.template == "avgpool2d" else int(ctx["hw"])
+            int(ctx["kh"]) * int(ctx["kw"])
+            if call.template == "avgpool2d"
+            else layouts.adaptive_taps(call)
+            if call.template == "adaptive_avgpool2d"
+            else int(ctx["hw"])
         )
         ctx["rq32"] = dialect == "dsp" and layouts.requant32_ok(call, pool_taps)
         ctx["dspp"] = (
@@ -630,6 +634,18 @@ class _Emitter:
             if dialect == "dsp" and call.template == "add"
             else None
         )
+        ctx["dspx"] = (  # the DSP product: SMULBB / SMULTT on SXTB16 lanes
+            layouts.dsp_mul_context(
+                call, int(ctx["pixels"]), int(ctx["oc"]), int(ctx.get("b_stride", 0))
+            )
+            if dialect == "dsp" and call.template == "mul"
+            else None
+        )
+        ctx["dspw"] = (  # the DSP adaptive pools over their given windows
+            layouts.dsp_adaptive_context(call, int(ctx["iw"]), int(ctx["ic"]))
+            if dialect == "dsp"
+            else None
+        )
         ctx["dspl"] = (  # the DSP table lookup: 4 values per word
             layouts.vector_split(int(ctx["size"]), 4)
             if dialect == "dsp" and call.template == "lut"
@@ -657,13 +673,10 @@ class _Emitter:
         ctx.update(layouts.mve_pixel_block(call, ctx) if dialect == "mve" else {"mve_pixels": 0})
         ctx["mvp"] = None
         if dialect == "mve" and call.template in layouts.POOL_TEMPLATES:
-            a = call.node.attrs
             taps = {"global_avgpool": ctx["hw"], "avgpool2d": ctx["kh"] * ctx["kw"]}
             channels = {"add": ctx["oc"], "adaptive_avgpool2d": ctx["pixels"]}
             if call.template == "adaptive_avgpool2d":  # the largest window
-                taps[call.template] = max(r1 - r0 for r0, r1 in a["rows"]) * max(
-                    c1 - c0 for c0, c1 in a["cols"]
-                )
+                taps[call.template] = layouts.adaptive_taps(call)
             ctx["mvp"] = layouts.mve_pool_context(
                 call,
                 int(taps.get(call.template, 1)),

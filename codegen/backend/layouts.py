@@ -1385,16 +1385,16 @@ def requant32_ok(call: KernelCall, taps: int = 0) -> bool:
     """A conv2d / dense / add / mul / average pool / bilinear resizing layer whose
     requantization may use qacc_requantize32: every channel's accumulator (wrapped to A bits,
     or bounded by the weights, or by the inputs' ranges and multipliers for add and mul, or by
-    the `taps` inputs of a pool, or by 2^(2B) times the inputs' range for a resizing, when no
-    sum can wrap) fits."""
+    the `taps` inputs of a pool (an adaptive one: its largest window), or by 2^(2B) times the
+    inputs' range for a resizing, when no sum can wrap) fits."""
     node = call.node
     ops: tuple[str, ...] = ("conv2d", "dense", "add", "mul", "global_avgpool", "avgpool2d")
-    ops += ("resize_bilinear",)
+    ops += ("resize_bilinear", "adaptive_avgpool2d")
     if call.template == "global_avgpool":  # also an average pool over the whole image
         ops = (node.op,)
     if node.op not in ops or call.acc_bits is None or node.requant is None:
         return False
-    if node.op in ("add", "mul", "global_avgpool", "avgpool2d", "resize_bilinear"):
+    if node.op != "conv2d" and node.op != "dense":
         oc = max(np.asarray(node.requant.mult).size, np.asarray(node.requant.shift).size)
         if node.op == "add":
             ms = [int(v) for v in np.asarray(node.params["in_mult"]).reshape(-1)]
@@ -1627,6 +1627,55 @@ def dsp_avgpool_context(
     }
 
 
+DSP_POOL_UNROLL = 64
+"""The most taps of an adaptive pool's windows that the DSP kernel unrolls."""
+
+
+def adaptive_taps(call: KernelCall) -> int:
+    """The taps of the largest window of an adaptive pool (rows times columns)."""
+    a = call.node.attrs
+    return max(r1 - r0 for r0, r1 in a["rows"]) * max(c1 - c0 for c0, c1 in a["cols"])
+
+
+def dsp_adaptive_context(call: KernelCall, iw: int, channels: int) -> dict[str, Any] | None:
+    """The DSP adaptive pools (cortex-m4/m7) over their given windows, per output pixel: 4
+    channels per word, the maximum by SSUB8 + SEL (the clamp likewise against words of LO / HI)
+    or the int16 sums of SXTAB16 (exact: every window has at most 256 taps), then each channel's
+    sum minus IZP per tap, wrapped to A bits (`exact`: no sum can reach 2^(A-1), the wrap is left
+    out) and requantized with its pixel's divisor; the channels past the last whole word one at
+    a time. Windows of one size (every row window KH rows, every column window KW columns, as
+    when the output size divides the input's, or 7 -> 3) read their taps unrolled at the
+    constant offsets `taps` from the window's corner (None: loops over each window's taps).
+    None (fewer than 4 channels; an average over a larger window or an accumulator wider than
+    32 bits): the portable kernel."""
+    if call.template not in ("adaptive_avgpool2d", "adaptive_maxpool2d") or channels < 4:
+        return None
+    a = call.node.attrs
+    rq = call.node.requant
+    assert rq is not None
+    kh = {int(r1) - int(r0) for r0, r1 in a["rows"]}
+    kw = {int(c1) - int(c0) for c0, c1 in a["cols"]}
+    uniform = len(kh) == 1 and len(kw) == 1
+    ctx: dict[str, Any] = {
+        "clamp_lo": rq.lo > -128, "clamp_hi": rq.hi < 127,
+        "lo_word": _word(rq.lo), "hi_word": _word(rq.hi),
+        "kh": min(kh), "kw": min(kw), "n": min(kh) * min(kw),
+        "taps": (
+            [(ky * iw + kx) * channels for ky in range(min(kh)) for kx in range(min(kw))]
+            if uniform and min(kh) * min(kw) <= DSP_POOL_UNROLL
+            else None
+        ),
+        **vector_split(channels, 4),
+    }  # fmt: skip
+    if call.template == "adaptive_maxpool2d":
+        return ctx
+    taps = adaptive_taps(call)
+    if call.acc_bits is None or call.acc_bits > 32 or taps * 128 > 1 << 15:
+        return None
+    span = taps * _int8_span(int(call.node.attrs.get("input_zero_point", 0)))
+    return {**ctx, "exact": span < 1 << (call.acc_bits - 1)}
+
+
 def dsp_add_context(call: KernelCall, pixels: int, channels: int) -> dict[str, Any] | None:
     """The DSP residual add (cortex-m4/m7): 4 elements per word of each input, split by SXTB16
     into int16 lanes (0, 2 and, rotated, 1, 3); each sum (a - ZA) * MA + (b - ZB) * MB as two
@@ -1656,6 +1705,44 @@ def dsp_add_context(call: KernelCall, pixels: int, channels: int) -> dict[str, A
         "k": int(wrap(np.int64(k), 32)),
         "exact": bound < 1 << (call.acc_bits - 1),  # no sum reaches 2^(A-1): no wrap
         "rows": rows, "cols": cols,
+        **vector_split(cols, 4),
+    }  # fmt: skip
+
+
+def _int16_pair(v: int) -> str:
+    """The int16 value v in both halves of a word, as a C literal."""
+    return f"0x{(v & 0xFFFF) * 0x00010001:08X}u"
+
+
+def dsp_mul_context(
+    call: KernelCall, pixels: int, channels: int, b_stride: int
+) -> dict[str, Any] | None:
+    """The DSP element-wise product (cortex-m4/m7): 4 elements per word of each input, split by
+    SXTB16 into int16 lanes (0, 2 and, rotated, 1, 3), the zero points subtracted by SSUB16
+    (exact: x - Z fits int16 for every int8 x), each product (a - ZA) * (b - ZB) by one
+    halfword multiply (SMULBB / SMULTT), exact in int32 (|.| <= 2^30); then reduced to the
+    container and to A bits as in the portable kernel (`exact`: no product can reach 2^(A-1),
+    the wrap is left out) and requantized. `b` is a tensor of the output's shape (`b_stride` =
+    `channels` per pixel) or one value per channel (`b_stride` 0: squeeze-excitation); two
+    tensors of one shape with one multiplier and shift for all channels are one flat row.
+    None (zero points beyond int16 lanes, or fewer than 4 elements per row: no whole word):
+    the portable kernel."""
+    if call.template != "mul" or call.acc_bits is None or call.acc_bits > 32:
+        return None
+    node = call.node
+    assert node.requant is not None
+    za, zb = (int(v) for v in node.attrs.get("input_zero_points", (0, 0)))
+    if any(not -(1 << 15) + 128 <= z <= (1 << 15) - 129 for z in (za, zb)):
+        return None
+    rq = node.requant
+    flat = b_stride and np.asarray(rq.mult).size == 1 and np.asarray(rq.shift).size == 1
+    rows, cols, step = (1, pixels * channels, 0) if flat else (pixels, channels, b_stride)
+    if cols < 4:
+        return None
+    return {
+        "rows": rows, "cols": cols, "b_step": step,
+        "za": za, "zb": zb, "za_pair": _int16_pair(za), "zb_pair": _int16_pair(zb),
+        "exact": _int8_span(za) * _int8_span(zb) < 1 << (call.acc_bits - 1),
         **vector_split(cols, 4),
     }  # fmt: skip
 

@@ -839,7 +839,7 @@ CASES: list[Case] = [
     Case(
         "adaptive_avgpool2d_acc16-ceil-windows-wrap",
         lambda b: b.adaptive_pool(
-            b.input((5, 5, 3), dist="high"),
+            b.input((5, 5, 6), dist="high"),  # DSP: windows of 2 sizes (loops), a tail of 2
             (3, 3),
             acc_bits=9,
             windows=(((0, 2), (1, 4), (3, 5)), ((0, 3), (2, 5), (4, 5))),
@@ -851,11 +851,12 @@ CASES: list[Case] = [
         lambda b: b.adaptive_pool(b.input((6, 5, 3)), (4, 4), acc_bits=20),
     ),
     Case(
-        "adaptive_maxpool2d-down", lambda b: b.adaptive_pool(b.input((7, 9, 5)), (3, 4), kind="max")
+        "adaptive_maxpool2d-down",  # DSP: column windows of 2 and 3 (loops), a tail of 1
+        lambda b: b.adaptive_pool(b.input((7, 9, 5)), (3, 5), kind="max"),
     ),
     Case(
         "adaptive_maxpool2d-upsample-clamped",
-        lambda b: b.adaptive_pool(b.input((1, 2, 3)), (6, 6), kind="max", lo=-5, hi=70),
+        lambda b: b.adaptive_pool(b.input((1, 2, 7)), (6, 6), kind="max", lo=-5, hi=70),
     ),
     # bilinear resizing (integer weights)
     Case(

@@ -407,18 +407,56 @@ def test_dsp_global_avgpool_sums_int16_pairs() -> None:
             assert "qacc_requantize32(" in src, (target, cid)  # the bounds allow it
 
 
-def test_dsp_mul_uses_the_32_bit_requantization(graphs: dict[str, Any]) -> None:
-    """On cortex-m4/m7 the mul is the portable kernel (SIMD32 pairs would save little: the
-    requantization per element dominates) with qacc_requantize32, which the inputs' ranges make
-    equal to THE requantization, also when the product wraps."""
+def test_dsp_mul_multiplies_halfword_pairs(graphs: dict[str, Any]) -> None:
+    """On cortex-m4/m7 the mul splits 4 elements per word into int16 lanes (SXTB16, the zero
+    points by SSUB16) and multiplies them by SMULBB / SMULTT, exact in int32; one flat row for
+    two tensors of one shape with one multiplier, rows of channels otherwise (broadcast,
+    per-channel); the wrap left out where no product reaches 2^(A-1); qacc_requantize32, which
+    the inputs' ranges make equal to THE requantization, also when the product wraps. The rows
+    above check it equal to the reference."""
     for target in ("cortex-m4", "cortex-m7"):
         t = resolve_target(target)
-        for cid in (
-            "mul_acc16-same-shape",
-            "mul_acc16-broadcast-c13-zero-points-per-channel-wrap-acc11",
+        for cid, markers in (
+            ("mul_acc16-same-shape", ("P = 1, C = 120,", "nothing wraps")),
+            (
+                "mul_acc16-flat-105-zero-points",
+                ("FULL = 104,", "__ssub16(qacc_dsp_sxtb16_ror8(wb), ZZB)"),
+            ),
+            ("mul_acc16-wrap-acc12", ("qacc_wrap16((uint16_t)(uint32_t)s3, ACC_BITS)",)),
+            (
+                "mul_acc16-broadcast-c13-zero-points-per-channel-wrap-acc11",
+                ("P = 12, C = 13,", "BP = 0,", "c + 3]", "for (; c < C; ++c)"),
+            ),
         ):
             src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
+            assert all(m in src for m in (*markers, "qacc_dsp_multt(a13, b13)")), (target, cid)
             assert "qacc_requantize32(" in src, (target, cid)
+            assert "#else /* no DSP extension" in src, (target, cid)
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m7"])
+def test_dsp_adaptive_pools_take_words(target: str, graphs: dict[str, Any]) -> None:
+    """On cortex-m4/m7 the adaptive pools take 4 channels per word over their given windows:
+    the maximum by SSUB8 + SEL (the clamp likewise), the average by SXTAB16 int16 sums
+    requantized per output pixel (the wrap left out where no sum reaches 2^(A-1)); windows of
+    one size unrolled at constant offsets, others looped; the channels past the last whole word
+    one at a time; fewer than 4 channels keep the portable kernel. The rows above check them
+    equal to the reference."""
+    t = resolve_target(target)
+    for cid, markers in (
+        ("adaptive_avgpool2d_acc16-down-zero-point", ("n = 12; /* taps of every", "x + c + 88)")),
+        (
+            "adaptive_avgpool2d_acc16-ceil-windows-wrap",
+            ("ix < ix1 - ix0;", "wrapped to ACC_BITS", "[px], ", "c = FULL; c < C"),
+        ),
+        ("adaptive_maxpool2d-down", ("qacc_dsp_load4(x + (iy * IW + ix) * C + c))", "FULL = 4,")),
+        ("adaptive_maxpool2d-upsample-clamped", ("qacc_dsp_min8(v, 0x46464646u)", "0xFBFBFBFBu")),
+    ):
+        src = emit(graphs[cid][0], cid, t)[f"{c_identifier(cid).lower()}.c"]
+        assert all(m in src for m in markers), (target, cid)
+        assert "#else /* no DSP extension" in src, (target, cid)
+    src = emit(graphs["adaptive_avgpool2d_acc32-wide"][0], "w", t)["w.c"]
+    assert "__ARM_FEATURE_DSP" not in src, target  # 3 channels: no whole word
 
 
 def test_mve_concat_copies_or_requantizes_in_lanes(graphs: dict[str, Any]) -> None:
