@@ -183,8 +183,8 @@ def test_projection_then_truncation_fits_the_exact_bound(xlo: int, xhi: int) -> 
 
 @pytest.mark.parametrize("acc_bits", [12, 16])
 def test_weights_round_to_nearest_unless_the_bound_binds(acc_bits: int) -> None:
-    """rounding="a2q" (A2Q's rule): channels whose nearest-rounded integers fit the exact bound keep them; the others are
-    rounded toward zero and fit too."""
+    """rounding="a2q" (A2Q's rule): channels whose nearest-rounded integers fit the exact bound
+    keep them; the others are rounded toward zero and fit too."""
     from codegen.core.ir import Node
 
     rng = np.random.default_rng(acc_bits)
