@@ -149,6 +149,61 @@ static inline uint32_t qacc_mul_u32(uint32_t a, uint32_t b)
     return (uint32_t)(a * b);
 }
 
+/* ------------------------------------------------------------------ division by a magic number */
+
+/* Leading zero bits of x > 0 (one CLZ on ARM). */
+static inline int qacc_clz32(uint32_t x)
+{
+#if defined(__GNUC__)
+    return __builtin_clz(x);
+#else
+    int n = 0;
+    while (!(x & 0x80000000u)) {
+        x <<= 1;
+        ++n;
+    }
+    return n;
+#endif
+}
+
+/* The magic reciprocal m of a divisor d known only at run time, shared by many dividends n <
+   2^bits (bits <= 30, d >= 2^(31 - bits)): with sh = bits - qacc_clz32(d) (>= 0),
+   floor(n / d) = (uint32_t)(((uint64_t)n * m) >> 32) >> sh, a multiply-high and a shift
+   (Granlund & Montgomery 1994; codegen/backend/layouts.py div_magic has the proof). m is
+   ceil(2^(bits + 32) / v), v = d << clz(d) (top bit set): a 64 / 32-bit division with a
+   quotient below 2^32, done in two 16-bit digits by two 32-bit divisions (Hacker's Delight,
+   divlu), no 64-bit library call. Unsigned arithmetic wraps as intended (each remainder is
+   below v). */
+static inline uint32_t qacc_div_magic(uint32_t d, int bits)
+{
+    const uint32_t v = d << qacc_clz32(d);
+    const uint32_t vh = v >> 16, vl = v & 0xFFFFu;
+    const uint32_t u = (uint32_t)1 << bits; /* the dividend is u * 2^32, u < v */
+    uint32_t q1, q0, r, rhat;
+
+    q1 = u / vh; /* the high digit (<= 2^15: u <= 2^30, vh >= 2^15), at most 2 too large */
+    rhat = u - q1 * vh;
+    while (q1 * vl > (rhat << 16)) {
+        --q1;
+        rhat += vh;
+        if (rhat > 0xFFFFu) {
+            break;
+        }
+    }
+    r = (u << 16) - q1 * v;
+    q0 = r / vh; /* the low digit, at most 2 too large (and maybe 2^16 or more) */
+    rhat = r - q0 * vh;
+    while (q0 > 0xFFFFu || q0 * vl > (rhat << 16)) {
+        --q0;
+        rhat += vh;
+        if (rhat > 0xFFFFu) {
+            break;
+        }
+    }
+    r = (r << 16) - q0 * v; /* the remainder of u * 2^32 / v */
+    return (q1 << 16) + q0 + (r != 0u);
+}
+
 /* ------------------------------------------------------------------ packed sub-byte weights */
 
 /*

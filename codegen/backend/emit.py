@@ -455,8 +455,7 @@ class _Emitter:
             # the division in 32 bits when e * 2^norm_shift + sum and 2 * sum fit (they do for
             # out_frac <= 15 and fewer than 2^16 channels); else in 64 bits (a library call on
             # 32-bit cores)
-            emax = int(np.max(p["exp_table"]))
-            k["div32"] = max((emax << k["norm_shift"]) + oc * emax, 2 * oc * emax) < 1 << 32
+            k["div32"] = layouts.softmax_div32(node, oc)
             k["exp_table"] = self.add_array(
                 node,
                 "exp",
@@ -690,6 +689,13 @@ class _Emitter:
                 ctx["mvp"].update(
                     layouts.mve_elementwise_loops(ctx["pixels"], ctx["oc"], b_stride, ctx["mvp"])
                 )
+        ctx["smx"] = (  # Helium softmax: the division by a magic reciprocal; DSP: 4 per word
+            layouts.softmax_magic_context(call.node, int(ctx["oc"]))
+            if dialect == "mve" and call.template == "softmax"
+            else layouts.dsp_softmax_context(call.node, int(ctx["oc"]))
+            if dialect == "dsp" and call.template == "softmax"
+            else None
+        )
         ctx["mvg"] = (
             layouts.mve_gather_context(call)
             if dialect == "mve" and call.template == "gather"
@@ -857,7 +863,11 @@ class _Emitter:
                     "function": f"layer_{self.layer_ids[n.name]}",
                     "acc_bits": c.acc_bits,
                     "container_bits": c.container_bits,
-                    "path": layouts.path(c, self.lowered.dialect, self.neon),
+                    "path": (
+                        layouts.softmax_path(n, self.lowered.dialect, g.tensors[n.output].shape[-1])
+                        if n.op == "softmax"
+                        else layouts.path(c, self.lowered.dialect, self.neon)
+                    ),
                     "macs": macs(g, n),
                     "weight_bytes": self.layer_weight_bytes.get(n.name, 0),
                     "inputs": list(n.inputs),

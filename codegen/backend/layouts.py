@@ -1903,3 +1903,103 @@ def mve_gather_context(call: KernelCall) -> dict[str, Any] | None:
     lanes = 16 if top < 256 else 8
     return {"start": 0, "lanes": lanes, "vctp": f"vctp{128 // lanes}q", "gather": True,
             "clamp": clamp, **vector_split(oc, lanes)}  # fmt: skip
+
+
+MAGIC_MAX_BITS = 30
+"""The widest dividend `div_magic` divides exactly with a 32-bit magic number (m <= 2^31)."""
+
+
+def div_magic(d: int, bits: int) -> tuple[int, int]:
+    """The magic reciprocal (m, sh) of a divisor 1 <= d < 2^32 for dividends n < 2^bits, as
+    `qacc_div_magic` (runtime_c/qacc.h) computes it at run time: floor(n / d) equals
+    ((n * m) >> 32) >> sh, a 32-bit multiply-high (VMULH.U32) and a shift.
+
+    Granlund & Montgomery (1994), the round-up variant: with l = d.bit_length() (so
+    2^(l-1) <= d < 2^l), m = ceil(2^(bits + l) / d) and sh = bits + l - 32. Then
+    delta = m d - 2^(bits + l) is in [0, d), and n m / 2^(bits + l) = n / d + n delta /
+    (d 2^(bits + l)), whose second term is below 1 / d for every n < 2^bits (n delta <
+    2^bits 2^l): it cannot carry n / d, whose fractional part is at most (d - 1) / d, past the
+    next integer, so the floors agree. m <= 2^(bits + 1) (2^(bits + l) / d <= 2^(bits + 1)), a
+    uint32 for bits <= MAGIC_MAX_BITS, and sh >= 0 needs l >= 32 - bits. In C, m is
+    ceil(2^(bits + 32) / (d << (32 - l))), the same number: a 64 / 32-bit division whose
+    divisor has its top bit set, done in two 16-bit digits."""
+    lz = 32 - d.bit_length()
+    assert 0 <= lz < 32 and 0 <= bits <= MAGIC_MAX_BITS and bits >= lz, (d, bits)
+    return -(-(1 << (bits + 32)) // (d << lz)), bits - lz
+
+
+def softmax_dividend_max(node: Node, channels: int) -> int:
+    """The largest dividend of `reference.softmax`'s division, e * 2^(out_frac + 1) + s with
+    e <= the table's largest entry and s <= channels times it."""
+    emax = int(np.max(node.params["exp_table"]))
+    return (emax << (int(node.attrs["out_frac"]) + 1)) + channels * emax
+
+
+def softmax_dividend_bits(node: Node, channels: int) -> int:
+    """The bits of `softmax_dividend_max`: every dividend is below 2^bits."""
+    return softmax_dividend_max(node, channels).bit_length()
+
+
+def softmax_div32(node: Node, channels: int) -> bool:
+    """Whether the softmax's division fits 32 bits: its largest dividend and its divisor 2 s
+    (out_frac <= 15 and fewer than 2^16 channels keep them there); else it is a 64-bit one."""
+    emax = int(np.max(node.params["exp_table"]))
+    return max(softmax_dividend_max(node, channels), 2 * channels * emax) < 1 << 32
+
+
+def softmax_magic_context(node: Node, channels: int) -> dict[str, Any] | None:
+    """The Helium softmax's division by the row's 2 s as a multiply-high by its magic reciprocal
+    (`div_magic`, exact for dividends below 2^bits): None where the largest dividend needs more
+    than MAGIC_MAX_BITS bits or the smallest divisor, twice the table's entry at distance 0 (the
+    maximum's own term of every sum), is below 2^(31 - bits) (the shift would be negative); the
+    portable kernel then. `clamp_lo` / `clamp_hi`: whether the saturation can bind, the quotient
+    being in [0, 2^out_frac] (e <= s). Rows of 1 or 2 channels keep the portable kernel too: the
+    reciprocal costs about 35 instructions per row, more than their scalar divisions."""
+    bits = softmax_dividend_bits(node, channels)
+    table0 = int(node.params["exp_table"][0])
+    if channels < 3 or bits > MAGIC_MAX_BITS or 2 * table0 < 1 << (31 - bits):
+        return None
+    splits = {
+        f"{key}{lanes}": n
+        for lanes in (16, 8, 4)
+        for key, n in vector_split(channels, lanes).items()
+    }
+    return {"bits": bits, **_softmax_clamps(node), **splits}
+
+
+def _softmax_clamps(node: Node) -> dict[str, Any]:
+    """Which sides of the softmax's saturation can bind, the quotient being in [0, 2^out_frac]
+    (e <= s); `sat`: the one DSP instruction that is the whole saturation (USAT to [0, 2^b - 1],
+    SSAT to [-2^(b-1), 2^(b-1) - 1]) where one is needed and the limits are such a range."""
+    rq = node.requant
+    assert rq is not None
+    lo, hi = rq.lo, rq.hi
+    clamp_lo, clamp_hi = rq.zero_point < lo, rq.zero_point + (1 << int(node.attrs["out_frac"])) > hi
+    sat = None
+    if (clamp_lo or clamp_hi) and hi >= 0 and (hi + 1) & hi == 0:  # hi = 2^b - 1
+        if lo == 0:
+            sat = f"__usat(%s, {hi.bit_length()})"
+        elif lo == -(hi + 1):
+            sat = f"__ssat(%s, {hi.bit_length() + 1})"
+    return {"clamp_lo": clamp_lo, "clamp_hi": clamp_hi, "sat": sat}
+
+
+def dsp_softmax_context(node: Node, channels: int) -> dict[str, Any] | None:
+    """The DSP-extension softmax: 4 channels per word (the maximum by SSUB8 + SEL, the distances
+    to it by USUB8, 4 table reads per word load), the division one UDIV per value as in the
+    portable kernel (a magic multiply would be two instructions, UMULL and a shift). None for
+    fewer than 4 channels: the portable kernel."""
+    if channels < 4:
+        return None
+    return {**vector_split(channels, 4), **_softmax_clamps(node)}
+
+
+def softmax_path(node: Node, dialect: str, channels: int) -> str | None:
+    """report.json "path" of a softmax: ``vmulh-magic`` where the Helium kernel divides by the
+    magic reciprocal (`softmax_magic_context`), ``usub8-udiv`` where the DSP kernel runs
+    (`dsp_softmax_context`, a 32-bit division), None for the portable kernel."""
+    if dialect == "mve" and softmax_magic_context(node, channels) is not None:
+        return "vmulh-magic"
+    if dialect == "dsp" and dsp_softmax_context(node, channels) and softmax_div32(node, channels):
+        return "usub8-udiv"
+    return None

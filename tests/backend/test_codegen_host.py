@@ -15,7 +15,7 @@ import json
 import re
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +93,16 @@ def _mul_same_shape(b: GraphBuilder) -> None:
 def _mul_wrap(b: GraphBuilder) -> None:
     x = b.input((3, 4, 5), dist="high")
     b.mul(x, x, acc_bits=12)  # 127 * 127 leaves a 12-bit accumulator
+
+
+def _softmax_wide(b: GraphBuilder, shape: tuple[int, ...], out: QFormat, **clamp: int) -> None:
+    """A softmax whose exp table is near 2^15 everywhere (input scale 2^-12): sums near
+    C * 2^15, the largest divisors and dividends of the division (Helium: by a magic
+    reciprocal); the first sample's rows are constant (every sum exactly C * 2^15)."""
+    x = b.input(shape)
+    b.tensors[x] = replace(b.tensors[x], fmt=QFormat(8, True, 12))
+    b.values[x][0] = 5
+    b.softmax(x, out=out, **clamp)
 
 
 def _mul_flat(b: GraphBuilder) -> None:
@@ -795,6 +805,14 @@ CASES: list[Case] = [
         "softmax-out-frac16-wide-division",
         lambda b: b.softmax(b.input((9,)), out=QFormat(8, True, 16)),
     ),
+    Case(  # Helium: 1000 classes (sums up to 2^25, 26-bit dividends), 16/8/4-lane loops, no tail
+        "softmax-1000-classes-flat-exp",
+        lambda b: _softmax_wide(b, (1000,), QFormat(8, True, 8)),
+    ),
+    Case(  # rows of 33 (a tail of 1 in every loop), a zero point, both clamps binding
+        "softmax-pixels-c33-flat-exp-zero-point-clamped",
+        lambda b: _softmax_wide(b, (4, 3, 33), QFormat(8, True, 7, -60), lo=-50, hi=50),
+    ),
     Case(
         "softmax-pixels-signed-zero-point-clamped",
         lambda b: b.softmax(b.input((3, 4, 7)), out=QFormat(8, True, 8, -100), lo=-120, hi=100),
@@ -1006,6 +1024,8 @@ def runtime_lib(tmp_path_factory: pytest.TempPathFactory) -> Any:
         "{ long i; for (i = 0; i < n; ++i) out[i] = qacc_wrap16(acc[i], bits); }\n"
         "void w32(const uint32_t *acc, long n, int bits, int32_t *out)\n"
         "{ long i; for (i = 0; i < n; ++i) out[i] = qacc_wrap32(acc[i], bits); }\n"
+        "void magic(const uint32_t *d, const int32_t *bits, long n, uint32_t *m)\n"
+        "{ long i; for (i = 0; i < n; ++i) m[i] = qacc_div_magic(d[i], bits[i]); }\n"
     )
     so = d / "libshim.so"
     flags = ["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fPIC", "-shared"]
@@ -1020,6 +1040,7 @@ def runtime_lib(tmp_path_factory: pytest.TempPathFactory) -> Any:
         " int32_t, int8_t *);"
         "void w16(const uint16_t *, long, int, int32_t *);"
         "void w32(const uint32_t *, long, int, int32_t *);"
+        "void magic(const uint32_t *, const int32_t *, long, uint32_t *);"
     )
     return ffi, ffi.dlopen(str(so))
 
@@ -1113,6 +1134,84 @@ def test_qacc_wrap_equals_formats(runtime_lib: Any, bits: int) -> None:
             ffi.from_buffer("uint16_t[]", u16), exact.size, bits, ffi.from_buffer("int32_t[]", got)
         )
         assert np.array_equal(got.astype(np.int64), want)
+
+
+def _magic_divisors(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(d, bits) pairs `div_magic` admits (bits <= 30, 2^(31 - bits) <= d < 2^32): random ones
+    and every power of two, its neighbours and the largest d of each bit length."""
+    bits = rng.integers(1, layouts.MAGIC_MAX_BITS + 1, n)
+    low = np.left_shift(1, 31 - bits)
+    d = low + (rng.random(n) * ((1 << 32) - low)).astype(np.int64)
+    edges = [
+        (x, b)
+        for b in range(1, layouts.MAGIC_MAX_BITS + 1)
+        for lg in range(31 - b, 32)
+        for x in (1 << lg, (1 << lg) + 1, (1 << lg) - 1, (2 << lg) - 1)
+        if 1 << (31 - b) <= x < 1 << 32
+    ]
+    d = np.concatenate([np.minimum(d, (1 << 32) - 1), [x for x, _ in edges]])
+    return d.astype(np.uint32), np.concatenate([bits, [b for _, b in edges]]).astype(np.int32)
+
+
+def test_qacc_div_magic_equals_layouts(runtime_lib: Any) -> None:
+    """qacc_div_magic (two 32-bit divisions) computes div_magic's m, ceil(2^(bits + 32) /
+    (d << clz(d))), for every kind of divisor: random, powers of two and their neighbours."""
+    ffi, lib = runtime_lib
+    d, bits = _magic_divisors(np.random.default_rng(11), 200000)
+    got = np.empty(d.size, dtype=np.uint32)
+    lib.magic(
+        ffi.from_buffer("uint32_t[]", d),
+        ffi.from_buffer("int32_t[]", bits),
+        d.size,
+        ffi.from_buffer("uint32_t[]", got),
+    )
+    want = [layouts.div_magic(int(x), int(b))[0] for x, b in zip(d, bits, strict=True)]
+    assert got.astype(np.int64).tolist() == want
+
+
+def test_div_magic_divides_exactly() -> None:
+    """((n * m) >> 32) >> sh == n // d for every n < 2^bits, on divisors of softmax sums (d = 2 s
+    >= 2^16) at every dividend width, the largest and smallest divisors of each and random ones.
+    The multiply-high is monotone in n and never below n // d, so it can only be wrong at the
+    end of a block of equal quotients: checking every n = q d + d - 1 (and 2^bits - 1) checks
+    the whole range."""
+    rng = np.random.default_rng(12)
+    checked = 0
+    for bits in range(17, layouts.MAGIC_MAX_BITS + 1):
+        lo, hi = 1 << 16, min(1 << 32, 1 << (bits + 2))
+        spread = np.exp2(rng.uniform(16, np.log2(hi), 400)).astype(np.int64)  # log-uniform
+        ds = {lo, lo + 1, hi - 1, hi - 2, *spread.tolist()}
+        ds |= {1 << lg for lg in range(17, 32) if 1 << lg < hi}
+        for d in sorted(ds):
+            m, sh = layouts.div_magic(d, bits)
+            assert sh >= 0 and 0 < m < 1 << 32, (d, bits)
+            n = np.arange(d - 1, (1 << bits) + d - 1, d, dtype=np.uint64)
+            n[-1] = min(int(n[-1]), (1 << bits) - 1)  # the last block ends at 2^bits - 1
+            got = ((n * np.uint64(m)) >> np.uint64(32)) >> np.uint64(sh)
+            assert np.array_equal(got, n // np.uint64(d)), (d, bits)
+            checked += n.size
+    assert checked > 10**6
+
+
+def test_softmax_magic_bounds_the_dividends() -> None:
+    """The Helium softmax divides with the magic reciprocal only where every dividend of the
+    reference's division (e * 2^(out_frac + 1) + s) is below 2^bits and every divisor (2 s) has
+    a shift >= 0; wider layers keep the portable kernel."""
+    b = GraphBuilder("bounds")
+    x = b.input((32,))
+    for out, channels, want in ((QFormat(7, False, 7), 32, 24), (QFormat(8, True, 8), 1000, 26)):
+        node = b.graph(b.softmax(x, out=out)).nodes[-1]
+        emax = int(node.params["exp_table"].max())
+        big = (emax << (out.frac + 1)) + channels * emax  # the largest dividend: e = emax = s/C
+        assert layouts.softmax_dividend_bits(node, channels) == want == big.bit_length()
+        v = layouts.softmax_magic_context(node, channels)
+        assert v is not None and v["bits"] == want
+        assert v["full16"] + v["tail16"] == channels and v["clamp_hi"] and not v["clamp_lo"]
+    node = b.graph(b.softmax(x, out=QFormat(8, True, 16))).nodes[-1]  # e * 2^17: 32 bits
+    assert layouts.softmax_magic_context(node, 32) is None
+    node = b.graph(b.softmax(x)).nodes[-1]  # rows of 2: the scalar divisions are shorter
+    assert layouts.softmax_magic_context(node, 2) is None
+    assert layouts.softmax_magic_context(node, 3) is not None
 
 
 # ----------------------------------------------------------------------------- determinism

@@ -13,6 +13,7 @@ the Debian package), it never skips.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -294,6 +295,35 @@ def test_mve_kernels_of_the_new_ops_are_used(graphs: dict[str, Any]) -> None:
         assert all(m in src for m in markers), cid
         packed = "col[ICP]" in src  # no portable fallback: the weights are packed for Helium
         assert ("#else /* no MVE" in src) != packed and ("needs MVE" in src) == packed, cid
+
+
+def test_softmax_kernels_are_used(graphs: dict[str, Any]) -> None:
+    """The Helium softmax (VMAXV, VLDRH gathers, VADDVA, the division by the magic reciprocal:
+    VMULH.U32) and the DSP one (SSUB8 + SEL maximum, USUB8 distances, UDIV, the saturation one
+    USAT / SSAT where the limits are such a range, else 32-bit compares on the sides that can
+    bind) are used where they apply, the portable kernel for 33-bit dividends (Helium) or a
+    64-bit division (DSP); report.json names the path. The rows above check them equal to the
+    reference."""
+    rows = (
+        ("cortex-m55", "softmax-1000-classes-flat-exp", ("vmaxvq_s8(", "vmulhq_u32("), "vmulh"),
+        ("cortex-m55", "softmax-pixels-c33-flat-exp-zero-point-clamped", ("vmaxvq_p_s8(",
+         "vstrbq_p_s32(y + c", "vaddq_n_s32(r, ZP)", "vminq_s32(", "vmaxq_s32("), "vmulh"),
+        ("cortex-m55", "softmax-classifier", ("vldrhq_gather_shifted_offset_z_u16(",), "vmulh"),
+        ("cortex-m55", "softmax-out-frac16-wide-division", ("uint64_t twice",), None),
+        ("cortex-m4", "softmax-1000-classes-flat-exp", ("__usub8(", "__ssat(r, 8)"), "usub8"),
+        ("cortex-m7", "softmax-classifier", ("qacc_dsp_max8(", "__usat(r, 7)"), "usub8"),
+        ("cortex-m4", "softmax-pixels-c33-flat-exp-zero-point-clamped",
+         ("r = r > HI ? HI : r;", "r = r < LO ? LO : r;"), "usub8"),
+        ("cortex-m7", "softmax-out-frac16-wide-division", ("uint64_t twice",), None),
+    )  # fmt: skip
+    for target, cid, markers, path in rows:
+        t = resolve_target(target)
+        files = emit(graphs[cid][0], cid, t)
+        src = files[f"{c_identifier(cid).lower()}.c"]
+        assert all(m in src for m in markers), (target, cid)
+        assert ("vmulhq_u32(" in src or "__usub8(" in src) == (path is not None), (target, cid)
+        layer = json.loads(files["report.json"])["layers"][-1]
+        assert layer["op"] == "softmax" and str(layer["path"]).startswith(str(path)), (target, cid)
 
 
 @pytest.mark.parametrize("target", ["cortex-m4", "cortex-m7"])
