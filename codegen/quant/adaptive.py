@@ -9,15 +9,17 @@ Quantization-aware training of the float IR (BN already folded) with fake quanti
   straight-through ones of LSQ+: for s, round(v) - v inside the range and the clip limit outside;
   for beta, 0 inside and 1 outside; the step gradient is scaled by 1 / sqrt(N * Qp) (LSQ).
 * every weighted layer has learnable per-output-channel weight steps and symmetric codes
-  [-(2^(b-1) - 1), 2^(b-1) - 1], rounded to nearest in every channel whose exact integer bound
-  still fits the accumulator, and toward zero (as A2Q) in the others: rounding toward zero can
-  never raise a channel's sum above the bound its projected float weights satisfy, but it costs
-  precision (an error of up to a whole step instead of half) where the bound does not bind.
+  [-(2^(b-1) - 1), 2^(b-1) - 1], rounded to nearest; in a channel whose nearest-rounded
+  integers would break the accumulator bound, the fewest, cheapest weights round toward zero
+  instead (`Recipe.rounding="fit"`; "a2q" rounds that whole channel toward zero, as A2Q).
+  Rounding toward zero can never raise a channel's sum above the bound its projected float
+  weights satisfy, so a fitting choice always exists.
 * the accumulator constraint (A2Q / A2Q+, Colbert et al.): before quantization each channel's
-  positive and negative weight mass (in integer units) is scaled so that the exact weight-aware
-  bound, bias included, fits `acc_bits` for every input the format allows. With inputs at their
-  zero point's end of the range (unsigned activations after ReLU) the two signs are capped
-  separately, which is A2Q+'s doubling of the L1 budget of zero-centred weights; otherwise one
+  positive and negative weight mass (in integer units) is brought inside the exact weight-aware
+  bound, bias included, for every input the format allows. With inputs at their zero point's
+  end of the range (unsigned activations after ReLU) the two signs are projected separately
+  onto L1 balls, which is A2Q+'s doubling of the L1 budget of zero-centred weights, with the
+  radius at which the rounded integers use the budget (`Recipe.integer_budget`); otherwise one
   common factor caps the bound. The bias (in accumulator units) is kept within half the range.
 * scales are `pow2` (steps learned in the log2 domain and rounded: shift-only requantization) or
   `dyadic` (any step; the requantization multiplier is a 15-bit integer and a shift).

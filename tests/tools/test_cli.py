@@ -129,18 +129,23 @@ def test_compile_then_verify_a_sequence_model(work: Path) -> None:
     assert "10 bit-exact, 0 differ" in v.stdout
 
 
-def test_compile_adaptive_then_verify(work: Path) -> None:
-    """--method adaptive: trained W4A4 at a 12-bit accumulator, packed weights, bit-exact."""
+def _adaptive_compile_and_verify(work: Path, model: str, labels: str, out: str) -> None:
+    """Train W4A4 at a 12-bit accumulator for one epoch, compile, verify bit-exact."""
     r = qacc(
-        "compile", "net.py:make", "--calib", "calib.npy", "--method", "adaptive",
-        "--acc-bits", "12", "--train-data", "calib.npy", "--train-labels", "labels.npy",
-        "--train-epochs", "1", "--out", "out-adaptive", cwd=work,
+        "compile", model, "--calib", "calib.npy", "--method", "adaptive", "--acc-bits", "12",
+        "--train-data", "calib.npy", "--train-labels", labels, "--train-epochs", "1",
+        "--out", out, cwd=work,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    report = (work / "out-adaptive" / "report.json").read_text()
+    report = (work / out / "report.json").read_text()
     assert '"method": "adaptive"' in report and '"adaptive"' in report
-    v = qacc("verify", "out-adaptive", "--inputs", "x.npy", cwd=work)
+    v = qacc("verify", out, "--inputs", "x.npy", cwd=work)
     assert v.returncode == 0 and "20 bit-exact, 0 differ" in v.stdout, v.stdout + v.stderr
+
+
+def test_compile_adaptive_then_verify(work: Path) -> None:
+    """--method adaptive: trained W4A4 at a 12-bit accumulator, packed weights, bit-exact."""
+    _adaptive_compile_and_verify(work, "net.py:make", "labels.npy", "out-adaptive")
     half = qacc(
         "compile", "net.py:make", "--calib", "calib.npy", "--method", "adaptive",
         "--train-data", "calib.npy", "--out", "out-x", cwd=work,
@@ -148,14 +153,7 @@ def test_compile_adaptive_then_verify(work: Path) -> None:
     assert half.returncode == 2 and "--train-labels" in half.stderr
     assert len(half.stderr.strip().splitlines()) == 1
     # two outputs: one labels file per output, 'none' for one trained by distillation only
-    two = qacc(
-        "compile", "net.py:two", "--calib", "calib.npy", "--method", "adaptive",
-        "--acc-bits", "12", "--train-data", "calib.npy", "--train-labels", "labels.npy,none",
-        "--train-epochs", "1", "--out", "out-two", cwd=work,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr
-    v = qacc("verify", "out-two", "--inputs", "x.npy", cwd=work)
-    assert v.returncode == 0 and "20 bit-exact, 0 differ" in v.stdout, v.stdout + v.stderr
+    _adaptive_compile_and_verify(work, "net.py:two", "labels.npy,none", "out-two")
     alone = qacc(
         "compile", "net.py:make", "--calib", "calib.npy", "--method", "adaptive",
         "--train-data", "calib.npy", "--train-labels", "none", "--out", "out-y", cwd=work,
