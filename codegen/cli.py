@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="ptq and adaptive: cross-layer equalization of the float network first "
             "(weights: equal weight ranges; activations: equal channel maxima, a tighter "
-            f"accumulator bound; default: {DEFAULT_CLE} for ptq, {ADAPTIVE_CLE} for adaptive)",
+            f"accumulator bound) (default: {DEFAULT_CLE} for ptq, {ADAPTIVE_CLE} for adaptive)",
         )
 
     p = argparse.ArgumentParser(
