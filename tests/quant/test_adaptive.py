@@ -293,7 +293,9 @@ def test_integer_budget_projection_spends_the_budget_on_the_rounded_integers() -
         if integer:
             assert torch.equal(p[4], v[4])  # inside the budget: untouched
     assert (used[True][:4] <= budget[:4]).all() and (used[True][:4] >= budget[:4] - 1).all()
-    assert used[False][2] == 0 and (used[True] >= used[False].clamp_max(used[True])).all()
+    assert used[False][2] == 0  # the float radius: every kept weight below half a step
+    inside = used[False][:4] <= budget[:4]  # where the float radius's integers fit at all
+    assert (used[True][:4][inside] > used[False][:4][inside]).all()
 
 
 def test_dyadic_multipliers() -> None:
