@@ -49,11 +49,12 @@ def one(
     epochs: int,
     options: dict[str, Any],
     check_c: int = 0,
+    bits: tuple[Any, Any] = (4, 4),
 ) -> dict[str, Any]:
     x_tr, y_tr, x_te, y_te, calib = data
     t0 = time.time()
     qm = codegen.quantize(
-        net, calib, acc_bits=acc_bits, method="adaptive", w_bits=4, a_bits=4,
+        net, calib, acc_bits=acc_bits, method="adaptive", w_bits=bits[0], a_bits=bits[1],
         overflow="guaranteed", train=(x_tr, y_tr), epochs=epochs, progress=False,
         on_epoch=lambda q: {"test_accuracy": accuracy(q, x_te, y_te)}, **options,
     )  # fmt: skip
@@ -114,9 +115,17 @@ def main() -> None:
         help="one recipe (quantize's adaptive=): name=value pairs joined by commas, e.g. "
         "batch=64,scale_lr=3; repeat for a grid",
     )
+    p.add_argument(
+        "--bits",
+        default="4,4",
+        help="w_bits,a_bits as ints, or JSON objects by layer name joined by ';', e.g. "
+        '\'4;{"default": 4, "input": 8}\'',
+    )
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    sep = ";" if ";" in a.bits else ","
+    bits = tuple(json.loads(v) for v in a.bits.split(sep))
     x_train, y_train, x_test, y_test = datasets.fashion_mnist()
     rng = np.random.default_rng(0)
     calib = x_train[rng.choice(len(x_train), 2000, replace=False)]
@@ -145,19 +154,21 @@ def main() -> None:
             for lr, init, distill, rec in grid:
                 opts = {"lr": lr, "init": init, "distill": distill, "seed": a.seed, "adaptive": rec,
                         "cle": a.cle}  # fmt: skip
-                r = one(net, data, acc_bits, a.epochs, opts, a.check_c)
+                r = one(net, data, acc_bits, a.epochs, opts, a.check_c, bits)
                 check = r["c_equals_reference"]
+                shown = "" if a.bits == "4,4" else f" bits {a.bits}"
                 per = " / ".join(f"{100 * v:.2f}" for v in r["fake_quant_per_epoch"])
                 print(
                     f"| {name} | {acc_bits} | {lr:g} | {init} | {'on' if distill else 'off'} | "
                     f"{100 * fl:.2f} | {per} | {100 * r['integer']:.2f} | "
-                    f"{100 * (r['integer'] - fl):+.2f} | {r['seconds']:.0f} | {rec or ''} |"
+                    f"{100 * (r['integer'] - fl):+.2f} | {r['seconds']:.0f} | {rec or ''}{shown} |"
                     + ("" if check is None else f" C == reference: {check} |"),
                     flush=True,
                 )
                 if a.json:
                     row = {"network": name, "acc_bits": acc_bits, "float": fl, **opts, **r,
-                           "epochs": a.epochs, "train": len(sub), "test": len(y_te)}  # fmt: skip
+                           "bits": bits, "epochs": a.epochs, "train": len(sub),
+                           "test": len(y_te)}  # fmt: skip
                     with Path(a.json).open("a") as f:
                         f.write(json.dumps(row) + "\n")
 
