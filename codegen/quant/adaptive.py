@@ -113,6 +113,9 @@ class Recipe:
     """How the projected weights become integers where rounding to nearest breaks the bound:
     "a2q" rounds that whole channel toward zero (A2Q), "fit" rounds only the fewest, cheapest
     weights toward zero (`_fewest_toward_zero`)."""
+    ema: float = 0.0
+    """Decay per step of an exponential moving average of every trained parameter (weights,
+    biases, steps, offsets); the network exported is the average. 0: the last step's."""
 
 
 FLAGS = ("pruned_grad", "integer_budget")
@@ -146,6 +149,8 @@ def recipe(options: Mapping[str, Any] | None) -> Recipe:
         raise QaccError(
             f"adaptive option rounding: choose {' or '.join(ROUNDINGS)}, got {r.rounding!r}"
         )
+    if not 0 <= r.ema < 1:
+        raise QaccError(f"adaptive option ema must be in [0, 1), got {r.ema}")
     if r.budget_bits < 0 or not 0 <= r.budget_ramp <= 1:
         raise QaccError("adaptive options: budget_bits >= 0, 0 <= budget_ramp <= 1")
     return r
@@ -952,6 +957,7 @@ def train_qat(
         teacher=teacher if distill else None, temperature=r.temperature,
         device=net.device, on_epoch=None if on_epoch is None else lambda: on_epoch(net),
         groups=param_groups(net, lr, r), warmup=r.warmup, kd_weight=r.kd_weight, on_step=ramp,
+        ema=r.ema,
     )  # fmt: skip
     if ramp is not None:
         ramp(1.0)  # the exact budget, whatever the number of steps

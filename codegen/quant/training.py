@@ -80,6 +80,7 @@ def fit(
     warmup: float = 0.0,
     kd_weight: float = KD_WEIGHT,
     on_step: Callable[[float], None] | None = None,
+    ema: float = 0.0,
 ) -> nn.Module:
     """Adam with a one-cycle (training) or cosine (fine-tuning) schedule; one progress bar per
     epoch showing loss and accuracy. Per-epoch figures are appended to `history` if given
@@ -100,7 +101,8 @@ def fit(
     `model.parameters()`; `warmup` (cosine only) is the share of the steps over which the rates
     rise linearly from 0 before the cosine decay; `kd_weight` is the distillation term's share of
     the loss; `on_step(done)`, if given, is called before every step with the share of the
-    training steps already taken."""
+    training steps already taken. `ema` > 0: the model ends with the exponential moving average
+    of its parameters over the steps (decay `ema` per step), and `on_epoch` sees the average."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     batches = _batches(x, y, batch, seed)
@@ -118,6 +120,8 @@ def fit(
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     taken = 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    average = [p.detach().clone() for p in params] if ema > 0 else None
     for epoch in range(epochs):
         net.train()
         label = f"{desc} epoch {epoch + 1}/{epochs}"
@@ -155,6 +159,9 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
+            if average is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(average, [p.detach() for p in params], 1.0 - ema)
             seen += len(xb)
             correct = np.array(hits, dtype=np.float64) + (0.0 if correct is None else correct)
             loss_sum += float(loss.detach()) * len(xb)
@@ -172,9 +179,15 @@ def fit(
         if len(counts) > 1:
             row.update({f"accuracy_{k}": float(c) / max(1, seen)
                         for k, c in enumerate(counts) if not math.isnan(c)})  # fmt: skip
+        live = None
+        if average is not None:  # the average is what the epoch ends with
+            live = [p.detach().clone() for p in params]
+            _assign(params, average)
         if on_epoch is not None:
             model.eval()
             row.update(on_epoch())
+        if live is not None and epoch + 1 < epochs:  # training goes on from the live weights
+            _assign(params, live)
         if history is not None:
             history.append(row)
         if ddp.is_main():
@@ -184,6 +197,12 @@ def fit(
     if differ:
         log.warning("ranks disagreed on %d parameter values after training; took rank 0's", differ)
     return model.eval()
+
+
+@torch.no_grad()
+def _assign(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    for p, v in zip(params, values, strict=True):
+        p.copy_(v)
 
 
 def _output_loss(

@@ -598,6 +598,47 @@ def test_groups_at_one_rate_train_exactly_as_plain_adam() -> None:
     assert all(torch.equal(a, b) for a, b in zip(*states, strict=True))
 
 
+def test_ema_ends_with_the_moving_average_of_the_steps() -> None:
+    """With `ema`, training is step for step the plain one, and the model ends with the
+    exponential moving average of the parameters after every step (the start included);
+    `on_epoch` sees the average, and the next epoch goes on from the live weights."""
+    from codegen.quant.training import fit
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 128)
+    decay, seen = 0.8, []
+
+    def run(ema: float) -> tuple[nn.Module, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        trail = [torch.cat([p.detach().flatten() for p in m.parameters()])]
+
+        def snap(done: float) -> None:  # before every step but the first: the last step's
+            if done > 0:
+                trail.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+
+        fit(m, x, y, epochs=2, batch=32, lr=1e-2, schedule="cosine", progress=False,
+            on_step=snap, ema=ema,
+            on_epoch=lambda: seen.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+            or {})  # fmt: skip
+        return m, trail
+
+    plain, trail = run(0.0)
+    trail.append(torch.cat([p.detach().flatten() for p in plain.parameters()]))
+    seen.clear()
+    averaged, trail_ema = run(decay)
+    assert all(torch.equal(a, b) for a, b in zip(trail, trail_ema, strict=False))  # same path
+    want = trail[0].clone()
+    for k, p in enumerate(trail[1:], start=1):
+        want = want + (p - want) * (1 - decay)
+        if k == 4:  # the end of the first epoch (4 batches)
+            assert torch.allclose(seen[0], want, atol=1e-6)
+    got = torch.cat([p.detach().flatten() for p in averaged.parameters()])
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(seen[1], want, atol=1e-6)
+    assert not torch.allclose(got, trail[-1], atol=1e-3)  # the average is not the last step
+
+
 def test_recipe_groups_and_budget_ramp(digits_net) -> None:  # type: ignore[no-untyped-def]
     """Every parameter is in exactly one group at its rate; the budget ramp starts
     2^budget_bits wider and is exact from `budget_ramp` of the steps on."""
@@ -629,7 +670,8 @@ def test_recipe_options_are_checked(digits_net) -> None:  # type: ignore[no-unty
     with pytest.raises(QaccError, match="unknown adaptive options"):
         adaptive.recipe({"batch_size": 64})
     for bad in ({"batch": 0}, {"batch": 64.0}, {"warmup": 1.0}, {"kd_weight": 2.0},
-                {"head_lr": 0.0}, {"weight_decay": -1.0}, {"budget_ramp": 2.0}):  # fmt: skip
+                {"head_lr": 0.0}, {"weight_decay": -1.0}, {"budget_ramp": 2.0},
+                {"ema": 1.0}, {"ema": -0.1}):  # fmt: skip
         with pytest.raises(QaccError, match="adaptive option"):
             adaptive.recipe(bad)
     with pytest.raises(QaccError, match="take numbers"):
