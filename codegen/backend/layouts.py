@@ -234,28 +234,35 @@ def _cortexm_suffix(call: KernelCall, dialect: str) -> str:
     weight stream and a tail-predicated loop; -smlad on the DSP extension, -w16: pointwise / dense
     with weights stored as int16), except the Helium depthwise kernel, which sums in int16 lanes
     when the width is <= 16 or the weights bound the sum (-lanes16), else in int32 lanes
-    (-lanes32); the DSP depthwise kernel uses SMLABB/SMLATT (-smlabb). Kernels that fall back to
-    portable C get no suffix."""
+    (-lanes32); the DSP depthwise kernel uses SMLABB/SMLATT (-smlabb). A grouped conv adds
+    -grouped, a depthwise layer with a channel multiplier > 1 (one pass per multiplier index)
+    -chmult. Kernels that fall back to portable C get no suffix."""
     node = call.node
     if dialect not in ("dsp", "mve") or call.acc_bits is None:
         return ""
     w = node.params.get("weight")
+    grouped = "-grouped" if call.template == "conv2d" and int(node.attrs["groups"]) > 1 else ""
     if call.template in GEMM_TEMPLATES and dialect == "mve":
         stream = mve_requant_context(call, _no_array)
         if stream is None or not stream["packed"]:
-            return "-vmladava"
-        return "-vmladava-im2col" if stream["im2col"] else "-vmladava-wlstp"
+            return "-vmladava" + grouped
+        return ("-vmladava-im2col" if stream["im2col"] else "-vmladava-wlstp") + grouped
     if call.template in GEMM_TEMPLATES:
-        return "-smlad-w16" if dsp_gemm_context(call, _no_array) is not None else "-smlad"
+        w16 = dsp_gemm_context(call, _no_array) is not None
+        return ("-smlad-w16" if w16 else "-smlad") + grouped
     if call.template != "conv2d_depthwise" or w is None or weight_storage_bits(node):
         return ""
-    w = np.asarray(w, dtype=np.int64)
-    if int(w.shape[0]) != int(node.attrs.get("groups", 1)):  # channel multiplier > 1
-        return ""
+    if int(node.attrs.get("input_zero_point", 0)) not in range(-128, 128):
+        return ""  # the padding row holds IZP as int8: the portable kernel
+    mult = "-chmult" if depth_multiplier(call) > 1 else ""
     if dialect == "dsp":
-        return "-smlabb"
+        return "-smlabb" + mult
+    if depth_multiplier(call) > MVE_DW_MAX_MULT:
+        return ""
+    w = np.asarray(w, dtype=np.int64)
     taps = w.reshape(w.shape[0], -1).T
-    return "-lanes16" if call.acc_bits <= 16 or _taps_fit_int16(taps) else "-lanes32"
+    lanes = "-lanes16" if call.acc_bits <= 16 or _taps_fit_int16(taps) else "-lanes32"
+    return lanes + mult
 
 
 def gemm_supported(call: KernelCall) -> bool:
@@ -276,12 +283,20 @@ def two_stage_supported(call: KernelCall) -> bool:
     return t in (1, 2, 4) or t % 8 == 0 or t >= k
 
 
-def depthwise_supported(graph: Graph, call: KernelCall) -> bool:
+def depthwise_supported(graph: Graph, call: KernelCall, multiplier: bool = False) -> bool:
+    """A depthwise layer that a vector depthwise kernel runs: channel multiplier 1 (NEON), or any
+    multiplier (multiplier=True: the Cortex-M kernels, one pass per multiplier index)."""
     if call.template != "conv2d_depthwise" or call.container_bits is None:
         return False
     w = call.node.params["weight"]
     cin = graph.tensors[call.node.inputs[0]].shape[-1]
-    return int(w.shape[0]) == int(cin)  # depth multiplier 1
+    return multiplier or int(w.shape[0]) == int(cin)  # depth multiplier 1
+
+
+def depth_multiplier(call: KernelCall) -> int:
+    """The channel multiplier M of a depthwise layer (groups == input channels): output channel
+    o reads input channel o // M."""
+    return int(call.node.params["weight"].shape[0]) // int(call.node.attrs.get("groups", 1))
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -962,6 +977,10 @@ def neon_context(
 
 # ----------------------------------------------------------------------------- Helium depthwise
 
+MVE_DW_MAX_MULT = 17
+"""The largest channel multiplier of the Helium depthwise kernel: its scatter store writes 16
+int8 lanes at byte offsets lane * M <= 255."""
+
 MVE_DW_PERM = (0, 4, 8, 12, 2, 6, 10, 14, 1, 5, 9, 13, 3, 7, 11, 15)
 """Channel (within a block of 16) of each int32 lane of the MVE depthwise kernel's four int32
 accumulator vectors: VMULLB/VMULLT split 16 int8 lanes into the even / odd channels (int16), and
@@ -991,9 +1010,17 @@ def mve_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     final wrap to A bits is a shift pair on the int32 lanes, skipped when no sum can reach
     2^(A-1) (the lanes then hold the reference's exact sum). Requantization runs on the int32
     lanes (VMUL, VRSHL, VQADD, VMAX, VMIN) when acc * mult << left stays inside int32 for every
-    channel (_vec_requant_ok), else through qacc_requantize lane by lane."""
-    if not depthwise_supported(graph, call) or weight_storage_bits(call.node):
+    channel (_vec_requant_ok), else through qacc_requantize lane by lane.
+
+    A channel multiplier M > 1 (at most MVE_DW_MAX_MULT) runs the kernel M times per output pixel
+    over the same C input channels: pass m with the weights and per-channel constants of output
+    channels c * M + m (stored [m][...], CP per pass), its vectors stored to every M-th output
+    byte by a VSTRB scatter (offsets lane * M)."""
+    if not depthwise_supported(graph, call, multiplier=True) or weight_storage_bits(call.node):
         return None
+    m_n = depth_multiplier(call)
+    if m_n > MVE_DW_MAX_MULT:
+        return None  # the scatter offsets of 16 int8 lanes are bytes
     node = call.node
     rq = node.requant
     assert rq is not None and call.acc_bits is not None
@@ -1002,29 +1029,30 @@ def mve_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     if not -128 <= in_zp <= 127:
         return None  # the padding row holds IZP as int8
     acc = int(call.acc_bits)
-    w = np.asarray(node.params["weight"], dtype=np.int64)  # (C, kh, kw, 1)
-    c = int(w.shape[0])
+    w = np.asarray(node.params["weight"], dtype=np.int64)  # (C * M, kh, kw, 1)
+    oc = int(w.shape[0])
+    c = oc // m_n  # input channels
     kh, kw = int(w.shape[1]), int(w.shape[2])
     taps = kh * kw
     cp = _ceil_to(c, 16)
-    wt = np.zeros((taps, cp), dtype=np.int64)
-    wt[:, :c] = w.reshape(c, taps).T
-    bias = np.asarray(node.params.get("bias", np.zeros(c, np.int64)), dtype=np.int64)
-    wsum = w.reshape(c, taps).sum(axis=1)
+    wt = np.zeros((m_n, taps, cp), dtype=np.int64)  # pass m: output channels c * M + m
+    wt[:, :, :c] = w.reshape(c, m_n, taps).transpose(1, 2, 0)
+    bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
+    wsum = w.reshape(oc, taps).sum(axis=1)
     xmax = max(abs(-128 - in_zp), abs(127 - in_zp))
-    bound = np.abs(bias) + xmax * np.abs(w).reshape(c, taps).sum(axis=1)  # |reference sum|
+    bound = np.abs(bias) + xmax * np.abs(w).reshape(oc, taps).sum(axis=1)  # |reference sum|
     exact = bool(np.all(bound < (1 << (acc - 1))))  # no sum wraps: the lanes hold it exactly
     bf = bias - in_zp * wsum
     if not exact:
         bf = wrap(bf, acc)
     # int16 lanes: all taps summed modulo 2^16 (acc_bits <= 16), or exactly (the bound allows)
-    lanes16 = acc <= 16 or _taps_fit_int16(wt)
+    lanes16 = acc <= 16 or _taps_fit_int16(w.reshape(oc, taps).T)
     bias16 = acc <= 16
     wrap_shift = 0 if exact or acc == 32 else 32 - acc
     # requantization on int32 lanes (see _vec_requant_ok)
-    lane_bound = bound if exact else np.full(c, 1 << (acc - 1), dtype=np.int64)
-    mult = np.broadcast_to(np.asarray(rq.mult, dtype=np.int64).reshape(-1), (c,))
-    shift = np.broadcast_to(np.asarray(rq.shift, dtype=np.int64).reshape(-1), (c,))
+    lane_bound = bound if exact else np.full(oc, 1 << (acc - 1), dtype=np.int64)
+    mult = np.broadcast_to(np.asarray(rq.mult, dtype=np.int64).reshape(-1), (oc,))
+    shift = np.broadcast_to(np.asarray(rq.shift, dtype=np.int64).reshape(-1), (oc,))
     vec_rq = _vec_requant_ok(node, lane_bound)
     # the channel of each int32 lane: blocks of 16 (int16 lanes widened twice) or of 8 channels
     # (int16 operands, VMULLB/VMULLT.S16 into even / odd channels)
@@ -1033,9 +1061,12 @@ def mve_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     perm = np.array([n * b + p for b in range(cp // n) for p in lane_perm], dtype=np.int64)
 
     def padded(v: np.ndarray, fill: int = 0) -> np.ndarray:
-        out = np.full(cp, fill, dtype=np.int64)
-        out[:c] = v
-        return out
+        """Per pass m: output channels c * M + m, padded to CP, one pass after the other."""
+        out = np.full((m_n, cp), fill, dtype=np.int64)
+        out[:, :c] = np.asarray(v).reshape(c, m_n).T
+        return out.reshape(-1)
+
+    perm = np.concatenate([perm + m * cp for m in range(m_n)])
 
     name = node.name
     pad = any(int(p) for p in a.get("padding", (0, 0, 0, 0)))
@@ -1043,6 +1074,7 @@ def mve_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     how = "exact" if exact else f"wrapped to {acc} bits"
     ctx: dict[str, Any] = {
         "CP": cp,
+        "M": m_n,
         "pad": pad,
         "taps": [{"t": ky * kw + kx, "dy": ky * dh, "dx": kx * dw}
                  for ky in range(kh) for kx in range(kw)],
@@ -1069,7 +1101,11 @@ def mve_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     if bias16:
         # int16 lanes: per block of 16, the even channels then the odd ones (VMULLB, VMULLT)
         order = np.array(
-            [16 * b + j for b in range(cp // 16) for j in (*range(0, 16, 2), *range(1, 16, 2))]
+            [
+                16 * b + j
+                for b in range(m_n * cp // 16)
+                for j in (*range(0, 16, 2), *range(1, 16, 2))
+            ]
         )
         ctx["bias16"] = add(
             "bias16", "int16_t", [int(v) for v in bp[order]],
@@ -1117,8 +1153,10 @@ def dsp_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     reduced to the container and to A bits once at the end). As in the Helium kernel, every tap
     points at its input pixel or at a row of input zero points (padding), and the zero point is
     folded into the bias, wrap(bias - IZP * sum(w), A): inputs are used raw. The last C % 4
-    channels are summed one by one."""
-    if not depthwise_supported(graph, call) or weight_storage_bits(call.node):
+    channels are summed one by one. A channel multiplier M > 1 runs the kernel M times per
+    output pixel over the same C input channels, pass m with the weights and biases of output
+    channels c * M + m (stored [m][...]), writing every M-th output."""
+    if not depthwise_supported(graph, call, multiplier=True) or weight_storage_bits(call.node):
         return None
     node = call.node
     assert call.acc_bits is not None
@@ -1126,38 +1164,48 @@ def dsp_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     in_zp = int(a.get("input_zero_point", 0))
     if not -128 <= in_zp <= 127:
         return None
-    w = np.asarray(node.params["weight"], dtype=np.int64)  # (C, kh, kw, 1)
-    c = int(w.shape[0])
+    w = np.asarray(node.params["weight"], dtype=np.int64)  # (C * M, kh, kw, 1)
+    m_n = depth_multiplier(call)
+    oc = int(w.shape[0])
+    c = oc // m_n  # input channels
     kh, kw = int(w.shape[1]), int(w.shape[2])
     taps = kh * kw
     cp = _ceil_to(c, 4)
-    wt = np.zeros((taps, cp), dtype=np.int64)
-    wt[:, :c] = w.reshape(c, taps).T
-    # [group of 4][tap][w0, w2, w1, w3]: the SXTB16 order
-    packed = wt.reshape(taps, cp // 4, 4)[:, :, [0, 2, 1, 3]].transpose(1, 0, 2)
-    bias = np.asarray(node.params.get("bias", np.zeros(c, np.int64)), dtype=np.int64)
-    bf = wrap(bias - in_zp * w.reshape(c, taps).sum(axis=1), call.acc_bits)
+    # pass m: output channels m, M + m, 2 M + m, ... (one per input channel)
+    wt = np.zeros((m_n, taps, cp), dtype=np.int64)
+    wt[:, :, :c] = w.reshape(c, m_n, taps).transpose(1, 2, 0)
+    # [m][group of 4][tap][w0, w2, w1, w3]: the SXTB16 order
+    packed = wt.reshape(m_n, taps, cp // 4, 4)[:, :, :, [0, 2, 1, 3]].transpose(0, 2, 1, 3)
+    bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
+    bf = wrap(bias - in_zp * w.reshape(oc, taps).sum(axis=1), call.acc_bits)
+    bfp = np.zeros((m_n, cp), dtype=np.int64)
+    bfp[:, :c] = bf.reshape(c, m_n).T
     name = node.name
     pad = any(int(p) for p in a.get("padding", (0, 0, 0, 0)))
     dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
+    per = "[m][channel]" if m_n > 1 else "[channel]"
     ctx: dict[str, Any] = {
         "CP": cp,
         "FULL": c // 4 * 4,
+        "M": m_n,
         "pad": pad,
         "taps": [{"t": ky * kw + kx, "dy": ky * dh, "dx": kx * dw}
                  for ky in range(kh) for kx in range(kw)],
         "unroll": taps <= 16,
         "weights": add(
             "wdw16", "int16_t", [int(v) for v in packed.reshape(-1)],
-            f"{name}: depthwise weights for the DSP kernel, int16, [4 channels][tap][0, 2, 1, 3]",
+            f"{name}: depthwise weights for the DSP kernel, int16,"
+            f" {'[m]' if m_n > 1 else ''}[4 channels][tap][0, 2, 1, 3]",
         ),
         "weights8": add(
             "wdw", "int8_t", [int(v) for v in wt.reshape(-1)],
-            f"{name}: depthwise weights, [tap][channel] (the last C % 4 channels read these)",
+            f"{name}: depthwise weights, {'[m]' if m_n > 1 else ''}[tap][channel]"
+            " (the last C % 4 channels read these)",
         ) if c % 4 else None,
         "bias": add(
-            "fbias", "int32_t", [int(v) for v in bf],
-            f"{name}: bias minus IZP times the weight sum, wrapped to {call.acc_bits} bits",
+            "fbias", "int32_t", [int(v) for v in (bfp.reshape(-1) if m_n > 1 else bf)],
+            f"{name}: bias minus IZP times the weight sum, wrapped to {call.acc_bits} bits,"
+            f" {per}",
         ),
     }  # fmt: skip
     if pad:
@@ -1210,20 +1258,21 @@ def mve_im2col(call: KernelCall) -> bool:
     """Whether the Helium conv copies each output pixel's taps into one contiguous buffer (IZP at
     the padded taps) and runs the pointwise kernel's weight stream over it: for a kernel row of
     fewer than 16 input values (KW * ICG < 16: few input channels, as a first layer's), whose
-    runs would each take a mostly predicated vector. One group, no horizontal dilation, the
-    output channels in blocks of 4, int8 weights."""
+    runs would each take a mostly predicated vector (one group, no horizontal dilation), and for
+    every grouped conv (the taps of one group are ICG of every IC input values: the copy, one
+    group after the other, makes them one run). The output channels in blocks of 4 (of one
+    group), int8 weights, at most MVE_IM2COL_TAPS taps per output channel."""
     node = call.node
     if call.template != "conv2d" or call.container_bits is None or weight_storage_bits(node):
         return False
     o, _, kw, icg = (int(d) for d in node.params["weight"].shape)
     a = node.attrs
-    return (
-        int(a.get("groups", 1)) == 1
-        and tuple(a.get("dilation", (1, 1)))[1] == 1
-        and o % 4 == 0
-        and kw * icg < 16
-        and node.params["weight"][0].size <= MVE_IM2COL_TAPS
-    )
+    groups = int(a.get("groups", 1))
+    if node.params["weight"][0].size > MVE_IM2COL_TAPS or (o // groups) % 4:
+        return False
+    if groups > 1:
+        return True
+    return tuple(a.get("dilation", (1, 1)))[1] == 1 and kw * icg < 16
 
 
 def mve_requant_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
@@ -1310,9 +1359,11 @@ def mve_requant_context(call: KernelCall, add: AddArray) -> dict[str, Any] | Non
 def dsp_gemm_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
     """The DSP-extension conv / pointwise / dense kernel with pre-widened weights (None: the
     generic DSP kernel). Used when the input and output channel counts are multiples of 4 (a
-    dense layer's outputs need not be: its last 1..3 outputs are one narrower block) and
-    the weights are not stored packed (conv2d: one group, no horizontal dilation, and no input
-    zero point when padded, since padded taps are skipped): the weights are stored as int16 in
+    dense layer's outputs need not be: its last 1..3 outputs are one narrower block; a grouped
+    conv's counts per group) and the weights are not stored packed (conv2d: one group without
+    horizontal dilation, whose kernel row is one run of whole words, or any groups, whose
+    runs are the ICG inputs of one tap; no input zero point when padded, since padded taps are
+    skipped): the weights are stored as int16 in
     the order the inner loop reads them, [block of 4 outputs][4 inputs][output][w0, w2, w1, w3]
     (the SXTB16 order of the input word), so each SMLAD pair needs one LDRD and no sign
     extension of weights; this doubles
@@ -1325,9 +1376,10 @@ def dsp_gemm_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
     if weight_storage_bits(node):
         return None
     a = node.attrs
-    if call.template == "conv2d" and (  # a kernel row's taps: one run of whole words
-        int(a.get("groups", 1)) != 1
-        or tuple(a.get("dilation", (1, 1)))[1] != 1
+    groups = int(a.get("groups", 1))
+    if call.template == "conv2d" and (  # a kernel row's taps (one group), a tap's: whole words
+        (groups == 1 and tuple(a.get("dilation", (1, 1)))[1] != 1)
+        or (int(node.params["weight"].shape[0]) // groups) % 4
         or int(node.params["weight"].shape[-1]) % 4
         or (any(a.get("padding", ())) and int(a.get("input_zero_point", 0)))
     ):
@@ -1352,6 +1404,7 @@ def dsp_gemm_context(call: KernelCall, add: AddArray) -> dict[str, Any] | None:
     return {
         "full": full,
         "tail": tail,
+        "grouped": groups > 1,
         "weights": add(
             "w16", "int16_t", [int(v) for v in packed.reshape(-1)],
             f"{name}: weights for the DSP kernel, int16, [4 outputs][4 inputs][output][0, 2, 1, 3]"

@@ -455,6 +455,73 @@ CASES: list[Case] = [
         ),
         wraps=True,
     ),
+    # depthwise with a channel multiplier (Cortex-M: one pass per multiplier index, Helium stores
+    # by VSTRB scatters): tails (C % 16, C % 4, fewer channels than a vector), int32 lanes with a
+    # lane-by-lane or a vector requantization, int16 lanes wrapped to a narrow width with a zero
+    # point
+    Case(
+        "conv2d_depthwise_acc32-c19-mult2-same",
+        lambda b: b.conv2d(b.input((5, 6, 19)), 38, padding=(1,) * 4, groups=19),
+    ),
+    Case(
+        "conv2d_depthwise_acc16-c20-mult3-wrap-acc12-zp",
+        lambda b: b.conv2d(
+            b.input((5, 6, 20), dist="high"),
+            60,
+            (3, 3),
+            padding=(0, 1, 1, 0),
+            groups=20,
+            acc_bits=12,
+            w_dist="positive",
+            input_zero_point=-3,
+            mult_bits=4,
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_depthwise_acc32-c16-mult2-stride2-mult1",
+        lambda b: b.conv2d(
+            b.input((7, 7, 16)), 32, (3, 3), (2, 2), (1,) * 4, groups=16, mult_bits=1
+        ),
+    ),
+    Case(
+        "conv2d_depthwise_acc16-c8-mult4-mult1",
+        lambda b: b.conv2d(
+            b.input((6, 5, 8)), 32, (3, 3), padding=(1,) * 4, groups=8, acc_bits=16, mult_bits=1
+        ),
+    ),
+    # grouped conv (Cortex-M: DSP int16 weights, one run per tap of a group's inputs; Helium
+    # im2col of one group's taps, then the weight stream of its output channels): 8 inputs per
+    # group, 6 (a predicated copy and no int16 weights on DSP) wrapped to a narrow width, and a
+    # horizontal dilation with an input zero point and no padding
+    Case(
+        "conv2d_acc32-groups4-c32-k3-same-mult4",
+        lambda b: b.conv2d(b.input((6, 7, 32)), 32, padding=(1,) * 4, groups=4, mult_bits=4),
+    ),
+    Case(
+        "conv2d_acc16-groups2-c12to8-wrap-acc12",
+        lambda b: b.conv2d(
+            b.input((5, 6, 12), dist="high"),
+            8,
+            padding=(1,) * 4,
+            groups=2,
+            acc_bits=12,
+            w_dist="positive",
+        ),
+        wraps=True,
+    ),
+    Case(
+        "conv2d_acc16-groups2-c16to8-dilation2-zp",
+        lambda b: b.conv2d(
+            b.input((7, 8, 16)),
+            8,
+            (3, 3),
+            dilation=(1, 2),
+            groups=2,
+            acc_bits=16,
+            input_zero_point=7,
+        ),
+    ),
     Case(
         "conv2d_pointwise_acc32-c70to13-zp-mult1",
         lambda b: b.conv2d(

@@ -397,6 +397,55 @@ def test_dsp_dense_widened_with_a_tail(graphs: dict[str, Any]) -> None:
             assert f"oc = {full}; /* the last {tail} outputs */" in src, cid
 
 
+GROUPED_PATHS = {
+    "dsp": {
+        "conv2d_acc32-groups4-c32-k3-same-mult4": "acc32-smlad-w16-grouped",
+        "conv2d_acc16-groups2-c12to8-wrap-acc12": "acc16-smlad-grouped",  # 6 inputs per group
+        "conv2d_acc16-groups2-c16to8-dilation2-zp": "acc16-smlad-w16-grouped",
+        "conv2d_depthwise_acc32-c19-mult2-same": "acc32-smlabb-chmult",
+        "conv2d_depthwise_acc16-c20-mult3-wrap-acc12-zp": "acc16-smlabb-chmult",
+        "conv2d_depthwise_acc32-c16-mult2-stride2-mult1": "acc32-smlabb-chmult",
+        "conv2d_depthwise_acc16-c8-mult4-mult1": "acc16-smlabb-chmult",
+        "conv2d_depthwise_acc32-multiplier2": "acc32-smlabb-chmult",
+    },
+    "mve": {
+        "conv2d_acc32-groups4-c32-k3-same-mult4": "acc32-vmladava-im2col-grouped",
+        "conv2d_acc16-groups2-c12to8-wrap-acc12": "acc16-vmladava-im2col-grouped",
+        "conv2d_acc16-groups2-c16to8-dilation2-zp": "acc16-vmladava-im2col-grouped",
+        "conv2d_acc32-groups2": "acc32-vmladava-grouped",  # 2 outputs per group: no blocks of 4
+        "conv2d_depthwise_acc32-c19-mult2-same": "acc32-lanes32-chmult",
+        "conv2d_depthwise_acc16-c20-mult3-wrap-acc12-zp": "acc16-lanes16-chmult",
+        "conv2d_depthwise_acc32-c16-mult2-stride2-mult1": "acc32-lanes32-chmult",
+        "conv2d_depthwise_acc16-c8-mult4-mult1": "acc16-lanes16-chmult",
+        "conv2d_depthwise_acc32-multiplier2": "acc32-lanes32-chmult",
+    },
+}
+
+
+@pytest.mark.parametrize("target", CORTEX_M)
+def test_grouped_and_multiplier_kernels_are_used(target: str, graphs: dict[str, Any]) -> None:
+    """Grouped convs and depthwise layers with a channel multiplier run the dialect's kernels
+    (the rows above check them equal): on DSP the int16-weight kernel with one run per tap of a
+    group's inputs (4k inputs and outputs per group), on Helium an im2col of one group's taps
+    and the weight stream of its output channels; the depthwise kernels one pass per multiplier
+    index m (Helium: VSTRB scatters to every M-th output when the requantization is on lanes).
+    The report's path says which."""
+    t = resolve_target(target)
+    for cid, want in GROUPED_PATHS[t.dialect].items():
+        g = graphs[cid][0]
+        (call,) = lower(g, t.dialect, t.align).calls
+        assert layouts.path(call, t.dialect, t.neon) == want, cid
+        src = emit(g, cid, t)[f"{c_identifier(cid).lower()}.c"]
+        if "chmult" in want:
+            assert "for (m = 0; m < M; ++m" in src, cid
+        elif "im2col" in want:
+            assert "for (g = 0; g < " in src and "wlstp.8" in src, cid
+        elif "w16" in want:
+            assert "one run of the group's ICG inputs per tap" in src, cid
+        else:
+            assert DIALECT_MARKERS[t.dialect] in src, cid
+
+
 @pytest.mark.parametrize("target", CORTEX_M)
 def test_two_stages_without_tile_wraps_run_one_stage(target: str, graphs: dict[str, Any]) -> None:
     """A two-stage layer runs the dialect's 32-bit kernel exactly when the exact bound proves
