@@ -202,10 +202,15 @@ def _conv(b: _Builder, x: str, cout: int | None = None, same: bool = False) -> s
     if r < 0.25:
         groups = cin  # depthwise (multiplier 1 or 2)
     elif r < 0.4:
-        divs = [g for g in range(1, cin + 1) if cin % g == 0]
-        groups = int(rng.choice(divs))
+        divs = [g for g in range(2, cin) if cin % g == 0]  # grouped, not depthwise
+        groups = int(rng.choice(divs)) if divs else 1
     if cout is None:
-        cout = groups * int(rng.integers(1, 3)) if groups == cin else int(rng.integers(1, 13))
+        if groups == cin:
+            cout = groups * int(rng.integers(1, 3))
+        elif groups > 1 and rng.random() < 0.5:  # whole blocks of 4 outputs per group
+            cout = groups * 4 * int(rng.integers(1, 3))  # (the Cortex-M grouped kernels)
+        else:
+            cout = int(rng.integers(1, 13))
     if cout % groups:
         cout = groups * max(1, cout // groups)
     if same:

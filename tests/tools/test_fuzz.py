@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import codegen
+from codegen.backend import layouts
 from codegen.backend.emit import emit, write_files
 from codegen.backend.lower import lower
 from codegen.core import reference
@@ -68,12 +69,17 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
     attrs: Counter[str] = Counter()
     several = 0
     fused: Counter[str] = Counter()
+    cortexm: Counter[str] = Counter()
     for seed in range(300):
         g, x = fuzz.random_graph(seed)
         assert x.shape == (4, *g.tensors[g.input].shape)
         several += len(g.outputs) > 1
         calls = lower(g).calls
         kernels.update(c.kernel for c in calls)
+        for d in ("dsp", "mve"):  # the Cortex-M grouped-conv and channel-multiplier kernels
+            paths = (str(layouts.path(c, d, layouts.A64)) for c in lower(g, d).calls)
+            tails = ("-".join([d, *p.split("-")[-2:]]) for p in paths)  # e.g. dsp-w16-grouped
+            cortexm.update(t for t in tails if t.endswith(("-grouped", "-chmult")))
         fused.update(c.template for c in calls if c.lut is not None)  # a table in the store
         for n in g.nodes:
             widths.add(n.attrs.get("acc_bits", 0))
@@ -101,6 +107,9 @@ def test_generators_are_deterministic_and_cover_the_kernels() -> None:
     ):  # fmt: skip
         assert kernels[k] > 0, (k, kernels)
     assert set(range(8, 33)) <= widths
+    for k in ("dsp-w16-grouped", "dsp-smlad-grouped", "mve-im2col-grouped", "dsp-smlabb-chmult",
+              "mve-lanes16-chmult", "mve-lanes32-chmult"):  # fmt: skip
+        assert cortexm[k] > 0, (k, cortexm)
     for t in ("conv2d", "conv2d_pointwise", "conv2d_depthwise", "dense", "add", "avgpool2d"):
         assert fused[t] > 0, (t, fused)  # tables fused into their producer run in the campaigns
     assert several > 30  # graphs with intermediate (or repeated) tensors as further outputs
