@@ -502,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--networks",
         default="all",
         help="conv3x3,demo,resnet8,ds_cnn,mobilenet_v1,allcnn_c (commas) or 'all'; 'layers' (or "
-        "conv3x3_16,dw3x3,pw1x1,dense256,maxpool,avgpool,gap,add,mul,softmax,concat): single "
-        "layers",
+        "conv3x3_16,dw3x3,pw1x1,dense256,maxpool,avgpool,gap,add,mul,softmax,concat,gconv3x3,"
+        "dw3x3_m2): single layers",
     )
     b.add_argument(
         "--json",

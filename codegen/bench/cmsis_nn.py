@@ -7,12 +7,13 @@ builds runtime_c/peers/cmsis_nn_layers.c with the CMSIS-NN sources of a source t
 vendored at third_party/CMSIS-NN in a checkout, or a user's own checkout) by arm-none-eabi-gcc -O2
 for the target's core, with the same startup code, board linker script and float ABI as qacc's
 Cortex-M builds (toolchains/cortex-m.cmake), and counts the instructions of one call of the s8
-function TensorFlow Lite Micro calls for each layer (arm_convolve_wrapper_s8,
-arm_depthwise_conv_wrapper_s8, arm_fully_connected_s8, arm_max_pool_s8, arm_avgpool_s8,
-arm_elementwise_add_s8, arm_elementwise_mul_s8, arm_softmax_s8; arm_concatenation_s8_x once per
-input of a channel concat) between two qacc_mark() calls,
-as qacc's per-layer counts are taken between the marks around a layer. Executables are cached
-in build/peers, keyed by the sources.
+function TensorFlow Lite Micro calls for each layer (arm_convolve_wrapper_s8, or
+arm_convolve_s8 for a grouped conv: the wrapper's 1x1 and 1xN kernels take no groups;
+arm_depthwise_conv_wrapper_s8, whatever the channel multiplier; arm_fully_connected_s8,
+arm_max_pool_s8, arm_avgpool_s8, arm_elementwise_add_s8, arm_elementwise_mul_s8,
+arm_softmax_s8; arm_concatenation_s8_x once per input of a channel concat) between two
+qacc_mark() calls, as qacc's per-layer counts are taken between the marks around a layer.
+Executables are cached in build/peers, keyed by the sources.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ HARNESS_SRC = data_path("runtime_c", "peers", "cmsis_nn_layers.c")
 CORTEXM_DIR = data_path("runtime_c", "cortexm")
 BUILD_DIR = data_path("build", "peers")
 DEFAULT_TREE = data_path("third_party", "CMSIS-NN")
-FIELDS = 13
+FIELDS = 14
+MAX_CONCAT = 10
+"""Most inputs of a channel concat that the harness takes."""
 
 # The source directories whose int8 kernels (and their helpers) the harness links.
 SOURCE_DIRS = (
@@ -88,7 +91,14 @@ class CmsisLayer:
 
     @property
     def function(self) -> str:
+        if self.kind == "conv" and self.groups > 1:
+            return "arm_convolve_s8"
         return FUNCTIONS[self.kind]
+
+    @property
+    def groups(self) -> int:
+        """A conv's groups (the 13th parameter when there are more than one), else 1."""
+        return self.params[12] if self.kind == "conv" and len(self.params) > 12 else 1
 
     def fields(self) -> list[int]:
         return [KINDS[self.kind], *self.params, *[0] * (FIELDS - 1 - len(self.params))]
@@ -104,19 +114,23 @@ def conv_layer(
     pad: tuple[int, int, int, int] = (0, 0, 0, 0),
     groups: int = 1,
 ) -> CmsisLayer:
-    """A conv (groups 1) or depthwise conv (groups == cin); pad is (top, bottom, left, right) as
-    in qacc's graph. Other groupings have no CMSIS-NN s8 kernel: PeerError."""
+    """A conv (arm_convolve_wrapper_s8 with groups 1, arm_convolve_s8 with groups = input_ch /
+    kernel_ch > 1) or a depthwise conv (groups == cin, cout = channel multiplier x cin:
+    arm_depthwise_conv_wrapper_s8); pad is (top, bottom, left, right) as in qacc's graph.
+    Groups that do not divide both channel counts: PeerError."""
     kh, kw = (k, k) if isinstance(k, int) else k
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
     t, b, left, r = pad
+    if groups < 1 or cin % groups or cout % groups:
+        raise PeerError(f"{groups} groups do not divide {cin} input and {cout} output channels")
     oh, ow = (h + t + b - kh) // sh + 1, (w + left + r - kw) // sw + 1
     macs = oh * ow * cout * kh * kw * (cin // groups)
     tail = (kh, kw, sh, sw, t, left, oh, ow)
     if groups == 1:
         return CmsisLayer("conv", (h, w, cin, cout, *tail), macs)
-    if groups == cin and cout % cin == 0:
+    if groups == cin:
         return CmsisLayer("depthwise", (h, w, cin, cout // cin, *tail), macs)
-    raise PeerError(f"CMSIS-NN has no s8 convolution with {groups} groups of {cin} channels")
+    return CmsisLayer("conv", (h, w, cin, cout, *tail, groups), macs)
 
 
 def pool_layer(
@@ -154,10 +168,10 @@ def softmax_layer(rows: int, row_size: int) -> CmsisLayer:
 
 def concat_layer(pixels: int, channels: Sequence[int]) -> CmsisLayer:
     """A channel concat of NHWC tensors of `pixels` pixels (CMSIS-NN copies each input without
-    rescaling: TFLite Micro's int8 concat needs one format for all). At most FIELDS - 3 inputs
+    rescaling: TFLite Micro's int8 concat needs one format for all). At most MAX_CONCAT inputs
     (the harness reads a fixed number of fields): PeerError beyond."""
-    if len(channels) > FIELDS - 3:
-        raise PeerError(f"the CMSIS-NN harness takes at most {FIELDS - 3} concat inputs")
+    if len(channels) > MAX_CONCAT:
+        raise PeerError(f"the CMSIS-NN harness takes at most {MAX_CONCAT} concat inputs")
     return CmsisLayer("concat", (pixels, len(channels), *(int(c) for c in channels)), 0)
 
 
@@ -177,9 +191,9 @@ def _quad(v: Any) -> tuple[int, int, int, int]:
 
 def layers_of(graph: Any) -> dict[str, CmsisLayer]:
     """{qacc layer name: the CMSIS-NN call TFLite Micro makes for it} for the nodes of an integer
-    graph that have one (conv2d without dilation, groups 1 or depthwise; dense; max, average and
-    global average pooling; add and mul of two tensors of one shape; softmax; channel concat of
-    at most FIELDS - 3 inputs). Reshapes and the
+    graph that have one (conv2d without dilation, any groups, depthwise with any channel
+    multiplier; dense; max, average and global average pooling; add and mul of two tensors of one
+    shape; softmax; channel concat of at most MAX_CONCAT inputs). Reshapes and the
     rest (lut: CMSIS-NN has no s8 table activation) are left out."""
     out: dict[str, CmsisLayer] = {}
     for n in graph.nodes:
@@ -190,8 +204,6 @@ def layers_of(graph: Any) -> dict[str, CmsisLayer]:
             h, w, cin = _ints(shape)
             cout, kh, kw = _ints(n.params["weight"].shape[:3])
             groups = int(n.attrs["groups"])
-            if groups not in (1, cin):
-                continue
             stride, pad = _pair(n.attrs["stride"]), _quad(n.attrs["padding"])
             out[n.name] = conv_layer(h, w, cin, cout, (kh, kw), stride, pad, groups)
         elif n.op == "dense":
@@ -216,7 +228,7 @@ def layers_of(graph: Any) -> dict[str, CmsisLayer]:
         elif n.op == "softmax":
             size, row = int(graph.tensors[n.output].size), int(shape[-1])
             out[n.name] = softmax_layer(size // row, row)
-        elif n.op == "concat" and len(n.inputs) <= FIELDS - 3:
+        elif n.op == "concat" and len(n.inputs) <= MAX_CONCAT:
             ins = [graph.tensors[t].shape for t in n.inputs]
             pixels = int(graph.tensors[n.output].size) // int(graph.tensors[n.output].shape[-1])
             out[n.name] = concat_layer(pixels, [int(s[-1]) for s in ins])

@@ -19,7 +19,8 @@ layer shapes of the Cortex-M comparison with CMSIS-NN (conv3x3 16x16x16->16 and 
 ``conv3x3`` above, depthwise 3x3 and pointwise 1x1 on DS-CNN's 25x5x64, dense 256->64, 2x2 max and
 average pooling on 32x32x16, global average pooling on 8x8x64, a residual add and an element-wise
 mul on 16x16x32, a softmax over the 32 channels of 8x8 pixels, the channel concat of two 1x1
-conv branches on 16x16x32).
+conv branches on 16x16x32, a grouped 3x3 conv 16x16x32->32 with 4 groups (ResNeXt / RegNet
+blocks) and a depthwise 3x3 with channel multiplier 2 on 25x5x32->64).
 
 TensorFlow's 'same' padding with stride 2 pads one pixel more at the bottom/right than at the
 top/left; it is written here as nn.ZeroPad2d before a conv with padding 0, as Keras does.
@@ -294,6 +295,18 @@ LAYERS: dict[str, BenchNet] = {
         BenchNet("mul", Product, (32, 16, 16), "1x1 conv + element-wise mul, 16x16x32"),
         BenchNet("softmax", Softmax, (32, 8, 8), "softmax over 32 channels, 8x8 pixels"),
         BenchNet("concat", Branches, (32, 16, 16), "two 1x1 convs + channel concat, 16x16x32"),
+        BenchNet(
+            "gconv3x3",
+            lambda: conv_bn(32, 32, 3, groups=4),
+            (32, 16, 16),
+            "grouped 3x3 conv 16x16x32->32, 4 groups, pad 1",
+        ),
+        BenchNet(
+            "dw3x3_m2",
+            lambda: conv_bn(32, 64, 3, groups=32),
+            (32, 25, 5),
+            "depthwise 3x3, channel multiplier 2, 25x5x32->64",
+        ),
     )
 }
 """Single layers, compared with CMSIS-NN on Cortex-M; "layers" names them all with conv3x3."""

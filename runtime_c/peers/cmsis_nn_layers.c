@@ -6,9 +6,11 @@
  *
  *   cmsis_nn_layers LAYERS.txt
  *
- * LAYERS.txt (read over semihosting: the command line is too short for a network) holds 13
+ * LAYERS.txt (read over semihosting: the command line is too short for a network) holds 14
  * integers per layer, separated by white space (unused ones 0); batch 1, NHWC, dilation 1:
- *   0 conv       h w cin cout kh kw sh sw pad_top pad_left oh ow -> arm_convolve_wrapper_s8
+ *   0 conv       h w cin cout kh kw sh sw pad_top pad_left oh ow groups
+ *                                  -> arm_convolve_wrapper_s8 (groups 1), else arm_convolve_s8
+ *                                     (the wrapper's 1x1 and 1xN kernels take no groups)
  *   1 depthwise  h w cin ch_mult kh kw sh sw pad_top pad_left oh ow
  *                                                          -> arm_depthwise_conv_wrapper_s8
  *   2 dense      in out                                    -> arm_fully_connected_s8
@@ -30,7 +32,7 @@
 
 #include "arm_nnfunctions.h"
 
-#define FIELDS 13
+#define FIELDS 14
 
 #if defined(__GNUC__)
 __attribute__((noinline))
@@ -91,7 +93,8 @@ static void fail(int layer, const char *what)
 static arm_cmsis_nn_status run_conv(int id, const int32_t *p)
 {
     const int32_t h = p[0], w = p[1], cin = p[2], cout = p[3], kh = p[4], kw = p[5];
-    const cmsis_nn_dims in = {1, h, w, cin}, filt = {cout, kh, kw, cin}, bias_d = {1, 1, 1, cout};
+    const int32_t groups = p[12] > 1 ? p[12] : 1, kch = cin / groups; /* kernel channels */
+    const cmsis_nn_dims in = {1, h, w, cin}, filt = {cout, kh, kw, kch}, bias_d = {1, 1, 1, cout};
     const cmsis_nn_dims out = {1, p[10], p[11], cout};
     cmsis_nn_conv_params cp;
     cp.input_offset = 128;
@@ -107,15 +110,20 @@ static arm_cmsis_nn_status run_conv(int id, const int32_t *p)
     cmsis_nn_per_channel_quant_params q;
     q.multiplier = random_s32(cout, 1 << 30, 1 << 29);
     q.shift = random_s32(cout, -9, 4);
-    int8_t *x = random_s8(h * w * cin), *wt = random_s8(cout * kh * kw * cin);
+    int8_t *x = random_s8(h * w * cin), *wt = random_s8(cout * kh * kw * kch);
     int32_t *bias = random_s32(cout, -4096, 8192);
     int8_t *y = alloc((size_t)(p[10] * p[11] * cout));
     cmsis_nn_context ctx;
-    ctx.size = arm_convolve_wrapper_s8_get_buffer_size(&cp, &in, &filt, &out);
+    ctx.size = groups > 1 ? arm_convolve_s8_get_buffer_size(&in, &filt)
+                          : arm_convolve_wrapper_s8_get_buffer_size(&cp, &in, &filt, &out);
     ctx.buf = ctx.size > 0 ? alloc((size_t)ctx.size) : NULL;
+    arm_cmsis_nn_status s;
     qacc_mark(2 * id);
-    arm_cmsis_nn_status s = arm_convolve_wrapper_s8(&ctx, &cp, &q, &in, x, &filt, wt, &bias_d,
-                                                    bias, &out, y);
+    if (groups > 1) { /* groups = input_ch / kernel_ch, one GEMM per group */
+        s = arm_convolve_s8(&ctx, &cp, &q, &in, x, &filt, wt, &bias_d, bias, NULL, &out, y);
+    } else {
+        s = arm_convolve_wrapper_s8(&ctx, &cp, &q, &in, x, &filt, wt, &bias_d, bias, &out, y);
+    }
     qacc_mark(2 * id + 1);
     free(ctx.buf);
     free(x), free(wt), free(bias), free(y), free(q.multiplier), free(q.shift);
@@ -305,7 +313,7 @@ int main(int argc, char **argv)
             break;
         }
         if (got != FIELDS) {
-            fail(i, "expected 13 integers");
+            fail(i, "expected 14 integers");
         }
         /* The same data for the same layer: a count depends on the layer only. */
         rng_state = 12345u;

@@ -50,7 +50,14 @@ def test_harness_counts_every_layer_kind(target: str) -> None:
         "concat": (C.concat_layer(16, (8, 5)), C.concat_layer(64, (8, 5))),
     }
     layers = [x for small, large in pairs.values() for x in (small, small, large)]
-    counts = C.instructions(layers, target)
+    # arm_convolve_s8 with 4 groups (on 8x8 and 16x16 pixels); depthwise with ch_mult 2
+    grouped = [C.conv_layer(n, n, 8, 8, 3, 1, (1, 1, 1, 1), groups=4) for n in (8, 16)]
+    mult2 = C.conv_layer(16, 16, 16, 32, 3, 1, (1, 1, 1, 1), groups=16)
+    counts = C.instructions([*layers, *grouped, mult2], target)
+    assert 0 < counts[-3] < counts[-2]  # more pixels, more instructions
+    assert counts[-2] != counts[2]  # not the call of the same conv in one group (layers[2])
+    assert counts[-1] > counts[5]  # more than ch_mult 1 on the same input (layers[5])
+    counts = counts[:-3]
     for i, (kind, (small, large)) in enumerate(pairs.items()):
         a, b, c = counts[3 * i : 3 * i + 3]
         assert small.kind == large.kind == kind
@@ -104,7 +111,7 @@ def test_layers_of_mul_and_softmax() -> None:
 
 def test_layers_of_concat() -> None:
     """A channel concat is one arm_concatenation_s8_x call per input (its channels, the pixels);
-    past FIELDS - 3 inputs the harness has no room: no call, and concat_layer refuses."""
+    past MAX_CONCAT inputs the harness has no room: no call, and concat_layer refuses."""
     from tests.graphs import GraphBuilder
 
     b = GraphBuilder("cat", seed=0, batch=1)
@@ -118,9 +125,38 @@ def test_layers_of_concat() -> None:
         C.concat_layer(20, [12] * 11)
 
 
-def test_grouped_conv_has_no_cmsis_nn_kernel() -> None:
-    with pytest.raises(PeerError, match="groups"):
-        C.conv_layer(8, 8, 16, 16, 3, groups=4)
+def test_grouped_conv_and_channel_multiplier_are_cmsis_nn_calls() -> None:
+    """CMSIS-NN's arm_convolve_s8 runs any groups (groups = input_ch / kernel_ch): a grouped conv
+    is that call, its groups the 13th field (the wrapper's 1x1 and 1xN kernels take no groups);
+    a depthwise conv with channel multiplier M is arm_depthwise_conv_wrapper_s8 with ch_mult M.
+    Groups that do not divide both channel counts have no call."""
+    pad = (1, 1, 1, 1)
+    grouped = C.conv_layer(8, 8, 16, 32, 3, 1, pad, groups=4)
+    assert grouped.kind == "conv" and grouped.groups == 4
+    assert grouped.function == "arm_convolve_s8"
+    assert len(grouped.fields()) == C.FIELDS and grouped.fields()[-1] == 4
+    assert grouped.macs == 8 * 8 * 32 * 9 * 4
+    plain = C.conv_layer(8, 8, 16, 32, 3, 1, pad)
+    assert plain.groups == 1 and plain.function == "arm_convolve_wrapper_s8"
+    assert plain.fields()[-1] == 0 and plain.macs == 4 * grouped.macs
+    mult = C.conv_layer(8, 8, 16, 32, 3, 1, pad, groups=16)
+    assert mult.kind == "depthwise" and mult.params[3] == 2  # ch_mult
+    assert mult.function == "arm_depthwise_conv_wrapper_s8" and mult.macs == 8 * 8 * 32 * 9
+    for groups in (3, 0):
+        with pytest.raises(PeerError, match="groups"):
+            C.conv_layer(8, 8, 16, 16, 3, groups=groups)
+
+
+def test_layers_of_grouped_and_multiplier_rows() -> None:
+    """The bench rows gconv3x3 and dw3x3_m2 each have their CMSIS-NN call."""
+    want = {"gconv3x3": ("conv", "arm_convolve_s8"),
+            "dw3x3_m2": ("depthwise", "arm_depthwise_conv_wrapper_s8")}  # fmt: skip
+    for net, (kind, function) in want.items():
+        calib = networks.calibration_data(networks.LAYERS[net], samples=2)
+        g = from_torch(networks.build(net, calib), calib, net)
+        ((name, layer),) = C.layers_of(g).items()
+        assert (layer.kind, layer.function) == (kind, function), net
+        assert layer.macs == macs(g, g.node(name))
 
 
 def test_bad_cmsis_nn_dir_is_a_one_line_error(
@@ -189,6 +225,8 @@ TABLE_OPS = {
     "mul": "mul",
     "softmax": "softmax",
     "concat": "concat",
+    "gconv3x3": "conv2d",
+    "dw3x3_m2": "conv2d",
 }
 
 
