@@ -334,14 +334,16 @@ def quantize(
     sizes and offsets (LSQ+), `w_bits`/`a_bits` (2..8, per network or {layer: bits}), `scale`
     "dyadic" or "pow2", and the A2Q+ L1 constraint that keeps every channel inside `acc_bits`;
     `distill` adds knowledge distillation from the float model to the training loss, `lr` is
-    Adam's initial learning rate (cosine decay), `init` "projected" (A2Q+: the float weights
+    Adam's peak learning rate (a linear warm-up over the recipe's `warmup` share of the steps,
+    then cosine decay), `init` "projected" (A2Q+: the float weights
     projected onto the accumulator budget before training), "optq" (accumulator-aware OPTQ's
     integer weights at the adaptive formats: training starts from that PTQ result) or "float",
     and `on_epoch(net)`, if
     given, is called with the fake-quant network after every epoch (its figures join the epoch's
     row of the report's "adaptive" "history"). `adaptive` sets the training recipe's further
     options by name (batch, scale_lr, head_lr, warmup, kd_weight, temperature, weight_decay,
-    budget_bits, budget_ramp, zeros_move: `codegen.quant.adaptive.Recipe`). The defaults and
+    budget_bits, budget_ramp, zeros_move, pruned_grad, integer_budget, rounding, ema:
+    `codegen.quant.adaptive.Recipe`). The defaults and
     the sweep behind them: docs/adaptive.md.
     `acc_stages=2` (method "ptq"): two-stage accumulation, tiles of T terms summed in `acc_bits`
     and their sums in 32 bits; the weights meet the 32-bit bound and T is chosen per layer so

@@ -70,8 +70,9 @@ INITS = ("float", "projected", "optq")
 the accumulator-aware OPTQ rounding of them (`WeightQuant.start_optq`)."""
 DEFAULT_INIT = "projected"
 ROUNDINGS = ("a2q", "fit")
-DEFAULT_LR = 1e-3
+DEFAULT_LR = 2e-3
 DEFAULT_DISTILL = True
+DEFAULT_WARMUP = 0.05
 """The defaults of `quantize_adaptive` (and `codegen.quantize`), chosen from a sweep over three
 networks at 12-bit accumulators: docs/adaptive.md."""
 
@@ -87,7 +88,7 @@ class Recipe:
     """Learning rate of the quantizers' steps and offsets, relative to `lr`."""
     head_lr: float = 1.0
     """Learning rate of the last weighted layer's weights (the classifier), relative to `lr`."""
-    warmup: float = 0.0
+    warmup: float = DEFAULT_WARMUP
     """Share of the training steps over which the rates rise linearly from 0 (then cosine)."""
     kd_weight: float = KD_WEIGHT
     """With distillation, the distillation term's share of the loss (the rest: cross entropy)."""

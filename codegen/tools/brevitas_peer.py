@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from codegen.core.errors import QaccError
-from codegen.quant.adaptive import DEFAULT_LR
+from codegen.quant.adaptive import DEFAULT_LR, DEFAULT_WARMUP
 
 ALGORITHMS = ("gpfq", "gptq")
 """Brevitas's AXE PTQ algorithms."""
@@ -394,8 +394,9 @@ def train_a2q(
     progress: bool = False,
     on_epoch: Any = None,
 ) -> list[dict[str, float]]:
-    """Train the A2Q+ model in qacc's adaptive training loop (Adam, cosine decay, batch 128,
-    distillation from `net` if `distill`), with Brevitas's A2Q penalty; the per-epoch history."""
+    """Train the A2Q+ model in qacc's adaptive training loop (Adam, the adaptive method's warm-up
+    and cosine decay, batch 128, distillation from `net` if `distill`), with Brevitas's A2Q
+    penalty; the per-epoch history."""
     from codegen.quant.training import fit
 
     teacher = copy.deepcopy(net).float().eval()
@@ -411,6 +412,7 @@ def train_a2q(
                 lr=lr,
                 progress=progress,
                 schedule="cosine",
+                warmup=DEFAULT_WARMUP,
                 desc="brevitas A2Q",
                 history=history,
                 teacher=teacher if distill else None,

@@ -251,8 +251,8 @@ def short(out: Path) -> int:
         f"distilled\n   from float; {len(sub)} training images, {t_train:.0f} s): "
         f"{_pct(acc_a, float_acc)}, {events_a} overflows\n   on the {n_test} test images "
         f"(integer reference); PTQ at {a} bits: "
-        f"{100 * (ptq_rows[a].accuracy - float_acc):+.2f} pt; 6 full\n"
-        "   epochs reach about -0.7 pt (qacc demo --full)"
+        f"{100 * (ptq_rows[a].accuracy - float_acc):+.2f} pt; the default\n"
+        "   2 full epochs reach about -0.8 pt (docs/adaptive.md)"
     )
 
     t = time.time()
