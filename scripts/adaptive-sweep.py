@@ -39,6 +39,7 @@ FLOAT_EPOCHS = {"resdw": 1}
 def network(name: str, x: np.ndarray, y: np.ndarray) -> torch.nn.Module:
     if name in train.checkpoint_info():
         return train.pretrained(name)
+    torch.manual_seed(0)  # a network trained here starts from the same weights on every run
     return train.trained(name, models.ZOO[name](), x, y, epochs=FLOAT_EPOCHS.get(name, 4))
 
 
