@@ -254,10 +254,11 @@ def _cortexm_suffix(call: KernelCall, dialect: str) -> str:
         return ""
     if int(node.attrs.get("input_zero_point", 0)) not in range(-128, 128):
         return ""  # the padding row holds IZP as int8: the portable kernel
-    mult = "-chmult" if depth_multiplier(call) > 1 else ""
+    m_n = depth_multiplier(call)
+    mult = "-chmult" if m_n > 1 else ""
     if dialect == "dsp":
         return "-smlabb" + mult
-    if depth_multiplier(call) > MVE_DW_MAX_MULT:
+    if m_n > MVE_DW_MAX_MULT:
         return ""
     w = np.asarray(w, dtype=np.int64)
     taps = w.reshape(w.shape[0], -1).T
@@ -297,6 +298,17 @@ def depth_multiplier(call: KernelCall) -> int:
     """The channel multiplier M of a depthwise layer (groups == input channels): output channel
     o reads input channel o // M."""
     return int(call.node.params["weight"].shape[0]) // int(call.node.attrs.get("groups", 1))
+
+
+def by_pass(v: np.ndarray, m: int, cp: int, fill: int = 0) -> np.ndarray:
+    """Per output channel values v (C * M, ...) of a depthwise layer with channel multiplier m,
+    as the Cortex-M kernels read them: [pass][...][channel], pass k holding output channels
+    c * M + k of the C input channels, which are padded to cp with `fill`."""
+    v = np.asarray(v, dtype=np.int64)
+    c = v.shape[0] // m
+    out = np.full((m, *v.shape[1:], cp), fill, dtype=np.int64)
+    out[..., :c] = np.moveaxis(v.reshape(c, m, *v.shape[1:]), 0, -1)
+    return out
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -1035,8 +1047,7 @@ def mve_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     kh, kw = int(w.shape[1]), int(w.shape[2])
     taps = kh * kw
     cp = _ceil_to(c, 16)
-    wt = np.zeros((m_n, taps, cp), dtype=np.int64)  # pass m: output channels c * M + m
-    wt[:, :, :c] = w.reshape(c, m_n, taps).transpose(1, 2, 0)
+    wt = by_pass(w.reshape(oc, taps), m_n, cp)  # [pass][tap][channel]
     bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
     wsum = w.reshape(oc, taps).sum(axis=1)
     xmax = max(abs(-128 - in_zp), abs(127 - in_zp))
@@ -1060,11 +1071,8 @@ def mve_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     n = len(lane_perm)
     perm = np.array([n * b + p for b in range(cp // n) for p in lane_perm], dtype=np.int64)
 
-    def padded(v: np.ndarray, fill: int = 0) -> np.ndarray:
-        """Per pass m: output channels c * M + m, padded to CP, one pass after the other."""
-        out = np.full((m_n, cp), fill, dtype=np.int64)
-        out[:, :c] = np.asarray(v).reshape(c, m_n).T
-        return out.reshape(-1)
+    def padded(v: np.ndarray, fill: int = 0) -> np.ndarray:  # one pass after the other
+        return by_pass(v, m_n, cp, fill).reshape(-1)
 
     perm = np.concatenate([perm + m * cp for m in range(m_n)])
 
@@ -1171,15 +1179,12 @@ def dsp_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
     kh, kw = int(w.shape[1]), int(w.shape[2])
     taps = kh * kw
     cp = _ceil_to(c, 4)
-    # pass m: output channels m, M + m, 2 M + m, ... (one per input channel)
-    wt = np.zeros((m_n, taps, cp), dtype=np.int64)
-    wt[:, :, :c] = w.reshape(c, m_n, taps).transpose(1, 2, 0)
+    wt = by_pass(w.reshape(oc, taps), m_n, cp)  # [pass][tap][channel]
     # [m][group of 4][tap][w0, w2, w1, w3]: the SXTB16 order
     packed = wt.reshape(m_n, taps, cp // 4, 4)[:, :, :, [0, 2, 1, 3]].transpose(0, 2, 1, 3)
     bias = np.asarray(node.params.get("bias", np.zeros(oc, np.int64)), dtype=np.int64)
     bf = wrap(bias - in_zp * w.reshape(oc, taps).sum(axis=1), call.acc_bits)
-    bfp = np.zeros((m_n, cp), dtype=np.int64)
-    bfp[:, :c] = bf.reshape(c, m_n).T
+    bias_rows = by_pass(bf, m_n, cp).reshape(-1) if m_n > 1 else bf  # M = 1: unpadded
     name = node.name
     pad = any(int(p) for p in a.get("padding", (0, 0, 0, 0)))
     dh, dw = (int(v) for v in a.get("dilation", (1, 1)))
@@ -1203,7 +1208,7 @@ def dsp_depthwise_context(graph: Graph, call: KernelCall, add: AddArray) -> dict
             " (the last C % 4 channels read these)",
         ) if c % 4 else None,
         "bias": add(
-            "fbias", "int32_t", [int(v) for v in (bfp.reshape(-1) if m_n > 1 else bf)],
+            "fbias", "int32_t", [int(v) for v in bias_rows],
             f"{name}: bias minus IZP times the weight sum, wrapped to {call.acc_bits} bits,"
             f" {per}",
         ),

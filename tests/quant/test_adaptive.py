@@ -607,34 +607,40 @@ def test_ema_ends_with_the_moving_average_of_the_steps() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(128, 6)).astype(np.float32)
     y = rng.integers(0, 3, 128)
-    decay, seen = 0.8, []
+    decay = 0.8
 
-    def run(ema: float) -> tuple[nn.Module, list[torch.Tensor]]:
+    def flat(m: nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    def run(ema: float) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]:
+        """The model, its parameters before every step (and the start), and at every epoch's end
+        as on_epoch sees them."""
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-        trail = [torch.cat([p.detach().flatten() for p in m.parameters()])]
+        trail, seen = [flat(m)], []
 
         def snap(done: float) -> None:  # before every step but the first: the last step's
             if done > 0:
-                trail.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+                trail.append(flat(m))
+
+        def epoch_end() -> dict[str, float]:
+            seen.append(flat(m))
+            return {}
 
         fit(m, x, y, epochs=2, batch=32, lr=1e-2, schedule="cosine", progress=False,
-            on_step=snap, ema=ema,
-            on_epoch=lambda: seen.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
-            or {})  # fmt: skip
-        return m, trail
+            on_step=snap, ema=ema, on_epoch=epoch_end)  # fmt: skip
+        return m, trail, seen
 
-    plain, trail = run(0.0)
-    trail.append(torch.cat([p.detach().flatten() for p in plain.parameters()]))
-    seen.clear()
-    averaged, trail_ema = run(decay)
+    plain, trail, _ = run(0.0)
+    trail.append(flat(plain))
+    averaged, trail_ema, seen = run(decay)
     assert all(torch.equal(a, b) for a, b in zip(trail, trail_ema, strict=False))  # same path
     want = trail[0].clone()
     for k, p in enumerate(trail[1:], start=1):
         want = want + (p - want) * (1 - decay)
         if k == 4:  # the end of the first epoch (4 batches)
             assert torch.allclose(seen[0], want, atol=1e-6)
-    got = torch.cat([p.detach().flatten() for p in averaged.parameters()])
+    got = flat(averaged)
     assert torch.allclose(got, want, atol=1e-6) and torch.allclose(seen[1], want, atol=1e-6)
     assert not torch.allclose(got, trail[-1], atol=1e-3)  # the average is not the last step
 
